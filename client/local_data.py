@@ -1,0 +1,61 @@
+"""The site's data, loaded and validated once per process, and its frozen-backbone features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import ModelCard
+from common.models import FedModel
+from common.site_config import SiteConfig
+from common.site_data import SiteData, dataset_fingerprint, load_site_data
+from common.training import as_tensors, compute_features
+from common.transfer import TransferPolicy, state_fingerprint
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A site's validated data and its identity (the sha256 of its files)."""
+
+    data: SiteData
+    dataset_id: str
+
+
+@dataclass(frozen=True)
+class Features:
+    """Frozen-prefix outputs for the train and test splits, with labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+@lru_cache(maxsize=4)
+def _load(path: Path, fingerprint: str, input_shape: tuple[int, ...], num_classes: int, label_column: str, name: str) -> SiteData:
+    return load_site_data(path, input_shape, num_classes, label_column=label_column, name=name)
+
+
+def load_local_data(site: SiteConfig, card: ModelCard) -> LocalData:
+    """Load the site's data, validated against the model card (cached while the files are unchanged)."""
+    fingerprint = dataset_fingerprint(site.data_path)
+    data = _load(site.data_path, fingerprint, tuple(card.input_shape), card.num_classes, site.label_column, site.site_id)
+    return LocalData(data=data, dataset_id=fingerprint)
+
+
+_FEATURES: dict[tuple[str, str, str], Features] = {}
+
+
+def frozen_features(local: LocalData, model: FedModel, policy: TransferPolicy) -> Features:
+    """Run the frozen prefix once per (dataset, frozen weights, policy) and reuse the result."""
+    frozen, _ = policy.split(model)
+    key = (local.dataset_id, state_fingerprint(policy.frozen_state(model)), str(policy))
+    if key not in _FEATURES:
+        train_x, train_y = as_tensors(local.data.train.x, local.data.train.y)
+        test_x, test_y = as_tensors(local.data.test.x, local.data.test.y)
+        _FEATURES.clear()
+        _FEATURES[key] = Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
+    return _FEATURES[key]

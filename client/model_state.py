@@ -1,0 +1,104 @@
+"""The site's copy of the base model, and the model each round trains or evaluates.
+
+The full base model arrives once per run (first contact) and is kept in the run's
+``context.state``; later messages carry only the trainable weights. Every message names
+the base-model fingerprint and the frozen-part fingerprint, and the site checks both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from common.checkpoint import ArchitectureMismatch, ModelCard, check_state_matches
+from common.models import FedModel
+from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, RoundInstruction
+from common.transfer import TransferPolicy, state_fingerprint
+
+STATE_BASE = "fedtransfer-base-model"
+STATE_CARD = "fedtransfer-base-card"
+
+
+class ModelStateError(Exception):
+    """The model the coordinator sent cannot be used at this site."""
+
+
+class BaseModelMissing(ModelStateError):
+    pass
+
+
+class BaseModelMismatch(ModelStateError):
+    pass
+
+
+class TrainableArraysInvalid(ModelStateError):
+    pass
+
+
+def adopt_base(content: RecordDict, context: Context, instruction: RoundInstruction) -> None:
+    """Keep the base model sent on first contact, after checking it against its fingerprint."""
+    if BASE_MODEL not in content:
+        return
+    card = ModelCard.from_json(str(content[BASE_CARD]["json"]), origin="base model card from the coordinator")
+    state = content[BASE_MODEL].to_torch_state_dict()
+    fingerprint = state_fingerprint(state)
+    if fingerprint != instruction.base_fingerprint or fingerprint != card.model_fingerprint:
+        raise BaseModelMismatch(
+            f"the base model received has fingerprint {fingerprint[:16]}..., but the instruction names "
+            f"{instruction.base_fingerprint[:16]}... and its card {card.model_fingerprint[:16]}...: refusing it"
+        )
+    try:
+        check_state_matches(card.build(), state, origin="base model from the coordinator")
+    except ArchitectureMismatch as err:
+        raise BaseModelMismatch(str(err)) from err
+    context.state[STATE_BASE] = content[BASE_MODEL]
+    context.state[STATE_CARD] = ConfigRecord({"json": card.to_json()})
+
+
+def round_model(content: RecordDict, context: Context, instruction: RoundInstruction) -> tuple[FedModel, ModelCard, TransferPolicy]:
+    """The base model with this round's trainable weights loaded, checked on the way."""
+    if STATE_BASE not in context.state:
+        raise BaseModelMissing("this site holds no base model for this run; the coordinator must send it first")
+    card = ModelCard.from_json(str(context.state[STATE_CARD]["json"]), origin="stored base model card")
+    base_state = context.state[STATE_BASE].to_torch_state_dict()
+    if card.model_fingerprint != instruction.base_fingerprint:
+        raise BaseModelMismatch(
+            f"the coordinator names base model {instruction.base_fingerprint[:16]}..., "
+            f"this site holds {card.model_fingerprint[:16]}..."
+        )
+    model = card.build()
+    model.load_state_dict(base_state, strict=True)
+    policy = TransferPolicy.parse(instruction.policy)
+    frozen = state_fingerprint(policy.frozen_state(model))
+    if frozen != instruction.frozen_fingerprint:
+        raise BaseModelMismatch(
+            f"frozen-part fingerprint {frozen[:16]}... differs from the coordinator's "
+            f"{instruction.frozen_fingerprint[:16]}... for policy {policy}"
+        )
+    trainable = content[ARRAYS].to_torch_state_dict()
+    check_trainable(model, policy, trainable)
+    model.load_state_dict(trainable, strict=False)
+    policy.apply(model)
+    return model, card, policy
+
+
+def check_trainable(model: FedModel, policy: TransferPolicy, trainable: dict[str, torch.Tensor]) -> None:
+    expected = policy.trainable_state(model)
+    if set(trainable) != set(expected):
+        raise TrainableArraysInvalid(
+            f"trainable weights name {sorted(trainable)[:4]}..., policy {policy} needs {sorted(expected)[:4]}..."
+        )
+    for name, tensor in trainable.items():
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise TrainableArraysInvalid(f"trainable weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise TrainableArraysInvalid(f"trainable weight {name!r} holds NaN or Inf")
+
+
+def trainable_record(model: FedModel, policy: TransferPolicy) -> ArrayRecord:
+    state = policy.trainable_state(model)
+    if not all(math.isfinite(float(t.abs().max())) for t in state.values() if t.numel()):
+        raise TrainableArraysInvalid("training produced NaN or Inf weights; not sending them")
+    return ArrayRecord(state)

@@ -1,0 +1,425 @@
+"""Privacy accounting over a DP-SGD history: pure functions, no state.
+
+A *history* is the list of DP-SGD phases that touched one dataset, one
+:class:`Step` per training round: ``(noise_multiplier, sample_rate, steps)``, the
+same triple Opacus keeps in ``accountant.history``. Epsilon is always obtained by
+composing the whole history in a fresh Opacus accountant; per-round epsilons are
+never added (adding them overstates the spend and hides the real composition).
+
+Two accountants are supported, named as Opacus names them:
+
+- ``"prv"``: numerical composition of privacy random variables (Gopi et al. 2021),
+  Opacus's default and the tightest; it reports an upper bound that includes its
+  own discretisation error (``eps_error`` = 0.01), so epsilons below about 0.02
+  cannot be certified with it.
+- ``"rdp"``: Renyi DP (Mironov 2017); cheap and looser.
+
+PRV needs a discretisation grid whose size grows with the epsilon of the history
+and with the number of steps. When that grid would be too large to evaluate
+reliably in memory and time, :func:`compose_epsilon` raises
+:class:`AccountingError` rather than returning a number it could not compute; the
+site can then switch its policy to ``"rdp"``.
+
+:func:`independent_epsilon` recomputes epsilon with Google's ``dp-accounting``
+package, a code base independent of Opacus, for audits and tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import (
+    PoissonSubsampledGaussianPRV,
+    compute_safe_domain_size,
+)
+
+log = logging.getLogger(__name__)
+
+Accountant = Literal["prv", "rdp"]
+ACCOUNTANTS: tuple[Accountant, ...] = ("prv", "rdp")
+
+#: Absolute epsilon error PRV is asked for (Opacus's default); the reported value
+#: is an upper bound that already includes it.
+PRV_EPS_ERROR = 0.01
+#: Largest PRV discretisation grid we evaluate (points). About 10 s and a few
+#: hundred MB on one CPU core; beyond it PRV is refused with AccountingError.
+PRV_MAX_GRID_POINTS = 4_000_000
+#: During calibration, candidate noise levels whose PRV grid exceeds this are
+#: treated as "does not fit". That can only make the chosen sigma larger (more
+#: private), never smaller, and keeps calibration fast.
+PRV_CALIBRATION_GRID_POINTS = 1_500_000
+
+#: Calibration searches sigma in [max(min_noise, SIGMA_FLOOR), SIGMA_CEILING].
+SIGMA_FLOOR = 0.01
+SIGMA_CEILING = 1000.0
+#: Calibration stops when the bracket [lo, hi] satisfies hi - lo <= SIGMA_REL_TOL * hi;
+#: the returned sigma is hi rounded up to SIGMA_DECIMALS decimals, and is always
+#: one at which the composed epsilon was computed and found within the target.
+SIGMA_REL_TOL = 0.002
+SIGMA_DECIMALS = 4
+
+
+class BudgetExhausted(Exception):
+    """The privacy budget cannot accommodate the requested training."""
+
+
+class AccountingError(Exception):
+    """An accountant could not compute a trustworthy epsilon for this history."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One DP-SGD phase: ``steps`` optimiser steps at one noise level and sample rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(
+                f"noise_multiplier must be a positive finite number, got {self.noise_multiplier!r}"
+            )
+        if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+
+
+History = list[Step]
+
+
+def _check_delta(delta: float) -> None:
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+
+
+def _merged(history: Sequence[Step]) -> list[tuple[float, float, int]]:
+    """Opacus-style history with equal (sigma, q) phases merged.
+
+    Composition is commutative and a phase of n steps is the n-fold self-composition,
+    so merging is exact; it matters for PRV, whose cost grows with each distinct phase.
+    """
+    totals: dict[tuple[float, float], int] = {}
+    for step in history:
+        if not isinstance(step, Step):
+            raise TypeError(f"history entries must be Step, got {type(step).__name__}")
+        if step.steps:
+            key = (float(step.noise_multiplier), float(step.sample_rate))
+            totals[key] = totals.get(key, 0) + step.steps
+    return [(sigma, q, n) for (sigma, q), n in totals.items()]
+
+
+def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> float:
+    """Size of the grid Opacus's PRVAccountant would discretise this history on."""
+    delta_error = delta / 1000
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in phases]
+    counts = [n for _, _, n in phases]
+    half_width = compute_safe_domain_size(prvs, counts, PRV_EPS_ERROR, delta_error)
+    mesh = PRV_EPS_ERROR / math.sqrt(sum(counts) * math.log(12 / delta_error) / 2)
+    return 2 * half_width / mesh
+
+
+def _compose(
+    history: Sequence[Step], delta: float, accountant: Accountant, max_grid_points: float
+) -> float:
+    _check_delta(delta)
+    _check_accountant(accountant)
+    phases = _merged(history)
+    if not phases:
+        return 0.0
+    with warnings.catch_warnings():
+        # Opacus warns when the optimal RDP order sits at the edge of its grid (the bound
+        # is then looser, never wrong) and numpy warns on overflow in PRV tails.
+        warnings.simplefilter("ignore")
+        if accountant == "rdp":
+            rdp = RDPAccountant()
+            rdp.history = copy.deepcopy(phases)
+            epsilon = float(rdp.get_epsilon(delta))
+        else:
+            points = _prv_grid_points(phases, delta)
+            if points > max_grid_points:
+                raise AccountingError(
+                    f"the PRV accountant cannot evaluate this history reliably: it would need "
+                    f"{points:.3g} grid points (limit {max_grid_points:.3g}) for "
+                    f"{sum(n for *_, n in phases)} steps in {len(phases)} phase(s); this happens "
+                    "for very large epsilons or very many steps. Use accountant = \"rdp\"."
+                )
+            prv = PRVAccountant()
+            prv.history = copy.deepcopy(phases)
+            try:
+                epsilon = float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+            except (ArithmeticError, ValueError, RuntimeError, MemoryError) as exc:
+                raise AccountingError(
+                    f"the PRV accountant failed on this history ({exc!r}); use accountant = \"rdp\"."
+                ) from exc
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise AccountingError(
+            f"the {accountant} accountant returned an invalid epsilon {epsilon!r} for this history"
+        )
+    return epsilon
+
+
+def compose_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> float:
+    """Epsilon of the whole history at ``delta``, composed in a fresh Opacus accountant.
+
+    An empty history (or one with only zero-step phases) spends 0.0.
+    Raises :class:`AccountingError` if the accountant cannot produce a trustworthy value.
+    """
+    return _compose(history, delta, accountant, PRV_MAX_GRID_POINTS)
+
+
+def reference_epsilon(
+    history: Sequence[Step], delta: float, accountant: Accountant
+) -> tuple[str, float]:
+    """The epsilon of ``history`` under the *other* accountant, as ``(name, epsilon)``."""
+    _check_accountant(accountant)
+    other: Accountant = "rdp" if accountant == "prv" else "prv"
+    return other, compose_epsilon(history, delta, other)
+
+
+def independent_epsilon(
+    history: Sequence[Step], delta: float, method: Literal["pld", "rdp"] = "pld"
+) -> float:
+    """Epsilon of ``history`` computed by Google's dp-accounting, independently of Opacus.
+
+    ``"pld"`` uses privacy loss distributions (comparable to Opacus PRV); ``"rdp"`` uses
+    dp-accounting's RDP accountant (comparable to Opacus RDP, with a finer order grid).
+    """
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    _check_delta(delta)
+    phases = _merged(history)
+    if not phases:
+        return 0.0
+    event = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
+            )
+            for sigma, q, n in phases
+        ]
+    )
+    if method == "pld":
+        acc: dp_accounting.PrivacyAccountant = PLDAccountant()
+    elif method == "rdp":
+        acc = RdpAccountant()
+    else:
+        raise ValueError(f"method must be 'pld' or 'rdp', got {method!r}")
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def _rdp_solver(
+    prior: list[Step], sample_rate: float, planned_steps: int, delta: float
+) -> Callable[[float], float]:
+    """Epsilon of prior + planned phase as a function of sigma, by Opacus's RDP analysis.
+
+    The prior's RDP curve is computed once; it is the same sum RDPAccountant forms.
+    """
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    prior_rdp = sum(
+        (rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
+         for s, q, n in _merged(prior)),
+        np.zeros(len(orders)),
+    )
+
+    def epsilon(sigma: float) -> float:
+        rdp = prior_rdp + rdp_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=sigma, steps=planned_steps, orders=orders
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        return float(eps) if math.isfinite(eps) else math.inf
+
+    return epsilon
+
+
+def _grid_up(sigma: float) -> float:
+    """Round sigma up to the calibration grid of SIGMA_DECIMALS decimals."""
+    scale = 10**SIGMA_DECIMALS
+    return math.ceil(round(sigma * scale, 6)) / scale
+
+
+def _solve(
+    epsilon_of: Callable[[float], float],
+    target: float,
+    lo: float,
+    hi: float,
+    guess: float,
+    slope: float,
+) -> tuple[float, float]:
+    """Smallest fitting sigma in (lo, hi] on the SIGMA_DECIMALS grid, to SIGMA_REL_TOL.
+
+    Requires ``epsilon_of(hi) <= target < epsilon_of(lo)``. Works on
+    f(x) = log(epsilon(e^x) / target), smooth, decreasing and nearly linear in x:
+    Newton steps from ``guess`` with the assumed ``slope``, each aimed slightly past
+    the predicted root, until the root is bracketed; then Illinois regula falsi, with a
+    probe just inside the bracket once the predicted root is within tolerance of one
+    end, and bisection while an end is infinite. Every evaluated sigma is on the grid,
+    so the returned end is a value whose epsilon was computed. Returns it and the
+    last secant slope (to start a search with another accountant).
+    """
+    grid = 10.0**-SIGMA_DECIMALS
+    f_lo, f_hi = math.inf, -math.inf
+    last_side = ""
+    measured = slope
+
+    def evaluate(sigma: float) -> None:
+        nonlocal lo, hi, f_lo, f_hi, last_side, measured
+        eps = epsilon_of(sigma)
+        f = math.log(eps / target) if eps > 0 else -math.inf
+        for end_sigma, end_f in ((lo, f_lo), (hi, f_hi)):
+            if math.isfinite(f) and math.isfinite(end_f) and end_f != f:
+                measured = (end_f - f) / (math.log(end_sigma) - math.log(sigma))
+        if f <= 0:
+            hi, f_hi = sigma, f
+            if last_side == "hi" and math.isfinite(f_lo):
+                f_lo /= 2
+            last_side = "hi"
+        else:
+            lo, f_lo = sigma, f
+            if last_side == "lo":
+                f_hi /= 2
+            last_side = "lo"
+
+    def closed() -> bool:
+        return hi - lo <= max(SIGMA_REL_TOL * hi, 1.5 * grid)
+
+    def inside(sigma: float) -> float:
+        sigma = _grid_up(sigma)
+        return sigma if lo < sigma < hi else _grid_up(math.sqrt(lo * hi))
+
+    sigma = _grid_up(guess)
+    for _ in range(4):
+        if closed() or not lo < sigma < hi:
+            break
+        evaluate(sigma)
+        f_now = f_hi if last_side == "hi" else f_lo
+        if not math.isfinite(f_now) or (math.isfinite(f_lo) and math.isfinite(f_hi)):
+            break
+        root = sigma * math.exp(-f_now / measured)
+        sigma = _grid_up(root * (1 - SIGMA_REL_TOL if last_side == "hi" else 1 + SIGMA_REL_TOL))
+    while not closed():
+        if not (math.isfinite(f_lo) and math.isfinite(f_hi)) or f_lo == f_hi:
+            evaluate(inside(math.sqrt(lo * hi)))
+            continue
+        a, b = math.log(lo), math.log(hi)
+        root = math.exp(b - f_hi * (b - a) / (f_hi - f_lo))
+        if hi - root <= SIGMA_REL_TOL * hi:
+            candidate = hi * (1 - 0.9 * SIGMA_REL_TOL)
+        elif root - lo <= SIGMA_REL_TOL * hi:
+            candidate = lo * (1 + 0.9 * SIGMA_REL_TOL)
+        else:
+            candidate = root
+        evaluate(inside(candidate))
+    return hi, measured
+
+
+def calibrate_noise(
+    prior: Sequence[Step],
+    sample_rate: float,
+    planned_steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: Accountant,
+    min_noise: float = 0.0,
+) -> float:
+    """Smallest noise multiplier that keeps ``prior`` plus the planned phase within target.
+
+    Returns sigma >= ``min_noise`` with ``compose_epsilon(prior + [Step(sigma,
+    sample_rate, planned_steps)]) <= target_epsilon``; the epsilon is computed at the
+    returned value itself. Sigma lies on a grid of ``SIGMA_DECIMALS`` decimals
+    (candidates are rounded up) and the search stops when it is within a relative
+    ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit, so it is at most about
+    0.2 % above the smallest fitting value. For PRV the search starts from the cheap
+    RDP calibration. Typical cost: a few RDP and three to five PRV evaluations.
+
+    Raises :class:`BudgetExhausted` if the prior history alone already reaches the
+    target, or if even sigma = ``SIGMA_CEILING`` does not fit.
+    """
+    _check_accountant(accountant)
+    _check_delta(delta)
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
+    if isinstance(planned_steps, bool) or not isinstance(planned_steps, int) or planned_steps < 1:
+        raise ValueError(f"planned_steps must be a positive integer, got {planned_steps!r}")
+    if not (math.isfinite(min_noise) and 0 <= min_noise <= SIGMA_CEILING):
+        raise ValueError(f"min_noise must be in [0, {SIGMA_CEILING}], got {min_noise!r}")
+    if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    prior = list(prior)
+    spent = compose_epsilon(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise BudgetExhausted(
+            f"privacy budget exhausted: epsilon already spent is {spent:.4f} "
+            f"({accountant}, delta={delta:g}), at or above the cap of {target_epsilon:.4f}"
+        )
+    exhausted = BudgetExhausted(
+        f"privacy budget exhausted: epsilon already spent is {spent:.4f} "
+        f"({accountant}, delta={delta:g}) of a cap of {target_epsilon:.4f}; even noise "
+        f"multiplier {SIGMA_CEILING:g} for {planned_steps} steps at sample rate "
+        f"{sample_rate:g} would exceed it"
+    )
+    computed: dict[float, float] = {}
+
+    def prv_epsilon(sigma: float) -> float:
+        if sigma not in computed:
+            history = [*prior, Step(sigma, sample_rate, planned_steps)]
+            try:
+                computed[sigma] = _compose(history, delta, "prv", PRV_CALIBRATION_GRID_POINTS)
+            except AccountingError:
+                computed[sigma] = math.inf
+        return computed[sigma]
+
+    rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps, delta)
+    lo = max(min_noise, SIGMA_FLOOR)
+    start = min(max(1.0, lo * 1.5), SIGMA_CEILING / 2)
+    if accountant == "rdp":
+        if rdp_epsilon(lo) <= target_epsilon:
+            return float(lo)
+        if rdp_epsilon(SIGMA_CEILING) > target_epsilon:
+            raise exhausted
+        sigma, _ = _solve(rdp_epsilon, target_epsilon, lo, SIGMA_CEILING, start, -1.5)
+        verified = compose_epsilon([*prior, Step(sigma, sample_rate, planned_steps)], delta, "rdp")
+    else:
+        # The floor is only tried with PRV when RDP says it is plausible; skipping it can
+        # only end the search a grid step above the floor, never below a fitting sigma.
+        if rdp_epsilon(lo) <= 2 * target_epsilon and prv_epsilon(lo) <= target_epsilon:
+            return float(lo)
+        # RDP is cheap and, being looser, its sigma is close to and usually above the PRV
+        # one: start the PRV search there, with RDP's local slope. The ceiling is only
+        # evaluated with PRV if the search ends there.
+        if rdp_epsilon(SIGMA_CEILING) <= target_epsilon:
+            rdp_lo = lo if rdp_epsilon(lo) > target_epsilon else SIGMA_FLOOR / 2
+            rdp_sigma, rdp_slope = _solve(
+                rdp_epsilon, target_epsilon, rdp_lo, SIGMA_CEILING, start, -1.5
+            )
+        else:
+            rdp_sigma, rdp_slope = SIGMA_CEILING / 2, -1.5
+        sigma, _ = _solve(prv_epsilon, target_epsilon, lo, SIGMA_CEILING, rdp_sigma, rdp_slope)
+        verified = prv_epsilon(sigma)
+    if verified > target_epsilon:
+        raise exhausted
+    log.debug(
+        "calibrated sigma=%.6g for %d steps at q=%g to epsilon<=%g (%s, prior spend %.4f)",
+        sigma, planned_steps, sample_rate, target_epsilon, accountant, spent,
+    )
+    return float(sigma)

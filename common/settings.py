@@ -1,0 +1,72 @@
+"""Run settings: every hyper-parameter of a federated run, in one typed record.
+
+The coordinator reads them from the Flower run config (``flwr run``) or from the CLI
+(``fedtransfer simulate``). Sites never read the run config: the coordinator sends what
+they need in each message's ConfigRecord.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian")
+
+
+class SettingsError(ValueError):
+    """A run setting has the wrong type or an impossible value."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the coordinator runs. Field names map to run-config keys with ``-`` for ``_``."""
+
+    scenario: str = "wdbc"
+    num_server_rounds: int = 3
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    policy: str = ""
+    checkpoint: str = ""
+    seed: int = 0
+    out: str = "fedtransfer-runs/latest"
+    sim_root: str = ""
+    data_dir: str = ""
+    min_sites: int = 2
+    expected_sites: int = 0
+    personalise_epochs: int = 2
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise SettingsError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.num_server_rounds < 1:
+            raise SettingsError("num-server-rounds must be at least 1")
+        if self.local_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise SettingsError("local-epochs and batch-size must be >= 1 and lr > 0")
+        if self.min_sites < 1:
+            raise SettingsError("min-sites must be at least 1")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+        """Build settings from a Flower run config; unknown keys are an error."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise SettingsError(f"unknown run-config keys {unknown}; known keys: {sorted(by_key)}")
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            field = by_key[key]
+            kind = type(getattr(cls(), field.name))
+            try:
+                values[field.name] = kind(value)
+            except (TypeError, ValueError) as err:
+                raise SettingsError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}") from err
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> "RunSettings":
+        return replace(self, **changes)

@@ -1,0 +1,176 @@
+"""One federated run at the coordinator: base model in, adapted model and run record out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from common.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from common.metrics import classification_metrics
+from common.models import FedModel
+from common.pretraining import pretrain_source
+from common.protocol import RoundInstruction
+from common.scenarios import Scenario, load_scenario
+from common.settings import RunSettings
+from common.simulated_sites import materialize_sites
+from common.training import as_tensors, predict_proba
+from common.transfer import TransferPolicy, state_fingerprint
+from server.report import write_report
+from server.run_record import RunRecord
+from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy
+
+log = logging.getLogger(__name__)
+
+SOURCE_MODEL_DIR = "source-model"
+FINAL_MODEL_DIR = "final-model"
+ROUND_CHECKPOINT_DIR = "checkpoints"
+
+
+class FederationFailed(RuntimeError):
+    """No round produced a usable global model."""
+
+
+def _scenario(settings: RunSettings) -> Scenario | None:
+    if not settings.scenario:
+        return None
+    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None)
+
+
+def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path) -> Path:
+    """The checkpoint to start from: the one given, or the scenario's source model pretrained now."""
+    if settings.checkpoint:
+        return Path(settings.checkpoint).expanduser()
+    if scenario is None:
+        raise FederationFailed("no checkpoint given and no scenario to pretrain one from: set checkpoint or scenario")
+    pretrain_source(scenario, out / SOURCE_MODEL_DIR, seed=settings.seed)
+    return out / SOURCE_MODEL_DIR
+
+
+def with_trainable(model: FedModel, arrays: ArrayRecord) -> FedModel:
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+    return model
+
+
+def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
+    """Run ``settings.num_server_rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``."""
+    out = Path(settings.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    scenario = _scenario(settings)
+    checkpoint = base_checkpoint(settings, scenario, out)
+    model, card = load_checkpoint(checkpoint)
+    policy = TransferPolicy.parse(settings.policy or card.default_policy)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    sim_root = ""
+    if settings.sim_root and scenario is not None:
+        sim_root = str(Path(settings.sim_root).expanduser().resolve())
+        materialize_sites(scenario, Path(sim_root))
+
+    instruction = RoundInstruction(
+        server_round=0,
+        num_rounds=settings.num_server_rounds,
+        policy=str(policy),
+        base_fingerprint=card.model_fingerprint,
+        frozen_fingerprint=state_fingerprint(policy.frozen_state(model)),
+        local_epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        optimizer=settings.optimizer,
+        proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
+        seed=settings.seed,
+        personalise_epochs=settings.personalise_epochs,
+        sim_root=sim_root,
+    )
+    record = RunRecord(
+        run_id=run_id,
+        settings=settings.__dict__ | {"checkpoint": str(checkpoint)},
+        base_model={"path": str(checkpoint), "fingerprint": card.model_fingerprint, "weights_sha256": card.weights_sha256, "source": card.source_description},
+        policy=str(policy),
+        strategy=settings.strategy,
+    )
+    trainable = policy.trainable_state(model)
+    strategy = SiteAwareStrategy(
+        flower_strategy(settings.strategy, settings.min_sites, settings.expected_sites or settings.min_sites, settings.proximal_mu),
+        BasePayload(ArrayRecord(base_state), card.to_json()),
+        {name: tensor.shape for name, tensor in trainable.items()},
+        record,
+        settings.min_sites,
+    )
+    log.info("run %s: %s from %s, policy %s (%d of %d parameters travel), strategy %s",
+             run_id, settings.scenario or "deployment", checkpoint, policy,
+             sum(t.numel() for t in trainable.values()), sum(t.numel() for t in base_state.values()), settings.strategy)
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        current = with_trainable(card.build(), ArrayRecord(base_state))
+        with_trainable(current, arrays)
+        if server_round > 0:
+            save_checkpoint(current, out / ROUND_CHECKPOINT_DIR / f"round-{server_round}", **_card_fields(card, record, server_round))
+        metrics = None
+        if scenario is not None and scenario.source is not None:
+            x, _ = as_tensors(scenario.source.test.x, scenario.source.test.y)
+            values = classification_metrics(scenario.source.test.y, predict_proba(current, x))
+            record.round(server_round).central = values
+            metrics = MetricRecord(values)
+        record.save(out)
+        log.info("round %d/%d done%s", server_round, settings.num_server_rounds, _round_summary(record, server_round))
+        return metrics
+
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(trainable),
+            num_rounds=settings.num_server_rounds,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord(instruction.to_config()),
+            evaluate_config=ConfigRecord(instruction.to_config()),
+            evaluate_fn=central_evaluate,
+        )
+    except TooFewSites as err:
+        log.error("%s; stopping and saving the last global model", err)
+        record.finish("stopped", str(err))
+    else:
+        record.finish("completed")
+    if strategy.latest_arrays is None:
+        record.finish("failed", record.stop_reason or "no round produced an aggregated update")
+        record.save(out)
+        raise FederationFailed(f"run {run_id} produced no global model: {record.stop_reason}; see {out / 'run-record.json'}")
+    final = with_trainable(with_trainable(card.build(), ArrayRecord(base_state)), strategy.latest_arrays)
+    completed = max((r.server_round for r in record.rounds if r.aggregated_sites), default=0)
+    save_checkpoint(final, out / FINAL_MODEL_DIR, **_card_fields(card, record, completed))
+    record.final_checkpoint = str(out / FINAL_MODEL_DIR)
+    record.save(out)
+    write_report(record, out)
+    return record
+
+
+def _card_fields(card: ModelCard, record: RunRecord, rounds: int) -> dict:
+    return dict(
+        arch=card.arch,
+        arch_args=card.arch_args,
+        input_shape=card.input_shape,
+        class_names=card.class_names,
+        feature_names=card.feature_names,
+        source_description=card.source_description,
+        preprocessing=card.preprocessing,
+        default_policy=record.policy,
+        lineage={
+            "kind": "federated",
+            "base_model_fingerprint": card.model_fingerprint,
+            "base_weights_sha256": card.weights_sha256,
+            "run_id": record.run_id,
+            "rounds": rounds,
+            "sites": sorted({s for r in record.rounds for s in r.aggregated_sites}),
+            "strategy": record.strategy,
+            "policy": record.policy,
+        },
+    )
+
+
+def _round_summary(record: RunRecord, server_round: int) -> str:
+    if server_round == 0:
+        return " (base model)"
+    current = record.round(server_round)
+    parts = [f"{site}: {r.status}" + (f" acc {r.evaluate['accuracy']:.3f}" if "accuracy" in r.evaluate else "") for site, r in sorted(current.sites.items())]
+    return " | " + ", ".join(parts)

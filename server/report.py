@@ -1,0 +1,83 @@
+"""The run report: a Markdown summary and a PNG of metrics per round per site."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from server.run_record import RunRecord  # noqa: E402
+
+REPORT_FILE = "report.md"
+PLOT_FILE = "metrics.png"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def round_table(record: RunRecord, metric: str = "accuracy") -> list[str]:
+    sites = record.site_ids()
+    lines = ["| round | " + " | ".join(sites) + " | source (central) |", "|---" * (len(sites) + 2) + "|"]
+    for r in record.rounds:
+        cells = []
+        for site in sites:
+            entry = r.sites.get(site)
+            if entry is None:
+                cells.append("")
+            elif entry.status != "ok":
+                cells.append(entry.status)
+            else:
+                cells.append(_fmt(entry.evaluate.get(metric)))
+        lines.append(f"| {r.server_round} | " + " | ".join(cells) + f" | {_fmt(r.central.get(metric))} |")
+    return lines
+
+
+def plot_metrics(record: RunRecord, path: Path, metrics: tuple[str, ...] = ("accuracy", "roc-auc", "loss")) -> Path:
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    for ax, metric in zip(axes, metrics):
+        for site in record.site_ids():
+            points = [(r.server_round, r.sites[site].evaluate[metric]) for r in record.rounds if site in r.sites and metric in r.sites[site].evaluate]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=site)
+        central = [(r.server_round, r.central[metric]) for r in record.rounds if metric in r.central]
+        if central:
+            ax.plot(*zip(*central), marker="s", linestyle="--", color="black", label="source (central)")
+        ax.set_title(metric)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"run {record.run_id}: {record.strategy}, policy {record.policy}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None = None) -> Path:
+    """Write ``report.md`` and ``metrics.png`` into ``out``; return the report path."""
+    plot_metrics(record, out / PLOT_FILE)
+    lines = [
+        f"# fedtransfer run {record.run_id}",
+        "",
+        f"- status: **{record.status}**" + (f" ({record.stop_reason})" if record.stop_reason else ""),
+        f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; transfer policy: {record.policy}",
+        f"- base model: {record.base_model['source']} (fingerprint {record.base_model['fingerprint'][:16]}...)",
+        f"- final model: {record.final_checkpoint or 'none'}",
+        "",
+        "## Test accuracy per round and site (federated evaluation at each site)",
+        "",
+        *round_table(record),
+        "",
+        f"![metrics]({PLOT_FILE})",
+        "",
+    ]
+    for section in extra_sections or []:
+        lines += [section, ""]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines))
+    return path

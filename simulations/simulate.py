@@ -1,0 +1,102 @@
+"""``fedtransfer simulate``: a whole federated transfer run on one machine, with baselines."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.simulation import run_simulation
+
+from client.app import app as client_app
+from common.checkpoint import load_checkpoint
+from common.pretraining import pretrain_source
+from common.scenarios import load_scenario
+from common.settings import RunSettings
+from common.training import TrainConfig
+from common.transfer import TransferPolicy
+from server.app import make_server_app
+from server.report import write_report
+from server.run_record import RUN_RECORD_FILE, RunRecord
+from simulations.baselines import Baselines, compute_baselines
+
+log = logging.getLogger(__name__)
+
+METHODS = ("source as-is", "local-only", "federated", "personalised", "pooled")
+
+
+class SimulationFailed(RuntimeError):
+    """The simulated run did not produce a run record."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    record: RunRecord
+    out: Path
+    comparison: dict[str, dict[str, float]]   # {method: {site: accuracy}}
+    metric: str = "accuracy"
+
+
+def comparison_table(record: RunRecord, baselines: Baselines, metric: str) -> dict[str, dict[str, float]]:
+    last = next((r for r in reversed(record.rounds) if any(s.evaluate for s in r.sites.values())), None)
+    federated = {s: e.evaluate.get(metric, math.nan) for s, e in last.sites.items()} if last else {}
+    personalised = {s: e.evaluate.get(f"p-{metric}", math.nan) for s, e in last.sites.items()} if last else {}
+    table = {m: {s: v[metric] for s, v in baselines.per_site[m].items()} for m in ("source as-is", "local-only", "pooled")}
+    table["federated"] = federated
+    table["personalised"] = personalised
+    return {m: table[m] for m in METHODS}
+
+
+def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
+    sites = sorted(table["source as-is"])
+    lines = [
+        f"## Comparison on the target sites' test sets ({metric})",
+        "",
+        "Baselines (source as-is, local-only, pooled) are trained without DP on the same base model.",
+        "",
+        "| method | " + " | ".join(sites) + " | mean |",
+        "|---" * (len(sites) + 2) + "|",
+    ]
+    for method, values in table.items():
+        cells = [values.get(s, math.nan) for s in sites]
+        mean = sum(cells) / len(cells) if cells else math.nan
+        lines.append(f"| {method} | " + " | ".join("n/a" if math.isnan(c) else f"{c:.3f}" for c in cells) + f" | {mean:.3f} |")
+    return "\n".join(lines)
+
+
+def simulate(settings: RunSettings, state_dir: Path | None = None) -> SimulationResult:
+    """Pretrain (unless a checkpoint is given), run Flower's simulation engine, then the baselines."""
+    out = Path(settings.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_RECORD_FILE).unlink(missing_ok=True)
+    scenario = load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None)
+    checkpoint = Path(settings.checkpoint).expanduser() if settings.checkpoint else out / "source-model"
+    if not settings.checkpoint:
+        pretrain_source(scenario, checkpoint, seed=settings.seed)
+    num_sites = len(scenario.sites)
+    bound = settings.with_(
+        checkpoint=str(checkpoint.resolve()),
+        out=str(out),
+        sim_root=str((state_dir or out / "sites").expanduser().resolve()),
+        min_sites=min(settings.min_sites, num_sites),
+        expected_sites=num_sites,
+    )
+    run_simulation(
+        server_app=make_server_app(bound),
+        client_app=client_app,
+        num_supernodes=num_sites,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
+    )
+    if not (out / RUN_RECORD_FILE).is_file():
+        raise SimulationFailed(f"the simulated run wrote no run record to {out}; see the log above for the ServerApp error")
+    record = RunRecord.load(out / RUN_RECORD_FILE)
+    if record.status == "failed" or not record.final_checkpoint:
+        raise SimulationFailed(f"the simulated run {record.status}: {record.stop_reason}")
+    base, card = load_checkpoint(checkpoint)
+    policy = TransferPolicy.parse(bound.policy or card.default_policy)
+    epochs = bound.num_server_rounds * bound.local_epochs
+    config = TrainConfig(epochs=epochs, batch_size=bound.batch_size, lr=bound.lr, optimizer=bound.optimizer, seed=bound.seed)
+    table = comparison_table(record, compute_baselines(scenario, base, policy, config), "accuracy")
+    write_report(record, out, [comparison_markdown(table, "accuracy")])
+    return SimulationResult(record=record, out=out, comparison=table)
