@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from client.fine_tune import evaluate as evaluate_model
 from client.fine_tune import fine_tune, personalised_metrics, train_config
 from client.local_data import frozen_features, load_local_data
+from client.secure_channel import secure_channel
 from client.model_state import adopt_base, round_model, trainable_record
 from client.site import resolve_site
 from common.training import use_one_torch_thread
@@ -30,7 +31,7 @@ def _prepare(msg: Message, context: Context):
     return instruction, site, model, policy, frozen_features(local, model, policy)
 
 
-@app.train()
+@app.train(mods=[secure_channel])
 def train(msg: Message, context: Context) -> Message:
     instruction, site, model, policy, features = _prepare(msg, context)
     stats = fine_tune(model, policy, features, train_config(instruction))
@@ -45,7 +46,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[secure_channel])
 def evaluate(msg: Message, context: Context) -> Message:
     instruction, site, model, policy, features = _prepare(msg, context)
     metrics = evaluate_model(model, policy, features)

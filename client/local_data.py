@@ -36,7 +36,7 @@ class Features:
 
 @lru_cache(maxsize=4)
 def _load(path: Path, fingerprint: str, input_shape: tuple[int, ...], num_classes: int, label_column: str, name: str) -> SiteData:
-    return load_site_data(path, input_shape, num_classes, label_column=label_column, name=name)
+    return load_site_data(path, input_shape, num_classes, label_column=label_column, name=name, require_two_train_classes=False)
 
 
 def load_local_data(site: SiteConfig, card: ModelCard) -> LocalData:

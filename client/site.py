@@ -1,4 +1,4 @@
-"""Who this site is and where its data lives: from the node config, or a simulated site folder."""
+"""Who this site is and where its data and keys live: from the node config, or a simulated site folder."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from common.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
 def resolve_site(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:
     """The site's configuration.
 
-    A deployed SuperNode names its data in its node config (``site-id``, ``data-path``,
-    ``state-dir``, optional ``label-column``). A simulated node only has a Flower
-    ``partition-id``; its site folder lies under the simulation root the coordinator
-    created on this same machine.
+    A deployed SuperNode points at its site file (``--node-config 'site-config="/srv/site/site.toml"'``)
+    or gives the same keys inline. A simulated node has only a Flower ``partition-id``;
+    its site folder lies under the simulation root the coordinator created on this machine.
     """
+    if "site-config" in node_config:
+        return SiteConfig.load(Path(str(node_config["site-config"])).expanduser())
     if "data-path" in node_config:
         return SiteConfig.from_mapping(dict(node_config), origin="node config")
     if "partition-id" in node_config:
@@ -27,6 +28,5 @@ def resolve_site(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:
             )
         return SiteConfig.load(site_dir(Path(sim_root), int(node_config["partition-id"])) / SITE_CONFIG_FILE)
     raise SiteConfigError(
-        "the node config names no data: start flower-supernode with "
-        "--node-config 'site-id=\"...\" data-path=\"...\" state-dir=\"...\"'"
+        "the node config names no site: start flower-supernode with --node-config 'site-config=\"/path/to/site.toml\"'"
     )

@@ -253,7 +253,7 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
     public = identity.public()
     document = {"format": PUBLIC_FORMAT, "version": PUBLIC_FORMAT_VERSION, **public.to_dict()}
     write_public_file(pub_path, json.dumps(document, indent=2, sort_keys=True) + "\n")
-    logger.info(
+    logger.debug(
         "wrote identity %r to %s (fingerprint %s, %s)",
         identity.name,
         out_dir,

@@ -215,7 +215,7 @@ def sign_manifest(federation: str, coordinator: Identity, sites: list[PublicIden
 def write_manifest(m: Manifest, path: Path) -> None:
     """Write the manifest as JSON (mode 0644; it holds only public keys)."""
     write_public_file(Path(path), m.to_json())
-    logger.info(
+    logger.debug(
         "wrote manifest of federation %r with %d sites to %s", m.federation, len(m.sites), path
     )
 

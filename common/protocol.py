@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
@@ -63,3 +64,23 @@ class RoundInstruction:
 
 def site_status(site_id: str, status: str = STATUS_OK, reason: str = "") -> dict[str, str]:
     return {"site-id": site_id, "status": status, "reason": reason}
+
+
+SIGNED_INSTRUCTION = "signed-instruction"  # key in CONFIG: the coordinator-signed instruction blob
+SEALED = "sealed"                           # ConfigRecord in replies: {"site-id": str, "envelope": bytes}
+INSTRUCTION_KINDS = {"train": "train-instruction", "evaluate": "evaluate-instruction"}
+REPLY_KINDS = {"train": "train-reply", "evaluate": "evaluate-reply"}
+
+
+def instruction_payload(config: Mapping[str, Any], arrays_fingerprint: str) -> bytes:
+    """The bytes the coordinator signs: the round instruction and the fingerprint of the weights sent with it."""
+    body = {"config": {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}, "arrays": arrays_fingerprint}
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def parse_instruction_payload(payload: bytes) -> tuple[dict[str, Any], str]:
+    try:
+        body = json.loads(payload)
+        return dict(body["config"]), str(body["arrays"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InstructionError(f"signed instruction payload is malformed: {err}") from err

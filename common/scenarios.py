@@ -235,7 +235,7 @@ def _imaging(seed: int, data_dir: Path | None) -> Scenario:
         class_names=synthetic_imaging.CLASS_NAMES,
         feature_names=None,
         model=ModelSpec("cnn", {}),
-        policy="head",
+        policy="last:1",
         source_description=f"synthetic reference scanner, {len(source.train)} training images, seed {seed}",
         preprocessing=f"pixel intensities standardised with the source training mean {mean:.4f} and std {std:.4f}",
     )
@@ -291,9 +291,14 @@ def _model_spec(table: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
 
 def _check_shape(arch: str, shape: tuple[int, ...], file: Path) -> None:
     if arch == "cnn" and len(shape) != 3:
-        raise ScenarioError(f"{file}: arch 'cnn' needs image data (x of shape (n, C, H, W)); the data has rows of shape {shape}")
+        raise ScenarioError(
+            f"{file}: arch 'cnn' needs image data (x of shape (n, C, H, W)); the data has rows of shape {shape}"
+        )
     if arch != "cnn" and len(shape) != 1:
-        raise ScenarioError(f"{file}: arch {arch!r} needs tabular data (n, features); the data has rows of shape {shape}; use arch = 'cnn'")
+        raise ScenarioError(
+            f"{file}: arch {arch!r} needs tabular data (n, features); the data has rows of shape {shape}; "
+            "use arch = 'cnn' for images"
+        )
 
 
 def _load_toml(file: Path, seed: int) -> Scenario:

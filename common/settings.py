@@ -40,6 +40,9 @@ class RunSettings:
     expected_sites: int = 0
     personalise_epochs: int = 2
     round_timeout: float = 600.0
+    coordinator_keys: str = ""
+    manifest: str = ""
+    max_update_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -62,6 +65,11 @@ class RunSettings:
         for key, value in run_config.items():
             field = by_key[key]
             kind = type(getattr(cls(), field.name))
+            # int(2.5) and int(True) would silently become 2 and 1; int(inf) raises OverflowError
+            if (isinstance(value, bool) and kind is not bool) or (
+                kind is int and isinstance(value, float) and not value.is_integer()
+            ):
+                raise SettingsError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}")
             try:
                 values[field.name] = kind(value)
             except (TypeError, ValueError) as err:

@@ -1,31 +1,62 @@
 """Simulated sites on one machine: each scenario site gets a folder like a real site's.
 
-``<root>/site-<partition>/`` holds ``site.toml``, its data under ``data/`` and its state
-(privacy policy, ledger) under ``state/``. A simulated ClientApp finds its folder from its
-Flower partition id, then behaves exactly like a deployed site reading its node config.
+``<root>/site-<partition>/`` holds ``site.toml``, its data under ``data/``, throwaway keys
+and the federation manifest under ``keys/``, and its state (privacy policy, ledger) under
+``state/``. A simulated ClientApp finds its folder from its Flower partition id, then
+behaves exactly like a deployed site. Keys are new for every run; state is kept.
 """
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+from common.keys import Identity, write_identity
+from common.manifest import Manifest, sign_manifest, write_manifest
 from common.scenarios import Scenario
 from common.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.site_data import write_site_data
+
+COORDINATOR_NAME = "coordinator"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SimulatedFederation:
+    """The simulated sites' configurations and the coordinator's throwaway identity."""
+
+    sites: list[SiteConfig]
+    coordinator: Identity
+    manifest: Manifest
 
 
 def site_dir(root: Path, partition_id: int) -> Path:
     return Path(root) / f"site-{partition_id}"
 
 
-def materialize_sites(scenario: Scenario, root: Path) -> list[SiteConfig]:
-    """Write every target site's data and ``site.toml`` under ``root``; existing state is kept."""
+def materialize_sites(scenario: Scenario, root: Path, federation: str) -> SimulatedFederation:
+    """Write every target site's data, fresh keys, the signed manifest and ``site.toml`` under ``root``."""
+    coordinator = Identity.generate(COORDINATOR_NAME)
+    identities = [Identity.generate(site.name) for site in scenario.sites]
+    manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
     configs = []
-    for index, site in enumerate(scenario.sites):
+    for index, (site, identity) in enumerate(zip(scenario.sites, identities)):
         folder = site_dir(root, index).resolve()
-        config = SiteConfig(site_id=site.name, data_path=folder / "data", state_dir=folder / "state")
+        keys_dir = folder / "keys"
+        config = SiteConfig(
+            site_id=site.name,
+            data_path=folder / "data",
+            state_dir=folder / "state",
+            keys_dir=keys_dir,
+            manifest=keys_dir / MANIFEST_FILE,
+            coordinator_fingerprint=coordinator.public().fingerprint(),
+        )
         write_site_data(site, config.data_path, scenario.feature_names)
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(keys_dir, ignore_errors=True)
+        write_identity(identity, keys_dir)
+        write_manifest(manifest, config.manifest)
         (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
         configs.append(config)
-    return configs
+    return SimulatedFederation(configs, coordinator, manifest)

@@ -1,4 +1,4 @@
-"""A site's own configuration file (TOML): who it is and where its data and state live."""
+"""A site's own configuration file (TOML): who it is, where its data, state and keys live."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SITE_CONFIG_FILE = "site.toml"
+_REQUIRED = ("site-id", "data-path", "state-dir", "keys-dir", "manifest", "coordinator-fingerprint")
+_OPTIONAL = ("label-column", "privacy-policy")
 
 
 class SiteConfigError(ValueError):
@@ -16,32 +19,55 @@ class SiteConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SiteConfig:
-    """``site_id`` names the site in reports; ``data_path`` and ``state_dir`` are local paths."""
+    """Paths are local to the site.
+
+    ``keys_dir`` holds the site's private keys; ``manifest`` is the coordinator-signed list
+    of federation members, checked against ``coordinator_fingerprint`` (received out of band).
+    ``privacy_policy`` is the site's own privacy policy file (default: ``state_dir/privacy-policy.toml``).
+    """
 
     site_id: str
     data_path: Path
     state_dir: Path
+    keys_dir: Path
+    manifest: Path
+    coordinator_fingerprint: str
     label_column: str = "label"
+    privacy_policy: Path | None = None
+
+    @property
+    def policy_path(self) -> Path:
+        return self.privacy_policy or self.state_dir / "privacy-policy.toml"
 
     def to_toml(self) -> str:
-        return (
-            "# fedtransfer site configuration\n"
-            f"site-id = {json.dumps(self.site_id)}\n"
-            f"data-path = {json.dumps(str(self.data_path))}\n"
-            f"state-dir = {json.dumps(str(self.state_dir))}\n"
-            f"label-column = {json.dumps(self.label_column)}\n"
-        )
+        lines = ["# fedtransfer site configuration"]
+        for key in _REQUIRED + _OPTIONAL:
+            value = getattr(self, key.replace("-", "_"))
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(str(value))}")
+        return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_mapping(cls, raw: dict, origin: str) -> "SiteConfig":
-        missing = [k for k in ("site-id", "data-path", "state-dir") if k not in raw]
+    def from_mapping(cls, raw: dict[str, Any], origin: str) -> "SiteConfig":
+        missing = [k for k in _REQUIRED if k not in raw]
         if missing:
             raise SiteConfigError(f"{origin} is missing {', '.join(missing)}")
+        unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL) - {"partition-id", "num-partitions", "site-config"})
+        if unknown:
+            raise SiteConfigError(f"{origin} has unknown keys {unknown}; known keys: {', '.join(_REQUIRED + _OPTIONAL)}")
+
+        def path(key: str) -> Path:
+            return Path(str(raw[key])).expanduser()
+
         return cls(
             site_id=str(raw["site-id"]),
-            data_path=Path(str(raw["data-path"])).expanduser(),
-            state_dir=Path(str(raw["state-dir"])).expanduser(),
+            data_path=path("data-path"),
+            state_dir=path("state-dir"),
+            keys_dir=path("keys-dir"),
+            manifest=path("manifest"),
+            coordinator_fingerprint=str(raw["coordinator-fingerprint"]),
             label_column=str(raw.get("label-column", "label")),
+            privacy_policy=path("privacy-policy") if "privacy-policy" in raw else None,
         )
 
     @classmethod

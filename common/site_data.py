@@ -304,8 +304,13 @@ def load_site_data(
     name: str | None = None,
     test_fraction: float = 0.25,
     seed: int = 0,
+    require_two_train_classes: bool = True,
 ) -> SiteData:
-    """Load and validate a site's data (a directory with train/test files, or one file to split)."""
+    """Load and validate a site's data (a directory with train/test files, or one file to split).
+
+    ``require_two_train_classes=False`` accepts a site whose own train split holds one class
+    (as long as train and test together hold two), like FLamby's Switzerland centre.
+    """
     path = Path(path)
     shape = tuple(int(d) for d in input_shape)
     files = site_files(path)
@@ -328,11 +333,14 @@ def load_site_data(
             )
     _require_rows(train, files[0], "train")
     _require_rows(test, files[-1], "test")
-    if len(np.unique(train.y)) < 2:
+    single_class_train = len(np.unique(train.y)) < 2
+    if single_class_train and (require_two_train_classes or len(np.union1d(train.y, test.y)) < 2):
         raise SingleClass(
             f"{files[0]}: every training row has label {int(train.y[0])}; training needs at least two classes. "
             "Add rows of the other class(es)"
         )
+    if single_class_train:
+        logger.warning("%s: every training row has label %d; local training sees one class", files[0], train.y[0])
     site = SiteData(name or (path.stem if path.is_file() else path.name), train, test)
     logger.info("loaded site %s from %s: %d train / %d test rows", site.name, path, len(train), len(test))
     return site

@@ -41,8 +41,8 @@ SOURCE_SCANNER = Scanner("source", gain=1.0, offset=0.0, blur_sigma=0.0, noise_s
 SCANNERS = (
     Scanner("site-1", gain=0.7, offset=0.15, blur_sigma=0.0, noise_std=0.05, lesion_rate=0.3),
     Scanner("site-2", gain=1.0, offset=0.0, blur_sigma=1.2, noise_std=0.05, lesion_rate=0.5),
-    Scanner("site-3", gain=1.1, offset=-0.1, blur_sigma=0.0, noise_std=0.15, lesion_rate=0.6),
-    Scanner("site-4", gain=1.3, offset=0.3, blur_sigma=0.7, noise_std=0.08, lesion_rate=0.4),
+    Scanner("site-3", gain=1.1, offset=-0.05, blur_sigma=0.0, noise_std=0.11, lesion_rate=0.6),
+    Scanner("site-4", gain=1.2, offset=0.15, blur_sigma=0.7, noise_std=0.07, lesion_rate=0.4),
 )
 
 

@@ -15,11 +15,14 @@ from common.pretraining import pretrain_source
 from common.protocol import RoundInstruction
 from common.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.simulated_sites import materialize_sites
+from common.keys import Identity, passphrase_from_env, read_identity
+from common.manifest import Manifest, read_manifest
+from common.simulated_sites import COORDINATOR_NAME, materialize_sites
 from common.training import as_tensors, predict_proba
 from common.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
 from server.run_record import RunRecord
+from server.secure_channel import CoordinatorChannel, UpdateLimits
 from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,18 @@ def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path)
     return out / SOURCE_MODEL_DIR
 
 
+def coordinator_keys(settings: RunSettings) -> tuple[Identity, Manifest]:
+    """The coordinator's identity and the signed manifest of a deployed federation."""
+    if not settings.coordinator_keys or not settings.manifest:
+        raise FederationFailed(
+            "a deployed run needs the coordinator's keys and the federation manifest: set run-config "
+            "coordinator-keys (a directory made by `fedtransfer keys coordinator`) and manifest"
+        )
+    identity = read_identity(Path(settings.coordinator_keys).expanduser(), COORDINATOR_NAME, passphrase_from_env())
+    manifest = read_manifest(Path(settings.manifest).expanduser(), identity.public().fingerprint())
+    return identity, manifest
+
+
 def with_trainable(model: FedModel, arrays: ArrayRecord) -> FedModel:
     model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
     return model
@@ -66,7 +81,10 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     sim_root = ""
     if settings.sim_root and scenario is not None:
         sim_root = str(Path(settings.sim_root).expanduser().resolve())
-        materialize_sites(scenario, Path(sim_root))
+        simulated = materialize_sites(scenario, Path(sim_root), federation=f"simulation-{run_id}")
+        identity, manifest = simulated.coordinator, simulated.manifest
+    else:
+        identity, manifest = coordinator_keys(settings)
 
     instruction = RoundInstruction(
         server_round=0,
@@ -91,10 +109,15 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         strategy=settings.strategy,
     )
     trainable = policy.trainable_state(model)
+    limits = UpdateLimits(
+        shapes={name: t.shape for name, t in trainable.items()},
+        dtypes={name: t.dtype for name, t in trainable.items()},
+        max_norm=settings.max_update_norm,
+    )
     strategy = SiteAwareStrategy(
         flower_strategy(settings.strategy, settings.min_sites, settings.expected_sites or settings.min_sites, settings.proximal_mu),
+        CoordinatorChannel(identity, manifest, run_id, card.model_fingerprint, limits),
         BasePayload(ArrayRecord(base_state), card.to_json()),
-        {name: tensor.shape for name, tensor in trainable.items()},
         record,
         settings.min_sites,
     )

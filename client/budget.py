@@ -1,0 +1,311 @@
+"""The site's budget guard: plans, admits and records the privacy spend of one dataset.
+
+Flow for one run on one dataset::
+
+    guard = BudgetGuard(state_dir, policy, dataset_id)
+    plan = guard.plan_run(run_id, request, sample_rate, steps_per_round)  # once per run
+    admission = guard.admit(plan, server_round)        # cheap pre-check, never raises
+    with guard.spend(plan, server_round) as record:    # holds the ledger lock
+        ...train with plan.noise_multiplier...
+        entry = record(steps_taken, model_fingerprint) # durable before it returns
+    ...only now seal and send the update...
+
+The noise multiplier is calibrated once per run for all its planned rounds, against
+both the run's target and what is left of the dataset's cumulative cap, and the plan
+is stored so a restarted site reuses it. Spending is serialised by the ledger lock,
+so two runs on one dataset can never both spend the last of the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from common.accounting import (
+    Accountant,
+    AccountingError,
+    BudgetExhausted,
+    Step,
+    calibrate_noise,
+    compose_epsilon,
+    reference_epsilon,
+)
+from common.ledger import Ledger, LedgerEntry, write_atomic
+from common.site_policy import (
+    EffectiveSettings,
+    PrivacyRequest,
+    SitePolicy,
+    effective_settings,
+)
+
+log = logging.getLogger(__name__)
+
+PLANS_DIR = "plans"
+TRAIN_KIND = "train"
+_SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class PlanConflict(Exception):
+    """A stored plan for this run id belongs to another dataset or is unreadable."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The DP-SGD settings of one run on one dataset, fixed at its first round."""
+
+    run_id: str
+    dataset_id: str
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    settings: EffectiveSettings
+    prior_epsilon: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "dataset_id": self.dataset_id,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps_per_round": self.steps_per_round,
+            "settings": self.settings.to_dict(),
+            "prior_epsilon": self.prior_epsilon,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunPlan:
+        return cls(
+            run_id=str(data["run_id"]),
+            dataset_id=str(data["dataset_id"]),
+            noise_multiplier=float(data["noise_multiplier"]),
+            sample_rate=float(data["sample_rate"]),
+            steps_per_round=int(data["steps_per_round"]),
+            settings=EffectiveSettings.from_dict(data["settings"]),
+            prior_epsilon=float(data["prior_epsilon"]),
+        )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether one round may train, and why; epsilons under the policy's accountant."""
+
+    admitted: bool
+    reason: str
+    spent_epsilon: float
+    projected_epsilon: float
+    cap_epsilon: float
+
+
+class BudgetGuard:
+    """Enforces the site's cumulative privacy cap for one dataset."""
+
+    def __init__(self, state_dir: Path, policy: SitePolicy, dataset_id: str) -> None:
+        if not dataset_id:
+            raise ValueError("dataset_id must be a non-empty string")
+        self.state_dir = Path(state_dir)
+        self.policy = policy
+        self.dataset_id = dataset_id
+        self.ledger = Ledger(self.state_dir)
+
+    # planning -----------------------------------------------------------------------
+
+    def _plan_path(self, run_id: str) -> Path:
+        name = run_id if _SAFE_RUN_ID.match(run_id) else hashlib.sha256(run_id.encode()).hexdigest()
+        return self.state_dir / PLANS_DIR / f"{name}.json"
+
+    def _stored_plan(self, run_id: str) -> RunPlan | None:
+        path = self._plan_path(run_id)
+        try:
+            plan = RunPlan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PlanConflict(
+                f"{path}: the stored plan of run {run_id!r} is unreadable ({exc}); the site "
+                "will not recalibrate an existing run. Remove the file only if that run never "
+                "trained on this dataset."
+            ) from exc
+        if plan.run_id != run_id or plan.dataset_id != self.dataset_id:
+            raise PlanConflict(
+                f"{path}: run {run_id!r} was planned for dataset {plan.dataset_id[:12]}..., "
+                f"not {self.dataset_id[:12]}...; a run trains on one dataset per site"
+            )
+        return plan
+
+    def plan_run(
+        self, run_id: str, request: PrivacyRequest, sample_rate: float, steps_per_round: int
+    ) -> RunPlan:
+        """Calibrate the run's noise once (or return its stored plan).
+
+        Raises BudgetExhausted if no noise multiplier keeps both this run within its
+        target and the dataset within its cap.
+        """
+        if steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be at least 1, got {steps_per_round}")
+        with self.ledger.lock():
+            stored = self._stored_plan(run_id)
+            if stored is not None:
+                if stored.settings != effective_settings(self.policy, request) or (
+                    stored.sample_rate, stored.steps_per_round
+                ) != (sample_rate, steps_per_round):
+                    log.warning(
+                        "run %s: request or data shape differs from the stored plan; "
+                        "keeping the stored plan (noise %.4f)", run_id, stored.noise_multiplier,
+                    )
+                return stored
+            settings = effective_settings(self.policy, request)
+            prior = self.ledger.history(self.dataset_id)
+            prior_epsilon = compose_epsilon(prior, settings.delta, settings.accountant)
+            planned_steps = steps_per_round * settings.planned_rounds
+            common = dict(
+                sample_rate=sample_rate, planned_steps=planned_steps, delta=settings.delta,
+                accountant=settings.accountant, min_noise=settings.min_noise_multiplier,
+            )
+            try:
+                sigma_run = calibrate_noise(prior=[], target_epsilon=settings.run_target_epsilon,
+                                            **common)
+                sigma_cap = calibrate_noise(prior=prior, target_epsilon=settings.cap_epsilon,
+                                            **common)
+            except BudgetExhausted as exc:
+                raise BudgetExhausted(
+                    f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}"
+                ) from exc
+            plan = RunPlan(
+                run_id=run_id,
+                dataset_id=self.dataset_id,
+                noise_multiplier=max(sigma_run, sigma_cap),
+                sample_rate=sample_rate,
+                steps_per_round=steps_per_round,
+                settings=settings,
+                prior_epsilon=prior_epsilon,
+            )
+            path = self._plan_path(run_id)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record = {**plan.to_dict(), "created": datetime.now(timezone.utc).isoformat()}
+            write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
+        log.info(
+            "run %s on dataset %s: noise multiplier %.4f for %d rounds x %d steps at q=%g "
+            "(run target %.3f, spent %.3f of cap %.3f, %s)",
+            run_id, self.dataset_id[:12], plan.noise_multiplier, settings.planned_rounds,
+            steps_per_round, sample_rate, settings.run_target_epsilon, prior_epsilon,
+            settings.cap_epsilon, settings.accountant,
+        )
+        return plan
+
+    # admission and spending ---------------------------------------------------------
+
+    def _limits(self, plan: RunPlan) -> tuple[float, float, Accountant]:
+        """Cap, delta and accountant for a plan: the stricter of the plan and today's policy."""
+        return (
+            min(plan.settings.cap_epsilon, self.policy.max_epsilon),
+            min(plan.settings.delta, self.policy.delta),
+            self.policy.accountant,
+        )
+
+    def _check(self, plan: RunPlan, server_round: int, steps: int) -> Admission:
+        """The admission decision; the caller holds the ledger lock."""
+        settings = plan.settings
+        cap, delta, accountant = self._limits(plan)
+        entries = self.ledger.entries(self.dataset_id)
+        history = [e.to_step() for e in entries]
+        spent = compose_epsilon(history, delta, accountant)
+
+        def refuse(reason: str, projected: float = math.nan) -> Admission:
+            return Admission(False, reason, spent, projected, cap)
+
+        if plan.dataset_id != self.dataset_id:
+            return refuse(f"plan of run {plan.run_id} is for another dataset")
+        this_run = [e for e in entries if e.run_id == plan.run_id and e.kind == TRAIN_KIND]
+        if any(e.server_round == server_round for e in this_run):
+            return refuse(
+                f"round {server_round} of run {plan.run_id} was already recorded (replayed "
+                "instruction); refusing to train on it twice"
+            )
+        if len(this_run) >= settings.planned_rounds:
+            return refuse(
+                f"run {plan.run_id} already used its {settings.planned_rounds} planned rounds "
+                "on this dataset"
+            )
+        step = Step(plan.noise_multiplier, plan.sample_rate, steps)
+        projected = compose_epsilon([*history, step], delta, accountant)
+        if projected > cap:
+            return refuse(
+                f"privacy budget exhausted: this round would bring the dataset to epsilon "
+                f"{projected:.4f}, over the site's cap of {cap:.4f} (already spent "
+                f"{spent:.4f}, {accountant}, delta={delta:g})",
+                projected,
+            )
+        return Admission(True, "within budget", spent, projected, cap)
+
+    def admit(self, plan: RunPlan, server_round: int) -> Admission:
+        """Would this round, at the planned steps, stay within the cap? Never raises for a refusal."""
+        with self.ledger.lock():
+            return self._check(plan, server_round, plan.steps_per_round)
+
+    @contextmanager
+    def spend(
+        self, plan: RunPlan, server_round: int
+    ) -> Iterator[Callable[[int, str], LedgerEntry]]:
+        """Hold the ledger lock while the caller trains; yields ``record(steps, fingerprint)``.
+
+        Raises BudgetExhausted on entry if the round is not admitted. ``record`` appends
+        the round durably (or raises BudgetExhausted / LedgerError and writes nothing);
+        it may be called once. Send the update only after it returned.
+        """
+        with self.ledger.lock():
+            admission = self._check(plan, server_round, plan.steps_per_round)
+            if not admission.admitted:
+                raise BudgetExhausted(admission.reason)
+            recorded: list[LedgerEntry] = []
+
+            def record(steps_taken: int, model_fingerprint: str) -> LedgerEntry:
+                if recorded:
+                    raise RuntimeError(f"round {server_round} of run {plan.run_id} is already recorded")
+                if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 1:
+                    raise ValueError(f"steps_taken must be a positive integer, got {steps_taken!r}")
+                if steps_taken > plan.steps_per_round:
+                    raise BudgetExhausted(
+                        f"round {server_round} took {steps_taken} steps but run {plan.run_id} was "
+                        f"calibrated for {plan.steps_per_round} per round; not recorded, do not send"
+                    )
+                cap, delta, accountant = self._limits(plan)
+                history = [*self.ledger.history(self.dataset_id),
+                           Step(plan.noise_multiplier, plan.sample_rate, steps_taken)]
+                epsilon = compose_epsilon(history, delta, accountant)
+                if epsilon > cap:
+                    raise BudgetExhausted(
+                        f"recording round {server_round} would bring the dataset to epsilon "
+                        f"{epsilon:.4f}, over the cap of {cap:.4f}; not recorded, do not send"
+                    )
+                try:
+                    ref_name, ref_epsilon = reference_epsilon(history, delta, accountant)
+                except AccountingError as exc:
+                    # The reference column is informational; the cap was checked above.
+                    log.warning("reference epsilon unavailable: %s", exc)
+                    ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
+                entry = self.ledger.append(
+                    dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
+                    noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                    steps=steps_taken, max_grad_norm=plan.settings.max_grad_norm, delta=delta,
+                    epsilon=epsilon, accountant=accountant,
+                    reference_epsilon=ref_epsilon, reference_accountant=ref_name,
+                    model_fingerprint=model_fingerprint, kind=TRAIN_KIND,
+                )
+                recorded.append(entry)
+                return entry
+
+            yield record
+
+    def spent(self) -> float:
+        """Epsilon spent on this dataset so far (policy accountant and delta)."""
+        history = self.ledger.history(self.dataset_id)
+        return compose_epsilon(history, self.policy.delta, self.policy.accountant)

@@ -1,0 +1,103 @@
+"""The coordinator's end of the application-level channel: sign instructions, open sealed replies."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from common.envelope import BROADCAST, EnvelopeContext, EnvelopeError, open_envelope, sign_instruction
+from common.keys import Identity, validate_name
+from common.manifest import Manifest
+from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, SEALED, SIGNED_INSTRUCTION, instruction_payload
+from common.transfer import state_fingerprint
+from common.update_codec import UpdateFormatError, decode_update
+
+
+class ReplyRejected(Exception):
+    """A reply was dropped; ``site`` and ``reason`` say whose and why."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(f"reply from {site} rejected: {reason}")
+        self.site = site
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class OpenedReply:
+    site_id: str
+    report: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """What a training update must look like to be aggregated."""
+
+    shapes: dict[str, torch.Size]
+    dtypes: dict[str, torch.dtype]
+    max_norm: float = 0.0          # bound on ||update - global||; 0 means no bound
+    max_bytes: int = 64 * 2**20
+
+
+class CoordinatorChannel:
+    """Signs every instruction of one run and opens every reply, against the signed manifest."""
+
+    def __init__(self, identity: Identity, manifest: Manifest, run_id: int, base_fingerprint: str, limits: UpdateLimits) -> None:
+        self.identity = identity
+        self.manifest = manifest
+        self.run_id = run_id
+        self.base_fingerprint = base_fingerprint
+        self.limits = limits
+
+    def sign(self, config: ConfigRecord, arrays: ArrayRecord, phase: str, server_round: int) -> ConfigRecord:
+        """A copy of ``config`` carrying the coordinator's signature over it and ``arrays``."""
+        plain = dict(config.items())
+        payload = instruction_payload(plain, state_fingerprint(arrays.to_torch_state_dict()))
+        context = EnvelopeContext(self.run_id, server_round, BROADCAST, INSTRUCTION_KINDS[phase], self.base_fingerprint)
+        blob = sign_instruction(payload, context, self.identity)
+        return ConfigRecord({**plain, SIGNED_INSTRUCTION: blob})
+
+    def open(self, msg: Message, phase: str, server_round: int, global_state: dict[str, torch.Tensor]) -> OpenedReply:
+        """Verify, decrypt and validate one reply; ``ReplyRejected`` names the site and the reason."""
+        if SEALED not in msg.content:
+            raise ReplyRejected(f"node-{msg.metadata.src_node_id}", "reply is not sealed (an unencrypted reply is never accepted)")
+        sealed = msg.content[SEALED]
+        site_id = str(sealed.get("site-id", f"node-{msg.metadata.src_node_id}"))
+        blob = sealed.get("envelope", b"")
+        if not isinstance(blob, bytes):
+            raise ReplyRejected(site_id, "sealed envelope is not bytes")
+        try:
+            validate_name(site_id)
+        except ValueError:
+            raise ReplyRejected(site_id[:64], "site id in the reply is not a valid site name") from None
+        expected = EnvelopeContext(self.run_id, server_round, site_id, REPLY_KINDS[phase], self.base_fingerprint)
+        try:
+            payload = open_envelope(blob, expected, self.identity, self.manifest.sites, max_bytes=self.limits.max_bytes)
+            report, tensors = decode_update(payload)
+        except (EnvelopeError, UpdateFormatError) as err:
+            raise ReplyRejected(site_id, f"{type(err).__name__}: {err}") from err
+        if report.get("site-id") != site_id:
+            raise ReplyRejected(site_id, f"the sealed report names site {report.get('site-id')!r}")
+        if phase == "train" and report.get("status") == "ok":
+            self._check_update(site_id, tensors, global_state)
+        return OpenedReply(site_id, report, tensors)
+
+    def _check_update(self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> None:
+        limits = self.limits
+        if set(tensors) != set(limits.shapes):
+            raise ReplyRejected(site_id, f"update names {sorted(tensors)[:3]}... do not match the trainable part {sorted(limits.shapes)[:3]}...")
+        squared = 0.0
+        for name, tensor in tensors.items():
+            if tensor.shape != limits.shapes[name] or tensor.dtype != limits.dtypes[name]:
+                raise ReplyRejected(site_id, f"{name} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(limits.shapes[name])} {limits.dtypes[name]}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ReplyRejected(site_id, f"{name} holds NaN or Inf")
+            squared += float((tensor.double() - global_state[name].double()).pow(2).sum())
+        norm = math.sqrt(squared)
+        if limits.max_norm > 0 and norm > limits.max_norm:
+            raise ReplyRejected(site_id, f"update norm {norm:.3g} exceeds the bound {limits.max_norm:.3g}")
+
