@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import logging
+import json
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.fine_tune import evaluate as evaluate_model
-from client.fine_tune import fine_tune, personalised_metrics, train_config
+from client.fine_tune import personalised_metrics, train_config
+from client.private_round import train_round
 from client.local_data import frozen_features, load_local_data
 from client.secure_channel import secure_channel
 from client.model_state import adopt_base, round_model, trainable_record
 from client.site import resolve_site
 from common.training import use_one_torch_thread
-from common.protocol import ARRAYS, CONFIG, METRICS, SITE, RoundInstruction, site_status
-
-log = logging.getLogger(__name__)
+from common.site_config import SiteConfig
+from common.site_policy import load_policy
+from common.protocol import ARRAYS, CONFIG, METRICS, SITE, STATUS_OK, RoundInstruction, site_status
 
 use_one_torch_thread()
 app = ClientApp()
@@ -28,29 +29,53 @@ def _prepare(msg: Message, context: Context):
     adopt_base(msg.content, context, instruction)
     model, card, policy = round_model(msg.content, context, instruction)
     local = load_local_data(site, card)
-    return instruction, site, model, policy, frozen_features(local, model, policy)
+    return instruction, site, local, model, policy, frozen_features(local, model, policy)
 
 
 @app.train(mods=[secure_channel])
 def train(msg: Message, context: Context) -> Message:
-    instruction, site, model, policy, features = _prepare(msg, context)
-    stats = fine_tune(model, policy, features, train_config(instruction))
-    log.info("site %s round %d: %d steps, mean loss %.4f", site.site_id, instruction.server_round, stats.steps, stats.mean_loss)
+    instruction, site, local, model, policy, features = _prepare(msg, context)
+    simulated = "partition-id" in context.node_config
+    outcome = train_round(
+        site,
+        local.dataset_id,
+        model,
+        policy,
+        features,
+        train_config(instruction),
+        dict(msg.content[CONFIG].items()),
+        dp_requested=bool(instruction.dp),
+        run_id=context.run_id,
+        server_round=instruction.server_round,
+        noise_seed=instruction.seed * 1_000_003 + instruction.server_round if simulated else None,
+    )
+    examples = len(features.train_y) if outcome.status == STATUS_OK else 0
     content = RecordDict(
         {
-            ARRAYS: trainable_record(model, policy),
-            METRICS: MetricRecord({"num-examples": stats.examples, "train-loss": stats.mean_loss, "steps": stats.steps}),
-            SITE: ConfigRecord(site_status(site.site_id)),
+            METRICS: MetricRecord({"num-examples": examples, "train-loss": outcome.mean_loss, "steps": outcome.steps}),
+            SITE: ConfigRecord(site_status(site.site_id, outcome.status, outcome.reason) | {"privacy": json.dumps(outcome.privacy)}),
         }
     )
+    if outcome.status == STATUS_OK:
+        content[ARRAYS] = trainable_record(model, policy)
     return Message(content=content, reply_to=msg)
+
+
+def personalise_now(instruction: RoundInstruction, site: SiteConfig) -> bool:
+    """Personalise after the last round, and only in a non-private run the site's policy allows.
+
+    A personalised head is trained on the site's records without DP; its test metrics would
+    leave the site outside any DP guarantee, so a private run never computes them.
+    """
+    last_round = instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds
+    return last_round and not instruction.dp and load_policy(site.policy_path).allow_non_private
 
 
 @app.evaluate(mods=[secure_channel])
 def evaluate(msg: Message, context: Context) -> Message:
-    instruction, site, model, policy, features = _prepare(msg, context)
+    instruction, site, _, model, policy, features = _prepare(msg, context)
     metrics = evaluate_model(model, policy, features)
-    if instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds:
+    if personalise_now(instruction, site):
         metrics |= personalised_metrics(model, policy, features, train_config(instruction, instruction.personalise_epochs))
     metrics["num-examples"] = len(features.test_y)
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord(site_status(site.site_id))})

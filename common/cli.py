@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -50,10 +51,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         policy=args.policy,
         checkpoint=args.checkpoint,
         seed=args.seed,
-        out=args.out,
+        out=args.out or f"fedtransfer-runs/{datetime.now():%Y%m%d-%H%M%S}",
         data_dir=args.data_dir,
+        dp=not args.no_dp,
+        target_epsilon=args.epsilon,
+        delta=args.delta,
     )
     console.print(f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {settings.num_server_rounds} rounds, strategy {settings.strategy}, seed {settings.seed}")
+    if settings.dp:
+        console.print(f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta {settings.delta:g}; each site's own policy caps its cumulative spend")
+    else:
+        console.print("[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose policy allows it will; nothing protects their records.[/bold red]")
     result = simulate(settings, Path(args.state_dir) if args.state_dir else None)
     table = Table(title=f"Test accuracy per target site ({result.record.status}, run {result.record.run_id})")
     sites = sorted(result.comparison["source as-is"])
@@ -66,8 +74,32 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         table.add_row(method, *("n/a" if math.isnan(c) else f"{c:.3f}" for c in cells), f"{sum(cells) / len(cells):.3f}")
     console.print(table)
     console.print("Baselines are trained without DP on the same base model; pooled is the upper bound.")
+    console.print(_privacy_table(result.record))
     console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, final-model/")
     return 0
+
+
+def _privacy_table(record) -> Table | str:
+    last: dict[str, tuple[int, str, dict]] = {}
+    declined: dict[str, int] = {}
+    for r in record.rounds:
+        for site, entry in r.sites.items():
+            if entry.privacy:
+                last[site] = (r.server_round, entry.status, entry.privacy)
+            if entry.status == "declined":
+                declined[site] = declined.get(site, 0) + 1
+    if any(not p.get("dp", True) for _, _, p in last.values()):
+        return "[bold red]NOT PRIVATE: these sites trained without differential privacy; no epsilon bound holds.[/bold red]"
+    table = Table(title="Privacy spent per site dataset (cumulative over all runs; max across sites last)")
+    for column in ("site", "epsilon", "cap", "delta", "accountant", "declined rounds"):
+        table.add_column(column, justify="left" if column in ("site", "accountant") else "right")
+    for site in sorted(last):
+        _, _, p = last[site]
+        table.add_row(site, f"{p.get('epsilon', math.nan):.3f}", f"{p.get('cap-epsilon', math.nan):g}", f"{p.get('delta', math.nan):g}", str(p.get("accountant", "?")), str(declined.get(site, 0)))
+    values = [p["epsilon"] for _, _, p in last.values() if isinstance(p.get("epsilon"), (int, float))]
+    if values:
+        table.add_row("max", f"{max(values):.3f}", "", "", "", "")
+    return table
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -111,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", default="", help="transfer policy: head, last:K or full (default: the scenario's)")
     sim.add_argument("--checkpoint", default="", help="start from this checkpoint directory instead of pretraining")
     sim.add_argument("--seed", type=int, default=defaults.seed, help="seed for data splits and training (default: %(default)s)")
-    sim.add_argument("--out", default=defaults.out, help="output directory (default: %(default)s)")
-    sim.add_argument("--state-dir", default="", help="where simulated sites keep their data and state (default: OUT/sites)")
+    sim.add_argument("--out", default="", help="output directory (default: fedtransfer-runs/<date-time>)")
+    sim.add_argument("--state-dir", default="", help="where the simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend across runs (default: OUT/sites)")
+    sim.add_argument("--epsilon", type=float, default=defaults.target_epsilon, help="epsilon the coordinator requests for this run; sites cap it by their own policy (default: %(default)s)")
+    sim.add_argument("--delta", type=float, default=defaults.delta, help="delta the coordinator requests (default: %(default)s)")
+    sim.add_argument("--no-dp", action="store_true", help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; simulated sites allow it)")
     sim.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)")
     sim.set_defaults(func=_cmd_simulate)
 

@@ -38,6 +38,7 @@ class RoundInstruction:
     proximal_mu: float
     seed: int
     personalise_epochs: int
+    dp: int
     sim_root: str = ""
 
     def to_config(self) -> dict[str, Any]:

@@ -43,6 +43,10 @@ class RunSettings:
     coordinator_keys: str = ""
     manifest: str = ""
     max_update_norm: float = 0.0
+    dp: bool = True
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -17,6 +17,7 @@ from common.manifest import Manifest, sign_manifest, write_manifest
 from common.scenarios import Scenario
 from common.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.site_data import write_site_data
+from common.site_policy import SitePolicy, write_policy
 
 COORDINATOR_NAME = "coordinator"
 MANIFEST_FILE = "manifest.json"
@@ -35,8 +36,17 @@ def site_dir(root: Path, partition_id: int) -> Path:
     return Path(root) / f"site-{partition_id}"
 
 
-def materialize_sites(scenario: Scenario, root: Path, federation: str) -> SimulatedFederation:
-    """Write every target site's data, fresh keys, the signed manifest and ``site.toml`` under ``root``."""
+def simulated_policy(allow_non_private: bool) -> SitePolicy:
+    """The privacy policy a simulated site starts with: a cumulative cap of 10 at delta 1e-5."""
+    return SitePolicy(max_epsilon=10.0, delta=1e-5, allow_non_private=allow_non_private)
+
+
+def materialize_sites(scenario: Scenario, root: Path, federation: str, policy: SitePolicy) -> SimulatedFederation:
+    """Write every target site's data, fresh keys, the signed manifest and ``site.toml`` under ``root``.
+
+    A site's privacy policy is written only if the site has none yet: like a real site's,
+    it belongs to the site and outlives runs, as does its ledger.
+    """
     coordinator = Identity.generate(COORDINATOR_NAME)
     identities = [Identity.generate(site.name) for site in scenario.sites]
     manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
@@ -54,6 +64,8 @@ def materialize_sites(scenario: Scenario, root: Path, federation: str) -> Simula
         )
         write_site_data(site, config.data_path, scenario.feature_names)
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        if not config.policy_path.exists():
+            write_policy(policy, config.policy_path)
         shutil.rmtree(keys_dir, ignore_errors=True)
         write_identity(identity, keys_dir)
         write_manifest(manifest, config.manifest)

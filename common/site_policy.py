@@ -48,6 +48,7 @@ _POLICY_KEYS = {
     "min_noise_multiplier": "a number in [0, 100]",
     "max_grad_norm": "a number in (0, 10000]",
     "max_rounds_per_run": "an integer in [1, 100000] (optional)",
+    "allow_non_private": "true or false (optional, default false): whether the coordinator may ask for training without DP",
 }
 
 
@@ -84,6 +85,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.5
     max_grad_norm: float = 1.0
     max_rounds_per_run: int | None = None
+    allow_non_private: bool = False
 
     def __post_init__(self) -> None:
         _validate_policy(self, "site policy")
@@ -101,6 +103,8 @@ def _validate_policy(policy: SitePolicy, source: str) -> None:
     _number(source, "max_grad_norm", policy.max_grad_norm, *GRAD_NORM_RANGE, low_open=True)
     if policy.max_rounds_per_run is not None:
         _integer(source, "max_rounds_per_run", policy.max_rounds_per_run, *ROUNDS_RANGE)
+    if not isinstance(policy.allow_non_private, bool):
+        raise PolicyError(f"{source}: allow_non_private must be true or false, got {policy.allow_non_private!r}")
 
 
 def load_policy(path: Path) -> SitePolicy:
@@ -160,7 +164,12 @@ def load_policy(path: Path) -> SitePolicy:
         values["max_rounds_per_run"] = _integer(
             source, "max_rounds_per_run", table["max_rounds_per_run"], *ROUNDS_RANGE
         )
-    return SitePolicy(**values)
+    if "allow_non_private" in table:
+        values["allow_non_private"] = table["allow_non_private"]
+    try:
+        return SitePolicy(**values)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
 
 
 def write_policy(policy: SitePolicy, path: Path) -> None:
@@ -198,6 +207,10 @@ max_grad_norm = {policy.max_grad_norm!r}
 # Largest number of training rounds one run may use on a dataset (optional).
 # Allowed: an integer in [1, 100000].
 {rounds}
+
+# Whether the coordinator may ask this site to train WITHOUT differential privacy.
+# Keep false for patient data; true only for simulations on public data.
+allow_non_private = {"true" if policy.allow_non_private else "false"}
 """
     Path(path).write_text(text, encoding="utf-8")
 

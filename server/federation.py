@@ -17,7 +17,8 @@ from common.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
 from common.keys import Identity, passphrase_from_env, read_identity
 from common.manifest import Manifest, read_manifest
-from common.simulated_sites import COORDINATOR_NAME, materialize_sites
+from common.simulated_sites import COORDINATOR_NAME, materialize_sites, simulated_policy
+from common.site_policy import PrivacyRequest
 from common.training import as_tensors, predict_proba
 from common.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
@@ -81,7 +82,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     sim_root = ""
     if settings.sim_root and scenario is not None:
         sim_root = str(Path(settings.sim_root).expanduser().resolve())
-        simulated = materialize_sites(scenario, Path(sim_root), federation=f"simulation-{run_id}")
+        simulated = materialize_sites(scenario, Path(sim_root), f"simulation-{run_id}", simulated_policy(allow_non_private=not settings.dp))
         identity, manifest = simulated.coordinator, simulated.manifest
     else:
         identity, manifest = coordinator_keys(settings)
@@ -99,8 +100,11 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
         seed=settings.seed,
         personalise_epochs=settings.personalise_epochs,
+        dp=int(settings.dp),
         sim_root=sim_root,
     )
+    request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, settings.num_server_rounds)
+    round_config = instruction.to_config() | request.to_config()
     record = RunRecord(
         run_id=run_id,
         settings=settings.__dict__ | {"checkpoint": str(checkpoint)},
@@ -146,8 +150,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
             initial_arrays=ArrayRecord(trainable),
             num_rounds=settings.num_server_rounds,
             timeout=settings.round_timeout,
-            train_config=ConfigRecord(instruction.to_config()),
-            evaluate_config=ConfigRecord(instruction.to_config()),
+            train_config=ConfigRecord(round_config),
+            evaluate_config=ConfigRecord(round_config),
             evaluate_fn=central_evaluate,
         )
     except TooFewSites as err:
@@ -195,5 +199,10 @@ def _round_summary(record: RunRecord, server_round: int) -> str:
     if server_round == 0:
         return " (base model)"
     current = record.round(server_round)
-    parts = [f"{site}: {r.status}" + (f" acc {r.evaluate['accuracy']:.3f}" if "accuracy" in r.evaluate else "") for site, r in sorted(current.sites.items())]
+    parts = [
+        f"{site}: {r.status}"
+        + (f" acc {r.evaluate['accuracy']:.3f}" if "accuracy" in r.evaluate else "")
+        + (f" eps {r.privacy['epsilon']:.2f}" if isinstance(r.privacy.get("epsilon"), (int, float)) else "")
+        for site, r in sorted(current.sites.items())
+    ]
     return " | " + ", ".join(parts)

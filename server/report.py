@@ -37,6 +37,43 @@ def round_table(record: RunRecord, metric: str = "accuracy") -> list[str]:
     return lines
 
 
+def privacy_lines(record: RunRecord) -> list[str]:
+    """Cumulative epsilon per site per round (the max across sites, never a mean), and declines."""
+    sites = record.site_ids()
+    reports = [s.privacy for r in record.rounds for s in r.sites.values() if s.privacy]
+    if not record.settings.get("dp", True) and any(not p.get("dp", True) for p in reports):
+        return ["## Privacy", "", "**NOT PRIVATE: sites trained without differential privacy in this run "
+                "(requested with --no-dp and allowed by their policies). No epsilon bound holds.**"]
+    accountants = sorted({str(p.get("accountant")) for p in reports if "accountant" in p})
+    deltas = sorted({p.get("delta") for p in reports if "delta" in p})
+    lines = [
+        "## Privacy: cumulative epsilon per site dataset (record-level DP)",
+        "",
+        f"delta {', '.join(f'{d:g}' for d in deltas) or 'n/a'}; accountant {', '.join(accountants) or 'n/a'}; "
+        "each value composes every round of every run that touched the site's dataset.",
+        "",
+        "| round | " + " | ".join(sites) + " | max across sites |",
+        "|---" * (len(sites) + 2) + "|",
+    ]
+    for r in (r for r in record.rounds if r.server_round > 0):
+        cells, values = [], []
+        for site in sites:
+            entry = r.sites.get(site)
+            epsilon = entry.privacy.get("epsilon") if entry and entry.privacy else None
+            if isinstance(epsilon, (int, float)):
+                values.append(float(epsilon))
+            if entry is None:
+                cells.append("")
+            elif entry.status != "ok":
+                cells.append(entry.status + (f" ({_fmt(epsilon)})" if epsilon is not None else ""))
+            else:
+                cells.append(_fmt(epsilon))
+        lines.append(f"| {r.server_round} | " + " | ".join(cells) + f" | {_fmt(max(values)) if values else 'n/a'} |")
+    declined = sorted({f"{site} (round {r.server_round}: {s.reason})" for r in record.rounds for site, s in r.sites.items() if s.status == "declined"})
+    lines += ["", "Declined: " + ("; ".join(declined) if declined else "none")]
+    return lines
+
+
 def plot_metrics(record: RunRecord, path: Path, metrics: tuple[str, ...] = ("accuracy", "roc-auc", "loss")) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     for ax, metric in zip(axes, metrics):
@@ -74,6 +111,8 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
         *round_table(record),
         "",
         f"![metrics]({PLOT_FILE})",
+        "",
+        *privacy_lines(record),
         "",
     ]
     for section in extra_sections or []:

@@ -36,6 +36,7 @@ class SiteRound:
     reason: str = ""
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,6 +8,7 @@ FedProx, FedAdam, ...) to aggregate.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +59,15 @@ def _numeric_metrics(values: object) -> dict[str, float | int] | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
         return None
     return dict(values)
+
+
+def _privacy_report(report: dict) -> dict:
+    """The site's privacy report from its sealed reply (a JSON object, or empty if absent or malformed)."""
+    try:
+        privacy = json.loads(str(report.get("privacy", "{}")))
+    except json.JSONDecodeError:
+        return {"malformed": True}
+    return privacy if isinstance(privacy, dict) else {"malformed": True}
 
 
 class SiteAwareStrategy(Strategy):
@@ -137,6 +147,8 @@ class SiteAwareStrategy(Strategy):
                 continue
             site = self.record.site_round(server_round, opened.site_id)
             setattr(site, phase, metrics)
+            if phase == "train":
+                site.privacy = _privacy_report(opened.report)
             status = opened.report.get("status")
             if status == STATUS_DECLINED:
                 self._mark(server_round, opened.site_id, STATUS_DECLINED, str(opened.report.get("reason", "")))
