@@ -9,6 +9,8 @@ weights) is sealed to the coordinator and signed with the site's key.
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -29,6 +31,7 @@ from common.protocol import (
     parse_instruction_payload,
 )
 from common.site_config import SiteConfig
+from common.privacy_report import sign_report
 from common.transfer import state_fingerprint
 from common.update_codec import encode_update
 
@@ -96,5 +99,7 @@ def secure_channel(msg: Message, context: Context, call_next: ClientAppCallable)
         kind=REPLY_KINDS[phase],
         base_model=str(signed["base-fingerprint"]),
     )
+    if "privacy" in report:
+        report["privacy"] = sign_report(json.loads(str(report["privacy"])), context.run_id, context_out.server_round, context_out.base_model, identity)
     blob = seal(encode_update(report, tensors), context_out, identity, manifest.coordinator)
     return Message(content=RecordDict({SEALED: ConfigRecord({"site-id": site.site_id, "envelope": blob})}), reply_to=msg)

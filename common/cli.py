@@ -10,13 +10,13 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from common.settings import STRATEGIES, RunSettings
 
-console = Console()
+from common import cli_keys
+from common.console import console
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     scn = commands.add_parser("scenarios", help="list the built-in scenarios", description="List the built-in scenarios and their sites.")
     scn.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files")
     scn.set_defaults(func=_cmd_scenarios)
+
+    for module in (cli_keys,):
+        module.add_commands(commands)
     return parser
 
 

@@ -528,3 +528,12 @@ def envelope_overhead(payload_len: int, context: EnvelopeContext | None = None) 
         "recipient": "0" * 64,
     }
     return _PREFIX.size + len(_canonical(header)) + _BODY_LEN.size + _TAG_LEN + _SIGNATURE_LEN
+
+
+def signed_context(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> EnvelopeContext:
+    """The context a signed statement claims, read WITHOUT checking its signature.
+
+    Only for reporting what a statement says after :func:`verify_instruction` accepted it
+    (for example its exact round); never base a decision on an unverified context.
+    """
+    return _parse(blob, "unknown", max_bytes, instruction=True).context

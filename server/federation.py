@@ -111,6 +111,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         base_model={"path": str(checkpoint), "fingerprint": card.model_fingerprint, "weights_sha256": card.weights_sha256, "source": card.source_description},
         policy=str(policy),
         strategy=settings.strategy,
+        manifest=manifest.to_json(),
     )
     trainable = policy.trainable_state(model)
     limits = UpdateLimits(

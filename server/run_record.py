@@ -37,6 +37,7 @@ class SiteRound:
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    privacy_signed: str = ""
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunRecord:
     rounds: list[RoundRecord] = field(default_factory=list)
     final_checkpoint: str = ""
     finished: str = ""
+    manifest: str = ""
 
     def round(self, server_round: int) -> RoundRecord:
         for record in self.rounds:

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from common.envelope import BROADCAST, EnvelopeContext, EnvelopeError, open_envelope, sign_instruction
 from common.keys import Identity, validate_name
 from common.manifest import Manifest
+from common.privacy_report import ReportInvalid, verify_report
 from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, SEALED, SIGNED_INSTRUCTION, instruction_payload
 from common.transfer import state_fingerprint
 from common.update_codec import UpdateFormatError, decode_update
@@ -84,7 +85,20 @@ class CoordinatorChannel:
             raise ReplyRejected(site_id, f"the sealed report names site {report.get('site-id')!r}")
         if phase == "train" and report.get("status") == "ok":
             self._check_update(site_id, tensors, global_state)
+        if phase == "train":
+            self._check_privacy_report(site_id, report, server_round)
         return OpenedReply(site_id, report, tensors)
+
+    def _check_privacy_report(self, site_id: str, report: dict[str, Any], server_round: int) -> None:
+        """Replace the signed privacy report by its verified content; keep the signature beside it."""
+        signed = report.get("privacy")
+        if not isinstance(signed, str):
+            raise ReplyRejected(site_id, "train reply carries no signed privacy report")
+        try:
+            report["privacy"] = verify_report(signed, self.run_id, server_round, self.base_fingerprint, self.manifest.site(site_id))
+        except ReportInvalid as err:
+            raise ReplyRejected(site_id, str(err)) from err
+        report["privacy-signed"] = signed
 
     def _check_update(self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> None:
         limits = self.limits

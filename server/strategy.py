@@ -8,7 +8,6 @@ FedProx, FedAdam, ...) to aggregate.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,15 +58,6 @@ def _numeric_metrics(values: object) -> dict[str, float | int] | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
         return None
     return dict(values)
-
-
-def _privacy_report(report: dict) -> dict:
-    """The site's privacy report from its sealed reply (a JSON object, or empty if absent or malformed)."""
-    try:
-        privacy = json.loads(str(report.get("privacy", "{}")))
-    except json.JSONDecodeError:
-        return {"malformed": True}
-    return privacy if isinstance(privacy, dict) else {"malformed": True}
 
 
 class SiteAwareStrategy(Strategy):
@@ -148,7 +138,8 @@ class SiteAwareStrategy(Strategy):
             site = self.record.site_round(server_round, opened.site_id)
             setattr(site, phase, metrics)
             if phase == "train":
-                site.privacy = _privacy_report(opened.report)
+                site.privacy = opened.report["privacy"]
+                site.privacy_signed = opened.report["privacy-signed"]
             status = opened.report.get("status")
             if status == STATUS_DECLINED:
                 self._mark(server_round, opened.site_id, STATUS_DECLINED, str(opened.report.get("reason", "")))

@@ -138,6 +138,7 @@ def _instruction(**changes) -> RoundInstruction:
         proximal_mu=0.01,
         seed=42,
         personalise_epochs=1,
+        dp=1,
         sim_root="/tmp/sites",
     )
     values.update(changes)
