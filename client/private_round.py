@@ -30,6 +30,7 @@ from common.transfer import TransferPolicy, state_fingerprint
 log = logging.getLogger(__name__)
 
 NON_PRIVATE_DIR = "non-private-datasets"
+MAX_USEFUL_NOISE = 20.0  # above this noise multiplier an update is noise, not signal: decline instead
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ def train_round(
         plan = guard.plan_run(str(run_id), request, sample_rate, steps)
     except BudgetExhausted as err:
         return _declined(str(err), _budget(guard, site_policy))
+    if plan.noise_multiplier > MAX_USEFUL_NOISE:
+        return _declined(
+            f"the budget left ({plan.settings.cap_epsilon - plan.prior_epsilon:.3g} of cap {plan.settings.cap_epsilon:g}) "
+            f"only allows noise multiplier {plan.noise_multiplier:.3g} for this run, which would drown the update",
+            _budget(guard, site_policy),
+        )
     admission = guard.admit(plan, server_round)
     if not admission.admitted:
         return _declined(admission.reason, _budget(guard, site_policy))

@@ -63,6 +63,10 @@ def _verified_config(msg: Message, context: Context, site: SiteConfig, manifest:
     )
     payload = verify_instruction(blob, expected, manifest.coordinator)
     signed, arrays_fingerprint = parse_instruction_payload(payload)
+    plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
+    if plain != signed:
+        changed = sorted(k for k in set(plain) | set(signed) if plain.get(k) != signed.get(k))
+        raise InstructionRefused(f"site {site.site_id}: instruction fields {changed} differ from what the coordinator signed; refusing it")
     if state_fingerprint(msg.content[ARRAYS].to_torch_state_dict()) != arrays_fingerprint:
         raise InstructionRefused(f"site {site.site_id}: the weights attached are not the ones the coordinator signed")
     round_ = signed.get("server-round")

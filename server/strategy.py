@@ -123,7 +123,9 @@ class SiteAwareStrategy(Strategy):
             try:
                 opened = self.channel.open(msg, phase, server_round, self._global)
             except ReplyRejected as err:
-                self._mark(server_round, err.site, "rejected", f"{phase}: {err.reason}")
+                sender = self._sites_by_node.get(node, f"node-{node}")
+                claim = "" if err.site == sender else f" (claims to be {err.site})"
+                self._mark(server_round, sender, "rejected", f"{phase}{claim}: {err.reason}")
                 continue
             if opened.site_id in seen:
                 self._mark(server_round, opened.site_id, "rejected", f"{phase}: a second reply in one round")

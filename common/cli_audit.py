@@ -1,0 +1,128 @@
+"""``fedtransfer audit``: how much privacy budget each dataset has spent, and is that number right."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from common.audit import (
+    BUDGET_HEADER,
+    DEFAULT_TOLERANCE,
+    EMPIRICAL_HEADER,
+    AuditInputError,
+    AuditReport,
+    budget_rows,
+    empirical_rows,
+    run_audit,
+    write_plot,
+    write_report,
+)
+from common.console import console
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, justify="left" if column in ("site", "dataset", "status", "run", "verdict") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _print(report: AuditReport) -> None:
+    if report.budgets:
+        console.print(_table("Privacy budget per site and dataset (cumulative over all runs)", BUDGET_HEADER, budget_rows(report)))
+    if report.empirical:
+        console.print(_table("Empirical one-run canary audit (Steinke, Nasr, Jagielski 2023)", EMPIRICAL_HEADER, empirical_rows(report)))
+    for finding in report.findings:
+        style = _STYLE[finding.severity]
+        console.print(f"[{style}]{finding.severity.upper()}[/{style}] {finding.where}: {finding.message}", highlight=False)
+    recomputed = len(report.recomputed)
+    console.print(f"{recomputed} epsilon value(s) recomputed independently ({report.method}); tolerance {report.tolerance:g} relative.")
+    if report.passed:
+        console.print("[bold green]AUDIT PASSED[/bold green]")
+    else:
+        console.print(f"[bold red]AUDIT FAILED: {len(report.failures())} failure(s)[/bold red]")
+
+
+def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
+    from common.canary_audit import CanaryConfig, run_canary_audit
+
+    config = CanaryConfig(canaries=args.canaries, seed=args.seed, target_epsilon=args.audit_epsilon)
+    if not args.json:
+        console.print(f"Empirical audit: training a twin model twice with {config.canaries} canaries through the site's DP-SGD code...")
+    audit = run_canary_audit(config)
+    for run in (audit.honest, audit.control):
+        report.empirical.append(run.to_dict())
+    report.add("info" if audit.passed else "fail", "empirical audit", audit.explanation())
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    if not args.paths and not args.empirical:
+        console.print("[red]fedtransfer audit: give site state directories and/or coordinator run directories, or --empirical[/red]")
+        return EXIT_USAGE
+    if args.report and Path(args.report).suffix.lower() not in (".md", ".html", ".htm"):
+        console.print(f"[red]--report {args.report}: the report must end in .md or .html[/red]")
+        return EXIT_USAGE
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
+    try:
+        report = run_audit(
+            [Path(p) for p in args.paths], tolerance=args.tolerance, method=args.method,
+            coordinator_fingerprint=args.coordinator_fingerprint,
+        ) if args.paths else AuditReport(inputs=[], tolerance=args.tolerance, method=args.method or "matching")
+    except (AuditInputError, ValueError) as exc:
+        console.print(f"[red]fedtransfer audit: {exc}[/red]")
+        return EXIT_USAGE
+    if args.empirical:
+        from common.canary_audit import CanaryAuditError
+
+        try:
+            _empirical(args, report)
+        except CanaryAuditError as exc:
+            console.print(f"[red]fedtransfer audit --empirical: {exc}[/red]")
+            return EXIT_USAGE
+    if args.report:
+        write_report(report, Path(args.report))
+    if args.plot:
+        write_plot(report, Path(args.plot))
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    else:
+        _print(report)
+        for written in (args.report, args.plot):
+            if written:
+                console.print(f"Wrote {written}")
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser(
+        "audit",
+        help="verify every dataset's privacy spend from site ledgers and coordinator runs",
+        description=(
+            "Verify site privacy ledgers (hash chain, entry format), the sites' signed privacy "
+            "reports in coordinator run records, and that both agree; recompute every epsilon "
+            "with Google's dp-accounting; show spent, cap, remaining and rounds left per site "
+            "and dataset. Exit status 1 if anything fails verification or exceeds a cap."
+        ),
+    )
+    audit.add_argument("paths", nargs="*", help="site state directories (or site folders holding state/) and coordinator run directories (or their run-record.json)")
+    audit.add_argument("--json", action="store_true", help="print the audit as JSON instead of tables")
+    audit.add_argument("--report", default="", help="also write a report: PATH.md (Markdown) or PATH.html")
+    audit.add_argument("--plot", default="", help="also write PATH.png: cumulative epsilon per site over rounds and runs, caps dashed")
+    audit.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative gap allowed between a claimed and the recomputed epsilon, at least 0.02 absolute (default: %(default)s)")
+    audit.add_argument("--method", choices=("pld", "rdp"), default=None, help="independent accountant; default: PLD for PRV ledgers, RDP for RDP ledgers")
+    audit.add_argument("--coordinator-fingerprint", default=None, help="the coordinator's key fingerprint, received out of band, to authenticate run manifests")
+    audit.add_argument("--empirical", action="store_true", help="also run the one-run canary audit of the DP training code, with a noise-off control")
+    audit.add_argument("--canaries", type=int, default=1000, help="canaries in the empirical audit (default: %(default)s)")
+    audit.add_argument("--audit-epsilon", type=float, default=2.0, help="epsilon the empirical audit's twin run is calibrated to (default: %(default)s)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of the empirical audit's twin (default: %(default)s)")
+    audit.set_defaults(func=_cmd_audit)

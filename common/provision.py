@@ -1,0 +1,543 @@
+"""Provisioning kits for a deployed federation: one for the coordinator, one per site.
+
+A kit is a folder to copy to one machine. It holds everything that machine needs to
+take part, and no private key that belongs to another machine::
+
+    OUT/ca/                      the certificate authority (ca.key: keep it offline)
+    OUT/coordinator/             the SuperLink and ServerApp machine
+        tls/ca.pem  tls/superlink.pem  tls/superlink.key
+        keys/coordinator.{enc,sign}.key  keys/coordinator.pub.json
+        manifest.json            the coordinator-signed list of sites
+        supernode-keys/SITE.pub  the sites' Flower authentication keys, to register
+        flower-home/config.toml  Flower's connection to the SuperLink (FLWR_HOME)
+        start-superlink.sh  register-supernodes.sh  run.sh
+        kit.json
+    OUT/sites/SITE/              one data site
+        tls/ca.pem
+        flower/supernode-auth.key  flower/supernode-auth.pub
+        keys/SITE.{enc,sign}.key  keys/SITE.pub.json
+        manifest.json  site.toml  state/privacy-policy.toml  data/
+        start-supernode.sh
+        kit.json
+
+Every path written into a kit is absolute: it is where the kit will live on its machine
+(``install_root/coordinator`` and ``install_root/SITE``, or where it was written when no
+install root is given). Running ``provision`` again on the same ``OUT`` adds sites to the
+federation: the CA, the SuperLink certificate, the coordinator's keys and the existing
+sites' kits stay valid; the manifest is signed again with the new sites in it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shlex
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.keys import Identity, PublicIdentity, read_identity, validate_name, write_identity, write_public_file
+from common.manifest import Manifest, read_manifest, sign_manifest, write_manifest
+from common.simulated_sites import COORDINATOR_NAME, MANIFEST_FILE
+from common.site_config import SITE_CONFIG_FILE, SiteConfig
+from common.site_policy import SitePolicy, write_policy
+
+logger = logging.getLogger(__name__)
+
+KIT_FILE = "kit.json"
+KIT_FORMAT = "fedtransfer-kit"
+CA_DIR = "ca"
+COORDINATOR_KIT = "coordinator"
+SITES_DIR = "sites"
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SUPERLINK_CERT = "superlink.pem"
+SUPERLINK_KEY = "superlink.key"
+AUTH_KEY = "supernode-auth.key"
+AUTH_PUB = "supernode-auth.pub"
+FLOWER_HOME = "flower-home"
+SUPERLINK_SCRIPT = "start-superlink.sh"
+REGISTER_SCRIPT = "register-supernodes.sh"
+RUN_SCRIPT = "run.sh"
+SUPERNODE_SCRIPT = "start-supernode.sh"
+POLICY_FILE = "privacy-policy.toml"
+DEFAULT_RUNTIME_PORT = 9094
+CA_DAYS = 3650
+SERVER_CERT_DAYS = 825
+RESERVED_NAMES = (COORDINATOR_KIT, CA_DIR, SITES_DIR)
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+class ProvisionError(Exception):
+    """The federation cannot be provisioned as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A ``host:port`` that SuperNodes dial; IPv6 hosts are written ``[::1]:8000``."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Endpoint":
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ProvisionError(f"SuperLink address {text!r} must be HOST:PORT, e.g. coordinator.example.org:8000")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        return cls(host, int(port))
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+LOOPBACK_ENDPOINTS = (Endpoint("127.0.0.1", 0), Endpoint("::1", 0), Endpoint("localhost", 0))
+
+
+@dataclass(frozen=True)
+class KitInfo:
+    """``kit.json``: what a kit is for and where it must live. It holds no secret."""
+
+    federation: str
+    role: str
+    name: str
+    install_dir: str
+    superlink_address: str
+    coordinator_fingerprint: str
+    runtime_port: int = 0
+    created: str = ""
+    format: str = KIT_FORMAT
+
+    def write(self, directory: Path) -> None:
+        write_public_file(directory / KIT_FILE, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "KitInfo":
+        path = Path(directory) / KIT_FILE
+        if not path.is_file():
+            raise ProvisionError(f"{directory} is not a fedtransfer kit: {KIT_FILE} is missing")
+        try:
+            raw = json.loads(path.read_text())
+            info = cls(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ProvisionError(f"{path} is damaged ({err}); ask the coordinator for a fresh kit") from err
+        if info.format != KIT_FORMAT or info.role not in ("coordinator", "site"):
+            raise ProvisionError(f"{path} is not a fedtransfer kit description")
+        return info
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """The federation's private CA: it signs the SuperLink's TLS certificate."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def generate(cls, federation: str, days: int = CA_DAYS) -> "CertificateAuthority":
+        key = ec.generate_private_key(ec.SECP384R1())
+        name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtransfer"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"fedtransfer CA for federation {federation}"),
+        ])
+        now = datetime.now(timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA384())
+        )
+        return cls(certificate, key)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> "CertificateAuthority":
+        try:
+            certificate = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+            key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        except FileNotFoundError as err:
+            raise ProvisionError(f"CA file {err.filename} not found") from err
+        except (ValueError, TypeError) as err:
+            raise ProvisionError(f"cannot use the CA {cert_path} / {key_path}: {err} (an unencrypted PEM EC key is needed)") from err
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ProvisionError(f"CA key {key_path} is not an EC key")
+        if certificate.public_key().public_numbers() != key.public_key().public_numbers():
+            raise ProvisionError(f"CA key {key_path} does not belong to the certificate {cert_path}")
+        try:
+            if not certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                raise ProvisionError(f"{cert_path} is not a CA certificate (BasicConstraints ca=false)")
+        except x509.ExtensionNotFound:
+            raise ProvisionError(f"{cert_path} is not a CA certificate (no BasicConstraints)") from None
+        return cls(certificate, key)
+
+    def issue_server_certificate(self, endpoints: list[Endpoint], days: int = SERVER_CERT_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """A TLS server certificate with a SAN for every address the SuperLink is dialled at.
+
+        Loopback names are always included: the SuperLink's own SuperExec (which starts the
+        ServerApp) dials it at 127.0.0.1 (or ::1) even when it listens on 0.0.0.0, and checks
+        the certificate against the CA like any other client.
+        """
+        key = ec.generate_private_key(ec.SECP384R1())
+        names: list[x509.GeneralName] = []
+        for endpoint in [*endpoints, *LOOPBACK_ENDPOINTS]:
+            entry: x509.GeneralName = x509.IPAddress(endpoint.ip) if endpoint.ip else x509.DNSName(endpoint.host)
+            if entry not in names:
+                names.append(entry)
+        now = datetime.now(timezone.utc)
+        not_after = min(now + timedelta(days=days), self.certificate.not_valid_after_utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, endpoints[0].host)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA384())
+        )
+        return certificate, key
+
+
+def certificate_pem(certificate: x509.Certificate) -> str:
+    return certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def supernode_auth_keypair() -> tuple[bytes, bytes]:
+    """A SuperNode authentication key pair (EC P-384) in OpenSSH format: (private, public)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` 0600 (never replacing an existing file: private keys are not overwritten)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as err:
+        raise ProvisionError(f"{path} already exists; refusing to overwrite a private key") from err
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_script(path: Path, lines: list[str]) -> None:
+    write_public_file(path, "\n".join(["#!/bin/sh", *lines]) + "\n")
+    os.chmod(path, 0o755)
+
+
+def _flower_env_lines(flwr_home: Path) -> list[str]:
+    env = " ".join(f"{k}={v}" for k, v in FLOWER_ENV.items())
+    return [f"export FLWR_HOME={shlex.quote(str(flwr_home))} {env}"]
+
+
+def flower_connection_toml(federation: str, address: Endpoint, ca_path: Path) -> str:
+    """``$FLWR_HOME/config.toml``: the named connection to the federation's SuperLink."""
+    return (
+        "# Flower connection for fedtransfer federation " + json.dumps(federation) + "\n"
+        "[superlink]\n"
+        f"default = {json.dumps(federation)}\n\n"
+        f"[superlink.{json.dumps(federation)}]\n"
+        f"address = {json.dumps(str(address))}\n"
+        f"root-certificates = {json.dumps(str(ca_path))}\n"
+    )
+
+
+def default_app_dir() -> Path | None:
+    """The fedtransfer Flower App (the repository root) if this installation runs from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.is_file() and "[tool.flwr.app" in pyproject.read_text() else None
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    """What to provision. ``superlink_addresses[0]`` is the address sites dial."""
+
+    federation: str
+    sites: list[str]
+    superlink_addresses: list[Endpoint]
+    out: Path
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    install_root: Path | None = None
+    runtime_ports: dict[str, int] = field(default_factory=dict)
+    app_dir: Path | None = None
+    policy: SitePolicy = field(default_factory=lambda: SitePolicy(max_epsilon=10.0, delta=1e-5))
+    min_sites: int = 0
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """Where the kits are and what the operators must exchange out of band."""
+
+    federation: str
+    coordinator_kit: Path
+    site_kits: dict[str, Path]
+    coordinator_fingerprint: str
+    ca_dir: Path | None
+    added_sites: list[str]
+    extended: bool = False
+
+
+def _validate(request: ProvisionRequest) -> None:
+    try:
+        validate_name(request.federation)
+    except ValueError as err:
+        raise ProvisionError(f"federation name: {err}") from None
+    if not request.sites:
+        raise ProvisionError("name at least one site with --sites")
+    for site in request.sites:
+        try:
+            validate_name(site)
+        except ValueError as err:
+            raise ProvisionError(f"site name: {err}") from None
+        if site in RESERVED_NAMES:
+            raise ProvisionError(f"site name {site!r} is reserved; choose another")
+    if len(set(request.sites)) != len(request.sites):
+        raise ProvisionError("a site is listed twice in --sites")
+    if not request.superlink_addresses:
+        raise ProvisionError("give the SuperLink address the sites dial, e.g. --superlink-address coordinator.example.org:8000")
+    if (request.ca_cert is None) != (request.ca_key is None):
+        raise ProvisionError("give both --ca-cert and --ca-key, or neither")
+
+
+def _install_dir(request: ProvisionRequest, generated: Path, name: str) -> Path:
+    return (request.install_root / name) if request.install_root else generated.resolve()
+
+
+def provision(request: ProvisionRequest) -> ProvisionResult:
+    """Write the coordinator's kit and one kit per site; add sites if ``out`` already holds a federation."""
+    _validate(request)
+    out = Path(request.out)
+    coordinator_dir = out / COORDINATOR_KIT
+    if (coordinator_dir / KIT_FILE).exists():
+        return _add_sites(request, coordinator_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ProvisionError(f"{out} exists and is not empty; choose a new directory (or an existing kit directory to add sites)")
+    out.mkdir(parents=True, exist_ok=True)
+    ca_dir: Path | None = None
+    if request.ca_cert is not None and request.ca_key is not None:
+        ca = CertificateAuthority.load(request.ca_cert, request.ca_key)
+    else:
+        ca = CertificateAuthority.generate(request.federation)
+        ca_dir = out / CA_DIR
+        ca_dir.mkdir(mode=0o700)
+        write_private_file(ca_dir / CA_KEY, private_key_pem(ca.key))
+        write_public_file(ca_dir / CA_CERT, certificate_pem(ca.certificate))
+    coordinator = Identity.generate(COORDINATOR_NAME)
+    _write_coordinator_kit(request, coordinator_dir, ca, coordinator)
+    site_kits, manifest = _write_sites(request, out, ca.certificate, coordinator, [], request.sites)
+    _finish_coordinator_kit(request, coordinator_dir, manifest)
+    logger.info("provisioned federation %s: coordinator kit %s, %d site kits", request.federation, coordinator_dir, len(site_kits))
+    return ProvisionResult(request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), ca_dir, list(request.sites))
+
+
+def _add_sites(request: ProvisionRequest, coordinator_dir: Path) -> ProvisionResult:
+    info = KitInfo.load(coordinator_dir)
+    if info.federation != request.federation:
+        raise ProvisionError(f"{request.out} holds federation {info.federation!r}, not {request.federation!r}")
+    installed = Path(info.install_dir)
+    request = replace(request, install_root=None if installed == coordinator_dir.resolve() else installed.parent)
+    coordinator = read_identity(coordinator_dir / "keys", COORDINATOR_NAME)
+    manifest = read_manifest(coordinator_dir / MANIFEST_FILE, coordinator.public().fingerprint())
+    clash = sorted(set(request.sites) & set(manifest.sites))
+    if clash:
+        raise ProvisionError(
+            f"site(s) {', '.join(clash)} are already in federation {request.federation!r}; to replace a site's keys, "
+            "revoke it first (see docs/deployment.md)"
+        )
+    ca_certificate = x509.load_pem_x509_certificate((coordinator_dir / "tls" / CA_CERT).read_bytes())
+    site_kits, new_manifest = _write_sites(request, Path(request.out), ca_certificate, coordinator, list(manifest.sites.values()), request.sites)
+    _finish_coordinator_kit(request, coordinator_dir, new_manifest)
+    logger.info("added %s to federation %s", ", ".join(request.sites), request.federation)
+    return ProvisionResult(request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), None, list(request.sites), extended=True)
+
+
+def _write_coordinator_kit(request: ProvisionRequest, kit: Path, ca: CertificateAuthority, coordinator: Identity) -> None:
+    install = _install_dir(request, kit, COORDINATOR_KIT)
+    tls = kit / "tls"
+    tls.mkdir(parents=True, mode=0o700)
+    certificate, key = ca.issue_server_certificate(request.superlink_addresses)
+    write_public_file(tls / CA_CERT, certificate_pem(ca.certificate))
+    write_public_file(tls / SUPERLINK_CERT, certificate_pem(certificate))
+    write_private_file(tls / SUPERLINK_KEY, private_key_pem(key))
+    write_identity(coordinator, kit / "keys")
+    (kit / "state").mkdir(mode=0o700)
+    (kit / "runs").mkdir(mode=0o700)
+    (kit / FLOWER_HOME).mkdir(mode=0o700)
+    address = request.superlink_addresses[0]
+    write_public_file(kit / FLOWER_HOME / "config.toml", flower_connection_toml(request.federation, address, install / "tls" / CA_CERT))
+    listen = "127.0.0.1" if address.ip is not None and address.ip.is_loopback else "0.0.0.0"
+    flower_home = install / FLOWER_HOME
+    _write_script(kit / SUPERLINK_SCRIPT, [
+        f"# SuperLink of fedtransfer federation {request.federation}: TLS, SuperNode authentication, state on disk.",
+        f"# Sites dial {address}; open TCP port {address.port} to them (and only that port).",
+        "set -eu",
+        *_flower_env_lines(flower_home),
+        "exec flower-superlink \\",
+        f"  --ssl-ca-certfile {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
+        f"  --ssl-certfile {shlex.quote(str(install / 'tls' / SUPERLINK_CERT))} \\",
+        f"  --ssl-keyfile {shlex.quote(str(install / 'tls' / SUPERLINK_KEY))} \\",
+        "  --enable-supernode-auth \\",
+        f"  --database {shlex.quote(str(install / 'state' / 'superlink.db'))} \\",
+        "  --disable-runtime-dependency-installation \\",
+        f"  --host {listen} --port {address.port}",
+    ])
+    KitInfo(request.federation, "coordinator", COORDINATOR_NAME, str(install), str(address),
+            coordinator.public().fingerprint(), created=_now()).write(kit)
+
+
+def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Manifest) -> None:
+    """The manifest, the keys to register and the run script: everything that lists the sites."""
+    info = KitInfo.load(kit)
+    install = Path(info.install_dir)
+    write_manifest(manifest, kit / MANIFEST_FILE)
+    flower_home = install / FLOWER_HOME
+    register = [
+        f"# Register the sites' SuperNode keys with the SuperLink of federation {request.federation} (run once, SuperLink up).",
+        "# flwr supernode ls shows them; flwr supernode unregister NODE_ID revokes one.",
+        "set -eu",
+        *_flower_env_lines(flower_home),
+    ]
+    for site in sorted(manifest.sites):
+        key = install / "supernode-keys" / f"{site}.pub"
+        register.append(f"flwr supernode register {shlex.quote(str(key))} {shlex.quote(request.federation)} --name {shlex.quote(site)} \"$@\"")
+    _write_script(kit / REGISTER_SCRIPT, register)
+    sites = len(manifest.sites)
+    min_sites = request.min_sites or min(2, sites)
+    app = request.app_dir or default_app_dir()
+    app_line = f"APP=${{FEDTRANSFER_APP:-{shlex.quote(str(app))}}}" if app else 'APP=${FEDTRANSFER_APP:?set FEDTRANSFER_APP to the fedtransfer checkout (the Flower App)}'
+    run_config = " ".join([
+        f"coordinator-keys={json.dumps(str(install / 'keys'))}",
+        f"manifest={json.dumps(str(install / MANIFEST_FILE))}",
+        'sim-root=""',
+        f"expected-sites={sites}",
+        f"min-sites={min_sites}",
+    ])
+    _write_script(kit / RUN_SCRIPT, [
+        f"# Start a run of federation {request.federation} on its {sites} sites; the ServerApp runs on the SuperLink machine.",
+        "# Extra arguments go to flwr run, e.g. --run-config 'num-server-rounds=5 checkpoint=\"/srv/models/base\"'.",
+        "# flwr run exits 0 even when the run fails: check flwr ls --run-id ID --format json.",
+        "set -eu",
+        *_flower_env_lines(flower_home),
+        app_line,
+        f"OUT={shlex.quote(str(install / 'runs'))}/$(date -u +%Y%m%dT%H%M%SZ)",
+        f"exec flwr run \"$APP\" {shlex.quote(request.federation)} \\",
+        f"  --run-config {shlex.quote(run_config)} \\",
+        "  --run-config \"out=\\\"$OUT\\\"\" \"$@\"",
+    ])
+
+
+def _write_sites(request: ProvisionRequest, out: Path, ca_certificate: x509.Certificate, coordinator: Identity,
+                 existing: list[PublicIdentity], new_sites: list[str]) -> tuple[dict[str, Path], Manifest]:
+    identities = {site: Identity.generate(site) for site in new_sites}
+    manifest = sign_manifest(request.federation, coordinator, existing + [i.public() for i in identities.values()])
+    coordinator_dir = out / COORDINATOR_KIT
+    info = KitInfo.load(coordinator_dir)
+    address = Endpoint.parse(info.superlink_address)
+    kits: dict[str, Path] = {}
+    ordered = sorted(manifest.sites)
+    for site, identity in identities.items():
+        kit = out / SITES_DIR / site
+        if kit.exists():
+            raise ProvisionError(f"{kit} already exists; move it away before provisioning site {site!r} again")
+        kit.mkdir(parents=True, mode=0o700)
+        install = _install_dir(request, kit, site)
+        port = request.runtime_ports.get(site, DEFAULT_RUNTIME_PORT + ordered.index(site))
+        write_public_file_in(kit / "tls", CA_CERT, certificate_pem(ca_certificate))
+        auth_private, auth_public = supernode_auth_keypair()
+        write_private_file(kit / "flower" / AUTH_KEY, auth_private)
+        write_public_file(kit / "flower" / AUTH_PUB, auth_public.decode("ascii"))
+        write_public_file_in(coordinator_dir / "supernode-keys", f"{site}.pub", auth_public.decode("ascii"))
+        write_identity(identity, kit / "keys")
+        write_manifest(manifest, kit / MANIFEST_FILE)
+        (kit / "data").mkdir(mode=0o700)
+        (kit / "state").mkdir(mode=0o700)
+        (kit / FLOWER_HOME).mkdir(mode=0o700)
+        config = SiteConfig(
+            site_id=site,
+            data_path=install / "data",
+            state_dir=install / "state",
+            keys_dir=install / "keys",
+            manifest=install / MANIFEST_FILE,
+            coordinator_fingerprint=coordinator.public().fingerprint(),
+            privacy_policy=install / "state" / POLICY_FILE,
+        )
+        write_policy(request.policy, kit / "state" / POLICY_FILE)
+        write_public_file(kit / SITE_CONFIG_FILE, config.to_toml())
+        node_config = f"site-config={json.dumps(str(install / SITE_CONFIG_FILE))}"
+        _write_script(kit / SUPERNODE_SCRIPT, [
+            f"# SuperNode of site {site} in fedtransfer federation {request.federation}.",
+            f"# It dials the SuperLink at {address} (outbound HTTPS only); its local runtime port {port} stays on 127.0.0.1.",
+            "set -eu",
+            *_flower_env_lines(install / FLOWER_HOME),
+            "exec flower-supernode \\",
+            f"  --superlink {shlex.quote(str(address))} \\",
+            f"  --root-certificates {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
+            f"  --auth-supernode-private-key {shlex.quote(str(install / 'flower' / AUTH_KEY))} \\",
+            f"  --node-config {shlex.quote(node_config)} \\",
+            f"  --port {port}",
+        ])
+        KitInfo(request.federation, "site", site, str(install), str(address),
+                coordinator.public().fingerprint(), runtime_port=port, created=_now()).write(kit)
+        kits[site] = kit
+    return kits, manifest
+
+
+def write_public_file_in(directory: Path, name: str, text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+    write_public_file(directory / name, text)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+

@@ -1,0 +1,327 @@
+"""The cost of the encrypted, signed channel: throughput, share of a round, bytes on the wire.
+
+1. Seal and open throughput (MB/s = 10^6 payload bytes per second) of ``common/envelope.py``
+   on reply payloads built by ``encode_update`` from real trainable tensors: each offline
+   scenario's default-policy update, and a bulk update of a wide model from the zoo.
+2. The share of a round's wall time spent on crypto: real local DP rounds of the wdbc
+   site (``client/private_round.py train_round``: budget guard, Opacus, ledger) against the
+   signing, verifying, sealing and opening that round needs, on both ends.
+3. Uplink bytes: the sealed reply against Flower's plain ArrayRecord of the same tensors,
+   and against sending the full model (see ``payloads``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client.dp_training import dp_train
+from client.fine_tune import train_config
+from client.local_data import Features
+from client.private_round import train_round
+from common.envelope import BROADCAST, EnvelopeContext, open_envelope, seal, sign_instruction, verify_instruction
+from common.keys import read_identity
+from common.models import FedModel, build_model
+from common.privacy_report import sign_report, verify_report
+from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, STATUS_OK, RoundInstruction, instruction_payload, parse_instruction_payload, site_status
+from common.scenarios import Scenario, load_scenario
+from common.settings import RunSettings
+from common.simulated_sites import materialize_sites, simulated_policy
+from common.site_data import dataset_fingerprint
+from common.site_policy import PrivacyRequest
+from common.training import TrainConfig, as_tensors, compute_features, use_one_torch_thread
+from common.transfer import TransferPolicy, state_fingerprint
+from common.update_codec import decode_update, encode_update
+from simulations.benchmarks.payloads import (
+    TRAFFIC_HEADERS,
+    Parties,
+    PolicyTraffic,
+    policy_traffic,
+    reply_context,
+    scenario_model,
+    traffic_notes,
+    traffic_rows,
+    valid_policies,
+)
+from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, timed, write_result
+
+logger = logging.getLogger(__name__)
+
+NAME = "crypto"
+THROUGHPUT_SCENARIOS = ("wdbc", "synthetic-imaging")
+TRAFFIC_POLICIES = ("head", "last:1", "full")
+BULK_HIDDEN = (1024, 1024)
+QUICK_BULK_HIDDEN = (128, 128)
+ROUND_SCENARIO = "wdbc"
+CRYPTO_STEPS = ("sign instruction", "verify instruction", "sign privacy report", "seal reply", "open reply", "verify privacy report")
+CODEC_STEPS = ("encode reply", "decode reply")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Seal and open of one payload: median milliseconds and MB/s of payload."""
+
+    payload: str
+    payload_bytes: int
+    envelope_bytes: int
+    repetitions: int
+    seal_ms: float
+    open_ms: float
+    seal_mb_s: float
+    open_mb_s: float
+    seal_open_mb_s: float
+
+
+@dataclass(frozen=True)
+class RoundShare:
+    """Median seconds of a real local DP round and of the crypto work around it."""
+
+    scenario: str
+    site: str
+    policy: str
+    accountant: str
+    rounds_timed: int
+    first_round_seconds: float
+    round_seconds: float
+    dp_train_seconds: float
+    crypto_seconds: float
+    crypto_share: float
+    crypto_share_of_dp_train: float
+    reply_payload_bytes: int
+    reply_envelope_bytes: int
+    step_ms: dict[str, float]
+
+
+def _median_ms(action: Callable[[], object], repetitions: int) -> float:
+    return 1000 * statistics.median(timed(action) for _ in range(repetitions))
+
+
+def _repetitions(action: Callable[[], object], budget_seconds: float) -> int:
+    first = max(timed(action), 1e-6)
+    return int(min(200, max(3, budget_seconds / first)))
+
+
+def measure_throughput(label: str, tensors: dict[str, torch.Tensor], site_id: str, budget_seconds: float) -> Throughput:
+    """Time seal and open of the reply payload holding ``tensors``."""
+    parties = Parties.generate(site_id)
+    context = reply_context(site_id, state_fingerprint(tensors))
+    payload = encode_update(site_status(site_id), tensors)
+    recipient = parties.coordinator.public()
+    sites = {site_id: parties.site.public()}
+    envelope = seal(payload, context, parties.site, recipient)
+    repetitions = _repetitions(lambda: seal(payload, context, parties.site, recipient), budget_seconds)
+    seal_ms = _median_ms(lambda: seal(payload, context, parties.site, recipient), repetitions)
+    open_ms = _median_ms(lambda: open_envelope(envelope, context, parties.coordinator, sites), repetitions)
+    megabytes = len(payload) / 1e6
+    return Throughput(
+        payload=label,
+        payload_bytes=len(payload),
+        envelope_bytes=len(envelope),
+        repetitions=repetitions,
+        seal_ms=seal_ms,
+        open_ms=open_ms,
+        seal_mb_s=megabytes / (seal_ms / 1000),
+        open_mb_s=megabytes / (open_ms / 1000),
+        seal_open_mb_s=megabytes / ((seal_ms + open_ms) / 1000),
+    )
+
+
+def _throughputs(quick: bool, seed: int) -> list[Throughput]:
+    budget = 0.05 if quick else 0.5
+    results = []
+    for name in THROUGHPUT_SCENARIOS:
+        scenario = load_scenario(name, seed=seed)
+        tensors = TransferPolicy.parse(scenario.policy).trainable_state(scenario_model(scenario, seed))
+        results.append(measure_throughput(f"{name} {scenario.policy} update", tensors, scenario.sites[0].name, budget))
+    hidden = QUICK_BULK_HIDDEN if quick else BULK_HIDDEN
+    torch.manual_seed(seed)
+    wide = build_model("mlp", (30,), 2, {"hidden": list(hidden)})
+    label = f"bulk: mlp {'x'.join(map(str, hidden))}, full"
+    results.append(measure_throughput(label, TransferPolicy("full").trainable_state(wide), "hospital-a", budget))
+    return results
+
+
+def _features(scenario: Scenario, model: FedModel, policy: TransferPolicy) -> Features:
+    site = scenario.sites[0]
+    frozen, _ = policy.split(model)
+    train_x, train_y = as_tensors(site.train.x, site.train.y)
+    test_x, test_y = as_tensors(site.test.x, site.test.y)
+    return Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
+
+
+def _dp_train_alone(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig, max_grad_norm: float, seed: int) -> None:
+    _, trainable = policy.split(copy.deepcopy(model))
+    dp_train(trainable, features.train_x, features.train_y, config, 1.0, max_grad_norm, [], "prv", noise_seed=seed)
+
+
+def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> RoundShare:
+    """Real local DP rounds of the wdbc site, each wrapped in the crypto work of a round.
+
+    The first round calibrates the run's noise (once per run) and is reported apart; the
+    medians are over the ``rounds`` that follow (over the first round if ``rounds`` is 0, the
+    quick variant). ``dp_train`` alone is timed beside each round on a copy of the model, to
+    show what the round costs beyond DP-SGD itself.
+    """
+    scenario = load_scenario(ROUND_SCENARIO, seed=seed)
+    settings = RunSettings()
+    policy = TransferPolicy.parse(scenario.policy)
+    model = scenario_model(scenario, seed)
+    policy.apply(model)
+    base = state_fingerprint(model.state_dict())
+    run_id = 7_000_000 + seed
+    total = rounds + 1
+    first_timed = 2 if rounds > 0 else 1
+    samples: dict[str, list[float]] = {step: [] for step in (*CRYPTO_STEPS, *CODEC_STEPS, "round", "dp_train")}
+    first_round = 0.0
+    sizes = (0, 0)
+    site_policy = replace(simulated_policy(allow_non_private=False), accountant=accountant)
+    with tempfile.TemporaryDirectory(prefix="fedtransfer-bench-") as root:
+        federation = materialize_sites(scenario, Path(root), "bench", site_policy)
+        site = federation.sites[0]
+        identity = read_identity(site.keys_dir, site.site_id)
+        coordinator, manifest = federation.coordinator, federation.manifest
+        features = _features(scenario, model, policy)
+        dataset_id = dataset_fingerprint(site.data_path)
+        request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, total)
+        for server_round in range(1, total + 1):
+            clock: dict[str, float] = {}
+
+            def step(name: str, action: Callable[[], Any]) -> Any:
+                start = time.perf_counter()
+                value = action()
+                clock[name] = time.perf_counter() - start
+                return value
+
+            instruction = RoundInstruction(
+                server_round=server_round, num_rounds=total, policy=str(policy), base_fingerprint=base,
+                frozen_fingerprint=state_fingerprint(policy.frozen_state(model)), local_epochs=settings.local_epochs,
+                batch_size=settings.batch_size, lr=settings.lr, optimizer=settings.optimizer, proximal_mu=0.0, seed=seed,
+                personalise_epochs=0, dp=1,
+            )
+            config = instruction.to_config() | request.to_config()
+            downlink = EnvelopeContext(run_id, server_round, BROADCAST, INSTRUCTION_KINDS["train"], base)
+            blob = step("sign instruction", lambda: sign_instruction(
+                instruction_payload(config, state_fingerprint(policy.trainable_state(model))), downlink, coordinator))
+            expected_in = EnvelopeContext(run_id, server_round, site.site_id, INSTRUCTION_KINDS["train"], base)
+
+            def verify() -> None:
+                _, arrays = parse_instruction_payload(verify_instruction(blob, expected_in, manifest.coordinator))
+                if arrays != state_fingerprint(policy.trainable_state(model)):
+                    raise RuntimeError("benchmark instruction does not match its weights")
+
+            step("verify instruction", verify)
+            outcome = step("round", lambda: train_round(
+                site, dataset_id, model, policy, features, train_config(instruction), config, dp_requested=True,
+                run_id=run_id, server_round=server_round, noise_seed=seed * 1_000_003 + server_round))
+            if outcome.status != STATUS_OK:
+                raise RuntimeError(f"the benchmark site declined round {server_round}: {outcome.reason}")
+            step("dp_train", lambda: _dp_train_alone(model, policy, features, train_config(instruction), settings.max_grad_norm, seed))
+            signed = step("sign privacy report", lambda: sign_report(outcome.privacy, run_id, server_round, base, identity))
+            report = {**site_status(site.site_id, outcome.status, outcome.reason), "privacy": signed,
+                      "metrics": {"num-examples": len(features.train_y), "train-loss": outcome.mean_loss, "steps": outcome.steps}}
+            payload = step("encode reply", lambda: encode_update(report, policy.trainable_state(model)))
+            uplink = EnvelopeContext(run_id, server_round, site.site_id, REPLY_KINDS["train"], base)
+            envelope = step("seal reply", lambda: seal(payload, uplink, identity, manifest.coordinator))
+            sizes = (len(payload), len(envelope))
+            opened = step("open reply", lambda: open_envelope(envelope, uplink, coordinator, manifest.sites))
+            received, _ = step("decode reply", lambda: decode_update(opened))
+            step("verify privacy report", lambda: verify_report(received["privacy"], run_id, server_round, base, manifest.site(site.site_id)))
+            if server_round == 1:
+                first_round = clock["round"]
+            if server_round >= first_timed:
+                for name, seconds in clock.items():
+                    samples[name].append(seconds)
+    crypto_per_round = [sum(samples[s][i] for s in CRYPTO_STEPS) for i in range(len(samples["round"]))]
+    shares = [c / (c + r) for c, r in zip(crypto_per_round, samples["round"])]
+    training_shares = [c / (c + t) for c, t in zip(crypto_per_round, samples["dp_train"])]
+    share = RoundShare(
+        scenario=scenario.name,
+        site=site.site_id,
+        policy=str(policy),
+        accountant=accountant,
+        rounds_timed=len(samples["round"]),
+        first_round_seconds=first_round,
+        round_seconds=statistics.median(samples["round"]),
+        dp_train_seconds=statistics.median(samples["dp_train"]),
+        crypto_seconds=statistics.median(crypto_per_round),
+        crypto_share=statistics.median(shares),
+        crypto_share_of_dp_train=statistics.median(training_shares),
+        reply_payload_bytes=sizes[0],
+        reply_envelope_bytes=sizes[1],
+        step_ms={name: 1000 * statistics.median(samples[name]) for name in (*CRYPTO_STEPS, *CODEC_STEPS)},
+    )
+    logger.info("crypto share of a %s round: %.2f%%", share.scenario, 100 * share.crypto_share)
+    return share
+
+
+def _traffic(seed: int) -> list[PolicyTraffic]:
+    rows = []
+    for name in THROUGHPUT_SCENARIOS:
+        scenario = load_scenario(name, seed=seed)
+        policies = valid_policies(scenario_model(scenario, seed), [scenario.policy, *TRAFFIC_POLICIES])
+        rows += policy_traffic(scenario, policies, seed)
+    return rows
+
+
+def _markdown(machine: Machine, result: dict[str, Any], throughputs: list[Throughput], share: RoundShare, traffic: list[PolicyTraffic]) -> str:
+    lines = [header("Crypto cost: envelope throughput, share of a round, bytes on the wire", machine,
+                    bench_command(NAME, result["quick"], result["seed"]), result["quick"])]
+    lines.append("Seal (X25519 + HKDF-SHA256 + AES-256-GCM + Ed25519 sign) and open (verify + decrypt) of reply "
+                 "payloads from `encode_update` of real trainable tensors; median of the repetitions shown; "
+                 "MB = 10^6 payload bytes.\n")
+    lines.append(markdown_table(
+        ["payload", "payload B", "envelope B", "reps", "seal ms", "open ms", "seal MB/s", "open MB/s", "seal+open MB/s"],
+        [[t.payload, f"{t.payload_bytes:,}", f"{t.envelope_bytes:,}", t.repetitions, f"{t.seal_ms:.3f}", f"{t.open_ms:.3f}",
+          f"{t.seal_mb_s:.1f}", f"{t.open_mb_s:.1f}", f"{t.seal_open_mb_s:.1f}"] for t in throughputs],
+    ))
+    lines.append(
+        f"\nShare of a round spent on crypto: real local DP rounds of {share.scenario} site {share.site} (policy "
+        f"{share.policy}, {share.accountant} accountant; `train_round`: budget guard, Opacus DP-SGD, privacy "
+        f"accounting, durable ledger) against the signing, verification, sealing and opening of that round on both "
+        f"ends (the codec is timed apart and not counted as crypto). Medians over {share.rounds_timed} round(s)"
+        f"{' after the first' if not result['quick'] else ''}; the first round also calibrates the run's noise and took "
+        f"{share.first_round_seconds:.2f} s. "
+        f"`dp_train` alone (the same DP-SGD without the guard and ledger) is timed beside each round.\n"
+    )
+    lines.append(markdown_table(
+        ["local DP round ms", "dp_train alone ms", "crypto ms", "crypto share of round", "crypto share vs dp_train alone"],
+        [[f"{1000 * share.round_seconds:.1f}", f"{1000 * share.dp_train_seconds:.1f}", f"{1000 * share.crypto_seconds:.3f}",
+          f"{100 * share.crypto_share:.3f}%", f"{100 * share.crypto_share_of_dp_train:.2f}%"]],
+    ))
+    lines.append(
+        f"\nCrypto and codec steps of that round, median ms. The real reply (status, metrics, signed privacy report "
+        f"and the trainable tensors) is {share.reply_payload_bytes:,} B, sealed {share.reply_envelope_bytes:,} B.\n"
+    )
+    steps = (*CRYPTO_STEPS, *CODEC_STEPS)
+    lines.append(markdown_table(list(steps), [[f"{share.step_ms[s]:.3f}" for s in steps]]))
+    lines.append("\n" + traffic_notes(traffic) + "\n")
+    lines.append(markdown_table(TRAFFIC_HEADERS, traffic_rows(traffic)))
+    return "\n".join(lines)
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Measure the channel's cost; write ``crypto.json`` and ``crypto.md``."""
+    use_one_torch_thread()
+    machine = this_machine()
+    throughputs = _throughputs(quick, seed)
+    share = measure_round_share(rounds=0 if quick else 7, seed=seed, accountant="rdp" if quick else "prv")
+    traffic = _traffic(seed)
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "quick": quick,
+        "seed": seed,
+        "machine": machine_record(machine),
+        "throughput": [asdict(t) for t in throughputs],
+        "round_share": asdict(share),
+        "traffic": [asdict(t) for t in traffic],
+    }
+    return write_result(out_dir, NAME, result, _markdown(machine, result, throughputs, share, traffic))

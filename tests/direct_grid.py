@@ -1,0 +1,75 @@
+"""An in-process stand-in for Flower's transport, for tests that must inject faults between the apps.
+
+Every fedtransfer component runs for real (ServerApp logic, strategy wrapper, secure
+channel, ClientApp with its mods, DP training, ledgers); only the relay between them is
+replaced by direct calls, so a test can tamper with, drop or replay messages on the way.
+Flower's own simulation engine and a real SuperLink are exercised by other tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+Interceptor = Callable[[int, Message], Message | None]
+
+
+class DirectGrid(Grid):
+    """Delivers each message to ``client_app`` in this process; node i is simulated site i."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 4242) -> None:
+        self.client_app = client_app
+        self.run_id = run_id
+        self.node_ids = list(range(101, 101 + num_nodes))
+        self.contexts = {
+            node: Context(run_id=run_id, node_id=node, node_config={"partition-id": i, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+            for i, node in enumerate(self.node_ids)
+        }
+        self.on_instruction: Interceptor = lambda node, msg: msg
+        self.on_reply: Interceptor = lambda node, msg: msg
+        self.delivered: list[tuple[int, Message]] = []
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            delivered = self.on_instruction(node, msg)
+            if delivered is None:
+                continue
+            self.delivered.append((node, delivered))
+            try:
+                reply = self.client_app(delivered, self.contexts[node])
+            except Exception as err:  # the relay reports a ClientApp exception as an error reply, like Flower
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+            reply = self.on_reply(node, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def create_message(self, *args, **kwargs):  # not used by fedtransfer's ServerApp
+        raise AssertionError("DirectGrid does not create messages")
+
+    def get_nodes(self, *args, **kwargs):
+        raise AssertionError("DirectGrid has no node metadata")
+
+    def pull_messages(self, *args, **kwargs):
+        raise AssertionError("DirectGrid answers in send_and_receive only")
+
+    def push_messages(self, *args, **kwargs):
+        raise AssertionError("DirectGrid answers in send_and_receive only")
+
+    @property
+    def run(self):
+        raise AssertionError("DirectGrid has no run object")
+
+    def set_run(self, run_id: int) -> None:
+        self.run_id = run_id

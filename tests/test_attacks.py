@@ -1,0 +1,199 @@
+"""Attacks on the channel between coordinator and sites, one per round of a real in-process federation.
+
+Site 0 is the target (or, for a malicious-site attack, the attacker); sites 1 and 2 stay
+honest. Each attacked round must drop site 0's contribution with its own specific reason
+and still aggregate the two honest sites.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from client.app import app as client_app
+from common.envelope import EnvelopeContext, seal, sign_instruction
+from common.keys import Identity, read_identity
+from common.manifest import Manifest
+from common.privacy_report import sign_report
+from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION
+from common.settings import RunSettings
+from common.update_codec import encode_update
+from server.federation import run_federation
+from tests.direct_grid import DirectGrid
+
+ATTACKER = 101  # node id of site 0
+
+
+def _sealed(reply: Message) -> ConfigRecord:
+    return reply.content[SEALED]
+
+
+def _with_envelope(reply: Message, blob: bytes, site_id: str | None = None) -> Message:
+    sealed = _sealed(reply)
+    record = ConfigRecord({"site-id": site_id or str(sealed["site-id"]), "envelope": blob})
+    return Message(content=RecordDict({SEALED: record}), reply_to=_original[id(reply)])
+
+
+_original: dict[int, Message] = {}
+
+
+class Campaign:
+    """Runs one attack per round against site 0 and remembers what it saw."""
+
+    def __init__(self, root: Path, grid: DirectGrid) -> None:
+        self.root = root
+        self.grid = grid
+        self.round = 0
+        self.previous_reply: Message | None = None
+        self.attacks: dict[int, str] = {}
+
+    def site_key(self) -> Identity:
+        return read_identity(self.root / "sites" / "site-0" / "keys", "site-0")
+
+    def coordinator_public(self):
+        manifest = json.loads((self.root / "sites" / "site-0" / "keys" / "manifest.json").read_text())
+        return Manifest.from_json(json.dumps(manifest), None).coordinator
+
+    def base_fingerprint(self, msg: Message) -> str:
+        return str(msg.content[CONFIG]["base-fingerprint"])
+
+    def crafted(self, msg: Message, tensors: dict[str, torch.Tensor], site: Identity | None = None, run_shift: int = 0, recipient=None) -> bytes:
+        """An update built by site 0 itself (a malicious but authenticated site) or by an impostor."""
+        site = site or self.site_key()
+        server_round = int(msg.content[CONFIG]["server-round"])
+        base = self.base_fingerprint(msg)
+        run_id = self.grid.run_id + run_shift
+        privacy = sign_report({"dp": False, "epsilon": float("inf")}, run_id, server_round, base, site)
+        report = {"site-id": site.name, "status": "ok", "reason": "", "metrics": {"num-examples": 10, "train-loss": 0.1, "steps": 1}, "privacy": privacy}
+        context = EnvelopeContext(run_id, server_round, site.name, "train-reply", base)
+        return seal(encode_update(report, tensors), context, site, recipient or self.coordinator_public())
+
+
+def _honest_shapes(msg: Message) -> dict[str, torch.Tensor]:
+    return msg.content["arrays"].to_torch_state_dict()
+
+
+def _flip(blob: bytes, position: int) -> bytes:
+    data = bytearray(blob)
+    data[position % len(data)] ^= 0x10
+    return bytes(data)
+
+
+UPLINK_ATTACKS = {
+    "flipped-bit": ("MalformedEnvelope|BadSignature|DecryptionFailed", lambda c, msg, reply: _with_envelope(reply, _flip(_sealed(reply)["envelope"], len(_sealed(reply)["envelope"]) // 2))),
+    "truncated": ("MalformedEnvelope", lambda c, msg, reply: _with_envelope(reply, _sealed(reply)["envelope"][:-40])),
+    "replayed-round": ("ReplayedEnvelope", lambda c, msg, reply: _with_envelope(reply, _sealed(c.previous_reply)["envelope"])),
+    "other-run": ("ReplayedEnvelope", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), run_shift=1))),
+    "unknown-key": ("BadSignature", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), site=Identity.generate("site-0")))),
+    "relabelled": ("UnknownSigner", lambda c, msg, reply: _with_envelope(reply, _sealed(reply)["envelope"], site_id="site-1")),
+    "wrong-recipient": ("WrongRecipient|DecryptionFailed", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), recipient=Identity.generate("coordinator").public()))),
+    "nan-weights": ("NaN or Inf", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, {k: torch.full_like(v, float("nan")) for k, v in _honest_shapes(msg).items()}))),
+    "wrong-shapes": ("expected", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, {k: torch.zeros(*v.shape, 2) for k, v in _honest_shapes(msg).items()}))),
+    "huge-norm": ("exceeds the bound", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, {k: v + 1e3 for k, v in _honest_shapes(msg).items()}))),
+    "oversized": ("PayloadTooLarge", lambda c, msg, reply: _with_envelope(reply, b"\0" * (64 * 2**20 + 1))),
+}
+
+
+def _forged_signature(c: Campaign, msg: Message) -> Message:
+    config = dict(msg.content[CONFIG].items())
+    context = EnvelopeContext(c.grid.run_id, int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg))
+    plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
+    payload = json.dumps({"config": plain, "arrays": "0" * 64}, sort_keys=True).encode()
+    config[SIGNED_INSTRUCTION] = sign_instruction(payload, context, Identity.generate("coordinator"))
+    return _replace_config(msg, config)
+
+
+def _weaker_privacy(c: Campaign, msg: Message) -> Message:
+    config = dict(msg.content[CONFIG].items())
+    config["dp-target-epsilon"] = 50.0
+    config["dp"] = 0
+    return _replace_config(msg, config)
+
+
+def _unsigned(c: Campaign, msg: Message) -> Message:
+    config = dict(msg.content[CONFIG].items())
+    del config[SIGNED_INSTRUCTION]
+    return _replace_config(msg, config)
+
+
+def _replace_config(msg: Message, config: dict) -> Message:
+    content = RecordDict({**dict(msg.content.items()), CONFIG: ConfigRecord(config)})
+    return Message(content=content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
+
+
+DOWNLINK_ATTACKS = {
+    "forged-instruction": ("BadSignature", _forged_signature),
+    "weaker-privacy": ("differ from what the coordinator signed", _weaker_privacy),
+    "unsigned-instruction": ("not signed by the coordinator", _unsigned),
+}
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory: pytest.TempPathFactory):
+    from tests.conftest import write_shifted_study
+
+    root = tmp_path_factory.mktemp("attacks")
+    study = write_shifted_study(root / "study")
+    grid = DirectGrid(client_app, num_nodes=3)
+    attacks = list(UPLINK_ATTACKS) + list(DOWNLINK_ATTACKS)
+    c = Campaign(root, grid)
+    schedule = {round_ + 2: name for round_, name in enumerate(attacks)}  # round 1 stays honest
+
+    def on_instruction(node: int, msg: Message) -> Message:
+        if msg.metadata.message_type == "train":
+            c.round = int(msg.content[CONFIG]["server-round"])
+        name = schedule.get(c.round)
+        if node == ATTACKER and msg.metadata.message_type == "train" and name in DOWNLINK_ATTACKS:
+            return DOWNLINK_ATTACKS[name][1](c, msg)
+        return msg
+
+    def on_reply(node: int, reply: Message) -> Message:
+        if node != ATTACKER or reply.metadata.message_type != "train" or reply.has_error():
+            return reply
+        _original[id(reply)] = next(m for n, m in reversed(grid.delivered) if n == node)
+        name = schedule.get(c.round)
+        result = reply
+        if name in UPLINK_ATTACKS:
+            result = UPLINK_ATTACKS[name][1](c, _original[id(reply)], reply)
+        c.previous_reply = reply
+        return result
+
+    grid.on_instruction = on_instruction
+    grid.on_reply = on_reply
+    settings = RunSettings(
+        scenario=str(study), num_server_rounds=len(attacks) + 1, local_epochs=1, out=str(root / "out"),
+        sim_root=str(root / "sites"), min_sites=2, expected_sites=3, dp=False, max_update_norm=50.0,
+    )
+    record = run_federation(grid, settings, grid.run_id)
+    return record, schedule
+
+
+def test_honest_first_round_aggregates_everyone(campaign) -> None:
+    record, _ = campaign
+    assert record.round(1).aggregated_sites == ["site-0", "site-1", "site-2"]
+    assert record.status == "completed"
+
+
+@pytest.mark.parametrize("attack", list(UPLINK_ATTACKS) + list(DOWNLINK_ATTACKS))
+def test_attack_is_rejected_with_its_reason_and_the_round_goes_on(campaign, attack: str) -> None:
+    record, schedule = campaign
+    server_round = next(r for r, name in schedule.items() if name == attack)
+    current = record.round(server_round)
+    expected = (UPLINK_ATTACKS | DOWNLINK_ATTACKS)[attack][0]
+    victim = current.sites["site-0"]
+    assert victim.status in ("rejected", "failed"), victim
+    assert any(part in victim.reason for part in expected.split("|")), victim.reason
+    assert current.aggregated_sites == ["site-1", "site-2"]
+    assert current.sites["site-1"].status == "ok" and current.sites["site-2"].status == "ok"
+
+
+def test_signed_privacy_reports_are_kept_in_the_run_record(campaign) -> None:
+    record, _ = campaign
+    signed = record.round(1).sites["site-1"].privacy_signed
+    assert base64.b64decode(signed)[:4] == b"FTEV"
+    assert record.round(1).sites["site-1"].privacy["dp"] is False

@@ -1,0 +1,288 @@
+"""The privacy officer's audit: ledger integrity, signed reports, recomputation, budget, reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from client.budget import BudgetGuard
+from client.private_round import NON_PRIVATE_DIR
+from common import cli_audit
+from common.accounting import Step, compose_epsilon
+from common.audit import AuditInputError, run_audit, write_html, write_markdown, write_plot
+from common.keys import Identity
+from common.ledger import Ledger
+from common.manifest import sign_manifest
+from common.privacy_report import sign_report
+from common.site_policy import PrivacyRequest, SitePolicy, write_policy
+from server.run_record import RunRecord
+
+DATASET = "ab" * 32
+RUN_ID = 4242
+BASE = "c0" * 32
+Q, STEPS = 0.05, 40
+
+
+def _policy(cap: float = 8.0) -> SitePolicy:
+    return SitePolicy(max_epsilon=cap, delta=1e-5, accountant="rdp")
+
+
+def _build_site(state: Path, rounds: int) -> None:
+    """A site state dir whose ledger is written by the real budget guard (RDP: fast)."""
+    state.mkdir(parents=True)
+    policy = _policy()
+    write_policy(policy, state / "privacy-policy.toml")
+    guard = BudgetGuard(state, policy, DATASET)
+    request = PrivacyRequest(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=rounds)
+    plan = guard.plan_run(str(RUN_ID), request, sample_rate=Q, steps_per_round=STEPS)
+    for server_round in range(1, rounds + 1):
+        with guard.spend(plan, server_round) as record:
+            record(STEPS, "f" * 64)
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("templates")
+    built = {}
+    for rounds in (1, 3):
+        _build_site(root / str(rounds), rounds)
+        built[rounds] = root / str(rounds)
+    return built
+
+
+@pytest.fixture
+def make_site(templates, tmp_path: Path):
+    """Copy a guard-written ledger of 1 or 3 rounds into ``tmp_path/<name>/state``."""
+
+    def make(name: str = "hospital-a", rounds: int = 3) -> Path:
+        state = tmp_path / name / "state"
+        shutil.copytree(templates[rounds], state)
+        return state
+
+    return make
+
+
+def failures(report) -> list[str]:
+    return [f"{f.where}: {f.message}" for f in report.failures()]
+
+
+def test_honest_ledger_passes_with_budget_status(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    report = run_audit([state])
+    assert report.passed, failures(report)
+    [budget] = report.budgets
+    entries = Ledger(state).entries()
+    assert (budget.site, budget.rounds, budget.runs, budget.cap) == ("hospital-a", 3, 1, 8.0)
+    assert budget.spent_claimed == entries[-1].epsilon
+    assert budget.remaining == pytest.approx(8.0 - max(budget.spent_claimed, budget.spent_recomputed))
+    assert [r.verdict for r in report.recomputed] == ["ok"] * 3
+    # rounds left: exactly that many more rounds at the current noise fit under the cap, one more does not
+    history = [e.to_step() for e in entries]
+    last = history[-1]
+
+    def after(n: int) -> float:
+        return compose_epsilon([*history, Step(last.noise_multiplier, Q, STEPS * n)], 1e-5, "rdp")
+
+    assert budget.rounds_left is not None and budget.rounds_left > 0
+    assert after(budget.rounds_left) <= 8.0 < after(budget.rounds_left + 1)
+
+
+def _rewrite_lines(state: Path, edit) -> None:
+    path = state / "privacy-ledger.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def _edit_noise(lines: list[str]) -> list[str]:
+    record = json.loads(lines[1])
+    record["noise_multiplier"] *= 2
+    return [lines[0], json.dumps(record, sort_keys=True, separators=(",", ":")), lines[2]]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_edit_noise, "entry 1 (line 2): bad hash"),
+        (lambda lines: [lines[0], lines[2]], "entry 1 (line 2): holds index 2"),
+        (lambda lines: [lines[1], lines[0], lines[2]], "entry 0 (line 1): reordered"),
+    ],
+    ids=["edited", "deleted", "reordered"],
+)
+def test_tampered_ledger_fails_naming_the_entry(tmp_path: Path, make_site, edit, expected: str) -> None:
+    state = make_site()
+    _rewrite_lines(state, edit)
+    report = run_audit([state])
+    assert not report.passed
+    assert any(expected in message and "ledger verification failed" in message for message in failures(report)), failures(report)
+
+
+def test_deleted_last_entry_is_caught_by_the_head_anchor(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    _rewrite_lines(state, lambda lines: lines[:2])
+    report = run_audit([state])
+    assert any("entry 2" in m and "deleted" in m for m in failures(report)), failures(report)
+
+
+def _append(ledger: Ledger, server_round: int, epsilon: float, sigma: float = 1.0) -> None:
+    with ledger.lock():
+        ledger.append(
+            dataset_id=DATASET, run_id="7", server_round=server_round, noise_multiplier=sigma,
+            sample_rate=Q, steps=STEPS, max_grad_norm=1.0, delta=1e-5, epsilon=epsilon,
+            accountant="rdp", reference_epsilon=-1.0, reference_accountant="prv",
+            model_fingerprint="f" * 64, kind="train",
+        )
+
+
+def test_under_reported_epsilon_fails_recomputation(tmp_path: Path) -> None:
+    state = tmp_path / "site" / "state"
+    state.mkdir(parents=True)
+    write_policy(_policy(), state / "privacy-policy.toml")
+    ledger = Ledger(state)
+    true_first = compose_epsilon([Step(1.0, Q, STEPS)], 1e-5, "rdp")
+    true_second = compose_epsilon([Step(1.0, Q, 2 * STEPS)], 1e-5, "rdp")
+    _append(ledger, 1, true_first)
+    _append(ledger, 2, 0.8 * true_second)  # a valid hash chain around a wrong number
+    report = run_audit([state])
+    assert [r.verdict for r in report.recomputed] == ["ok", "under-reported"]
+    [message] = failures(report)
+    assert "ledger entry 1" in message and "under-reports" in message
+
+
+def test_over_cap_and_non_private_datasets_fail(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    spent = Ledger(state).entries()[-1].epsilon
+    write_policy(_policy(cap=spent / 2), state / "privacy-policy.toml")  # the officer lowered the cap
+    (state / NON_PRIVATE_DIR).mkdir()
+    (state / NON_PRIVATE_DIR / ("cd" * 32)).write_text("trained without differential privacy\n")
+    report = run_audit([state])
+    assert {b.dataset_id: b.status for b in report.budgets} == {DATASET: "over-cap", "cd" * 32: "not-private"}
+    assert any("over the site's cap" in m for m in failures(report))
+    assert any("WITHOUT differential privacy" in m for m in failures(report))
+
+
+def test_pld_on_an_rdp_ledger_flags_only_a_conservative_gap(tmp_path: Path, make_site) -> None:
+    state = make_site(rounds=1)
+    report = run_audit([state], method="pld")
+    assert report.passed, failures(report)
+    assert [r.verdict for r in report.recomputed] == ["over-reported"]
+    assert any(f.severity == "warn" and "more conservative" in f.message for f in report.findings)
+
+
+# coordinator run records ----------------------------------------------------------------
+
+
+def _run_dir(root: Path, state: Path, site: Identity, signer: Identity | None = None) -> tuple[Path, RunRecord]:
+    """A coordinator run record holding the site's signed reports of every ledger entry."""
+    coordinator = Identity.generate("coordinator")
+    manifest = sign_manifest("test-federation", coordinator, [site.public()])
+    record = RunRecord(run_id=RUN_ID, settings={}, base_model={"fingerprint": BASE}, policy="head",
+                       strategy="fedavg", manifest=manifest.to_json())
+    for entry in Ledger(state).entries():
+        privacy = {
+            "dp": True, "dataset-id": entry.dataset_id, "epsilon": entry.epsilon, "delta": entry.delta,
+            "accountant": entry.accountant, "reference-epsilon": entry.reference_epsilon,
+            "reference-accountant": entry.reference_accountant, "cap-epsilon": 8.0,
+            "run-target-epsilon": 3.0, "noise-multiplier": entry.noise_multiplier,
+            "sample-rate": entry.sample_rate, "steps": entry.steps, "max-grad-norm": entry.max_grad_norm,
+            "ledger-index": entry.index, "ledger-hash": entry.hash, "overridden": [],
+        }
+        site_round = record.site_round(entry.server_round, site.name)
+        site_round.privacy = privacy
+        site_round.privacy_signed = sign_report(privacy, RUN_ID, entry.server_round, BASE, signer or site)
+    out = root / "run"
+    record.save(out)
+    return out, record
+
+
+def test_run_record_and_ledger_agree(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    run, _ = _run_dir(tmp_path, state, Identity.generate("hospital-a"))
+    report = run_audit([state, run])
+    assert report.passed, failures(report)
+    assert report.runs == [str(RUN_ID)]
+    assert any("3 signed privacy report(s) verify" in f.message for f in report.findings)
+
+
+def test_forged_or_altered_reports_fail(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    site = Identity.generate("hospital-a")
+    run, record = _run_dir(tmp_path, state, site)
+    record.rounds[0].sites["hospital-a"].privacy["epsilon"] = 0.01  # coordinator edits its plain copy
+    record.rounds[1].sites["hospital-a"].privacy_signed = sign_report(
+        record.rounds[1].sites["hospital-a"].privacy, RUN_ID, 2, BASE, Identity.generate("hospital-a")
+    )  # signed by a key the manifest does not list
+    record.save(run)
+    messages = failures(run_audit([state, run]))
+    assert any("round 1 site hospital-a" in m and "differs from the report the site signed" in m for m in messages)
+    assert any("round 2 site hospital-a" in m and "signature does not verify" in m for m in messages)
+
+
+def test_report_of_a_round_missing_from_the_ledger_fails(tmp_path: Path, make_site, templates) -> None:
+    state = make_site()
+    run, _ = _run_dir(tmp_path, state, Identity.generate("hospital-a"))
+    shutil.rmtree(state)
+    shutil.copytree(templates[1], state)  # the site's ledger now lacks rounds 2 and 3
+    messages = failures(run_audit([state, run]))
+    assert any("round 3 site hospital-a" in m and "does not hold" in m for m in messages), messages
+    assert not any("round 1 site" in m for m in messages)
+
+
+def test_reports_alone_are_recomputed(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    run, _ = _run_dir(tmp_path, state, Identity.generate("hospital-a"))
+    report = run_audit([run])
+    assert report.passed, failures(report)
+    assert [(r.source, r.verdict) for r in report.recomputed] == [("reports", "ok")] * 3
+    [budget] = report.budgets
+    assert (budget.source, budget.cap, budget.rounds_left) == ("reports", 8.0, None)
+
+
+def test_unknown_path_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(AuditInputError, match="neither a site state directory"):
+        run_audit([tmp_path])
+
+
+# outputs --------------------------------------------------------------------------------
+
+
+def test_report_files_carry_the_per_site_numbers(tmp_path: Path, make_site) -> None:
+    make_site("hospital-a", rounds=3)
+    make_site("hospital-b", rounds=1)
+    report = run_audit([tmp_path / "hospital-a", tmp_path / "hospital-b" / "state"])
+    spent = {b.site: f"{b.spent_claimed:.3f}" for b in report.budgets}
+    assert spent["hospital-a"] != spent["hospital-b"]
+    markdown = write_markdown(report, tmp_path / "audit.md").read_text()
+    page = write_html(report, tmp_path / "audit.html").read_text()
+    for text in (markdown, page):
+        assert "PASSED" in text
+        for site, value in spent.items():
+            assert site in text and value in text
+    plot = write_plot(report, tmp_path / "audit.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtransfer")
+    cli_audit.add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_json_and_exit_codes(tmp_path: Path, make_site, capsys) -> None:
+    state = make_site()
+    args = _parser().parse_args(["audit", str(state), "--json", "--report", str(tmp_path / "r.md"),
+                                 "--plot", str(tmp_path / "r.png")])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] is True
+    assert data["budgets"][0]["site"] == "hospital-a" and data["budgets"][0]["cap"] == 8.0
+    assert (tmp_path / "r.md").is_file() and (tmp_path / "r.png").is_file()
+    _rewrite_lines(state, _edit_noise)
+    args = _parser().parse_args(["audit", str(state)])
+    assert args.func(args) == 1
+    assert "entry 1" in capsys.readouterr().out
+    args = _parser().parse_args(["audit"])
+    assert args.func(args) == 2
