@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from common.models import FedModel, UnknownArchitecture, build_model
+from common.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
 from common.transfer import state_fingerprint
 
 WEIGHTS_FILE = "model.safetensors"
@@ -91,12 +89,14 @@ class ModelCard:
         unknown = set(raw) - known
         if unknown:
             raise CardInvalid(f"{origin} has unknown fields {sorted(unknown)}")
-        if raw.get("format") != CARD_FORMAT:
+        if type(raw.get("format")) is not int or raw.get("format") != CARD_FORMAT:
             raise CardInvalid(f"{origin} has format {raw.get('format')!r}; this version reads format {CARD_FORMAT}")
         try:
             card = cls(**raw)
         except TypeError as err:
             raise CardInvalid(f"{origin} is missing fields: {err}") from err
+        if not isinstance(card.arch, str) or not isinstance(card.arch_args, dict):
+            raise CardInvalid(f"{origin}: arch must be a name and arch_args an object")
         if not isinstance(card.input_shape, list) or not all(isinstance(d, int) and d > 0 for d in card.input_shape):
             raise CardInvalid(f"{origin}: input_shape must be a list of positive integers")
         if not isinstance(card.class_names, list) or len(card.class_names) < 2:
@@ -133,16 +133,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def weights_bytes(model: FedModel) -> bytes:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return save_safetensors(state)
-
-
 def save_checkpoint(model: FedModel, directory: Path, **card_fields: Any) -> ModelCard:
     """Write ``model`` and its card to ``directory`` (created if needed), atomically per file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = weights_bytes(model)
+    data = tensors_to_bytes(model.state_dict())
     card = make_card(model, data, **card_fields)
     _atomic_write(directory / WEIGHTS_FILE, data)
     _atomic_write(directory / CARD_FILE, card.to_json().encode())
@@ -171,8 +166,8 @@ def load_checkpoint(directory: Path) -> tuple[FedModel, ModelCard]:
             "the weights were changed or belong to another card"
         )
     try:
-        state = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
+        state = tensors_from_bytes(data)
+    except TensorFormatError as err:
         raise CorruptWeights(f"{weights_path} is not a readable safetensors file: {err}") from err
     model = card.build()
     check_state_matches(model, state, origin=str(weights_path))

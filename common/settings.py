@@ -7,6 +7,7 @@ they need in each message's ConfigRecord.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -57,6 +58,18 @@ class RunSettings:
             raise SettingsError("local-epochs and batch-size must be >= 1 and lr > 0")
         if self.min_sites < 1:
             raise SettingsError("min-sites must be at least 1")
+        numbers = {
+            "lr": self.lr, "proximal-mu": self.proximal_mu, "round-timeout": self.round_timeout,
+            "max-update-norm": self.max_update_norm, "target-epsilon": self.target_epsilon, "delta": self.delta,
+            "max-grad-norm": self.max_grad_norm,
+        }
+        for key, value in numbers.items():
+            if not math.isfinite(value) or value < 0:
+                raise SettingsError(f"{key} must be a finite number >= 0, got {value!r}")
+        if self.expected_sites < 0 or self.personalise_epochs < 0:
+            raise SettingsError("expected-sites and personalise-epochs must be >= 0")
+        if not self.round_timeout > 0 or not self.target_epsilon > 0 or not 0 < self.delta < 1 or not self.max_grad_norm > 0:
+            raise SettingsError("round-timeout, target-epsilon and max-grad-norm must be > 0 and delta in (0, 1)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":

@@ -8,7 +8,6 @@ privacy policy parsing, the ledger writable. It changes nothing on disk.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import ssl
@@ -34,8 +33,6 @@ from common.simulated_sites import COORDINATOR_NAME
 from common.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
 from common.site_data import DataError, infer_input_shape, load_site_data
 from common.site_policy import PolicyError, load_policy
-
-logger = logging.getLogger(__name__)
 
 ERROR, WARNING, OK = "error", "warning", "ok"
 EXPIRY_WARNING = timedelta(days=30)

@@ -20,9 +20,9 @@ from common.checkpoint import (
     load_card,
     load_checkpoint,
     save_checkpoint,
-    weights_bytes,
 )
 from common.models import FedModel, build_model
+from common.tensors import tensors_to_bytes
 from common.transfer import state_fingerprint
 
 LINEAGE = {"parent": "0" * 64, "rounds": 4, "sites": ["cleveland", "hungary"], "policy": "last:1"}
@@ -247,7 +247,7 @@ def test_changed_tensor_values_with_updated_hash_fail_the_fingerprint(saved):
     model, _, directory = saved
     with torch.no_grad():
         model.head.bias.add_(1.0)
-    _replace_weights(directory, weights_bytes(model))
+    _replace_weights(directory, tensors_to_bytes(model.state_dict()))
     with pytest.raises(WeightsHashMismatch, match="fingerprint"):
         load_checkpoint(directory)
 
@@ -263,14 +263,14 @@ def test_changed_tensor_values_with_updated_hash_fail_the_fingerprint(saved):
 )
 def test_weights_of_another_model_with_matching_hash_are_architecture_mismatch(saved, other):
     _, _, directory = saved
-    _replace_weights(directory, weights_bytes(other()))
+    _replace_weights(directory, tensors_to_bytes(other().state_dict()))
     with pytest.raises(ArchitectureMismatch):
         load_checkpoint(directory)
 
 
 def test_weights_with_other_dtype_are_architecture_mismatch(saved):
     model, _, directory = saved
-    _replace_weights(directory, weights_bytes(model.to(torch.float64)))
+    _replace_weights(directory, tensors_to_bytes(model.to(torch.float64).state_dict()))
     with pytest.raises(ArchitectureMismatch, match="float64"):
         load_checkpoint(directory)
 
