@@ -92,7 +92,10 @@ def check_trainable(model: FedModel, policy: TransferPolicy, trainable: dict[str
         )
     for name, tensor in trainable.items():
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
-            raise TrainableArraysInvalid(f"trainable weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+            raise TrainableArraysInvalid(
+                f"trainable weight {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {tuple(expected[name].shape)} {expected[name].dtype}"
+            )
         if not bool(torch.isfinite(tensor).all()):
             raise TrainableArraysInvalid(f"trainable weight {name!r} holds NaN or Inf")
 

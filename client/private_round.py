@@ -86,11 +86,8 @@ def train_round(
             f"only allows noise multiplier {plan.noise_multiplier:.3g} for this run, which would drown the update",
             _budget(guard, site_policy),
         )
-    admission = guard.admit(plan, server_round)
-    if not admission.admitted:
-        return _declined(admission.reason, _budget(guard, site_policy))
     _, trainable = policy.split(model)
-    try:
+    try:  # spend() admits the round under the ledger lock, or raises BudgetExhausted
         with guard.spend(plan, server_round) as record:
             stats = dp_train(
                 trainable,

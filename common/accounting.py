@@ -27,6 +27,7 @@ package, a code base independent of Opacus, for audits and tests.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import warnings
@@ -139,7 +140,16 @@ def _compose(
 ) -> float:
     _check_delta(delta)
     _check_accountant(accountant)
-    phases = _merged(history)
+    return _compose_phases(tuple(sorted(_merged(history))), delta, accountant, max_grid_points)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compose_phases(
+    phases: tuple[tuple[float, float, int], ...], delta: float, accountant: Accountant, max_grid_points: float
+) -> float:
+    """Epsilon of merged phases; pure, so a site that checks, records and re-checks one
+    history in a round pays for each accountant evaluation once."""
+    phases = list(phases)
     if not phases:
         return 0.0
     with warnings.catch_warnings():

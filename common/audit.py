@@ -240,7 +240,7 @@ def classify_inputs(paths: Sequence[Path]) -> tuple[list[SiteInput], list[Path]]
             for ledger in sorted(path.glob(f"sites/*/state/{LEDGER_FILE}")):
                 sites.setdefault(ledger.parent.resolve(), _site_input(ledger.parent))
         for candidate in (path, path / "state"):
-            if (candidate / LEDGER_FILE).is_file() or (candidate / NON_PRIVATE_DIR).is_dir():
+            if any((candidate / name).exists() for name in (LEDGER_FILE, NON_PRIVATE_DIR, "privacy-policy.toml")):
                 sites.setdefault(candidate.resolve(), _site_input(candidate))
                 found = True
                 break

@@ -41,10 +41,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import simulate
+    from simulations.simulate import fmt, row_mean, simulate
 
+    scenario = str(Path(args.scenario).resolve()) if args.scenario.endswith(".toml") else args.scenario
     settings = RunSettings(
-        scenario=args.scenario,
+        scenario=scenario,
         num_server_rounds=args.rounds,
         local_epochs=args.local_epochs,
         strategy=args.strategy,
@@ -70,10 +71,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         table.add_column(site, justify="right")
     table.add_column("mean", justify="right")
     for method, values in result.comparison.items():
-        cells = [values.get(s, math.nan) for s in sites]
-        table.add_row(method, *("n/a" if math.isnan(c) else f"{c:.3f}" for c in cells), f"{sum(cells) / len(cells):.3f}")
+        table.add_row(method, *(fmt(values.get(s, math.nan)) for s in sites), fmt(row_mean(values)))
     console.print(table)
     console.print("Baselines are trained without DP on the same base model; pooled is the upper bound.")
+    if "personalised" not in result.comparison:
+        console.print("Personalised results are computed only in non-private runs (--no-dp).")
     console.print(_privacy_table(result.record))
     console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, final-model/")
     return 0
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--state-dir", default="", help="where the simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend across runs (default: OUT/sites)")
     sim.add_argument("--epsilon", type=float, default=defaults.target_epsilon, help="epsilon the coordinator requests for this run; sites cap it by their own policy (default: %(default)s)")
     sim.add_argument("--delta", type=float, default=defaults.delta, help="delta the coordinator requests (default: %(default)s)")
-    sim.add_argument("--no-dp", action="store_true", help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; simulated sites allow it)")
+    sim.add_argument("--no-dp", action="store_true", help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: simulated sites created by such a run do)")
     sim.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)")
     sim.set_defaults(func=_cmd_simulate)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
 
 class SettingsError(ValueError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_OK
 from server.run_record import RunRecord
@@ -49,6 +49,10 @@ def flower_strategy(name: str, min_sites: int, min_available: int, proximal_mu: 
         return FedYogi(**common)
     if name == "fedmedian":
         return FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=0.2, **common)
+    if name == "krum":
+        return Krum(num_malicious_nodes=1, **common)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -167,8 +171,14 @@ class SiteAwareStrategy(Strategy):
             )
         arrays, metrics = self.inner.aggregate_train(server_round, good)
         if arrays is not None:
+            arrays = self._model_dtypes(arrays)
             self.latest_arrays = arrays
         return arrays, metrics
+
+    def _model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Some strategies (FedAdam, FedYogi) aggregate in float64; the model keeps its own dtypes."""
+        dtypes = self.channel.limits.dtypes
+        return ArrayRecord({name: tensor.to(dtypes[name]) for name, tensor in arrays.to_torch_state_dict().items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = self._sort(server_round, replies, "evaluate")

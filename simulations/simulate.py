@@ -44,8 +44,19 @@ def comparison_table(record: RunRecord, baselines: Baselines, metric: str) -> di
     personalised = {s: e.evaluate.get(f"p-{metric}", math.nan) for s, e in last.sites.items()} if last else {}
     table = {m: {s: v[metric] for s, v in baselines.per_site[m].items()} for m in ("source as-is", "local-only", "pooled")}
     table["federated"] = federated
-    table["personalised"] = personalised
-    return {m: table[m] for m in METHODS}
+    if any(not math.isnan(v) for v in personalised.values()):
+        table["personalised"] = personalised
+    return {m: table[m] for m in METHODS if m in table}
+
+
+def row_mean(values: dict[str, float]) -> float:
+    """Mean over the sites that have a value (a site that declined the last round has none)."""
+    present = [v for v in values.values() if not math.isnan(v)]
+    return sum(present) / len(present) if present else math.nan
+
+
+def fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
@@ -53,15 +64,15 @@ def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
     lines = [
         f"## Comparison on the target sites' test sets ({metric})",
         "",
-        "Baselines (source as-is, local-only, pooled) are trained without DP on the same base model.",
+        "Baselines (source as-is, local-only, pooled) are trained without DP on the same base model. "
+        "Personalised results appear only for non-private runs: a head fine-tuned without DP would leak outside the budget.",
         "",
         "| method | " + " | ".join(sites) + " | mean |",
         "|---" * (len(sites) + 2) + "|",
     ]
     for method, values in table.items():
-        cells = [values.get(s, math.nan) for s in sites]
-        mean = sum(cells) / len(cells) if cells else math.nan
-        lines.append(f"| {method} | " + " | ".join("n/a" if math.isnan(c) else f"{c:.3f}" for c in cells) + f" | {mean:.3f} |")
+        cells = [fmt(values.get(s, math.nan)) for s in sites]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {fmt(row_mean(values))} |")
     return "\n".join(lines)
 
 

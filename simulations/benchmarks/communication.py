@@ -16,6 +16,7 @@ from typing import Any
 from common.heart_disease import DATA_DIR_ENV
 from common.scenarios import load_scenario
 from common.site_data import DataError
+from common.training import use_one_torch_thread
 from simulations.benchmarks.payloads import TRAFFIC_HEADERS, PolicyTraffic, every_policy, policy_traffic, scenario_model, traffic_notes, traffic_rows
 from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, write_result
 
@@ -52,6 +53,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
 
     Byte counts are exact, so ``quick`` changes nothing but the label.
     """
+    use_one_torch_thread()
     machine = this_machine()
     traffic: list[PolicyTraffic] = []
     skipped: list[dict[str, str]] = []
