@@ -19,7 +19,7 @@ from client.dp_training import dp_train, sample_rate_and_steps
 from client.fine_tune import fine_tune
 from client.local_data import Features
 from common.accounting import BudgetExhausted
-from common.ledger import write_atomic
+from common.ledger import NON_PRIVATE_DIR, write_atomic
 from common.models import FedModel
 from common.protocol import STATUS_DECLINED, STATUS_OK
 from common.site_config import SiteConfig
@@ -29,7 +29,6 @@ from common.transfer import TransferPolicy, state_fingerprint
 
 log = logging.getLogger(__name__)
 
-NON_PRIVATE_DIR = "non-private-datasets"
 MAX_USEFUL_NOISE = 20.0  # above this noise multiplier an update is noise, not signal: decline instead
 
 

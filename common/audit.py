@@ -45,7 +45,6 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from client.private_round import NON_PRIVATE_DIR
 from common.accounting import (
     ACCOUNTANTS,
     AccountingError,
@@ -53,12 +52,12 @@ from common.accounting import (
     compose_epsilon,
     independent_epsilon,
 )
-from common.ledger import LEDGER_FILE, Ledger, LedgerEntry, LedgerError
+from common.ledger import LEDGER_FILE, NON_PRIVATE_DIR, Ledger, LedgerEntry, LedgerError
 from common.manifest import Manifest, ManifestError
 from common.privacy_report import ReportInvalid, verify_report
 from common.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
 from common.site_policy import PolicyError, SitePolicy, load_policy
-from server.run_record import RUN_RECORD_FILE, RunRecord
+from common.run_record import RUN_RECORD_FILE, RunRecord
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def _print(report: AuditReport) -> None:
 
 
 def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
-    from common.canary_audit import CanaryConfig, run_canary_audit
+    from client.canary_audit import CanaryConfig, run_canary_audit
 
     config = CanaryConfig(canaries=args.canaries, seed=args.seed, target_epsilon=args.audit_epsilon)
     if not args.json:
@@ -82,7 +82,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         console.print(f"[red]fedtransfer audit: {exc}[/red]")
         return EXIT_USAGE
     if args.empirical:
-        from common.canary_audit import CanaryAuditError
+        from client.canary_audit import CanaryAuditError
 
         try:
             _empirical(args, report)

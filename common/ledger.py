@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "privacy-ledger.jsonl"
 HEAD_FILE = "privacy-ledger.head"
 LOCK_FILE = "privacy-ledger.lock"
+NON_PRIVATE_DIR = "non-private-datasets"  # one marker file per dataset ever trained without DP
 #: prev_hash of the first entry: 64 zeros (the SHA-256 width).
 GENESIS_HASH = "0" * 64
 

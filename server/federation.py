@@ -22,7 +22,7 @@ from common.site_policy import PrivacyRequest
 from common.training import as_tensors, predict_proba
 from common.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
-from server.run_record import RunRecord
+from common.run_record import RunRecord
 from server.secure_channel import CoordinatorChannel, UpdateLimits
 from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy
 

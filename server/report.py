@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from server.run_record import RunRecord  # noqa: E402
+from common.run_record import RunRecord  # noqa: E402
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "metrics.png"

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_OK
-from server.run_record import RunRecord
+from common.run_record import RunRecord
 from server.secure_channel import CoordinatorChannel, ReplyRejected
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from common.training import TrainConfig
 from common.transfer import TransferPolicy
 from server.app import make_server_app
 from server.report import write_report
-from server.run_record import RUN_RECORD_FILE, RunRecord
+from common.run_record import RUN_RECORD_FILE, RunRecord
 from simulations.baselines import Baselines, compute_baselines
 
 log = logging.getLogger(__name__)

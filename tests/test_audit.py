@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 
 from client.budget import BudgetGuard
-from client.private_round import NON_PRIVATE_DIR
 from common import cli_audit
 from common.accounting import Step, compose_epsilon
 from common.audit import AuditInputError, run_audit, write_html, write_markdown, write_plot
 from common.keys import Identity
-from common.ledger import Ledger
+from common.ledger import NON_PRIVATE_DIR, Ledger
 from common.manifest import sign_manifest
 from common.privacy_report import sign_report
 from common.site_policy import PrivacyRequest, SitePolicy, write_policy
-from server.run_record import RunRecord
+from common.run_record import RunRecord
 
 DATASET = "ab" * 32
 RUN_ID = 4242

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from common.accounting import calibrate_noise
-from common.canary_audit import (
+from client.canary_audit import (
     CanaryAuditError,
     CanaryConfig,
     _audit_once,

@@ -29,7 +29,7 @@ from common.privacy_report import verify_report
 from common.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair, write_private_file
 from common.scenarios import load_scenario
 from common.site_data import write_site_data
-from server.run_record import RunRecord
+from common.run_record import RunRecord
 
 BIN = Path(sys.executable).parent
 FLOWER_ENV = {
