@@ -24,7 +24,7 @@ from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION
 from common.settings import RunSettings
 from common.update_codec import encode_update
 from server.federation import run_federation
-from tests.direct_grid import DirectGrid
+from simulations.inprocess import DirectGrid
 
 ATTACKER = 101  # node id of site 0
 

@@ -17,7 +17,7 @@ from common.ledger import Ledger
 from common.settings import RunSettings
 from common.site_policy import SitePolicy, write_policy
 from server.federation import run_federation
-from tests.direct_grid import DirectGrid
+from simulations.inprocess import DirectGrid
 
 
 CAPS = {0: 10.0, 1: 10.0, 2: 1.0}

@@ -12,7 +12,7 @@ from common.checkpoint import load_checkpoint
 from common.settings import STRATEGIES, RunSettings
 from server.federation import run_federation
 from tests.conftest import write_shifted_study
-from tests.direct_grid import DirectGrid
+from simulations.inprocess import DirectGrid
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

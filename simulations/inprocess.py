@@ -1,9 +1,10 @@
-"""An in-process stand-in for Flower's transport, for tests that must inject faults between the apps.
+"""An in-process stand-in for Flower's transport: the apps talk by direct calls.
 
 Every fedtransfer component runs for real (ServerApp logic, strategy wrapper, secure
 channel, ClientApp with its mods, DP training, ledgers); only the relay between them is
-replaced by direct calls, so a test can tamper with, drop or replay messages on the way.
-Flower's own simulation engine and a real SuperLink are exercised by other tests.
+replaced by direct calls in one process. Tests use it to tamper with, drop or replay
+messages on the way; benchmarks use it to run many small federations without starting
+Flower's simulation engine for each. ``fedtransfer simulate`` uses Flower's engine.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class DirectGrid(Grid):
             self.delivered.append((node, delivered))
             try:
                 reply = self.client_app(delivered, self.contexts[node])
-            except Exception as err:  # the relay reports a ClientApp exception as an error reply, like Flower
+            except Exception as err:  # noqa: BLE001 - like Flower, a ClientApp exception becomes an error reply
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
             reply = self.on_reply(node, reply)
             if reply is not None:
