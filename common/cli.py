@@ -15,7 +15,7 @@ from rich.table import Table
 
 from common.settings import STRATEGIES, RunSettings
 
-from common import cli_audit, cli_bench, cli_keys
+from common import cli_audit, cli_bench, cli_deploy, cli_keys
 from common.console import console
 
 FLOWER_ENV = {
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     scn.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files")
     scn.set_defaults(func=_cmd_scenarios)
 
-    for module in (cli_keys, cli_audit, cli_bench):
+    for module in (cli_keys, cli_deploy, cli_audit, cli_bench):
         module.add_commands(commands)
     return parser
 
