@@ -35,7 +35,6 @@ def _prepare(msg: Message, context: Context):
 @app.train(mods=[secure_channel])
 def train(msg: Message, context: Context) -> Message:
     instruction, site, local, model, policy, features = _prepare(msg, context)
-    simulated = "partition-id" in context.node_config
     outcome = train_round(
         site,
         local.dataset_id,
@@ -45,9 +44,9 @@ def train(msg: Message, context: Context) -> Message:
         train_config(instruction),
         dict(msg.content[CONFIG].items()),
         dp_requested=bool(instruction.dp),
-        run_id=context.run_id,
+        run_key=instruction.run_key,
         server_round=instruction.server_round,
-        noise_seed=instruction.seed * 1_000_003 + instruction.server_round if simulated else None,
+        noise_seed=simulation_noise_seed(context, instruction),
     )
     examples = len(features.train_y) if outcome.status == STATUS_OK else 0
     content = RecordDict(
@@ -59,6 +58,14 @@ def train(msg: Message, context: Context) -> Message:
     if outcome.status == STATUS_OK:
         content[ARRAYS] = trainable_record(model, policy)
     return Message(content=content, reply_to=msg)
+
+
+def simulation_noise_seed(context: Context, instruction: RoundInstruction) -> int | None:
+    """Reproducible DP noise for a simulated site (one stream per site and round); None, so
+    unpredictable noise from the OS, for a deployed site."""
+    if "partition-id" not in context.node_config:
+        return None
+    return (instruction.seed * 1_000_003 + int(context.node_config["partition-id"])) * 10_007 + instruction.server_round
 
 
 def personalise_now(instruction: RoundInstruction, site: SiteConfig) -> bool:

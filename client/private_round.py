@@ -61,7 +61,7 @@ def train_round(
     config: TrainConfig,
     request_config: dict[str, Any],
     dp_requested: bool,
-    run_id: int,
+    run_key: str,
     server_round: int,
     noise_seed: int | None,
 ) -> RoundOutcome:
@@ -76,7 +76,7 @@ def train_round(
     guard = BudgetGuard(site.state_dir, site_policy, dataset_id)
     sample_rate, steps = sample_rate_and_steps(len(features.train_y), config.batch_size, config.epochs)
     try:
-        plan = guard.plan_run(str(run_id), request, sample_rate, steps)
+        plan = guard.plan_run(run_key, request, sample_rate, steps)
     except BudgetExhausted as err:
         return _declined(str(err), _budget(guard, site_policy))
     if plan.noise_multiplier > MAX_USEFUL_NOISE:

@@ -616,7 +616,7 @@ def _audit_run(
                     report.add("fail", site_where, f"status {site.status} but no signed privacy report is recorded")
                 continue
             try:
-                signed = verify_report(site.privacy_signed, record.run_id, rnd.server_round, base, manifest.site(site_id))
+                signed = verify_report(site.privacy_signed, rnd.flower_run_id or record.run_id, rnd.server_round, base, manifest.site(site_id))
             except (ReportInvalid, ManifestError) as exc:
                 report.add("fail", site_where, f"the privacy report's signature does not verify: {exc}")
                 continue

@@ -39,6 +39,7 @@ class RoundInstruction:
     seed: int
     personalise_epochs: int
     dp: int
+    run_key: str
     sim_root: str = ""
 
     def to_config(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class RoundRecord:
     sites: dict[str, SiteRound] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
     aggregated_sites: list[str] = field(default_factory=list)
+    flower_run_id: int = 0  # the Flower run that executed this round (a resumed run has several)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunRecord:
     final_checkpoint: str = ""
     finished: str = ""
     manifest: str = ""
+    abandoned_rounds: list[RoundRecord] = field(default_factory=list)  # begun but not completed before a resume
 
     def round(self, server_round: int) -> RoundRecord:
         for record in self.rounds:
@@ -98,13 +100,17 @@ class RunRecord:
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
         raw = json.loads(Path(path).read_text())
-        rounds = [
-            RoundRecord(
-                server_round=r["server_round"],
-                sites={k: SiteRound(**v) for k, v in r["sites"].items()},
-                central=r["central"],
-                aggregated_sites=r["aggregated_sites"],
-            )
-            for r in raw.pop("rounds")
-        ]
-        return cls(rounds=rounds, **raw)
+
+        def rounds(key: str) -> list[RoundRecord]:
+            return [
+                RoundRecord(
+                    server_round=r["server_round"],
+                    sites={k: SiteRound(**v) for k, v in r["sites"].items()},
+                    central=r["central"],
+                    aggregated_sites=r["aggregated_sites"],
+                    flower_run_id=r.get("flower_run_id", 0),
+                )
+                for r in raw.pop(key, [])
+            ]
+
+        return cls(rounds=rounds("rounds"), abandoned_rounds=rounds("abandoned_rounds"), **raw)

@@ -48,6 +48,7 @@ class RunSettings:
     target_epsilon: float = 3.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

@@ -12,14 +12,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.keys import Identity, write_identity
-from common.manifest import Manifest, sign_manifest, write_manifest
+from common.keys import Identity, read_identity, write_identity
+from common.manifest import Manifest, read_manifest, sign_manifest, write_manifest
 from common.scenarios import Scenario
 from common.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.site_data import write_site_data
 from common.site_policy import SitePolicy, write_policy
 
 COORDINATOR_NAME = "coordinator"
+COORDINATOR_KEYS_DIR = "coordinator-keys"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -41,15 +42,24 @@ def simulated_policy(allow_non_private: bool) -> SitePolicy:
     return SitePolicy(max_epsilon=10.0, delta=1e-5, allow_non_private=allow_non_private)
 
 
-def materialize_sites(scenario: Scenario, root: Path, federation: str, policy: SitePolicy) -> SimulatedFederation:
+def materialize_sites(scenario: Scenario, root: Path, federation: str, policy: SitePolicy, reuse_keys: bool = False) -> SimulatedFederation:
     """Write every target site's data, fresh keys, the signed manifest and ``site.toml`` under ``root``.
 
     A site's privacy policy is written only if the site has none yet: like a real site's,
-    it belongs to the site and outlives runs, as does its ledger.
+    it belongs to the site and outlives runs, as does its ledger. ``reuse_keys`` keeps the
+    keys and manifest of the previous run (a resumed run continues under the same manifest).
     """
+    coordinator_dir = Path(root).resolve() / COORDINATOR_KEYS_DIR
+    if reuse_keys and coordinator_dir.is_dir():
+        coordinator = read_identity(coordinator_dir, COORDINATOR_NAME)
+        manifest = read_manifest(coordinator_dir / MANIFEST_FILE, coordinator.public().fingerprint())
+        return SimulatedFederation([SiteConfig.load(site_dir(root, i) / SITE_CONFIG_FILE) for i in range(len(scenario.sites))], coordinator, manifest)
     coordinator = Identity.generate(COORDINATOR_NAME)
     identities = [Identity.generate(site.name) for site in scenario.sites]
     manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
+    shutil.rmtree(coordinator_dir, ignore_errors=True)
+    write_identity(coordinator, coordinator_dir)
+    write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
     configs = []
     for index, (site, identity) in enumerate(zip(scenario.sites, identities)):
         folder = site_dir(root, index).resolve()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from safetensors.numpy import load_file, save_file
 
 from common.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from common.metrics import classification_metrics
@@ -22,7 +26,7 @@ from common.site_policy import PrivacyRequest
 from common.training import as_tensors, predict_proba
 from common.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
-from common.run_record import RunRecord
+from common.run_record import RUN_RECORD_FILE, RunRecord
 from server.secure_channel import CoordinatorChannel, UpdateLimits
 from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy
 
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 SOURCE_MODEL_DIR = "source-model"
 FINAL_MODEL_DIR = "final-model"
 ROUND_CHECKPOINT_DIR = "checkpoints"
+STRATEGY_STATE_FILE = "strategy-state.safetensors"
 
 
 class FederationFailed(RuntimeError):
@@ -65,15 +70,66 @@ def coordinator_keys(settings: RunSettings) -> tuple[Identity, Manifest]:
     return identity, manifest
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an interrupted run stands: its record, last completed round, weights and strategy state."""
+
+    record: RunRecord
+    completed: int
+    model: FedModel
+    strategy_state: dict[str, np.ndarray]
+
+    @property
+    def last_round_begun(self) -> int:
+        """Sites may have spent budget in a round that never completed: its number is never reused."""
+        return max([self.completed, *(r.server_round for r in self.record.abandoned_rounds)])
+
+
+def resume_point(out: Path) -> ResumePoint:
+    """The last round of the run in ``out`` whose checkpoint was fully written."""
+    if not (out / RUN_RECORD_FILE).is_file():
+        raise FederationFailed(f"nothing to resume in {out}: it holds no {RUN_RECORD_FILE}")
+    record = RunRecord.load(out / RUN_RECORD_FILE)
+    saved = [r.server_round for r in record.rounds if r.aggregated_sites and (_round_dir(out, r.server_round) / STRATEGY_STATE_FILE).is_file()]
+    if not saved:
+        raise FederationFailed(f"the run in {out} completed no round; start it again instead of resuming")
+    completed = max(saved)
+    model, _ = load_checkpoint(_round_dir(out, completed))
+    record.abandoned_rounds += [r for r in record.rounds if r.server_round > completed]
+    record.rounds = [r for r in record.rounds if r.server_round <= completed]
+    record.status, record.stop_reason, record.finished = "running", "", ""
+    return ResumePoint(record, completed, model, load_file(str(_round_dir(out, completed) / STRATEGY_STATE_FILE)))
+
+
+def _round_dir(out: Path, server_round: int) -> Path:
+    return out / ROUND_CHECKPOINT_DIR / f"round-{server_round}"
+
+
+def _save_strategy_state(state: dict[str, np.ndarray], directory: Path) -> None:
+    tmp = directory / f".{STRATEGY_STATE_FILE}.tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    os.replace(tmp, directory / STRATEGY_STATE_FILE)
+
+
 def with_trainable(model: FedModel, arrays: ArrayRecord) -> FedModel:
     model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
     return model
 
 
 def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
-    """Run ``settings.num_server_rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``."""
+    """Run ``settings.num_server_rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``.
+
+    With ``settings.resume`` the run recorded in ``settings.out`` continues from its last
+    completed round, with that run's settings, keys and round numbers, so the sites keep
+    their run plan and nothing they recorded is rolled back.
+    """
     out = Path(settings.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    resumed = resume_point(out) if settings.resume else None
+    if resumed is not None:
+        settings = RunSettings(**{**resumed.record.settings, "resume": True, "out": str(out)})
+        log.info("resuming run %s after round %d of %d", resumed.record.run_id, resumed.completed, settings.num_server_rounds)
+    offset = resumed.last_round_begun if resumed else 0
     scenario = _scenario(settings)
     checkpoint = base_checkpoint(settings, scenario, out)
     model, card = load_checkpoint(checkpoint)
@@ -82,7 +138,9 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     sim_root = ""
     if settings.sim_root and scenario is not None:
         sim_root = str(Path(settings.sim_root).expanduser().resolve())
-        simulated = materialize_sites(scenario, Path(sim_root), f"simulation-{run_id}", simulated_policy(allow_non_private=not settings.dp))
+        simulated = materialize_sites(
+            scenario, Path(sim_root), f"simulation-{run_id}", simulated_policy(allow_non_private=not settings.dp), reuse_keys=resumed is not None
+        )
         identity, manifest = simulated.coordinator, simulated.manifest
     else:
         identity, manifest = coordinator_keys(settings)
@@ -101,11 +159,12 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         seed=settings.seed,
         personalise_epochs=settings.personalise_epochs,
         dp=int(settings.dp),
+        run_key=str(resumed.record.run_id if resumed else run_id),
         sim_root=sim_root,
     )
     request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, settings.num_server_rounds)
     round_config = instruction.to_config() | request.to_config()
-    record = RunRecord(
+    record = resumed.record if resumed else RunRecord(
         run_id=run_id,
         settings=settings.__dict__ | {"checkpoint": str(checkpoint)},
         base_model={"path": str(checkpoint), "fingerprint": card.model_fingerprint, "weights_sha256": card.weights_sha256, "source": card.source_description},
@@ -114,6 +173,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         manifest=manifest.to_json(),
     )
     trainable = policy.trainable_state(model)
+    initial = policy.trainable_state(resumed.model) if resumed else trainable
     limits = UpdateLimits(
         shapes={name: t.shape for name, t in trainable.items()},
         dtypes={name: t.dtype for name, t in trainable.items()},
@@ -125,16 +185,25 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         BasePayload(ArrayRecord(base_state), card.to_json()),
         record,
         settings.min_sites,
+        persist=lambda: record.save(out),
+        round_offset=offset,
     )
+    if resumed is not None:
+        strategy.load_state(resumed.strategy_state)
+        strategy.latest_arrays = ArrayRecord(initial)
     log.info("run %s: %s from %s, policy %s (%d of %d parameters travel), strategy %s",
              run_id, settings.scenario or "deployment", checkpoint, policy,
              sum(t.numel() for t in trainable.values()), sum(t.numel() for t in base_state.values()), settings.strategy)
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0 and resumed is not None:
+            return None  # the resumed starting point was evaluated and saved before the interruption
+        server_round = flower_round + offset
         current = with_trainable(card.build(), ArrayRecord(base_state))
         with_trainable(current, arrays)
         if server_round > 0:
-            save_checkpoint(current, out / ROUND_CHECKPOINT_DIR / f"round-{server_round}", **_card_fields(card, record, server_round))
+            save_checkpoint(current, _round_dir(out, server_round), **_card_fields(card, record, server_round))
+            _save_strategy_state(strategy.state(), _round_dir(out, server_round))
         metrics = None
         if scenario is not None and scenario.source is not None:
             x, _ = as_tensors(scenario.source.test.x, scenario.source.test.y)
@@ -148,8 +217,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(trainable),
-            num_rounds=settings.num_server_rounds,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=settings.num_server_rounds - offset,
             timeout=settings.round_timeout,
             train_config=ConfigRecord(round_config),
             evaluate_config=ConfigRecord(round_config),

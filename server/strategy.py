@@ -9,9 +9,10 @@ FedProx, FedAdam, ...) to aggregate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -22,6 +23,9 @@ from common.run_record import RunRecord
 from server.secure_channel import CoordinatorChannel, ReplyRejected
 
 log = logging.getLogger(__name__)
+
+
+OPTIMIZER_STATE = ("m_t", "v_t")  # what Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) carries across rounds
 
 
 class TooFewSites(RuntimeError):
@@ -67,8 +71,19 @@ def _numeric_metrics(values: object) -> dict[str, float | int] | None:
 class SiteAwareStrategy(Strategy):
     """Delegates aggregation to ``inner`` after opening, checking and recording every reply."""
 
-    def __init__(self, inner: Strategy, channel: CoordinatorChannel, base: BasePayload, record: RunRecord, min_sites: int) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        channel: CoordinatorChannel,
+        base: BasePayload,
+        record: RunRecord,
+        min_sites: int,
+        persist: Callable[[], None],
+        round_offset: int = 0,
+    ) -> None:
         self.inner = inner
+        self.persist = persist
+        self.round_offset = round_offset
         self.channel = channel
         self.base = base
         self.record = record
@@ -99,10 +114,15 @@ class SiteAwareStrategy(Strategy):
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._global = arrays.to_torch_state_dict()
-        return self._outgoing(self.inner.configure_train(server_round, arrays, config, grid), arrays, "train", server_round)
+        messages = self.inner.configure_train(server_round, arrays, config, grid)
+        self.record.round(server_round).flower_run_id = self.channel.run_id
+        self.persist()  # durably note the round began: sites may spend budget on it from now on
+        return self._outgoing(messages, arrays, "train", server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         return self._outgoing(self.inner.configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate", server_round)
 
     def _node_name(self, node: int) -> str:
@@ -160,20 +180,32 @@ class SiteAwareStrategy(Strategy):
             good.append(msg)
         for node in self._sent - replied:
             self._mark(server_round, self._node_name(node), "no-reply", f"{phase}: no reply before the round timeout")
-        return good
+        # Flower samples nodes in random order; a fixed order makes float sums, and so runs, reproducible.
+        return sorted(good, key=lambda m: self._sites_by_node[m.metadata.src_node_id])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         good = self._sort(server_round, replies, "train")
-        self.record.round(server_round).aggregated_sites = sorted(self._sites_by_node[m.metadata.src_node_id] for m in good)
         if len(good) < self.min_sites:
             raise TooFewSites(
                 f"round {server_round}: only {len(good)} site(s) sent usable updates, fewer than min-sites={self.min_sites}"
             )
+        self.record.round(server_round).aggregated_sites = sorted(self._sites_by_node[m.metadata.src_node_id] for m in good)
         arrays, metrics = self.inner.aggregate_train(server_round, good)
         if arrays is not None:
             arrays = self._model_dtypes(arrays)
             self.latest_arrays = arrays
         return arrays, metrics
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The inner strategy's own state (FedAdam/FedYogi moments), to checkpoint with the model."""
+        return {f"{attr}/{k}": v for attr in OPTIMIZER_STATE for k, v in (getattr(self.inner, attr, None) or {}).items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for attr in OPTIMIZER_STATE:
+            values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{attr}/")}
+            if values:
+                setattr(self.inner, attr, values)
 
     def _model_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         """Some strategies (FedAdam, FedYogi) aggregate in float64; the model keeps its own dtypes."""
@@ -181,5 +213,6 @@ class SiteAwareStrategy(Strategy):
         return ArrayRecord({name: tensor.to(dtypes[name]) for name, tensor in arrays.to_torch_state_dict().items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         good = self._sort(server_round, replies, "evaluate")
         return self.inner.aggregate_evaluate(server_round, good) if good else None

@@ -19,6 +19,10 @@ _MODULES = {
     "dp": "simulations.benchmarks.dp_cost",
     "crypto": "simulations.benchmarks.crypto_cost",
     "comm": "simulations.benchmarks.communication",
+    "flamby": "simulations.benchmarks.flamby",
+    "transfer-privacy": "simulations.benchmarks.transfer_privacy",
+    "speed": "simulations.benchmarks.speed",
+    "scale": "simulations.benchmarks.scale",
 }
 
 

@@ -1,0 +1,214 @@
+"""What the federated benchmarks share: in-process runs, site policies, ledgers, timers and plots.
+
+``flamby``, ``transfer-privacy``, ``speed`` and ``scale`` drive the real ServerApp logic
+(``server.federation.run_federation``) and the real ClientApp (``client.app.app``); this
+module holds the pieces they have in common so each benchmark module is one idea.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from client.app import app as client_app  # noqa: E402
+from common.ledger import Ledger  # noqa: E402
+from common.run_record import RunRecord  # noqa: E402
+from common.settings import RunSettings  # noqa: E402
+from common.simulated_sites import site_dir  # noqa: E402
+from common.site_policy import SitePolicy, write_policy  # noqa: E402
+from server.federation import run_federation  # noqa: E402
+from simulations.inprocess import DirectGrid  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+POLICY_FILE = "privacy-policy.toml"
+SERVER_LOGGER = "server.federation"
+
+
+def prewrite_policies(sim_root: Path, num_sites: int, policy: SitePolicy) -> None:
+    """Give each simulated site ``policy`` before its first run (a site keeps a policy it already has)."""
+    for index in range(num_sites):
+        state = site_dir(sim_root, index) / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        write_policy(policy, state / POLICY_FILE)
+
+
+def run_inprocess(settings: RunSettings, num_sites: int, run_id: int = 4242) -> RunRecord:
+    """One federated run through the real apps over ``DirectGrid`` (no Flower engine)."""
+    grid = DirectGrid(client_app, num_nodes=num_sites, run_id=run_id)
+    return run_federation(grid, settings, run_id)
+
+
+def last_evaluated(record: RunRecord, metric: str = "accuracy") -> dict[str, float]:
+    """``{site: metric}`` from the last round in which any site reported an evaluation."""
+    for current in reversed(record.rounds):
+        values = {site: r.evaluate[metric] for site, r in current.sites.items() if metric in r.evaluate}
+        if values:
+            return values
+    return {}
+
+
+def ledger_epsilons(sim_root: Path, num_sites: int) -> list[float]:
+    """The largest recorded epsilon in each site's ledger (its dataset's total spend), NaN if it spent none."""
+    spent = []
+    for index in range(num_sites):
+        entries = Ledger(site_dir(sim_root, index) / "state").entries()
+        spent.append(max((e.epsilon for e in entries), default=math.nan))
+    return spent
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) of the finite values."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+# --- timing -----------------------------------------------------------------------------
+
+@dataclass
+class Stopwatch:
+    """Exclusive time per category: a timed call nested in another counts only for the inner one."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    _stack: list[list[float]] = field(default_factory=list)
+
+    @contextmanager
+    def measure(self, category: str) -> Iterator[None]:
+        frame = [0.0]  # seconds spent in nested measured calls
+        self._stack.append(frame)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self._stack.pop()
+            self.seconds[category] = self.seconds.get(category, 0.0) + elapsed - frame[0]
+            self.calls[category] = self.calls.get(category, 0) + 1
+            if self._stack:
+                self._stack[-1][0] += elapsed
+
+
+@contextmanager
+def instrumented(stopwatch: Stopwatch, targets: Sequence[tuple[Any, str, str]]) -> Iterator[Stopwatch]:
+    """Wrap ``owner.name`` (a module function or a class method) in ``stopwatch`` under a category.
+
+    The originals are restored on exit; no library code is edited.
+    """
+    originals = []
+    for owner, name, category in targets:
+        original = getattr(owner, name)
+        originals.append((owner, name, original))
+
+        setattr(owner, name, _timed_call(stopwatch, original, category))
+    try:
+        yield stopwatch
+    finally:
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)
+
+
+def _timed_call(stopwatch: Stopwatch, function: Callable[..., Any], category: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with stopwatch.measure(category):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+class RoundClock(logging.Handler):
+    """Timestamps of the coordinator's "round N/M done" log lines: the end of each round."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.done: dict[int, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("round ") and record.args and isinstance(record.args[0], int):
+            self.done[record.args[0]] = time.perf_counter()
+
+    def round_seconds(self) -> list[float]:
+        """Wall seconds of rounds 1, 2, ...: from the end of one round (round 0 = base model) to the next."""
+        rounds = sorted(self.done)
+        return [self.done[r] - self.done[p] for p, r in zip(rounds, rounds[1:])]
+
+
+@contextmanager
+def round_clock() -> Iterator[RoundClock]:
+    """Listen to the coordinator's round log lines for the duration of the block."""
+    clock = RoundClock()
+    server_log = logging.getLogger(SERVER_LOGGER)
+    level = server_log.level
+    server_log.addHandler(clock)
+    if server_log.getEffectiveLevel() > logging.INFO:
+        server_log.setLevel(logging.INFO)
+    try:
+        yield clock
+    finally:
+        server_log.removeHandler(clock)
+        server_log.setLevel(level)
+
+
+# --- plots ------------------------------------------------------------------------------
+
+def bar_plot(path: Path, labels: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, title: str,
+             reference: dict[str, float] | None = None) -> Path:
+    """Grouped bars, one group per label, one bar per series; optional horizontal reference lines."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 3), 4.0))
+    width = 0.8 / max(1, len(series))
+    for offset, (name, values) in enumerate(series.items()):
+        xs = [i + (offset - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [v if math.isfinite(v) else 0.0 for v in values], width=width, label=name)
+    for name, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(name, (len(labels) - 0.5, value), fontsize=7, ha="right", va="bottom")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_plot(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
+              title: str, xlog: bool = False, xticklabels: Sequence[str] | None = None) -> Path:
+    """One line per series over shared x values (NaN points are left out)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for name, values in series.items():
+        points = [(x, v) for x, v in zip(xs, values) if math.isfinite(v)]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    if xlog:
+        ax.set_xscale("log")
+    if xticklabels is not None:
+        ax.set_xticks(list(xs), list(xticklabels))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

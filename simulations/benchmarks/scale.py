@@ -1,0 +1,272 @@
+"""Scale: wall time per round and peak memory of Flower simulations with 2, 8 and 32 sites.
+
+Each (scenario, number of sites) runs Flower's real simulation engine
+(``flwr.simulation.run_simulation`` with ``server.app.make_server_app(settings)`` and
+``client.app.app``, as ``fedtransfer simulate`` does) in a child process of its own, so that
+Ray starts fresh and memory is not carried over. The parent samples the resident memory of
+the child and all its descendants (Ray's GCS, raylet and workers) from ``/proc`` and keeps
+the peak. Round times come from the coordinator's "round N/M done" log lines.
+
+Sites beyond the scenario's 4 are deterministic copies: site k holds the data of scenario
+site k mod 4 (with 2 sites, the first two). Every site therefore does the same work at every
+size, and the growth shows what the engine and the coordinator add per site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.simulation import run_simulation
+
+from client.app import app as client_app
+from common.pretraining import pretrain_source
+from common.scenarios import load_scenario
+from common.settings import RunSettings
+from common.site_data import write_site_data
+from server.app import make_server_app
+from simulations.benchmarks.harness import line_plot, round_clock
+from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+
+logger = logging.getLogger(__name__)
+
+NAME = "scale"
+SCENARIOS = ("wdbc", "synthetic-imaging")
+SIZES = (2, 8, 32)
+QUICK_SCENARIOS = ("wdbc",)
+QUICK_SIZES = (2,)
+ROUNDS = 3
+QUICK_ROUNDS = 1
+LOCAL_EPOCHS = 1
+MEMORY_SAMPLE_SECONDS = 0.2
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+@dataclass(frozen=True)
+class ScalePoint:
+    """One simulation: its round times, the whole child's wall time and the tree's peak resident memory."""
+
+    scenario: str
+    sites: int
+    rounds: int
+    round_seconds: list[float]
+    first_round_seconds: float
+    steady_round_seconds: float
+    process_seconds: float
+    peak_rss_mb: float
+    driver_peak_rss_mb: float
+
+
+def write_study(scenario_name: str, sites: int, directory: Path, seed: int) -> Path:
+    """A bring-your-own scenario TOML with ``sites`` sites copied deterministically from the scenario's."""
+    scenario = load_scenario(scenario_name, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_site_data(scenario.source, directory / "source", scenario.feature_names)
+    entries = []
+    for k in range(sites):
+        base = scenario.sites[k % len(scenario.sites)]
+        write_site_data(base, directory / f"site-{k}", scenario.feature_names)
+        entries.append(f'[[sites]]\nname = "{base.name}-{k}"\npath = "site-{k}"\n')
+    model_args = "".join(f"{key} = {json.dumps(value)}\n" for key, value in scenario.model.args.items())
+    shape = json.dumps(list(scenario.input_shape))
+    classes = json.dumps(list(scenario.class_names))
+    study = directory / "study.toml"
+    study.write_text(
+        f'[scenario]\nname = "{scenario_name}-x{sites}"\ndescription = "{scenario_name} sites copied to {sites}"\n'
+        f"class_names = {classes}\ninput_shape = {shape}\n\n"
+        f'[model]\narch = "{scenario.model.arch}"\npolicy = "{scenario.policy}"\n{model_args}\n'
+        '[source]\npath = "source"\n\n' + "\n".join(entries),
+        encoding="utf-8",
+    )
+    return study
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_rss_mb(root: int) -> float:
+    return sum(_rss_kb(pid) for pid in _descendants(root)) / 1024
+
+
+def _run_child(study: Path, checkpoint: Path, sites: int, rounds: int, seed: int, work: Path) -> dict[str, Any]:
+    """Run one simulation in a child process while sampling its process tree's memory."""
+    spec = {"study": str(study), "checkpoint": str(checkpoint), "sites": sites, "rounds": rounds, "seed": seed,
+            "work": str(work)}
+    env = {**os.environ, **FLOWER_ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "simulations.benchmarks.scale", json.dumps(spec)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    peak = [0.0]
+    finished = threading.Event()
+
+    def sample() -> None:
+        while not finished.is_set():
+            peak[0] = max(peak[0], _tree_rss_mb(child.pid))
+            finished.wait(MEMORY_SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = child.communicate()
+    finished.set()
+    sampler.join()
+    if child.returncode != 0:
+        raise RuntimeError(f"scale: the simulation with {sites} sites failed (exit {child.returncode}); run it alone to see its log")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    return report | {"process_seconds": time.perf_counter() - start, "peak_rss_mb": peak[0]}
+
+
+def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the child: one Flower simulation of the study; returns round times and the driver's peak RSS."""
+    work = Path(spec["work"])
+    settings = RunSettings(
+        scenario=spec["study"], checkpoint=spec["checkpoint"], num_server_rounds=spec["rounds"], local_epochs=LOCAL_EPOCHS,
+        dp=False, seed=spec["seed"], personalise_epochs=0, out=str(work / "out"), sim_root=str(work / "sites"),
+        min_sites=spec["sites"], expected_sites=spec["sites"],
+    )
+    with round_clock() as clock:
+        run_simulation(
+            server_app=make_server_app(settings),
+            client_app=client_app,
+            num_supernodes=spec["sites"],
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        )
+    rounds = clock.round_seconds()
+    if len(rounds) != spec["rounds"]:
+        raise RuntimeError(f"expected {spec['rounds']} rounds, the coordinator logged {len(rounds)}")
+    return {"round_seconds": rounds, "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: str) -> str:
+    rows = [[p.scenario, p.sites, f"{p.first_round_seconds:.2f}", f"{p.steady_round_seconds:.2f}",
+             f"{p.steady_round_seconds / p.sites:.3f}", f"{p.process_seconds:.1f}", f"{p.peak_rss_mb:.0f}",
+             f"{p.driver_peak_rss_mb:.0f}"] for p in points]
+    growth_rows = [[g["scenario"], f"{g['from_sites']} -> {g['to_sites']}", f"{g['sites_factor']:.0f}x",
+                    f"{g['round_time_factor']:.2f}x", f"{g['memory_factor']:.2f}x"] for g in result["growth"]]
+    lines = [
+        machine_text,
+        f"Flower's simulation engine (`run_simulation`, Ray, 1 CPU per client on a 2-CPU Ray instance, so two sites train "
+        f"at a time), `make_server_app(settings)` + `client.app.app`; {result['rounds']} round(s) of {LOCAL_EPOCHS} local "
+        "epoch(s), FedAvg, the scenario's default model and policy, **without DP** (DP accounting per site-round is the same "
+        "at every size; its cost is in the `speed` benchmark), envelopes on. Sites beyond 4 are copies of the scenario's "
+        "sites (site k = site k mod 4). Round time: between the coordinator's round-done log lines (training, "
+        "federated evaluation and a checkpoint); the first round also starts Ray's workers (each imports torch), so "
+        "growth is read on the later rounds (with a single round, later = first). Peak memory: summed resident memory of the child process and every "
+        f"descendant (Ray's processes), sampled every {MEMORY_SAMPLE_SECONDS:g} s; driver: the child's own peak.",
+        "",
+        markdown_table(["scenario", "sites", "first round s", "later rounds s", "later s / site", "process s",
+                        "peak tree RSS MB", "driver peak MB"], rows),
+        "",
+    ]
+    if growth_rows:
+        lines += ["Growth from the smallest size:", "",
+                  markdown_table(["scenario", "sites", "sites factor", "later-round time factor", "memory factor"], growth_rows), ""]
+    lines += ["![scale](scale-rounds.png)"]
+    return "\n".join(lines)
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Simulate every (scenario, sites); write ``scale.json``, ``scale.md`` and ``scale-rounds.png``."""
+    machine = this_machine()
+    out_dir = Path(out_dir)
+    scenarios, sizes = (QUICK_SCENARIOS, QUICK_SIZES) if quick else (SCENARIOS, SIZES)
+    rounds = QUICK_ROUNDS if quick else ROUNDS
+    points: list[ScalePoint] = []
+    with tempfile.TemporaryDirectory(prefix="fedtransfer-scale-") as work:
+        for name in scenarios:
+            checkpoint = Path(work) / f"{name}-source-model"
+            pretrain_source(load_scenario(name, seed=seed), checkpoint, seed=seed)
+            for sites in sizes:
+                folder = Path(work) / f"{name}-{sites}"
+                study = write_study(name, sites, folder / "study", seed)
+                report = _run_child(study, checkpoint, sites, rounds, seed, folder)
+                times = report["round_seconds"]
+                steady = times[1:] or times  # the first round also starts Ray's workers
+                points.append(ScalePoint(name, sites, rounds, times, times[0], sum(steady) / len(steady),
+                                         report["process_seconds"], report["peak_rss_mb"], report["driver_peak_rss_mb"]))
+                logger.info("scale %s x%d: %.2f s per steady round, peak %.0f MB", name, sites, points[-1].steady_round_seconds,
+                            report["peak_rss_mb"])
+    growth = []
+    for name in scenarios:
+        mine = [p for p in points if p.scenario == name]
+        for point in mine[1:]:
+            growth.append({
+                "scenario": name, "from_sites": mine[0].sites, "to_sites": point.sites,
+                "sites_factor": point.sites / mine[0].sites,
+                "round_time_factor": point.steady_round_seconds / mine[0].steady_round_seconds,
+                "memory_factor": point.peak_rss_mb / mine[0].peak_rss_mb,
+            })
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "quick": quick,
+        "seed": seed,
+        "machine": machine_record(machine),
+        "command": bench_command(NAME, quick, seed),
+        "rounds": rounds,
+        "local_epochs": LOCAL_EPOCHS,
+        "dp": False,
+        "points": [asdict(p) for p in points],
+        "growth": growth,
+    }
+    line_plot(out_dir / "scale-rounds.png", list(sizes),
+              {f"{name} s/round": [p.steady_round_seconds for p in points if p.scenario == name] for name in scenarios}
+              | {f"{name} peak GB": [p.peak_rss_mb / 1024 for p in points if p.scenario == name] for name in scenarios},
+              "sites", "seconds per round / peak GB", "Scale: Flower simulation engine", xlog=True,
+              xticklabels=[str(s) for s in sizes])
+    result["plots"] = ["scale-rounds.png"]
+    text = header("Scale: sites against round time and memory", machine, result["command"], quick)
+    return write_result(out_dir, NAME, result, _markdown(result, points, text))
+
+
+def main() -> None:
+    """Child entry point: ``python -m simulations.benchmarks.scale SPEC_JSON`` prints one JSON line."""
+    parser = argparse.ArgumentParser(description="one scale-benchmark simulation (used by `fedtransfer bench scale`)")
+    parser.add_argument("spec", help="JSON with study, checkpoint, sites, rounds, seed, work")
+    spec = json.loads(parser.parse_args().spec)
+    print(json.dumps(simulate_once(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Per-round wall time of our ClientApp against a minimal Flower + Opacus app of the same shape.
+
+Both federations run the same scenario sites (the same data files), the same model and
+starting weights, the same rounds, local epochs, batch size, learning rate, clipping norm and
+noise multiplier, over the same in-process transport (``DirectGrid``), one after the other
+in one process.
+
+- **ours**: ``run_federation`` (ServerApp logic, strategy wrapper, envelopes) and
+  ``client.app.app`` (secure channel, budget guard, cached frozen features, DP-SGD on the
+  trainable part, ledger, federated evaluation).
+- **minimal peer** (written here): Flower's FedAvg and a bare ClientApp that, every round,
+  builds the model, loads the weights, makes a fresh ``PrivacyEngine`` (same accountant),
+  runs the full model forward at every step (frozen layers included) with DP-SGD, asks the
+  engine for epsilon, and replies with the plain weights; no envelope, no ledger, no policy.
+
+A round's time is from the end of one round's central evaluation to the next. Our time is
+also broken down by timing calls around the real functions (wrapped for the run, never
+edited): data, training, evaluation, DP accounting, crypto, codec, ledger, server
+bookkeeping; the rest is Flower (messages, records, strategy) and glue, not instrumented.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import client.app
+import client.budget
+import client.private_round
+import client.secure_channel
+import server.federation
+import server.secure_channel
+from common.checkpoint import ModelCard, load_checkpoint
+from common.ledger import Ledger
+from common.pretraining import pretrain_source
+from common.run_record import RunRecord
+from common.scenarios import load_scenario
+from common.settings import RunSettings
+from common.simulated_sites import site_dir
+from common.site_data import SiteData, load_site_data
+from common.site_policy import SitePolicy
+from common.training import as_tensors, predict_proba, use_one_torch_thread
+from common.transfer import TransferPolicy
+from simulations.benchmarks.harness import Stopwatch, bar_plot, instrumented, prewrite_policies, round_clock, run_inprocess
+from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.inprocess import DirectGrid
+
+logger = logging.getLogger(__name__)
+
+NAME = "speed"
+SCENARIO = "wdbc"
+DELTA = 1e-5
+
+#: What each category times: (module or class, attribute) wrapped for the run.
+CATEGORIES: dict[str, tuple[tuple[Any, str], ...]] = {
+    "data": ((client.app, "load_local_data"), (client.app, "frozen_features")),
+    "training": ((client.private_round, "dp_train"), (client.private_round, "fine_tune")),
+    "evaluation": ((client.app, "evaluate_model"),),
+    "DP accounting": ((client.budget, "calibrate_noise"), (client.budget, "compose_epsilon"), (client.budget, "reference_epsilon")),
+    "crypto": (
+        (client.secure_channel, "seal"), (client.secure_channel, "verify_instruction"), (client.secure_channel, "sign_report"),
+        (server.secure_channel, "open_envelope"), (server.secure_channel, "sign_instruction"), (server.secure_channel, "verify_report"),
+    ),
+    "codec": ((client.secure_channel, "encode_update"), (server.secure_channel, "decode_update")),
+    "ledger": ((Ledger, "append"), (Ledger, "entries")),
+    "server bookkeeping": ((server.federation, "save_checkpoint"), (RunRecord, "save")),
+}
+OTHER = "Flower and the rest"
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    sites: int
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    max_grad_norm: float
+    target_epsilon: float
+    accountant: str
+
+
+FULL = SpeedConfig(sites=4, rounds=3, local_epochs=2, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="prv")
+QUICK = SpeedConfig(sites=2, rounds=2, local_epochs=1, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="rdp")
+
+
+# --- the minimal peer -------------------------------------------------------------------
+
+peer_app = ClientApp()
+
+
+@lru_cache(maxsize=64)
+def _peer_card(checkpoint: str) -> ModelCard:
+    return load_checkpoint(Path(checkpoint))[1]
+
+
+@lru_cache(maxsize=64)
+def _peer_data(sim_root: str, partition: int, checkpoint: str) -> SiteData:
+    card = _peer_card(checkpoint)
+    return load_site_data(site_dir(Path(sim_root), partition) / "data", tuple(card.input_shape), card.num_classes,
+                          require_two_train_classes=False)
+
+
+def _peer_model(msg: Message) -> tuple[nn.Module, ConfigRecord]:
+    config = msg.content["config"]
+    model = _peer_card(str(config["checkpoint"])).build()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    TransferPolicy.parse(str(config["policy"])).apply(model)
+    return model, config
+
+
+@peer_app.train()
+def _peer_train(msg: Message, context: Context) -> Message:
+    model, config = _peer_model(msg)
+    partition = int(context.node_config["partition-id"])
+    data = _peer_data(str(config["sim-root"]), partition, str(config["checkpoint"]))
+    x, y = as_tensors(data.train.x, data.train.y)
+    generator = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + int(config["server-round"]))
+    loader = DataLoader(TensorDataset(x, y), batch_size=int(config["batch-size"]), generator=generator)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        engine = PrivacyEngine(accountant=str(config["accountant"]))
+        module, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=float(config["noise-multipliers"][partition]), max_grad_norm=float(config["max-grad-norm"]),
+            noise_generator=generator,
+        )
+    loss_fn = nn.CrossEntropyLoss()
+    module.train()
+    for _ in range(int(config["local-epochs"])):
+        for xb, yb in dp_loader:
+            if len(yb) == 0:
+                continue
+            dp_optimizer.zero_grad()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+                loss_fn(module(xb), yb).backward()
+            dp_optimizer.step()
+    epsilon = engine.get_epsilon(float(config["delta"]))
+    content = RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": MetricRecord({"num-examples": len(y), "epsilon": float(epsilon)}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@peer_app.evaluate()
+def _peer_evaluate(msg: Message, context: Context) -> Message:
+    model, config = _peer_model(msg)
+    data = _peer_data(str(config["sim-root"]), int(context.node_config["partition-id"]), str(config["checkpoint"]))
+    x, y = as_tensors(data.test.x, data.test.y)
+    accuracy = float((predict_proba(model, x).argmax(axis=1) == y.numpy()).mean())
+    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": len(y), "accuracy": accuracy})}), reply_to=msg)
+
+
+def _run_peer(checkpoint: Path, sim_root: Path, policy: str, cfg: SpeedConfig, noise: list[float], seed: int) -> list[float]:
+    model, _ = load_checkpoint(checkpoint)
+    ends: dict[int, float] = {}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        ends[server_round] = time.perf_counter()
+        return None
+
+    base = ConfigRecord({
+        "checkpoint": str(checkpoint), "sim-root": str(sim_root), "policy": policy, "seed": seed, "lr": cfg.lr,
+        "batch-size": cfg.batch_size, "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm,
+        "noise-multipliers": noise, "accountant": cfg.accountant, "delta": DELTA, "server-round": 0,
+    })
+    strategy = _PeerFedAvg(base, min_train_nodes=cfg.sites, min_evaluate_nodes=cfg.sites, min_available_nodes=cfg.sites)
+    strategy.start(grid=DirectGrid(peer_app, num_nodes=cfg.sites, run_id=4343), initial_arrays=ArrayRecord(model.state_dict()),
+                   num_rounds=cfg.rounds, train_config=base, evaluate_config=base, evaluate_fn=evaluate_fn)
+    return [ends[r] - ends[r - 1] for r in range(1, cfg.rounds + 1)]
+
+
+class _PeerFedAvg(FedAvg):
+    """FedAvg that tells the peer's clients the round number (for their sampling seed)."""
+
+    def __init__(self, base: ConfigRecord, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base = base
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Any:
+        return super().configure_train(server_round, arrays, ConfigRecord({**dict(config.items()), "server-round": server_round}), grid)
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+def _targets() -> tuple[list[tuple[Any, str, str]], list[str]]:
+    targets, missing = [], []
+    for category, places in CATEGORIES.items():
+        for owner, name in places:
+            if hasattr(owner, name):
+                targets.append((owner, name, category))
+            else:
+                missing.append(f"{getattr(owner, '__name__', owner)}.{name}")
+    return targets, missing
+
+
+def _markdown(result: dict[str, Any], machine_text: str) -> str:
+    cfg = result["config"]
+    ours, peer = result["ours"]["round_seconds"], result["peer"]["round_seconds"]
+    round_rows = [[r + 1, f"{ours[r]:.3f}", f"{peer[r]:.3f}", f"{ours[r] / peer[r]:.2f}x"] for r in range(len(ours))]
+    total = result["ours"]["total_seconds"]
+    breakdown_rows = [
+        [category, f"{seconds:.3f}", f"{100 * seconds / total:.1f}%", result["breakdown"]["calls"].get(category, 0)]
+        for category, seconds in result["breakdown"]["seconds"].items()
+    ]
+    lines = [
+        machine_text,
+        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model mlp, policy {result['policy']}), {cfg['rounds']} rounds of "
+        f"{cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g}, DP-SGD clipping "
+        f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
+        f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both sides "
+        "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first.",
+        "",
+        markdown_table(["round", "ours s", "minimal peer s", "ours / peer"], round_rows),
+        "",
+        f"Ratio of medians: **{result['ratio_median']:.2f}x**; rounds after the first: {result['ratio_after_first']:.2f}x "
+        f"(our first round also calibrates the run's noise). Whole run: ours {total:.2f} s, peer "
+        f"{sum(peer):.2f} s ({result['ratio_total']:.2f}x).",
+        "",
+        f"Where our {total:.2f} s went (all rounds; exclusive time, a nested timed call counts once):",
+        "",
+        markdown_table(["part", "seconds", "share", "calls"], breakdown_rows),
+        "",
+        "data: `load_local_data` + `frozen_features`; training: `dp_train` (or `fine_tune`); evaluation: federated "
+        "evaluation at the sites; DP accounting: `calibrate_noise`, `compose_epsilon`, `reference_epsilon` (the ledger "
+        "records the epsilon under the other accountant too); crypto: seal, open, sign and verify of instructions, updates "
+        "and privacy reports; codec: update encode/decode; ledger: `Ledger.append` and reads; server bookkeeping: "
+        f"round checkpoints and the run record; {OTHER}: message building, Flower records and strategy, glue (not "
+        "instrumented).",
+    ]
+    if result["not_instrumented"]:
+        lines += ["", f"Functions not found in this checkout (not timed): {', '.join(result['not_instrumented'])}."]
+    lines += ["", "![per-round wall time](speed-rounds.png)"]
+    return "\n".join(lines)
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run ours, then the peer, on the same sites; write ``speed.json``, ``speed.md`` and ``speed-rounds.png``."""
+    use_one_torch_thread()
+    machine = this_machine()
+    out_dir = Path(out_dir)
+    cfg = QUICK if quick else FULL
+    scenario = load_scenario(SCENARIO, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="fedtransfer-speed-") as work:
+        root = Path(work)
+        checkpoint = root / "source-model"
+        card = pretrain_source(scenario, checkpoint, seed=seed)
+        sim_root = root / "sites"
+        prewrite_policies(sim_root, cfg.sites, SitePolicy(max_epsilon=10.0, delta=DELTA, accountant=cfg.accountant,
+                                                          max_grad_norm=cfg.max_grad_norm))
+        settings = RunSettings(
+            scenario=SCENARIO, checkpoint=str(checkpoint), num_server_rounds=cfg.rounds, local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", strategy="fedavg", dp=True,
+            target_epsilon=cfg.target_epsilon, delta=DELTA, max_grad_norm=cfg.max_grad_norm, seed=seed,
+            out=str(root / "out"), sim_root=str(sim_root), min_sites=cfg.sites, expected_sites=cfg.sites,
+        )
+        targets, missing = _targets()
+        stopwatch = Stopwatch()
+        with round_clock() as clock, instrumented(stopwatch, targets):
+            start = time.perf_counter()
+            run_inprocess(settings, cfg.sites)
+            whole = time.perf_counter() - start
+        ours = clock.round_seconds()
+        noise = [Ledger(site_dir(sim_root, i) / "state").entries()[0].noise_multiplier for i in range(cfg.sites)]
+        peer = _run_peer(checkpoint, sim_root, card.default_policy, cfg, noise, seed)
+    total = sum(ours)
+    breakdown = {category: stopwatch.seconds.get(category, 0.0) for category in CATEGORIES}
+    breakdown[OTHER] = max(0.0, total - sum(breakdown.values()))
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "quick": quick,
+        "seed": seed,
+        "machine": machine_record(machine),
+        "command": bench_command(NAME, quick, seed),
+        "scenario": SCENARIO,
+        "policy": card.default_policy,
+        "config": asdict(cfg),
+        "noise_multipliers": noise,
+        "ours": {"round_seconds": ours, "total_seconds": total, "run_seconds_with_setup": whole},
+        "peer": {"round_seconds": peer, "total_seconds": sum(peer)},
+        "ratio_median": statistics.median(ours) / statistics.median(peer),
+        "ratio_after_first": (statistics.median(ours[1:]) / statistics.median(peer[1:])) if len(ours) > 1 else statistics.median(ours) / statistics.median(peer),
+        "ratio_total": total / sum(peer),
+        "breakdown": {"seconds": breakdown, "calls": dict(stopwatch.calls)},
+        "not_instrumented": missing,
+    }
+    bar_plot(out_dir / "speed-rounds.png", [f"round {r + 1}" for r in range(len(ours))],
+             {"ours": ours, "minimal Flower + Opacus peer": peer}, "wall seconds", f"Per-round wall time, {SCENARIO}, {cfg.sites} sites")
+    result["plots"] = ["speed-rounds.png"]
+    text = header("Speed against a minimal Flower + Opacus peer", machine, result["command"], quick)
+    return write_result(out_dir, NAME, result, _markdown(result, text))

@@ -1,0 +1,102 @@
+"""Smoke runs of the flamby, transfer-privacy, speed and scale benchmarks: files, keys, finite figures.
+
+Quick mode only (1 seed, 1-2 rounds, few configurations, 2 sites for scale); the figures are
+never compared with targets here, only checked to exist and be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.heart_disease import DATA_DIR_ENV
+from simulations.benchmarks import BENCHMARKS
+from simulations.benchmarks.communication import heart_data_dir
+from simulations.benchmarks.harness import Stopwatch
+
+SUITE = ("flamby", "transfer-privacy", "speed", "scale")
+NEEDS_HEART_DATA = {"flamby", "transfer-privacy"}
+PLOTS = {
+    "flamby": "flamby-accuracy.png",
+    "transfer-privacy": "transfer-privacy-epsilon.png",
+    "speed": "speed-rounds.png",
+    "scale": "scale-rounds.png",
+}
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+@pytest.fixture(scope="module", params=SUITE)
+def figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, Any]]:
+    name = request.param
+    if name in NEEDS_HEART_DATA and not heart_data_dir().is_dir():
+        pytest.skip(f"the Fed-Heart-Disease files are not at {heart_data_dir()}; set {DATA_DIR_ENV}")
+    out = tmp_path_factory.mktemp(name)
+    return name, out, BENCHMARKS[name](out, quick=True, seed=0)
+
+
+def test_the_suite_is_registered() -> None:
+    assert set(SUITE) <= set(BENCHMARKS)
+
+
+def test_each_benchmark_writes_json_markdown_and_a_plot(figures: tuple[str, Path, dict[str, Any]]) -> None:
+    name, out, result = figures
+    written = json.loads((out / f"{name}.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["benchmark"] == name and written["quick"] is True and written["seed"] == 0
+    assert {"platform", "cores", "load_average"} <= set(written["machine"])
+    assert all(math.isfinite(n) for n in _numbers(written)), f"{name}: a figure is NaN or infinite"
+    markdown = (out / f"{name}.md").read_text()
+    assert f"fedtransfer bench {name} --quick" in markdown and "|---" in markdown
+    assert written["plots"] == [PLOTS[name]]
+    assert (out / PLOTS[name]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figure_keys(figures: tuple[str, Path, dict[str, Any]]) -> None:
+    name, _, result = figures
+    if name == "flamby":
+        methods = {m["method"] for m in result["methods"]}
+        assert {"pooled", "local Cleveland", "local VA"} <= methods and len(result["centres"]) == 4
+        assert {"method", "per_client_mean", "meets_pooled_target"} <= set(result["best_federated"])
+        assert all(0 <= m["per_client_mean"] <= 1 for m in result["methods"])
+    elif name == "transfer-privacy":
+        cells = {(c["method"], c["epsilon"]) for c in result["cells"]}
+        assert {("source only", None), ("local-only", None), ("local-only", 1.0), ("federated from scratch", 1.0),
+                ("federated transfer", 1.0), ("personalised", None)} <= cells
+        for cell in result["cells"]:
+            if cell["epsilon"] is not None:  # spent epsilon, from the ledgers, within what was asked (RDP)
+                assert 0 < cell["epsilon_spent_max"] <= cell["epsilon"] + 1e-6
+        assert {"federated_transfer", "local_only_no_dp", "met"} <= set(result["goal"])
+    elif name == "speed":
+        assert len(result["ours"]["round_seconds"]) == len(result["peer"]["round_seconds"]) == result["config"]["rounds"]
+        assert result["ratio_median"] > 0 and result["not_instrumented"] == []
+        parts = result["breakdown"]["seconds"]
+        assert {"data", "training", "DP accounting", "crypto", "ledger", "Flower and the rest"} <= set(parts)
+        assert parts["training"] > 0 and parts["crypto"] > 0 and parts["DP accounting"] > 0
+    else:
+        (point,) = result["points"]
+        assert point["sites"] == 2 and len(point["round_seconds"]) == result["rounds"]
+        assert point["peak_rss_mb"] > 0 and point["driver_peak_rss_mb"] > 0
+
+
+def test_stopwatch_counts_nested_time_once() -> None:
+    watch = Stopwatch()
+    with watch.measure("outer"):
+        with watch.measure("inner"):
+            sum(range(10_000))
+    assert watch.calls == {"outer": 1, "inner": 1}
+    assert watch.seconds["outer"] >= 0 and watch.seconds["inner"] > 0
