@@ -9,11 +9,16 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.logging import RichHandler
 from rich.table import Table
 
 from common.settings import STRATEGIES, RunSettings
+
+if TYPE_CHECKING:
+    from common.run_record import RunRecord
+    from simulations.simulate import SimulationResult
 
 from common import cli_audit, cli_bench, cli_deploy, cli_keys
 from common.console import console
@@ -41,9 +46,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import fmt, row_mean, simulate
+    from simulations.simulate import simulate
 
     scenario = str(Path(args.scenario).resolve()) if args.scenario.endswith(".toml") else args.scenario
+    if args.resume:
+        settings = RunSettings(out=args.resume, resume=True)
+        console.print(f"[bold]fedtransfer simulate[/bold]: resuming the run in {args.resume} with the settings it started with")
+        return _report_simulation(simulate(settings))
     settings = RunSettings(
         scenario=scenario,
         num_server_rounds=args.rounds,
@@ -63,7 +72,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta {settings.delta:g}; each site's own policy caps its cumulative spend")
     else:
         console.print("[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose policy allows it will; nothing protects their records.[/bold red]")
-    result = simulate(settings, Path(args.state_dir) if args.state_dir else None)
+    return _report_simulation(simulate(settings, Path(args.state_dir) if args.state_dir else None))
+
+
+def _report_simulation(result: "SimulationResult") -> int:
+    from simulations.simulate import fmt, row_mean
+
     table = Table(title=f"Test accuracy per target site ({result.record.status}, run {result.record.run_id})")
     sites = sorted(result.comparison["source as-is"])
     table.add_column("method")
@@ -81,7 +95,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _privacy_table(record) -> Table | str:
+def _privacy_table(record: "RunRecord") -> Table | str:
     last: dict[str, tuple[int, str, dict]] = {}
     declined: dict[str, int] = {}
     for r in record.rounds:
@@ -150,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--epsilon", type=float, default=defaults.target_epsilon, help="epsilon the coordinator requests for this run; sites cap it by their own policy (default: %(default)s)")
     sim.add_argument("--delta", type=float, default=defaults.delta, help="delta the coordinator requests (default: %(default)s)")
     sim.add_argument("--no-dp", action="store_true", help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: simulated sites created by such a run do)")
+    sim.add_argument("--resume", default="", metavar="DIR", help="continue the interrupted run in DIR (its --out) from its last completed round, with its own settings")
     sim.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)")
     sim.set_defaults(func=_cmd_simulate)
 

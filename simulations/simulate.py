@@ -12,7 +12,7 @@ from flwr.simulation import run_simulation
 from client.app import app as client_app
 from common.checkpoint import load_checkpoint
 from common.pretraining import pretrain_source
-from common.scenarios import load_scenario
+from common.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
 from common.training import TrainConfig
 from common.transfer import TransferPolicy
@@ -36,6 +36,10 @@ class SimulationResult:
     out: Path
     comparison: dict[str, dict[str, float]]   # {method: {site: accuracy}}
     metric: str = "accuracy"
+
+
+def _load(settings: RunSettings) -> Scenario:
+    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None)
 
 
 def comparison_table(record: RunRecord, baselines: Baselines, metric: str) -> dict[str, dict[str, float]]:
@@ -77,22 +81,33 @@ def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
 
 
 def simulate(settings: RunSettings, state_dir: Path | None = None) -> SimulationResult:
-    """Pretrain (unless a checkpoint is given), run Flower's simulation engine, then the baselines."""
+    """Pretrain (unless a checkpoint is given), run Flower's simulation engine, then the baselines.
+
+    With ``settings.resume`` the interrupted run in ``settings.out`` continues with the
+    settings it was started with.
+    """
     out = Path(settings.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_RECORD_FILE).unlink(missing_ok=True)
-    scenario = load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None)
-    checkpoint = Path(settings.checkpoint).expanduser() if settings.checkpoint else out / "source-model"
-    if not settings.checkpoint:
-        pretrain_source(scenario, checkpoint, seed=settings.seed)
+    if settings.resume:
+        if not (out / RUN_RECORD_FILE).is_file():
+            raise SimulationFailed(f"nothing to resume in {out}: it holds no {RUN_RECORD_FILE}")
+        bound = RunSettings(**{**RunRecord.load(out / RUN_RECORD_FILE).settings, "resume": True, "out": str(out)})
+        scenario = _load(bound)
+        checkpoint = Path(bound.checkpoint)
+    else:
+        (out / RUN_RECORD_FILE).unlink(missing_ok=True)
+        scenario = _load(settings)
+        checkpoint = Path(settings.checkpoint).expanduser() if settings.checkpoint else out / "source-model"
+        if not settings.checkpoint:
+            pretrain_source(scenario, checkpoint, seed=settings.seed)
+        bound = settings.with_(
+            checkpoint=str(checkpoint.resolve()),
+            out=str(out),
+            sim_root=str((state_dir or out / "sites").expanduser().resolve()),
+            min_sites=min(settings.min_sites, len(scenario.sites)),
+            expected_sites=len(scenario.sites),
+        )
     num_sites = len(scenario.sites)
-    bound = settings.with_(
-        checkpoint=str(checkpoint.resolve()),
-        out=str(out),
-        sim_root=str((state_dir or out / "sites").expanduser().resolve()),
-        min_sites=min(settings.min_sites, num_sites),
-        expected_sites=num_sites,
-    )
     run_simulation(
         server_app=make_server_app(bound),
         client_app=client_app,

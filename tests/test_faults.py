@@ -20,6 +20,8 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import MessageType
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 import client.private_round
@@ -36,7 +38,6 @@ from common.settings import RunSettings
 from common.simulated_sites import MANIFEST_FILE, site_dir
 from common.site_policy import SitePolicy, write_policy
 from common.update_codec import encode_update
-from server.app import make_server_app
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
@@ -327,7 +328,11 @@ ROUND_TIMEOUT = 15.0
 
 
 def sleepy_client(partition: int, server_round: int, seconds: float) -> ClientApp:
-    """fedtransfer's ClientApp, except that one partition sleeps through one training round."""
+    """fedtransfer's ClientApp, except that one partition sleeps through one training round.
+
+    It also answers an empty ``query``, which the test's ServerApp sends once to load the app
+    in Flower's workers before the timed rounds.
+    """
     sleepy = ClientApp()
 
     @sleepy.train()
@@ -340,7 +345,30 @@ def sleepy_client(partition: int, server_round: int, seconds: float) -> ClientAp
     def evaluate(msg: Message, context: Context) -> Message:
         return client_app(msg, context)
 
+    @sleepy.query()
+    def query(msg: Message, context: Context) -> Message:
+        return Message(RecordDict(), reply_to=msg)
+
     return sleepy
+
+
+def warmed_server_app(settings: RunSettings, nodes: int) -> ServerApp:
+    """The ServerApp ``make_server_app`` builds, after one untimed query has reached every node.
+
+    Flower starts its workers and loads the ClientApp in them when the first messages arrive:
+    on a loaded 2-core machine that took 35 s, more than the round timeout under test.
+    """
+    warmed = ServerApp()
+
+    @warmed.main()
+    def main(grid: Grid, context: Context) -> None:
+        node_ids = list(grid.get_node_ids())
+        assert len(node_ids) == nodes, node_ids
+        replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids])
+        assert not any(reply.has_error() for reply in replies)
+        run_federation(grid, settings, context.run_id)
+
+    return warmed
 
 
 def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path) -> None:
@@ -349,16 +377,19 @@ def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path
         scenario=str(study), num_server_rounds=2, local_epochs=1, dp=False, out=str(tmp_path / "out"),
         sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3, round_timeout=ROUND_TIMEOUT,
     )
+    started = time.monotonic()
     run_simulation(
-        server_app=make_server_app(settings),
+        server_app=warmed_server_app(settings, nodes=3),
         client_app=sleepy_client(partition=0, server_round=2, seconds=ROUND_TIMEOUT + 5),
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )
+    assert time.monotonic() - started > ROUND_TIMEOUT  # the round really waited for the sleeping site
     record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
     assert record.status == "completed"
     assert record.round(1).aggregated_sites == ["site-0", "site-1", "site-2"]
     late = record.round(2).sites["site-0"]
-    assert late.status == "no-reply" and "no reply before the round timeout" in late.reason, late
+    assert late.status == "no-reply" and "train: no reply before the round timeout" in late.reason, late
     assert record.round(2).aggregated_sites == ["site-1", "site-2"]
-    assert (tmp_path / "out" / FINAL_MODEL_DIR).is_dir()
+    final, card = load_checkpoint(tmp_path / "out" / FINAL_MODEL_DIR)
+    assert card.lineage["rounds"] == 2
