@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import MessageType
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.simulation import run_simulation
 
 import client.private_round
@@ -362,8 +363,7 @@ def warmed_server_app(settings: RunSettings, nodes: int) -> ServerApp:
 
     @warmed.main()
     def main(grid: Grid, context: Context) -> None:
-        node_ids = list(grid.get_node_ids())
-        assert len(node_ids) == nodes, node_ids
+        node_ids, _ = sample_nodes(grid, nodes, nodes)  # Flower's own wait for the nodes to connect
         replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids])
         assert not any(reply.has_error() for reply in replies)
         run_federation(grid, settings, context.run_id)
