@@ -183,8 +183,9 @@ def _key_paths(out_dir: Path, name: str) -> tuple[Path, Path, Path]:
     )
 
 
-def _write_private_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 in one step; never replace an existing file."""
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 in one step (its folder 0700 if new); never replace an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
@@ -244,9 +245,9 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
         )
 
-    _write_private_file(enc_path, pem(identity.encryption_key))
+    write_private_file(enc_path, pem(identity.encryption_key))
     try:
-        _write_private_file(sign_path, pem(identity.signing_key))
+        write_private_file(sign_path, pem(identity.signing_key))
     except BaseException:
         enc_path.unlink(missing_ok=True)
         raise

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.keys import Identity, PublicIdentity, read_identity, validate_name, write_identity, write_public_file
+from common.keys import Identity, PublicIdentity, read_identity, validate_name, write_identity, write_private_file, write_public_file
 from common.manifest import Manifest, read_manifest, sign_manifest, write_manifest
 from common.simulated_sites import COORDINATOR_NAME, MANIFEST_FILE
 from common.site_config import SITE_CONFIG_FILE, SiteConfig
@@ -252,21 +252,6 @@ def supernode_auth_keypair() -> tuple[bytes, bytes]:
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + b"\n"
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Create ``path`` 0600 (never replacing an existing file: private keys are not overwritten)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError as err:
-        raise ProvisionError(f"{path} already exists; refusing to overwrite a private key") from err
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_script(path: Path, lines: list[str]) -> None:

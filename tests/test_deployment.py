@@ -26,7 +26,8 @@ from common.keys import read_public_identity
 from common.ledger import Ledger
 from common.manifest import read_manifest
 from common.privacy_report import verify_report
-from common.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair, write_private_file
+from common.keys import write_private_file
+from common.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
 from common.scenarios import load_scenario
 from common.site_data import write_site_data
 from common.run_record import RunRecord
