@@ -129,7 +129,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_scenarios(args: argparse.Namespace) -> int:
-    from common.scenarios import load_scenario, scenario_names
+    from common.scenarios import ScenarioError, load_scenario, scenario_names
+    from common.site_data import DataError
 
     table = Table(title="Built-in scenarios")
     for column in ("name", "sites", "model", "policy", "description"):
@@ -137,7 +138,7 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
     for name in scenario_names():
         try:
             s = load_scenario(name, data_dir=Path(args.data_dir) if args.data_dir else None)
-        except Exception as err:  # a scenario whose data is absent is listed with the reason
+        except (ScenarioError, DataError) as err:  # a scenario whose data is absent is listed with the reason
             table.add_row(name, "-", "-", "-", f"unavailable: {err}")
             continue
         table.add_row(name, ", ".join(site.name for site in s.sites), s.model.arch, s.policy, s.description)

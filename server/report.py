@@ -105,6 +105,11 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
         f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; transfer policy: {record.policy}",
         f"- base model: {record.base_model['source']} (fingerprint {record.base_model['fingerprint'][:16]}...)",
         f"- final model: {record.final_checkpoint or 'none'}",
+        *(
+            [f"- resumed after an interruption; round(s) {', '.join(str(r.server_round) for r in record.abandoned_rounds)} "
+             "began but never completed and were not reused (sites keep any spend they recorded for them)"]
+            if record.abandoned_rounds else []
+        ),
         "",
         "## Test accuracy per round and site (federated evaluation at each site)",
         "",

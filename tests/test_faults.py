@@ -10,6 +10,7 @@ pre-written with the RDP accountant (cheaper than PRV); elsewhere ``dp=False``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from common.simulated_sites import MANIFEST_FILE, site_dir
 from common.site_policy import SitePolicy, write_policy
 from common.update_codec import encode_update
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, run_federation
+from simulations.benchmarks import BENCHMARKS
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
 
@@ -325,7 +327,7 @@ def test_median_moves_far_less_than_fedavg_under_a_large_in_bound_update(tmp_pat
 
 # a real timeout on Flower's simulation engine -------------------------------------------------
 
-ROUND_TIMEOUT = 15.0
+ROUND_TIMEOUT = 10.0
 
 
 def sleepy_client(partition: int, server_round: int, seconds: float) -> ClientApp:
@@ -380,7 +382,7 @@ def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path
     started = time.monotonic()
     run_simulation(
         server_app=warmed_server_app(settings, nodes=3),
-        client_app=sleepy_client(partition=0, server_round=2, seconds=ROUND_TIMEOUT + 5),
+        client_app=sleepy_client(partition=0, server_round=2, seconds=ROUND_TIMEOUT + 3),
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )
@@ -393,3 +395,18 @@ def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path
     assert record.round(2).aggregated_sites == ["site-1", "site-2"]
     final, card = load_checkpoint(tmp_path / "out" / FINAL_MODEL_DIR)
     assert card.lineage["rounds"] == 2
+
+
+# the dropout benchmark, quick -------------------------------------------------------------------
+
+def test_dropout_benchmark_smoke(tmp_path: Path) -> None:
+    result = BENCHMARKS["dropouts"](tmp_path, quick=True, seed=0)
+    assert json.loads((tmp_path / "dropouts.json").read_text()) == json.loads(json.dumps(result))
+    cases = {(c["failing_sites"], c["min_sites"]): c for c in result["cases"]}
+    assert set(cases) == {(0, 2), (1, 2), (2, 2), (2, 3)}
+    assert [cases[k]["rounds_completed"] for k in ((0, 2), (1, 2), (2, 2), (2, 3))] == [2, 2, 2, 1]
+    assert cases[(2, 2)]["failed"] == ["hospital-c", "hospital-d"] and cases[(2, 2)]["status"] == "completed"
+    assert cases[(2, 3)]["status"] == "stopped" and "fewer than min-sites=3" in cases[(2, 3)]["stop_reason"]
+    assert all(0.5 < c["accuracy_all"] <= 1.0 for c in cases.values())
+    markdown = (tmp_path / "dropouts.md").read_text()
+    assert "fedtransfer bench dropouts --quick --seed 0" in markdown and "| 2 | hospital-c, hospital-d | 3 | 1/2 | stopped |" in markdown

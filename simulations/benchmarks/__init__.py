@@ -19,6 +19,7 @@ _MODULES = {
     "dp": "simulations.benchmarks.dp_cost",
     "crypto": "simulations.benchmarks.crypto_cost",
     "comm": "simulations.benchmarks.communication",
+    "dropouts": "simulations.benchmarks.dropouts",
     "flamby": "simulations.benchmarks.flamby",
     "transfer-privacy": "simulations.benchmarks.transfer_privacy",
     "speed": "simulations.benchmarks.speed",

@@ -11,6 +11,7 @@ model with FLamby's recipe (Adam lr 1e-3, batch 4, 50 epochs). The figure is FLa
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -177,8 +178,10 @@ def _markdown(result: dict[str, Any], methods: list[MethodResult], machine_text:
         "The best is picked on the test splits, as a hyper-parameter search that reads test accuracy would: read it as "
         "an optimistic figure.",
         "",
-        "Differences from FLamby: our sites train whole local epochs (2 epochs of batch 4 = 100 updates at Cleveland, "
-        "86 at Hungary, 16 at Switzerland, 44 at VA) where FLamby runs 100 updates at every centre; our SGD has momentum "
+        f"Differences from FLamby: our sites train whole local epochs ({SETTINGS[0].local_epochs} epochs of batch "
+        f"{SETTINGS[0].batch_size} = "
+        f"{', '.join(f'{n} updates at {c}' for c, n in result['updates_per_round'].items())}) where FLamby runs 100 updates "
+        "at every centre; our SGD has momentum "
         "0.9; pooled training here uses each centre's own z-scoring (FLamby z-scores pooled training with pooled "
         "statistics); the model has 2 logits with softmax cross-entropy (equivalent to FLamby's 1 logit + sigmoid).",
         "",
@@ -212,6 +215,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "command": bench_command(NAME, quick, seed),
         "scenario": SCENARIO,
         "centres": [site.name for site in scenario.sites],
+        "updates_per_round": {site.name: SETTINGS[0].local_epochs * math.ceil(len(site.train) / SETTINGS[0].batch_size)
+                              for site in scenario.sites},
         "central_recipe": f"Adam lr {recipe.lr:g}, batch {recipe.batch_size}, {recipe.epochs} epochs",
         "flamby_published": {"per_client_mean": FLAMBY_PER_CLIENT, "local": FLAMBY_LOCAL},
         "methods": [asdict(m) for m in methods],

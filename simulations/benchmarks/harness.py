@@ -202,6 +202,7 @@ def line_plot(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]
     if xlog:
         ax.set_xscale("log")
     if xticklabels is not None:
+        ax.minorticks_off()
         ax.set_xticks(list(xs), list(xticklabels))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
