@@ -12,6 +12,8 @@ half of it.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from client.app import app as client_app
 from common.checkpoint import (
@@ -45,6 +47,7 @@ from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
 from tests.test_faults import (
     FIRST_NODE,
+    instruction_to,
     ledger_files,
     ledger_rounds,
     node_of,
@@ -72,9 +75,6 @@ def _truncate(checkpoint: Path) -> None:
 
 def _truncate_and_rehash(checkpoint: Path) -> None:
     """A truncated file whose card was regenerated for it: the hash matches, the content is unreadable."""
-    import hashlib
-    import json
-
     _truncate(checkpoint)
     card = json.loads((checkpoint / CARD_FILE).read_text())
     card["weights_sha256"] = hashlib.sha256((checkpoint / WEIGHTS_FILE).read_bytes()).hexdigest()
@@ -88,8 +88,6 @@ def _truncate_card(checkpoint: Path) -> None:
 
 def _card_of_another_architecture(checkpoint: Path) -> None:
     """The card describes a wider network than the weights hold (its hash still matches the file)."""
-    import json
-
     card = json.loads((checkpoint / CARD_FILE).read_text())
     card["arch_args"]["hidden"] = [64, 16]
     (checkpoint / CARD_FILE).write_text(json.dumps(card))
@@ -277,7 +275,7 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
 
         def on_reply(node: int, reply: Message) -> Message:
             site = node - FIRST_NODE
-            if train_round_of(next(m for n, m in reversed(grid.delivered) if n == node)) != BAD_ROUND:
+            if train_round_of(instruction_to(grid, node)) != BAD_ROUND:
                 return reply
             if site in DATA_FAULTS:
                 data = _data(sim_root, site)

@@ -58,6 +58,7 @@ class DropoutCase:
     status: str
     stop_reason: str
     accuracy_all: float
+    loss_all: float
     accuracy_healthy: float
     accuracy_failed: float
     seconds: float
@@ -76,13 +77,13 @@ class CrashingSites:
         return client_app(msg, context)
 
 
-def _accuracy(model: FedModel, scenario: Scenario, indices: list[int]) -> float:
-    """Mean test accuracy of ``model`` over the scenario sites at ``indices`` (0 sites: 0.0)."""
+def _score(model: FedModel, scenario: Scenario, indices: list[int], metric: str = "accuracy") -> float:
+    """Mean test ``metric`` of ``model`` over the scenario sites at ``indices`` (0 sites: 0.0)."""
     scores = []
     for index in indices:
         test = scenario.sites[index].test
         x, _ = as_tensors(test.x, test.y)
-        scores.append(classification_metrics(test.y, predict_proba(model, x))["accuracy"])
+        scores.append(classification_metrics(test.y, predict_proba(model, x))[metric])
     return sum(scores) / len(scores) if scores else 0.0
 
 
@@ -118,9 +119,10 @@ def run_case(scenario: Scenario, checkpoint: Path, out: Path, failing: int, min_
         rounds_completed=sum(1 for r in record.rounds if r.aggregated_sites),
         status=record.status,
         stop_reason=record.stop_reason,
-        accuracy_all=_accuracy(model, scenario, list(range(sites))),
-        accuracy_healthy=_accuracy(model, scenario, healthy),
-        accuracy_failed=_accuracy(model, scenario, failed_indices),
+        accuracy_all=_score(model, scenario, list(range(sites))),
+        loss_all=_score(model, scenario, list(range(sites)), "loss"),
+        accuracy_healthy=_score(model, scenario, healthy),
+        accuracy_failed=_score(model, scenario, failed_indices),
         seconds=seconds,
     )
 
@@ -131,16 +133,18 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DropoutCase]
     lines.append(
         f"{SCENARIO}, 4 hospitals, FedAvg, {result['rounds']} rounds {privacy}. Failing sites train in round 1 and crash in "
         f"every round from {FAIL_FROM_ROUND} on. Accuracy is the final global model's on the hospitals' test splits; "
-        f"the source model as-is scores {result['source_accuracy']:.3f} on all four.\n"
+        f"the source model as-is scores {result['source_accuracy']:.3f} (loss {result['source_loss']:.3f}) on all four. "
+        f"Each test split has {min(result['test_rows_per_site'])}-{max(result['test_rows_per_site'])} rows, so one row is "
+        f"about {1 / min(result['test_rows_per_site']):.3f} of a site's accuracy.\n"
     )
     rows = [
         [
             c.failing_sites, ", ".join(c.failed) or "none", c.min_sites, f"{c.rounds_completed}/{c.rounds_planned}", c.status,
-            f"{c.accuracy_all:.3f}", f"{c.accuracy_healthy:.3f}", f"{c.accuracy_failed:.3f}" if c.failed else "-", f"{c.seconds:.1f}",
+            f"{c.accuracy_all:.3f}", f"{c.loss_all:.3f}", f"{c.accuracy_healthy:.3f}", f"{c.accuracy_failed:.3f}" if c.failed else "-", f"{c.seconds:.1f}",
         ]
         for c in cases
     ]
-    headers = ["failing", "failed sites", "min-sites", "rounds completed", "status", "accuracy (all 4)", "accuracy (healthy)", "accuracy (failed)", "seconds"]
+    headers = ["failing", "failed sites", "min-sites", "rounds completed", "status", "accuracy (all 4)", "loss (all 4)", "accuracy (healthy)", "accuracy (failed)", "seconds"]
     lines.append(markdown_table(headers, rows))
     lines += [f"\nStopped with {c.failing_sites} failing and min-sites {c.min_sites}: {c.stop_reason}" for c in cases if c.status == "stopped"]
     return "\n".join(lines)
@@ -169,7 +173,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "scenario": SCENARIO,
         "rounds": rounds,
         "dp": not quick,
-        "source_accuracy": _accuracy(source, scenario, list(range(len(scenario.sites)))),
+        "source_accuracy": _score(source, scenario, list(range(len(scenario.sites)))),
+        "source_loss": _score(source, scenario, list(range(len(scenario.sites))), "loss"),
+        "test_rows_per_site": [len(site.test) for site in scenario.sites],
         "cases": [asdict(c) for c in cases],
     }
     return write_result(out_dir, NAME, result, _markdown(machine, result, cases))

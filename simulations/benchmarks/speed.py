@@ -227,7 +227,9 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"{cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g}, DP-SGD clipping "
         f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
         f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both sides "
-        "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first.",
+        "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first. The "
+        "simulated sites share one process, so `common.accounting`'s memoised compositions computed for one site are "
+        "reused by another with the same sample rate and steps; deployed sites each pay for their own.",
         "",
         markdown_table(["round", "ours s", "minimal peer s", "ours / peer"], round_rows),
         "",
