@@ -125,6 +125,14 @@ class SiteAwareStrategy(Strategy):
         server_round += self.round_offset
         return self._outgoing(self.inner.configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate", server_round)
 
+    def _learn_site(self, server_round: int, node: int, site_id: str) -> None:
+        """Map a node to the site it proved to be; an earlier entry under its node id this round moves to the site."""
+        self._sites_by_node[node] = site_id
+        current = self.record.round(server_round)
+        earlier = current.sites.pop(f"node-{node}", None)
+        if earlier is not None and site_id not in current.sites:
+            current.sites[site_id] = earlier
+
     def _node_name(self, node: int) -> str:
         return self._sites_by_node.get(node, f"node-{node}")
 
@@ -155,7 +163,7 @@ class SiteAwareStrategy(Strategy):
                 self._mark(server_round, opened.site_id, "rejected", f"{phase}: a second reply in one round")
                 continue
             seen.add(opened.site_id)
-            self._sites_by_node[node] = opened.site_id
+            self._learn_site(server_round, node, opened.site_id)
             self._has_base.add(node)
             metrics = _numeric_metrics(opened.report.get("metrics"))
             if metrics is None or "num-examples" not in metrics:

@@ -139,6 +139,7 @@ def _instruction(**changes) -> RoundInstruction:
         seed=42,
         personalise_epochs=1,
         dp=1,
+        run_key="42",
         sim_root="/tmp/sites",
     )
     values.update(changes)

@@ -205,7 +205,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
                 server_round=server_round, num_rounds=total, policy=str(policy), base_fingerprint=base,
                 frozen_fingerprint=state_fingerprint(policy.frozen_state(model)), local_epochs=settings.local_epochs,
                 batch_size=settings.batch_size, lr=settings.lr, optimizer=settings.optimizer, proximal_mu=0.0, seed=seed,
-                personalise_epochs=0, dp=1,
+                personalise_epochs=0, dp=1, run_key=str(run_id),
             )
             config = instruction.to_config() | request.to_config()
             downlink = EnvelopeContext(run_id, server_round, BROADCAST, INSTRUCTION_KINDS["train"], base)
@@ -221,7 +221,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
             step("verify instruction", verify)
             outcome = step("round", lambda: train_round(
                 site, dataset_id, model, policy, features, train_config(instruction), config, dp_requested=True,
-                run_id=run_id, server_round=server_round, noise_seed=seed * 1_000_003 + server_round))
+                run_key=str(run_id), server_round=server_round, noise_seed=seed * 1_000_003 + server_round))
             if outcome.status != STATUS_OK:
                 raise RuntimeError(f"the benchmark site declined round {server_round}: {outcome.reason}")
             step("dp_train", lambda: _dp_train_alone(model, policy, features, train_config(instruction), settings.max_grad_norm, seed))

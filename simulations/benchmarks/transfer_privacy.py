@@ -81,7 +81,6 @@ class Recipe:
 
 
 RECIPE = Recipe()
-_MISSING = Cell("", None, {}, math.nan, math.nan, None, None, 0.0)
 QUICK_RECIPE = Recipe(rounds=1, local_epochs=1, personalise_epochs=1)
 
 
@@ -97,6 +96,9 @@ class Cell:
     epsilon_spent_mean: float | None
     epsilon_spent_max: float | None
     seconds: float
+
+
+_MISSING = Cell("", None, {}, math.nan, math.nan, None, None, 0.0)
 
 
 def _score(model: FedModel, scenario: Scenario) -> dict[str, float]:
