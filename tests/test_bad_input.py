@@ -343,7 +343,8 @@ def test_full_disk_while_recording_sends_no_update_and_leaves_the_ledger(bad_inp
 def test_base_model_not_matching_its_card_is_refused_at_the_site(bad_input_run) -> None:
     sim_root, record, _, _, _ = bad_input_run
     first = record.round(1)
-    refused = first.sites[f"node-{node_of(CARD_VICTIM)}"]  # first contact: the coordinator knows only its node id
+    # first contact: the failure is filed under the node id until the site's evaluation reply proves who it is
+    refused = first.sites.get(f"site-{CARD_VICTIM}") or first.sites[f"node-{node_of(CARD_VICTIM)}"]
     assert refused.status == "failed" and "BaseModelMismatch: the base model received has fingerprint" in refused.reason
     assert f"site-{CARD_VICTIM}" not in first.aggregated_sites and len(first.aggregated_sites) == SITES - 1
     assert ledger_files(sim_root, CARD_VICTIM) == (None, None)

@@ -15,7 +15,7 @@ from simulations.simulate import simulate
 
 def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = simulate(RunSettings(scenario=str(shifted_study), num_server_rounds=2, local_epochs=3, lr=0.05, out=str(out)))
+    result = simulate(RunSettings(scenario=str(shifted_study), num_server_rounds=2, local_epochs=3, lr=0.2, out=str(out)))
 
     record = result.record
     assert record.status == "completed"

@@ -71,7 +71,7 @@ SETTINGS = (
     FederatedSetting("fedadam (FLamby recipe)", "fedadam", 20, 2, 1e-3, flamby="fedadam"),
     FederatedSetting("fedyogi (FLamby recipe)", "fedyogi", 20, 2, 1e-3, flamby="fedyogi"),
     FederatedSetting("fedyogi, 1 local epoch", "fedyogi", 20, 1, 1e-3, flamby="fedyogi"),
-    FederatedSetting("fedadam, sgd lr 3e-4", "fedadam", 20, 2, 3e-4, flamby="fedadam"),
+    FederatedSetting("fedyogi, adam lr 1e-3, 1 local epoch", "fedyogi", 20, 1, 1e-3, optimizer="adam", flamby="fedyogi"),
     FederatedSetting("fedavg, adam lr 1e-3, 10 rounds", "fedavg", 10, 2, 1e-3, optimizer="adam", flamby="fedavg"),
 )
 QUICK_SETTINGS = (
