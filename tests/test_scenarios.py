@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import os
 import runpy
 import urllib.error
 import urllib.request
@@ -17,8 +18,8 @@ from common import heart_disease
 from common.scenarios import Scenario, ScenarioError, load_scenario, scenario_names
 from common.site_data import DataError, DataFileNotFound, MissingValues
 
-SHARED = Path("/work/shared/data")
-HEART_DIR = SHARED / "fed-heart-disease"
+HEART_DIR = Path(os.environ.get("FEDTRANSFER_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "fed-heart-disease")
+SHARED = HEART_DIR.parent
 needs_heart = pytest.mark.skipif(
     not HEART_DIR.is_dir(), reason=f"Fed-Heart-Disease files not available at {HEART_DIR} (no network downloads in tests)"
 )
