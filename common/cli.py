@@ -41,8 +41,8 @@ def _setup_logging(verbose: bool) -> None:
 
     flower = logging.getLogger("flwr")
     flower.propagate = False
-    for flower_handler in flower.handlers:
-        flower_handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    for flower_handler in flower.handlers:  # fedtransfer reports every round and site itself
+        flower_handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

@@ -371,6 +371,6 @@ def load_scenario(name_or_path: str, seed: int = 0, data_dir: Path | None = None
         raise ScenarioError(
             f"unknown scenario {text!r}; use one of {scenario_names()} or a path to a scenario .toml file"
         )
-    logger.info("scenario %s: %d sites, source %s", scenario.name, len(scenario.sites),
+    logger.debug("scenario %s: %d sites, source %s", scenario.name, len(scenario.sites),
                 "none" if scenario.source is None else len(scenario.source.train))
     return scenario

@@ -342,7 +342,7 @@ def load_site_data(
     if single_class_train:
         logger.warning("%s: every training row has label %d; local training sees one class", files[0], train.y[0])
     site = SiteData(name or (path.stem if path.is_file() else path.name), train, test)
-    logger.info("loaded site %s from %s: %d train / %d test rows", site.name, path, len(train), len(test))
+    logger.debug("loaded site %s from %s: %d train / %d test rows", site.name, path, len(train), len(test))
     return site
 
 
@@ -378,7 +378,7 @@ def write_site_data(site: SiteData, directory: Path, feature_names: Sequence[str
         if feature_names is not None:
             arrays["feature_names"] = np.asarray([str(n) for n in feature_names], dtype=np.str_)
         _write_if_changed(directory / f"{stem}.npz", _npz_bytes(arrays))
-    logger.info("wrote site %s to %s", site.name, directory)
+    logger.debug("wrote site %s to %s", site.name, directory)
 
 
 def dataset_fingerprint(path: Path) -> str:

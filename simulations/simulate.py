@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,7 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
             expected_sites=len(scenario.sites),
         )
     num_sites = len(scenario.sites)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: keep Ray from touching device variables
     run_simulation(
         server_app=make_server_app(bound),
         client_app=client_app,
