@@ -47,6 +47,7 @@ def load_local_data(site: SiteConfig, card: ModelCard) -> LocalData:
 
 
 _FEATURES: dict[tuple[str, str, str], Features] = {}
+FEATURE_CACHE_SIZE = 8  # a simulation worker serves several sites in turn: keep each one's features
 
 
 def frozen_features(local: LocalData, model: FedModel, policy: TransferPolicy) -> Features:
@@ -56,6 +57,7 @@ def frozen_features(local: LocalData, model: FedModel, policy: TransferPolicy) -
     if key not in _FEATURES:
         train_x, train_y = as_tensors(local.data.train.x, local.data.train.y)
         test_x, test_y = as_tensors(local.data.test.x, local.data.test.y)
-        _FEATURES.clear()
+        if len(_FEATURES) >= FEATURE_CACHE_SIZE:
+            del _FEATURES[next(iter(_FEATURES))]
         _FEATURES[key] = Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
     return _FEATURES[key]

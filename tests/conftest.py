@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,6 +52,19 @@ def write_shifted_study(root: Path, sites: int = 3, seed: int = 0) -> Path:
         '[source]\npath = "data/source.csv"\ndescription = "synthetic source site"\n\n' + "\n".join(entries)
     )
     return toml
+
+
+def numbers_in(value: Any) -> list[float]:
+    """Every number in a benchmark's JSON-like result (booleans and nulls left out)."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in numbers_in(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in numbers_in(v)]
+    return []
 
 
 @pytest.fixture

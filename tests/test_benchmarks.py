@@ -13,6 +13,7 @@ import pytest
 
 from common import cli_bench
 from simulations.benchmarks import _MODULES, BENCHMARKS
+from tests.conftest import numbers_in
 
 TOP_KEYS = {"benchmark", "quick", "seed", "machine"}
 MACHINE_KEYS = {"platform", "cores", "torch", "python", "torch_threads", "load_average"}
@@ -35,18 +36,6 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, d
     return out, {name: BENCHMARKS[name](out, quick=True, seed=0) for name in OWN}
 
 
-def _numbers(value: Any) -> list[float]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in _numbers(v)]
-    if isinstance(value, list):
-        return [n for v in value for n in _numbers(v)]
-    return []
-
-
 def _positive(record: dict[str, Any], keys: tuple[str, ...]) -> None:
     for key in keys:
         assert record[key] > 0 and math.isfinite(record[key]), f"{key} = {record[key]!r}"
@@ -67,7 +56,7 @@ def test_every_benchmark_writes_json_and_markdown(results: tuple[Path, dict[str,
         assert written == json.loads(json.dumps(result))
         assert TOP_KEYS <= set(written) and written["benchmark"] == name and written["quick"] is True
         assert MACHINE_KEYS <= set(written["machine"])
-        assert all(math.isfinite(n) for n in _numbers(written)), f"{name}: a figure is NaN or infinite"
+        assert all(math.isfinite(n) for n in numbers_in(written)), f"{name}: a figure is NaN or infinite"
         markdown = (out / f"{name}.md").read_text()
         assert f"fedtransfer bench {name} --quick" in markdown
         assert written["machine"]["platform"] in markdown and "|---" in markdown

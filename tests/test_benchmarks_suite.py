@@ -17,6 +17,7 @@ from common.heart_disease import DATA_DIR_ENV
 from simulations.benchmarks import BENCHMARKS
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import Stopwatch
+from tests.conftest import numbers_in
 
 SUITE = ("flamby", "transfer-privacy", "speed", "scale")
 NEEDS_HEART_DATA = {"flamby", "transfer-privacy"}
@@ -26,18 +27,6 @@ PLOTS = {
     "speed": "speed-rounds.png",
     "scale": "scale-rounds.png",
 }
-
-
-def _numbers(value: Any) -> list[float]:
-    if isinstance(value, bool) or value is None:
-        return []
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in _numbers(v)]
-    if isinstance(value, list):
-        return [n for v in value for n in _numbers(v)]
-    return []
 
 
 @pytest.fixture(scope="module", params=SUITE)
@@ -59,7 +48,7 @@ def test_each_benchmark_writes_json_markdown_and_a_plot(figures: tuple[str, Path
     assert written == json.loads(json.dumps(result))
     assert written["benchmark"] == name and written["quick"] is True and written["seed"] == 0
     assert {"platform", "cores", "load_average"} <= set(written["machine"])
-    assert all(math.isfinite(n) for n in _numbers(written)), f"{name}: a figure is NaN or infinite"
+    assert all(math.isfinite(n) for n in numbers_in(written)), f"{name}: a figure is NaN or infinite"
     markdown = (out / f"{name}.md").read_text()
     assert f"fedtransfer bench {name} --quick" in markdown and "|---" in markdown
     assert written["plots"] == [PLOTS[name]]

@@ -181,14 +181,7 @@ def bar_plot(path: Path, labels: Sequence[str], series: dict[str, Sequence[float
         ax.axhline(value, linestyle="--", linewidth=1, color="grey")
         ax.annotate(name, (len(labels) - 0.5, value), fontsize=7, ha="right", va="bottom")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, ylabel, title)
 
 
 def line_plot(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
@@ -205,6 +198,11 @@ def line_plot(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]
         ax.minorticks_off()
         ax.set_xticks(list(xs), list(xticklabels))
     ax.set_xlabel(xlabel)
+    return _save(fig, ax, path, ylabel, title)
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, path: Path, ylabel: str, title: str) -> Path:
+    """Label, title and legend, then write the figure to ``path`` and close it."""
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
