@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -9,7 +10,7 @@ from flwr.clientapp import ClientApp
 
 from client.fine_tune import evaluate as evaluate_model
 from client.fine_tune import personalised_metrics, train_config
-from client.private_round import train_round
+from client.private_round import personalisation_reservation, personalise_privately, train_round
 from client.local_data import frozen_features, load_local_data
 from client.secure_channel import secure_channel
 from client.model_state import adopt_base, round_model, trainable_record
@@ -47,6 +48,9 @@ def train(msg: Message, context: Context) -> Message:
         run_key=instruction.run_key,
         server_round=instruction.server_round,
         noise_seed=simulation_noise_seed(context, instruction),
+        personalisation=personalisation_reservation(
+            bool(instruction.dp), instruction.personalise_fraction, instruction.personalise_epochs, len(features.train_y)
+        ),
     )
     examples = len(features.train_y) if outcome.status == STATUS_OK else 0
     content = RecordDict(
@@ -72,18 +76,40 @@ def personalise_now(instruction: RoundInstruction, site: SiteConfig) -> bool:
     """Personalise after the last round, and only in a non-private run the site's policy allows.
 
     A personalised head is trained on the site's records without DP; its test metrics would
-    leave the site outside any DP guarantee, so a private run never computes them.
+    leave the site outside any DP guarantee, so a private run never computes them (it may
+    personalise privately instead: :func:`personalise_privately_now`).
     """
     last_round = instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds
     return last_round and not instruction.dp and load_policy(site.policy_path).allow_non_private
 
 
+def personalise_privately_now(instruction: RoundInstruction) -> bool:
+    """After the last round of a private run that reserved a private personalisation
+    (``personalise-fraction`` > 0): DP-SGD on the head's bias, spend recorded before the metrics leave."""
+    last_round = instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds
+    return last_round and bool(instruction.dp) and instruction.personalise_fraction > 0
+
+
+def personalise_noise_seed(context: Context, instruction: RoundInstruction) -> int | None:
+    """A simulated site's personalisation noise stream, apart from its training rounds' streams."""
+    seed = simulation_noise_seed(context, instruction)
+    return None if seed is None else seed + (1 << 50)
+
+
 @app.evaluate(mods=[secure_channel])
 def evaluate(msg: Message, context: Context) -> Message:
-    instruction, site, _, model, policy, features = _prepare(msg, context)
+    instruction, site, local, model, policy, features = _prepare(msg, context)
     metrics = evaluate_model(model, policy, features)
     if personalise_now(instruction, site):
         metrics |= personalised_metrics(model, policy, features, train_config(instruction, instruction.personalise_epochs))
+    elif personalise_privately_now(instruction):
+        config = train_config(instruction, instruction.personalise_epochs)
+        if instruction.personalise_lr > 0:
+            config = dataclasses.replace(config, lr=instruction.personalise_lr)
+        metrics |= personalise_privately(
+            site, local.dataset_id, model, policy, features, config, instruction.run_key, instruction.server_round,
+            personalise_noise_seed(context, instruction),
+        )
     metrics["num-examples"] = len(features.test_y)
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord(site_status(site.site_id))})
     return Message(content=content, reply_to=msg)

@@ -14,6 +14,13 @@ The noise multiplier is calibrated once per run for all its planned rounds, agai
 both the run's target and what is left of the dataset's cumulative cap, and the plan
 is stored so a restarted site reuses it. Spending is serialised by the ledger lock,
 so two runs on one dataset can never both spend the last of the budget.
+
+A run may also reserve a private personalisation after its last round
+(``plan_run(..., personalisation=Reservation(...))``): the rounds are then calibrated
+for a share of the run's budget and the personalisation's own noise for the rest, so
+the composed history of rounds plus personalisation stays within the run's target and
+the dataset's cap. ``spend_personalisation`` records it, as an entry of kind
+``personalise``, before anything it produced leaves the site.
 """
 
 from __future__ import annotations
@@ -51,11 +58,36 @@ log = logging.getLogger(__name__)
 
 PLANS_DIR = "plans"
 TRAIN_KIND = "train"
+PERSONALISE_KIND = "personalise"
+LEDGER_KINDS = (TRAIN_KIND, PERSONALISE_KIND)
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class PlanConflict(Exception):
     """A stored plan for this run id belongs to another dataset or is unreadable."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A private personalisation the run reserves: ``steps`` DP-SGD steps at ``sample_rate``
+    after the last round, given ``fraction`` of the run's budget (0 < fraction < 1).
+
+    The rounds are calibrated alone to (1 - fraction) of the run's target (and of what is
+    left of the cap); the personalisation's noise is then calibrated so that the composed
+    history (earlier spend + rounds + personalisation) reaches at most the target and cap.
+    """
+
+    fraction: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fraction) and 0 < self.fraction < 1):
+            raise ValueError(f"personalisation fraction must be in (0, 1), got {self.fraction!r}")
+        if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise ValueError(f"personalisation sample rate must be in (0, 1], got {self.sample_rate!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"personalisation steps must be a positive integer, got {self.steps!r}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +101,18 @@ class RunPlan:
     steps_per_round: int
     settings: EffectiveSettings
     prior_epsilon: float
+    #: The reserved personalisation (noise 0 and steps 0: none reserved).
+    personalise_noise_multiplier: float = 0.0
+    personalise_sample_rate: float = 1.0
+    personalise_steps: int = 0
+    personalise_fraction: float = 0.0
+
+    @property
+    def personalisation(self) -> Step | None:
+        """The reserved personalisation phase, or None."""
+        if self.personalise_steps < 1:
+            return None
+        return Step(self.personalise_noise_multiplier, self.personalise_sample_rate, self.personalise_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +123,10 @@ class RunPlan:
             "steps_per_round": self.steps_per_round,
             "settings": self.settings.to_dict(),
             "prior_epsilon": self.prior_epsilon,
+            "personalise_noise_multiplier": self.personalise_noise_multiplier,
+            "personalise_sample_rate": self.personalise_sample_rate,
+            "personalise_steps": self.personalise_steps,
+            "personalise_fraction": self.personalise_fraction,
         }
 
     @classmethod
@@ -91,6 +139,10 @@ class RunPlan:
             steps_per_round=int(data["steps_per_round"]),
             settings=EffectiveSettings.from_dict(data["settings"]),
             prior_epsilon=float(data["prior_epsilon"]),
+            personalise_noise_multiplier=float(data.get("personalise_noise_multiplier", 0.0)),
+            personalise_sample_rate=float(data.get("personalise_sample_rate", 1.0)),
+            personalise_steps=int(data.get("personalise_steps", 0)),
+            personalise_fraction=float(data.get("personalise_fraction", 0.0)),
         )
 
 
@@ -141,13 +193,21 @@ class BudgetGuard:
             )
         return plan
 
+    def stored_plan(self, run_id: str) -> RunPlan | None:
+        """The plan stored for ``run_id`` on this dataset, or None (raises PlanConflict)."""
+        with self.ledger.lock():
+            return self._stored_plan(run_id)
+
     def plan_run(
-        self, run_id: str, request: PrivacyRequest, sample_rate: float, steps_per_round: int
+        self, run_id: str, request: PrivacyRequest, sample_rate: float, steps_per_round: int,
+        personalisation: Reservation | None = None,
     ) -> RunPlan:
         """Calibrate the run's noise once (or return its stored plan).
 
-        Raises BudgetExhausted if no noise multiplier keeps both this run within its
-        target and the dataset within its cap.
+        With ``personalisation``, the rounds get (1 - fraction) of the budget and the
+        reserved personalisation the rest (see :class:`Reservation`). Raises
+        BudgetExhausted if no noise multiplier keeps both this run within its target and
+        the dataset within its cap.
         """
         if steps_per_round < 1:
             raise ValueError(f"steps_per_round must be at least 1, got {steps_per_round}")
@@ -170,11 +230,28 @@ class BudgetGuard:
                 sample_rate=sample_rate, planned_steps=planned_steps, delta=settings.delta,
                 accountant=settings.accountant, min_noise=settings.min_noise_multiplier,
             )
+            share = 1.0 - personalisation.fraction if personalisation else 1.0
+            rounds_cap = prior_epsilon + share * (settings.cap_epsilon - prior_epsilon)
+            personal: dict[str, Any] = {}
             try:
-                sigma_run = calibrate_noise(prior=[], target_epsilon=settings.run_target_epsilon,
+                sigma_run = calibrate_noise(prior=[], target_epsilon=share * settings.run_target_epsilon,
                                             **common)
-                sigma_cap = calibrate_noise(prior=prior, target_epsilon=settings.cap_epsilon,
-                                            **common)
+                sigma_cap = calibrate_noise(prior=prior, target_epsilon=rounds_cap, **common)
+                if personalisation:
+                    rounds = Step(max(sigma_run, sigma_cap), sample_rate, planned_steps)
+                    reserved = dict(
+                        sample_rate=personalisation.sample_rate, planned_steps=personalisation.steps,
+                        delta=settings.delta, accountant=settings.accountant,
+                        min_noise=settings.min_noise_multiplier,
+                    )
+                    sigma_p = max(
+                        calibrate_noise(prior=[rounds], target_epsilon=settings.run_target_epsilon, **reserved),
+                        calibrate_noise(prior=[*prior, rounds], target_epsilon=settings.cap_epsilon, **reserved),
+                    )
+                    personal = dict(
+                        personalise_noise_multiplier=sigma_p, personalise_sample_rate=personalisation.sample_rate,
+                        personalise_steps=personalisation.steps, personalise_fraction=personalisation.fraction,
+                    )
             except BudgetExhausted as exc:
                 raise BudgetExhausted(
                     f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}"
@@ -187,6 +264,7 @@ class BudgetGuard:
                 steps_per_round=steps_per_round,
                 settings=settings,
                 prior_epsilon=prior_epsilon,
+                **personal,
             )
             path = self._plan_path(run_id)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -309,3 +387,95 @@ class BudgetGuard:
         """Epsilon spent on this dataset so far (policy accountant and delta)."""
         history = self.ledger.history(self.dataset_id)
         return compose_epsilon(history, self.policy.delta, self.policy.accountant)
+
+    # private personalisation ----------------------------------------------------------
+
+    def _check_personalisation(self, plan: RunPlan, server_round: int) -> Admission:
+        """Admission of the run's reserved personalisation; the caller holds the ledger lock."""
+        cap, delta, accountant = self._limits(plan)
+        entries = self.ledger.entries(self.dataset_id)
+        history = [e.to_step() for e in entries]
+        spent = compose_epsilon(history, delta, accountant)
+
+        def refuse(reason: str, projected: float = math.nan) -> Admission:
+            return Admission(False, reason, spent, projected, cap)
+
+        step = plan.personalisation
+        if step is None:
+            return refuse(f"run {plan.run_id} reserved no private personalisation in its plan")
+        if plan.dataset_id != self.dataset_id:
+            return refuse(f"plan of run {plan.run_id} is for another dataset")
+        if any(e.run_id == plan.run_id and e.kind == PERSONALISE_KIND for e in entries):
+            return refuse(f"run {plan.run_id} already spent its personalisation on this dataset")
+        this_run = [e.to_step() for e in entries if e.run_id == plan.run_id]
+        run_total = compose_epsilon([*this_run, step], delta, accountant)
+        if run_total > plan.settings.run_target_epsilon:
+            return refuse(
+                f"personalisation would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
+                f"target of {plan.settings.run_target_epsilon:.4f}",
+                run_total,
+            )
+        projected = compose_epsilon([*history, step], delta, accountant)
+        if projected > cap:
+            return refuse(
+                f"privacy budget exhausted: personalisation would bring the dataset to epsilon "
+                f"{projected:.4f}, over the site's cap of {cap:.4f} (already spent {spent:.4f}, "
+                f"{accountant}, delta={delta:g})",
+                projected,
+            )
+        return Admission(True, "within budget", spent, projected, cap)
+
+    @contextmanager
+    def spend_personalisation(
+        self, plan: RunPlan, server_round: int
+    ) -> Iterator[Callable[[int, str], LedgerEntry]]:
+        """Like :meth:`spend`, for the run's reserved personalisation (ledger kind ``personalise``).
+
+        Raises BudgetExhausted on entry if it is not reserved, already spent, or would
+        exceed the run's target or the cap. ``record(steps, fingerprint)`` appends it
+        durably; report anything derived from the personalised model only after it returned.
+        """
+        with self.ledger.lock():
+            admission = self._check_personalisation(plan, server_round)
+            if not admission.admitted:
+                raise BudgetExhausted(admission.reason)
+            step = plan.personalisation
+            assert step is not None
+            recorded: list[LedgerEntry] = []
+
+            def record(steps_taken: int, model_fingerprint: str) -> LedgerEntry:
+                if recorded:
+                    raise RuntimeError(f"the personalisation of run {plan.run_id} is already recorded")
+                if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 1:
+                    raise ValueError(f"steps_taken must be a positive integer, got {steps_taken!r}")
+                if steps_taken > step.steps:
+                    raise BudgetExhausted(
+                        f"personalisation took {steps_taken} steps but run {plan.run_id} reserved "
+                        f"{step.steps}; not recorded, report nothing"
+                    )
+                cap, delta, accountant = self._limits(plan)
+                history = [*self.ledger.history(self.dataset_id),
+                           Step(step.noise_multiplier, step.sample_rate, steps_taken)]
+                epsilon = compose_epsilon(history, delta, accountant)
+                if epsilon > cap:
+                    raise BudgetExhausted(
+                        f"recording the personalisation would bring the dataset to epsilon "
+                        f"{epsilon:.4f}, over the cap of {cap:.4f}; not recorded, report nothing"
+                    )
+                try:
+                    ref_name, ref_epsilon = reference_epsilon(history, delta, accountant)
+                except AccountingError as exc:
+                    log.warning("reference epsilon unavailable: %s", exc)
+                    ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
+                entry = self.ledger.append(
+                    dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
+                    noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate,
+                    steps=steps_taken, max_grad_norm=plan.settings.max_grad_norm, delta=delta,
+                    epsilon=epsilon, accountant=accountant,
+                    reference_epsilon=ref_epsilon, reference_accountant=ref_name,
+                    model_fingerprint=model_fingerprint, kind=PERSONALISE_KIND,
+                )
+                recorded.append(entry)
+                return entry
+
+            yield record

@@ -9,10 +9,11 @@ a step in the returned step count, which the ledger records (a conservative coun
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,24 @@ class DPStats:
     engine_history: list[tuple[float, float, int]]
 
 
-def sample_rate_and_steps(examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Opacus's Poisson sample rate (1 / batches per epoch) and the steps one round takes."""
+def sample_rate_and_steps(examples: int, batch_size: int, epochs: int, local_steps: int = 0) -> tuple[float, int]:
+    """Opacus's Poisson sample rate (1 / batches per epoch) and the steps one round takes.
+
+    ``local_steps`` > 0 is the round's exact number of sampled batches (``epochs`` is then unused).
+    """
     batches = max(1, math.ceil(examples / batch_size))
-    return 1.0 / batches, batches * epochs
+    return 1.0 / batches, local_steps or batches * epochs
+
+
+def _sampled_batches(loader: DataLoader, config: TrainConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``config.epochs`` passes of Poisson-sampled batches, or exactly ``config.steps`` of them."""
+    drawn = 0
+    for _ in itertools.count() if config.steps else range(config.epochs):
+        for batch in loader:
+            yield batch
+            drawn += 1
+            if drawn == config.steps:
+                return
 
 
 def dp_train(
@@ -81,21 +96,20 @@ def dp_train(
     module.train()
     steps = updates = 0
     total = 0.0
-    for _ in range(config.epochs):
-        for x, y in dp_loader:
-            steps += 1
-            if len(y) == 0:
-                continue
-            dp_optimizer.zero_grad()
-            loss = loss_fn(module(x), y)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-                loss.backward()
-            dp_optimizer.step()
-            if config.proximal_mu > 0:
-                _proximal_pull(trainable, anchor, config.lr * config.proximal_mu)
-            updates += 1
-            total += float(loss.detach())
+    for x, y in _sampled_batches(dp_loader, config):
+        steps += 1
+        if len(y) == 0:
+            continue
+        dp_optimizer.zero_grad()
+        loss = loss_fn(module(x), y)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            loss.backward()
+        dp_optimizer.step()
+        if config.proximal_mu > 0:
+            _proximal_pull(trainable, anchor, config.lr * config.proximal_mu)
+        updates += 1
+        total += float(loss.detach())
     module.remove_hooks()
     return DPStats(
         steps=steps,

@@ -13,8 +13,10 @@ from client.local_data import Features
 
 
 def train_config(instruction: RoundInstruction, epochs: int | None = None) -> TrainConfig:
+    """The round's local training; ``epochs`` (personalisation) trains whole epochs instead of local-steps."""
     return TrainConfig(
         epochs=instruction.local_epochs if epochs is None else epochs,
+        steps=instruction.local_steps if epochs is None else 0,
         batch_size=instruction.batch_size,
         lr=instruction.lr,
         optimizer=instruction.optimizer,

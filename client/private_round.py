@@ -4,19 +4,25 @@ Order of events: read the site's policy, take the stricter of policy and request
 calibrate the noise once per run, ask the budget guard for admission, train with
 DP-SGD while holding the ledger lock, record the spend durably, and only then return
 the update to be sealed and sent. A round that would exceed the cap is declined.
+
+A private run may also reserve a private personalisation (``personalise-fraction``):
+after the last round the site fine-tunes the bias of its copy's head with DP-SGD, at the
+noise its plan calibrated for it, records that spend in its ledger and only then
+reports the personalised copy's metrics. The personalised weights never leave the site.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.budget import BudgetGuard
+from client.budget import BudgetGuard, PlanConflict, Reservation
 from client.dp_training import dp_train, sample_rate_and_steps
-from client.fine_tune import fine_tune
+from client.fine_tune import evaluate, fine_tune
 from client.local_data import Features
 from common.accounting import BudgetExhausted
 from common.ledger import NON_PRIVATE_DIR, write_atomic
@@ -24,7 +30,7 @@ from common.models import FedModel
 from common.protocol import STATUS_DECLINED, STATUS_OK
 from common.site_config import SiteConfig
 from common.site_policy import PrivacyRequest, SitePolicy, load_policy
-from common.training import TrainConfig
+from common.training import TrainConfig, compute_features
 from common.transfer import TransferPolicy, state_fingerprint
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,12 @@ def train_round(
     run_key: str,
     server_round: int,
     noise_seed: int | None,
+    personalisation: Reservation | None = None,
 ) -> RoundOutcome:
-    """Fine-tune ``model`` in place under the site's policy; the spend is on disk before this returns."""
+    """Fine-tune ``model`` in place under the site's policy; the spend is on disk before this returns.
+
+    ``personalisation`` (private runs only) is reserved in the run's plan at its first round.
+    """
     site_policy = load_policy(site.policy_path)
     if not dp_requested and site_policy.allow_non_private:
         return _train_without_dp(site, dataset_id, model, policy, features, config)
@@ -74,9 +84,9 @@ def train_round(
         return _declined("this dataset was once trained without DP at this site; no DP guarantee can be given for it", {})
     request = PrivacyRequest.from_config(request_config)
     guard = BudgetGuard(site.state_dir, site_policy, dataset_id)
-    sample_rate, steps = sample_rate_and_steps(len(features.train_y), config.batch_size, config.epochs)
+    sample_rate, steps = sample_rate_and_steps(len(features.train_y), config.batch_size, config.epochs, config.steps)
     try:
-        plan = guard.plan_run(run_key, request, sample_rate, steps)
+        plan = guard.plan_run(run_key, request, sample_rate, steps, personalisation)
     except BudgetExhausted as err:
         return _declined(str(err), _budget(guard, site_policy))
     if plan.noise_multiplier > MAX_USEFUL_NOISE:
@@ -142,3 +152,73 @@ def _train_without_dp(site: SiteConfig, dataset_id: str, model: FedModel, policy
     stats = fine_tune(model, policy, features, config)
     log.warning("site %s trained WITHOUT differential privacy (its policy allows it)", site.site_id)
     return RoundOutcome(STATUS_OK, "", stats.steps, stats.mean_loss, {"dp": False, "dataset-id": dataset_id, "epsilon": math.inf})
+
+
+def personalisation_reservation(dp: bool, fraction: float, epochs: int, examples: int) -> Reservation | None:
+    """The private personalisation a private run reserves: ``epochs`` full-batch DP-SGD steps
+    (sample rate 1) on the head's bias with ``fraction`` of the run's budget; None if not asked."""
+    if not dp or fraction <= 0 or epochs < 1 or examples < 1:
+        return None
+    sample_rate, steps = sample_rate_and_steps(examples, examples, epochs)
+    return Reservation(fraction, sample_rate, steps)
+
+
+def personalise_privately(
+    site: SiteConfig,
+    dataset_id: str,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    config: TrainConfig,
+    run_key: str,
+    server_round: int,
+    noise_seed: int | None,
+) -> dict[str, float]:
+    """DP-SGD on the bias of a private copy's head, with the run's reserved personalisation.
+
+    The spend is appended to the ledger (kind ``personalise``) before the copy is evaluated;
+    returns its test metrics as ``p-*`` (and the dataset's epsilon after it as
+    ``p-epsilon``), or {} if the run reserved none, already spent it, or the budget refuses.
+    """
+    site_policy = load_policy(site.policy_path)
+    guard = BudgetGuard(site.state_dir, site_policy, dataset_id)
+    try:
+        plan = guard.stored_plan(run_key)
+    except PlanConflict as err:
+        log.warning("no private personalisation: %s", err)
+        return {}
+    step = plan.personalisation if plan is not None else None
+    if plan is None or step is None or model.head.bias is None:
+        return {}
+    local = copy.deepcopy(model)
+    _, trainable = policy.split(local)
+    head = local.head
+    body = trainable[:-1]
+    for param in trainable.parameters():
+        param.requires_grad_(False)
+    head.bias.requires_grad_(True)
+    x = compute_features(body, features.train_x)
+    head_config = TrainConfig(
+        epochs=step.steps, batch_size=max(len(features.train_y), 1), lr=config.lr, optimizer=config.optimizer, seed=config.seed,
+    )
+    try:
+        with guard.spend_personalisation(plan, server_round) as record:
+            stats = dp_train(
+                head,
+                x,
+                features.train_y,
+                head_config,
+                noise_multiplier=step.noise_multiplier,
+                max_grad_norm=plan.settings.max_grad_norm,
+                prior=guard.ledger.history(dataset_id),
+                accountant=plan.settings.accountant,
+                noise_seed=noise_seed,
+            )
+            entry = record(stats.steps, state_fingerprint({"head.bias": head.bias.detach()}))
+    except BudgetExhausted as err:
+        log.warning("site %s: no private personalisation: %s", site.site_id, err)
+        return {}
+    log.info("site %s personalised privately: epsilon %.3f of cap %.3f", site.site_id, entry.epsilon, plan.settings.cap_epsilon)
+    metrics = {f"p-{k}": v for k, v in evaluate(local, policy, features).items()}
+    metrics["p-epsilon"] = entry.epsilon
+    return metrics

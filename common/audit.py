@@ -6,7 +6,10 @@ directories (each holding ``run-record.json`` with the sites' signed privacy rep
 
 1. **Ledger integrity**: the hash chain and head anchor (:meth:`Ledger.verify`), and the
    format of every entry (dataset id, kind, ranges, times, one entry per run and round,
-   non-decreasing epsilon per dataset).
+   non-decreasing epsilon per dataset). Entries are of kind ``train`` (a round) or
+   ``personalise`` (a run's private personalisation after its last round, spent at the
+   site and never reported in a signed train report; it composes into the history like
+   any other entry).
 2. **Signed reports**: every privacy report in a run record verifies against the site key
    in the run's signed manifest, for exactly that run, round and base model, and the run
    record's plain copy says the same as the signed one.
@@ -71,6 +74,8 @@ DEFAULT_TOLERANCE = 0.03
 ABSOLUTE_TOLERANCE = 0.02
 #: Rounds-left searches stop here and report "at least" this many.
 MAX_ROUNDS_LEFT = 10_000
+#: Ledger entry kinds: a training round, and a run's private personalisation (client/budget.py).
+LEDGER_KINDS = ("train", "personalise")
 #: The independent method matching each ledger accountant.
 MATCHING_METHOD: dict[str, Method] = {"prv": "pld", "rdp": "rdp"}
 
@@ -379,8 +384,8 @@ def _entry_format(entry: LedgerEntry) -> list[str]:
     problems = []
     if not _SHA256.match(entry.dataset_id):
         problems.append(f"dataset_id {entry.dataset_id!r} is not a sha256 hex digest")
-    if entry.kind != "train":
-        problems.append(f"kind {entry.kind!r} is not 'train'")
+    if entry.kind not in LEDGER_KINDS:
+        problems.append(f"kind {entry.kind!r} is not one of {', '.join(LEDGER_KINDS)}")
     if entry.accountant not in ACCOUNTANTS:
         problems.append(f"accountant {entry.accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
     if not 0 < entry.delta < 1:
@@ -434,7 +439,7 @@ def _audit_ledger(site: SiteInput, report: AuditReport) -> _SiteLedger:
         return _SiteLedger(site, [], policy, False)
     report.add("info", where, f"ledger hash chain and head anchor verify ({count} entries)")
     usable = True
-    seen: dict[tuple[str, str, int], int] = {}
+    seen: dict[tuple[str, str, int, str], int] = {}
     last_epsilon: dict[str, tuple[int, float]] = {}
     for entry in entries:
         entry_where = f"{where}: ledger entry {entry.index}"
@@ -443,11 +448,14 @@ def _audit_ledger(site: SiteInput, report: AuditReport) -> _SiteLedger:
             usable = False
             report.add("fail", entry_where, "bad entry format: " + "; ".join(problems))
             continue
-        key = (entry.dataset_id, entry.run_id, entry.server_round)
+        key = (entry.dataset_id, entry.run_id, entry.server_round, entry.kind)
+        if entry.kind != "train":  # one personalisation per run and dataset
+            key = (entry.dataset_id, entry.run_id, 0, entry.kind)
         if key in seen:
+            what = "its personalisation" if entry.kind != "train" else f"round {entry.server_round}"
             report.add(
                 "fail", entry_where,
-                f"run {entry.run_id} round {entry.server_round} on dataset {entry.dataset_id[:12]} "
+                f"run {entry.run_id} {what} on dataset {entry.dataset_id[:12]} "
                 f"is recorded twice (also entry {seen[key]})",
             )
         seen[key] = entry.index
@@ -531,10 +539,11 @@ def _one_budget(
     cap = policy.max_epsilon if policy else None
     curve = [CurvePoint(e.run_id, e.server_round, e.epsilon) for e in entries]
     common = dict(
-        site=site.site.site_id, dataset_id=dataset_id, source="ledger", rounds=len(entries),
+        site=site.site.site_id, dataset_id=dataset_id, source="ledger", rounds=sum(e.kind == "train" for e in entries),
         runs=len({e.run_id for e in entries}), spent_claimed=claimed,
         spent_recomputed=recomputed, delta=delta, accountant=accountant, curve=curve,
-        noise_multiplier=entries[-1].noise_multiplier if entries else None,
+        noise_multiplier=next((e.noise_multiplier for e in reversed(entries) if e.kind == "train"),
+                              entries[-1].noise_multiplier if entries else None),
     )
     if non_private:
         report.add(
@@ -559,8 +568,9 @@ def _one_budget(
         )
     rounds_left: int | None = None
     at_least = False
-    if entries and status == "ok":
-        rounds_left, at_least = accounting.rounds_left(history, history[-1], delta, accountant, cap)
+    rounds = [e for e in entries if e.kind == "train"]
+    if rounds and status == "ok":
+        rounds_left, at_least = accounting.rounds_left(history, rounds[-1].to_step(), delta, accountant, cap)
     return DatasetBudget(**common, cap=cap, remaining=cap - spent, rounds_left=rounds_left,
                          rounds_left_at_least=at_least, private=True, status=status)  # type: ignore[arg-type]
 
@@ -673,6 +683,14 @@ def _cross_check(
     for site in by_site.values():
         for entry in site.entries:
             if entry.run_id not in runs:
+                continue
+            if entry.kind == "personalise":
+                report.add(
+                    "info", f"site {site.site.site_id}: ledger entry {entry.index}",
+                    f"run {entry.run_id}: private personalisation after round {entry.server_round}, "
+                    "spent at the site and recorded in its ledger only (no update left the site); "
+                    "it counts in the dataset's history",
+                )
                 continue
             rep = reported_keys.get((site.site.site_id, entry.run_id, entry.server_round))
             if rep is None or rep.status != "ok":

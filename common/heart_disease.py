@@ -205,11 +205,14 @@ def read_centres(data_dir: Path | None = None) -> list[CentreRows]:
     return result
 
 
+def _zscored(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """``x`` z-scored with the mean and unbiased std of ``train`` (FLamby adds 1e-9 to the std)."""
+    return (x - train.mean(axis=0)) / (train.std(axis=0, ddof=1) + STD_EPSILON)
+
+
 def _standardised(rows: CentreRows) -> SiteData:
     x = _one_hot(rows.raw)
-    train = x[rows.is_train]
-    mean, std = train.mean(axis=0), train.std(axis=0, ddof=1)
-    x = (x - mean) / (std + STD_EPSILON)
+    x = _zscored(x, x[rows.is_train])
     return SiteData(
         rows.centre.name,
         Split(x[rows.is_train], rows.y[rows.is_train]),
@@ -220,6 +223,14 @@ def _standardised(rows: CentreRows) -> SiteData:
 def load_heart_disease(data_dir: Path | None = None) -> list[SiteData]:
     """The 4 centres (Cleveland, Hungary, Switzerland, VA) preprocessed exactly as FLamby does."""
     return [_standardised(rows) for rows in read_centres(data_dir)]
+
+
+def pooled_train_split(data_dir: Path | None = None) -> Split:
+    """All centres' train rows z-scored with the pooled train mean and std: FLamby's pooled training data."""
+    centres = read_centres(data_dir)
+    x = np.concatenate([_one_hot(rows.raw)[rows.is_train] for rows in centres])
+    y = np.concatenate([rows.y[rows.is_train] for rows in centres])
+    return Split(_zscored(x, x), y)
 
 
 PREPROCESSING = (

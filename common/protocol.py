@@ -41,6 +41,9 @@ class RoundInstruction:
     dp: int
     run_key: str
     sim_root: str = ""
+    local_steps: int = 0
+    personalise_fraction: float = 0.0
+    personalise_lr: float = 0.0
 
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

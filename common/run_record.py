@@ -64,6 +64,7 @@ class RunRecord:
     finished: str = ""
     manifest: str = ""
     abandoned_rounds: list[RoundRecord] = field(default_factory=list)  # begun but not completed before a resume
+    site_nodes: dict[str, int] = field(default_factory=dict)  # the Flower node each site proved to be, kept across a resume
 
     def round(self, server_round: int) -> RoundRecord:
         for record in self.rounds:
@@ -113,4 +114,5 @@ class RunRecord:
                 for r in raw.pop(key, [])
             ]
 
-        return cls(rounds=rounds("rounds"), abandoned_rounds=rounds("abandoned_rounds"), **raw)
+        site_nodes = {site: int(node) for site, node in raw.pop("site_nodes", {}).items()}
+        return cls(rounds=rounds("rounds"), abandoned_rounds=rounds("abandoned_rounds"), site_nodes=site_nodes, **raw)

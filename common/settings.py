@@ -12,7 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
+#: Flower's server-side optimisers; only they read server-lr, server-tau and server-beta-2.
+SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad")
+#: "sgd" has momentum 0.9, "sgd-plain" none (FLamby's client optimizer).
+OPTIMIZERS = ("sgd", "sgd-plain", "adam")
 
 
 class SettingsError(ValueError):
@@ -26,11 +30,15 @@ class RunSettings:
     scenario: str = "wdbc"
     num_server_rounds: int = 3
     local_epochs: int = 2
+    local_steps: int = 0
     batch_size: int = 16
     lr: float = 0.05
     optimizer: str = "sgd"
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    server_lr: float = 0.0
+    server_tau: float = 0.0
+    server_beta_2: float = 0.0
     policy: str = ""
     checkpoint: str = ""
     seed: int = 0
@@ -40,6 +48,8 @@ class RunSettings:
     min_sites: int = 2
     expected_sites: int = 0
     personalise_epochs: int = 2
+    personalise_fraction: float = 0.0
+    personalise_lr: float = 0.0
     round_timeout: float = 600.0
     coordinator_keys: str = ""
     manifest: str = ""
@@ -69,8 +79,32 @@ class RunSettings:
                 raise SettingsError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.expected_sites < 0 or self.personalise_epochs < 0:
             raise SettingsError("expected-sites and personalise-epochs must be >= 0")
+        # personalise-fraction: share of a private run's budget kept for its private personalisation (0: none)
+        if not (math.isfinite(self.personalise_fraction) and 0 <= self.personalise_fraction < 1):
+            raise SettingsError(f"personalise-fraction must be in [0, 1), got {self.personalise_fraction!r}")
+        if not (math.isfinite(self.personalise_lr) and self.personalise_lr >= 0):
+            raise SettingsError(f"personalise-lr must be >= 0 (0: the run's lr), got {self.personalise_lr!r}")
+        if self.local_steps < 0:
+            raise SettingsError(f"local-steps must be >= 0 (0 trains local-epochs whole epochs), got {self.local_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        self._check_server_optimiser()
         if not self.round_timeout > 0 or not self.target_epsilon > 0 or not 0 < self.delta < 1 or not self.max_grad_norm > 0:
             raise SettingsError("round-timeout, target-epsilon and max-grad-norm must be > 0 and delta in (0, 1)")
+
+    def _check_server_optimiser(self) -> None:
+        """server-lr, server-tau and server-beta-2: 0 keeps Flower's default for the strategy."""
+        chosen = {"server-lr": self.server_lr, "server-tau": self.server_tau, "server-beta-2": self.server_beta_2}
+        for key, value in chosen.items():
+            if not math.isfinite(value) or value < 0:
+                raise SettingsError(f"{key} must be a finite number >= 0 (0 keeps Flower's default), got {value!r}")
+        if self.server_beta_2 >= 1:
+            raise SettingsError(f"server-beta-2 must be in [0, 1), got {self.server_beta_2!r}")
+        used = [key for key, value in chosen.items() if value > 0]
+        if used and self.strategy not in SERVER_OPTIMISERS:
+            raise SettingsError(f"{', '.join(used)} only apply to {', '.join(SERVER_OPTIMISERS)}, not strategy {self.strategy!r}")
+        if self.server_beta_2 > 0 and self.strategy == "fedadagrad":
+            raise SettingsError("server-beta-2 does not apply to fedadagrad (it sums squared updates)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":

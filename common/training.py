@@ -7,12 +7,15 @@ suffix on those features, ``predict_proba`` scores a model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from common.settings import OPTIMIZERS
 
 INFERENCE_BATCH = 1024
 
@@ -28,7 +31,11 @@ def use_one_torch_thread() -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of local fine-tuning."""
+    """Hyper-parameters of local fine-tuning.
+
+    ``steps`` > 0 trains exactly that many mini-batch updates, reshuffling at every pass
+    over the data, and ignores ``epochs``; 0 trains ``epochs`` whole epochs.
+    """
 
     epochs: int = 1
     batch_size: int = 32
@@ -36,11 +43,12 @@ class TrainConfig:
     optimizer: str = "sgd"
     proximal_mu: float = 0.0
     seed: int = 0
+    steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', not {self.optimizer!r}")
-        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        if self.epochs < 0 or self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"invalid training settings {self}")
 
 
@@ -54,7 +62,20 @@ class TrainStats:
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9 if config.optimizer == "sgd" else 0.0)
+
+
+def shuffled_batches(examples: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of one round: ``config.epochs`` reshuffled passes, or exactly ``config.steps`` batches."""
+    if examples == 0:
+        return
+    drawn = 0
+    for _ in itertools.count() if config.steps else range(config.epochs):
+        for batch in torch.split(torch.randperm(examples, generator=generator), config.batch_size):
+            yield batch
+            drawn += 1
+            if drawn == config.steps:
+                return
 
 
 @torch.no_grad()
@@ -84,17 +105,15 @@ def train_plain(trainable: nn.Module, features: torch.Tensor, labels: torch.Tens
     loss_fn = nn.CrossEntropyLoss()
     trainable.train()
     steps, total = 0, 0.0
-    for _ in range(config.epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for batch in torch.split(order, config.batch_size):
-            optimizer.zero_grad()
-            loss = loss_fn(trainable(features[batch]), labels[batch])
-            if config.proximal_mu > 0:
-                loss = loss + proximal_term(trainable, anchor, config.proximal_mu)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            total += float(loss.detach())
+    for batch in shuffled_batches(len(labels), config, generator):
+        optimizer.zero_grad()
+        loss = loss_fn(trainable(features[batch]), labels[batch])
+        if config.proximal_mu > 0:
+            loss = loss + proximal_term(trainable, anchor, config.proximal_mu)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        total += float(loss.detach())
     return TrainStats(steps=steps, examples=len(labels), mean_loss=total / max(steps, 1))
 
 

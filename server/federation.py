@@ -28,7 +28,7 @@ from common.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from server.secure_channel import CoordinatorChannel, UpdateLimits
-from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy
+from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy, server_optimiser_args
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,15 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         base_fingerprint=card.model_fingerprint,
         frozen_fingerprint=state_fingerprint(policy.frozen_state(model)),
         local_epochs=settings.local_epochs,
+        local_steps=settings.local_steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
         optimizer=settings.optimizer,
         proximal_mu=settings.proximal_mu if settings.strategy == "fedprox" else 0.0,
         seed=settings.seed,
         personalise_epochs=settings.personalise_epochs,
+        personalise_fraction=settings.personalise_fraction,
+        personalise_lr=settings.personalise_lr,
         dp=int(settings.dp),
         run_key=str(resumed.record.run_id if resumed else run_id),
         sim_root=sim_root,
@@ -180,13 +183,16 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         max_norm=settings.max_update_norm,
     )
     strategy = SiteAwareStrategy(
-        flower_strategy(settings.strategy, settings.min_sites, settings.expected_sites or settings.min_sites, settings.proximal_mu),
+        flower_strategy(settings.strategy, settings.min_sites, settings.proximal_mu,
+                        server_optimiser_args(settings.server_lr, settings.server_tau, settings.server_beta_2)),
         CoordinatorChannel(identity, manifest, run_id, card.model_fingerprint, limits),
         BasePayload(ArrayRecord(base_state), card.to_json()),
         record,
         settings.min_sites,
         persist=lambda: record.save(out),
         round_offset=offset,
+        expected_sites=settings.expected_sites,
+        site_wait=settings.round_timeout,
     )
     if resumed is not None:
         strategy.load_state(resumed.strategy_state)

@@ -9,6 +9,7 @@ FedProx, FedAdam, ...) to aggregate.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_OK
 from common.run_record import RunRecord
@@ -40,17 +41,29 @@ class BasePayload:
     card_json: str
 
 
-def flower_strategy(name: str, min_sites: int, min_available: int, proximal_mu: float) -> Strategy:
-    """One of Flower's own strategies, configured for fedtransfer's record keys."""
-    common = dict(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_available)
+def server_optimiser_args(server_lr: float, server_tau: float, server_beta_2: float) -> dict[str, float]:
+    """Flower's FedOpt keyword arguments (eta, tau, beta_2) for the settings given; 0 keeps Flower's default."""
+    chosen = {"eta": server_lr, "tau": server_tau, "beta_2": server_beta_2}
+    return {key: value for key, value in chosen.items() if value > 0}
+
+
+def flower_strategy(name: str, min_sites: int, proximal_mu: float, server_args: dict[str, float] | None = None) -> Strategy:
+    """One of Flower's own strategies; it waits for ``min_sites`` nodes (``SiteAwareStrategy`` bounds the wait for more).
+
+    ``server_args`` (see ``server_optimiser_args``) go to FedAdam, FedYogi or FedAdagrad.
+    """
+    common = dict(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+    server_args = server_args or {}
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(proximal_mu=proximal_mu, **common)
     if name == "fedadam":
-        return FedAdam(**common)
+        return FedAdam(**server_args, **common)
     if name == "fedyogi":
-        return FedYogi(**common)
+        return FedYogi(**server_args, **common)
+    if name == "fedadagrad":
+        return FedAdagrad(**server_args, **common)
     if name == "fedmedian":
         return FedMedian(**common)
     if name == "fedtrimmedavg":
@@ -80,8 +93,13 @@ class SiteAwareStrategy(Strategy):
         min_sites: int,
         persist: Callable[[], None],
         round_offset: int = 0,
+        expected_sites: int = 0,
+        site_wait: float = 600.0,
     ) -> None:
         self.inner = inner
+        self.expected_sites = max(expected_sites, min_sites)
+        self.site_wait = site_wait
+        self._started = False
         self.persist = persist
         self.round_offset = round_offset
         self.channel = channel
@@ -91,7 +109,7 @@ class SiteAwareStrategy(Strategy):
         self.latest_arrays: ArrayRecord | None = None
         self._global: dict[str, torch.Tensor] = {}
         self._has_base: set[int] = set()
-        self._sites_by_node: dict[int, str] = {}
+        self._sites_by_node: dict[int, str] = {node: site for site, node in record.site_nodes.items()}  # a resumed run knows them
         self._sent: set[int] = set()
 
     def summary(self) -> None:
@@ -113,8 +131,29 @@ class SiteAwareStrategy(Strategy):
             out.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node))
         return out
 
+    def _await_sites(self, grid: Grid, server_round: int, wanted: int) -> None:
+        """Wait up to ``site_wait`` seconds for ``wanted`` sites; go on with at least ``min_sites``, else stop.
+
+        Flower's own strategies wait for ``min_available_nodes`` without a limit, so a hospital
+        that went down for good would hang the run; the inner strategy is therefore built with
+        ``min_sites`` and every wait is bounded here.
+        """
+        deadline = time.monotonic() + self.site_wait
+        connected = len(list(grid.get_node_ids()))
+        while connected < wanted and time.monotonic() < deadline:
+            time.sleep(1.0)
+            connected = len(list(grid.get_node_ids()))
+        if connected < self.min_sites:
+            raise TooFewSites(f"round {server_round}: only {connected} site(s) connected within {self.site_wait:g} s, "
+                              f"fewer than min-sites={self.min_sites}")
+        if connected < self.expected_sites:
+            log.warning("round %d: %d of %d expected site(s) connected; going on without the rest", server_round, connected, self.expected_sites)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        # before the first round sites may still be starting: wait for all expected; later, a site that is gone is not waited for
+        self._await_sites(grid, server_round, self.expected_sites if not self._started else self.min_sites)
+        self._started = True
         self._global = arrays.to_torch_state_dict()
         messages = self.inner.configure_train(server_round, arrays, config, grid)
         self.record.round(server_round).flower_run_id = self.channel.run_id
@@ -123,11 +162,15 @@ class SiteAwareStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        self._await_sites(grid, server_round, self.min_sites)
         return self._outgoing(self.inner.configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate", server_round)
 
     def _learn_site(self, server_round: int, node: int, site_id: str) -> None:
         """Map a node to the site it proved to be; an earlier entry under its node id this round moves to the site."""
+        for stale in [n for n, s in self._sites_by_node.items() if s == site_id and n != node]:
+            del self._sites_by_node[stale]
         self._sites_by_node[node] = site_id
+        self.record.site_nodes[site_id] = node
         current = self.record.round(server_round)
         earlier = current.sites.pop(f"node-{node}", None)
         if earlier is not None and site_id not in current.sites:

@@ -123,8 +123,9 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
         raise SimulationFailed(f"the simulated run {record.status}: {record.stop_reason}")
     base, card = load_checkpoint(checkpoint)
     policy = TransferPolicy.parse(bound.policy or card.default_policy)
-    epochs = bound.num_server_rounds * bound.local_epochs
-    config = TrainConfig(epochs=epochs, batch_size=bound.batch_size, lr=bound.lr, optimizer=bound.optimizer, seed=bound.seed)
+    # the centralised baselines train as much as one site does over the whole run
+    config = TrainConfig(epochs=bound.num_server_rounds * bound.local_epochs, steps=bound.num_server_rounds * bound.local_steps,
+                         batch_size=bound.batch_size, lr=bound.lr, optimizer=bound.optimizer, seed=bound.seed)
     table = comparison_table(record, compute_baselines(scenario, base, policy, config), "accuracy")
     write_report(record, out, [comparison_markdown(table, "accuracy")])
     return SimulationResult(record=record, out=out, comparison=table)

@@ -1,13 +1,17 @@
-"""Shared fixtures: Flower's environment switches and a small shifted multi-site study."""
+"""Shared fixtures: Flower's environment switches, a small shifted multi-site study, and the deployment tests' processes."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from tests.deployment_harness import Processes
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -70,3 +74,17 @@ def numbers_in(value: Any) -> list[float]:
 @pytest.fixture
 def shifted_study(tmp_path: Path) -> Path:
     return write_shifted_study(tmp_path / "study")
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator["Processes"]:
+    """Real Flower processes a deployment test starts; exactly those process groups are stopped afterwards."""
+    from tests.deployment_harness import Processes
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    running = Processes(logs)
+    try:
+        yield running
+    finally:
+        running.stop_all()

@@ -10,115 +10,25 @@ Every process is started in its own session and only those process groups are st
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from common.keys import read_public_identity
+from common.keys import read_public_identity, write_private_file
 from common.ledger import Ledger
 from common.manifest import read_manifest
 from common.privacy_report import verify_report
-from common.keys import write_private_file
 from common.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
 from common.scenarios import load_scenario
 from common.site_data import write_site_data
 from common.run_record import RunRecord
+from tests.deployment_harness import BIN, HAS_FLOWER, Processes, flwr, free_port, last_json, wait_for_port, wait_until_finished
 
-BIN = Path(sys.executable).parent
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 RUN_TIMEOUT = 420.0
 
-pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="Flower's executables are not installed next to this Python")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Processes:
-    """Processes this test started, each the leader of its own session; stops exactly those groups."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.started: list[tuple[str, subprocess.Popen]] = []
-
-    def env(self, flwr_home: Path) -> dict[str, str]:
-        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-    def start(self, name: str, argv: list[str], flwr_home: Path) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(flwr_home), start_new_session=True, cwd=self.logs)
-        log.close()
-        self.started.append((name, process))
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for _, process in reversed(self.started):
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        deadline = time.monotonic() + 15
-        for _, process in reversed(self.started):
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    running = Processes(logs)
-    try:
-        yield running
-    finally:
-        running.stop_all()
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def flwr(args: list[str], processes: Processes, flwr_home: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=processes.env(flwr_home), capture_output=True, text=True, timeout=timeout, cwd=processes.logs)
-
-
-def last_json(text: str) -> dict:
-    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+pytestmark = pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are not installed next to this Python")
 
 
 def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, processes: Processes) -> None:
@@ -173,14 +83,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = last_json(started.stdout)["run-id"]
 
-    status = ""
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while time.monotonic() < deadline:
-        listing = flwr(["ls", "--run-id", str(run_id), "--format", "json", "loopback"], processes, coordinator_home)
-        status = last_json(listing.stdout)["runs"][0]["status"] if listing.returncode == 0 else status
-        if status.startswith("finished"):
-            break
-        time.sleep(3)
+    status = wait_until_finished(run_id, "loopback", processes, coordinator_home, RUN_TIMEOUT)
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]
 
     record = RunRecord.load(out / "run-record.json")

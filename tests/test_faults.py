@@ -40,7 +40,7 @@ from common.settings import RunSettings
 from common.simulated_sites import MANIFEST_FILE, site_dir
 from common.site_policy import SitePolicy, write_policy
 from common.update_codec import encode_update
-from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, run_federation
+from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
 from simulations.benchmarks import BENCHMARKS
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
@@ -225,6 +225,43 @@ def test_too_few_sites_stops_cleanly_with_a_saved_checkpoint(tmp_path: Path) -> 
     assert all(torch.equal(t, final.state_dict()[n]) for n, t in round_one.state_dict().items())
     assert card.lineage["rounds"] == 1
     assert not (tmp_path / "out" / ROUND_CHECKPOINT_DIR / "round-2").exists()
+
+
+def test_a_site_gone_for_good_is_not_waited_for_and_the_rest_complete(tmp_path: Path) -> None:
+    """Flower's strategies would wait forever for min_available_nodes; a vanished SuperNode must not hang the run."""
+    study = write_shifted_study(tmp_path / "study", sites=3)
+    grid = DirectGrid(client_app, num_nodes=3)
+
+    def vanish_after_round_one(node: int, msg: Message) -> Message:
+        if train_round_of(msg) == 1 and node == node_of(2):
+            grid.node_ids.remove(node)  # the SuperLink no longer lists the node from now on
+        return msg
+
+    grid.on_instruction = vanish_after_round_one
+    settings = RunSettings(
+        scenario=str(study), num_server_rounds=3, local_epochs=1, dp=False, out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3, round_timeout=600.0,
+    )
+    start = time.monotonic()
+    record = run_federation(grid, settings, grid.run_id)
+    assert record.status == "completed" and time.monotonic() - start < 300
+    names = record.round(1).aggregated_sites
+    assert len(names) == 3 and all(len(record.round(r).aggregated_sites) == 2 for r in (2, 3))
+    assert record.site_nodes == {name: node_of(i) for i, name in enumerate(sorted(record.site_nodes))}
+
+
+def test_too_few_sites_online_stops_after_the_wait_with_a_clear_reason(tmp_path: Path) -> None:
+    study = write_shifted_study(tmp_path / "study", sites=3)
+    grid = DirectGrid(client_app, num_nodes=3)
+    grid.node_ids = grid.node_ids[:1]  # two hospitals never start their SuperNode
+    settings = RunSettings(
+        scenario=str(study), num_server_rounds=2, local_epochs=1, dp=False, out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3, round_timeout=2.0,
+    )
+    with pytest.raises(FederationFailed, match="only 1 site\\(s\\) connected within 2 s, fewer than min-sites=2"):
+        run_federation(grid, settings, grid.run_id)
+    record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
+    assert record.status == "failed" and "only 1 site(s) connected within 2 s" in record.stop_reason
 
 
 # robust aggregation ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 import math
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 
 import numpy as np
 import pytest
@@ -110,11 +110,39 @@ def test_values_that_do_not_fit_the_type_are_rejected(key, value):
         ("lr", -0.1),
         ("lr", "nan"),
         ("min-sites", 0),
+        ("local-steps", -1),
+        ("optimizer", "rmsprop"),
+        ("server-lr", -0.1),
+        ("server-tau", "inf"),
     ],
 )
 def test_impossible_values_are_rejected(key, value):
     with pytest.raises(SettingsError):
         RunSettings.from_run_config({key: value})
+
+
+def test_local_steps_and_server_optimiser_settings_are_read():
+    settings = RunSettings.from_run_config({
+        "local-steps": 100, "optimizer": "sgd-plain", "strategy": "fedyogi",
+        "server-lr": 0.01, "server-tau": 1e-8, "server-beta-2": 0.999,
+    })
+    assert (settings.local_steps, settings.optimizer) == (100, "sgd-plain")
+    assert (settings.server_lr, settings.server_tau, settings.server_beta_2) == (0.01, 1e-8, 0.999)
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"strategy": "fedavg", "server-lr": 0.01}, "server-lr only apply to fedadam, fedyogi, fedadagrad"),
+        ({"strategy": "fedprox", "server-tau": 1e-8}, "server-tau only apply"),
+        ({"strategy": "fedyogi", "server-beta-2": 1.0}, "server-beta-2 must be in"),
+        ({"strategy": "fedadagrad", "server-beta-2": 0.9}, "does not apply to fedadagrad"),
+        ({"local-steps": -3}, "local-steps must be >= 0"),
+    ],
+)
+def test_server_optimiser_and_local_steps_mistakes_are_explained(config, match):
+    with pytest.raises(SettingsError, match=match):
+        RunSettings.from_run_config(config)
 
 
 def test_settings_error_is_a_value_error():
@@ -146,7 +174,7 @@ def _instruction(**changes) -> RoundInstruction:
     return RoundInstruction(**values)
 
 
-REQUIRED_KEYS = [f.name.replace("_", "-") for f in fields(RoundInstruction) if f.name != "sim_root"]
+REQUIRED_KEYS = [f.name.replace("_", "-") for f in fields(RoundInstruction) if f.default is MISSING]
 
 
 def test_instruction_round_trips_through_config():
@@ -168,6 +196,13 @@ def test_instruction_optional_sim_root_defaults_to_empty():
     config = _instruction().to_config()
     del config["sim-root"]
     assert RoundInstruction.from_config(config).sim_root == ""
+
+
+def test_instruction_without_local_steps_trains_whole_epochs():
+    config = _instruction(local_steps=100).to_config()
+    assert RoundInstruction.from_config(config).local_steps == 100
+    del config["local-steps"]
+    assert RoundInstruction.from_config(config).local_steps == 0
 
 
 @pytest.mark.parametrize("key", REQUIRED_KEYS)

@@ -1,0 +1,122 @@
+"""Shared harness of the loopback deployment tests: real Flower processes on 127.0.0.1.
+
+Every process is started in its own session with a private ``FLWR_HOME`` and Flower's
+runtime installation, telemetry and update check off; only the process groups a test
+started are ever stopped (by pid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import FLOWER_ENV
+
+BIN = Path(sys.executable).parent
+HAS_FLOWER = (BIN / "flower-superlink").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Processes this test started, each the leader of its own session; stops exactly those groups."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[tuple[str, subprocess.Popen]] = []
+
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def start(self, name: str, argv: list[str], flwr_home: Path) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(flwr_home), start_new_session=True, cwd=self.logs)
+        log.close()
+        self.started.append((name, process))
+        return process
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group started under ``name``: a crash, not a shutdown."""
+        for started, process in self.started:
+            if started == name and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.started):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + 15
+        for _, process in reversed(self.started):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def flwr(args: list[str], processes: Processes, flwr_home: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=processes.env(flwr_home), capture_output=True, text=True, timeout=timeout, cwd=processes.logs)
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+
+
+def run_status(run_id: int, federation: str, processes: Processes, flwr_home: Path) -> str:
+    listing = flwr(["ls", "--run-id", str(run_id), "--format", "json", federation], processes, flwr_home)
+    return last_json(listing.stdout)["runs"][0]["status"] if listing.returncode == 0 else ""
+
+
+def wait_until_finished(run_id: int, federation: str, processes: Processes, flwr_home: Path, timeout: float) -> str:
+    """Poll ``flwr ls`` until the run finishes or ``timeout`` passes; return its last status."""
+    status = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run_status(run_id, federation, processes, flwr_home) or status
+        if status.startswith("finished"):
+            break
+        time.sleep(3)
+    return status
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
