@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from rich.logging import RichHandler
 from rich.table import Table
 
-from common.settings import STRATEGIES, RunSettings
+from common.settings import STRATEGIES, RunSettings, parse_assignments
 
 if TYPE_CHECKING:
     from common.run_record import RunRecord
@@ -66,7 +66,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         dp=not args.no_dp,
         target_epsilon=args.epsilon,
         delta=args.delta,
-    )
+    ).with_run_config(parse_assignments(args.set))
     console.print(f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {settings.num_server_rounds} rounds, strategy {settings.strategy}, seed {settings.seed}")
     if settings.dp:
         console.print(f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta {settings.delta:g}; each site's own policy caps its cumulative spend")
@@ -96,23 +96,27 @@ def _report_simulation(result: "SimulationResult") -> int:
 
 
 def _privacy_table(record: "RunRecord") -> Table | str:
-    last: dict[str, tuple[int, str, dict]] = {}
+    last: dict[str, dict] = {}
+    spent: dict[str, float] = {}
     declined: dict[str, int] = {}
     for r in record.rounds:
         for site, entry in r.sites.items():
             if entry.privacy:
-                last[site] = (r.server_round, entry.status, entry.privacy)
+                last[site] = entry.privacy
+            epsilon = entry.epsilon()
+            if epsilon is not None:
+                spent[site] = max(epsilon, spent.get(site, epsilon))
             if entry.status == "declined":
                 declined[site] = declined.get(site, 0) + 1
-    if any(not p.get("dp", True) for _, _, p in last.values()):
+    if any(not p.get("dp", True) for p in last.values()):
         return "[bold red]NOT PRIVATE: these sites trained without differential privacy; no epsilon bound holds.[/bold red]"
-    table = Table(title="Privacy spent per site dataset (cumulative over all runs; max across sites last)")
+    table = Table(title="Privacy spent per site dataset (cumulative over all runs, private personalisation included; max across sites last)")
     for column in ("site", "epsilon", "cap", "delta", "accountant", "declined rounds"):
         table.add_column(column, justify="left" if column in ("site", "accountant") else "right")
     for site in sorted(last):
-        _, _, p = last[site]
-        table.add_row(site, f"{p.get('epsilon', math.nan):.3f}", f"{p.get('cap-epsilon', math.nan):g}", f"{p.get('delta', math.nan):g}", str(p.get("accountant", "?")), str(declined.get(site, 0)))
-    values = [p["epsilon"] for _, _, p in last.values() if isinstance(p.get("epsilon"), (int, float))]
+        p = last[site]
+        table.add_row(site, f"{spent.get(site, math.nan):.3f}", f"{p.get('cap-epsilon', math.nan):g}", f"{p.get('delta', math.nan):g}", str(p.get("accountant", "?")), str(declined.get(site, 0)))
+    values = list(spent.values())
     if values:
         table.add_row("max", f"{max(values):.3f}", "", "", "", "")
     return table
@@ -167,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-dp", action="store_true", help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: simulated sites created by such a run do)")
     sim.add_argument("--resume", default="", metavar="DIR", help="continue the interrupted run in DIR (its --out) from its last completed round, with its own settings")
     sim.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other run setting of pyproject.toml's [tool.flwr.app.config], repeatable, "
+                          "e.g. --set local-steps=100 --set optimizer=sgd-plain --set personalise-fraction=0.5")
     sim.set_defaults(func=_cmd_simulate)
 
     pre = commands.add_parser("pretrain", help="train a scenario's source model and write a checkpoint", description="Train the scenario's model on its source domain and write model.safetensors + model-card.json.")
@@ -188,7 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:
+        if not isinstance(err, _operator_errors()):
+            raise
+        console.print(f"[bold red]error[/bold red] ({type(err).__name__}): {err}", highlight=False)
+        return 2
+
+
+def _operator_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message tells an operator what to fix: printed without a traceback (exit status 2)."""
+    from common.checkpoint import CheckpointError
+    from common.keys import KeyFileError
+    from common.ledger import LedgerError
+    from common.manifest import ManifestError
+    from common.provision import ProvisionError
+    from common.scenarios import ScenarioError
+    from common.settings import SettingsError
+    from common.site_config import SiteConfigError
+    from common.site_data import DataError
+    from common.site_policy import PolicyError
+    from common.transfer import PolicyParseError
+    from simulations.simulate import SimulationFailed
+
+    return (CheckpointError, KeyFileError, LedgerError, ManifestError, ProvisionError, ScenarioError, SettingsError,
+            SiteConfigError, DataError, PolicyError, PolicyParseError, SimulationFailed)
 
 
 if __name__ == "__main__":

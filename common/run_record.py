@@ -39,6 +39,13 @@ class SiteRound:
     privacy: dict[str, Any] = field(default_factory=dict)
     privacy_signed: str = ""
 
+    def epsilon(self) -> float | None:
+        """The dataset's cumulative epsilon after this round: the signed train report's, or later the
+        private personalisation's (``p-epsilon``, reported with evaluation after the last round)."""
+        values = [v for v in (self.privacy.get("epsilon"), self.evaluate.get("p-epsilon"))
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return float(max(values)) if values else None
+
 
 @dataclass
 class RoundRecord:

@@ -8,6 +8,7 @@ they need in each message's ConfigRecord.
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -130,3 +131,25 @@ class RunSettings:
 
     def with_(self, **changes: Any) -> "RunSettings":
         return replace(self, **changes)
+
+    def as_run_config(self) -> dict[str, Any]:
+        """The settings as Flower run-config keys (``-`` for ``_``)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def with_run_config(self, run_config: Mapping[str, Any]) -> "RunSettings":
+        """These settings with some run-config keys changed; unknown keys and bad values are a SettingsError."""
+        return RunSettings.from_run_config(self.as_run_config() | dict(run_config))
+
+
+def parse_assignments(texts: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs with TOML values (``local-steps=100``, ``optimizer="sgd-plain"``; a bare word is a string)."""
+    parsed: dict[str, Any] = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{text!r} is not KEY=VALUE (e.g. local-steps=100)")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"value = {value.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            parsed[key.strip()] = value.strip()
+    return parsed

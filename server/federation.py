@@ -278,7 +278,7 @@ def _round_summary(record: RunRecord, server_round: int) -> str:
     parts = [
         f"{site}: {r.status}"
         + (f" acc {r.evaluate['accuracy']:.3f}" if "accuracy" in r.evaluate else "")
-        + (f" eps {r.privacy['epsilon']:.2f}" if isinstance(r.privacy.get("epsilon"), (int, float)) else "")
+        + (f" eps {r.epsilon():.2f}" if r.epsilon() is not None else "")
         for site, r in sorted(current.sites.items())
     ]
     return " | " + ", ".join(parts)

@@ -50,7 +50,8 @@ def privacy_lines(record: RunRecord) -> list[str]:
         "## Privacy: cumulative epsilon per site dataset (record-level DP)",
         "",
         f"delta {', '.join(f'{d:g}' for d in deltas) or 'n/a'}; accountant {', '.join(accountants) or 'n/a'}; "
-        "each value composes every round of every run that touched the site's dataset.",
+        "each value composes every round of every run that touched the site's dataset (and, in the last round, "
+        "a private personalisation if the run reserved one).",
         "",
         "| round | " + " | ".join(sites) + " | max across sites |",
         "|---" * (len(sites) + 2) + "|",
@@ -59,9 +60,9 @@ def privacy_lines(record: RunRecord) -> list[str]:
         cells, values = [], []
         for site in sites:
             entry = r.sites.get(site)
-            epsilon = entry.privacy.get("epsilon") if entry and entry.privacy else None
-            if isinstance(epsilon, (int, float)):
-                values.append(float(epsilon))
+            epsilon = entry.epsilon() if entry else None
+            if epsilon is not None:
+                values.append(epsilon)
             if entry is None:
                 cells.append("")
             elif entry.status != "ok":

@@ -142,6 +142,9 @@ def test_private_run_reports_personalised_metrics_after_recording_the_spend(pers
         assert [(e.kind, e.server_round) for e in entries] == [(TRAIN_KIND, 1), (TRAIN_KIND, 2), (PERSONALISE_KIND, 2)]
         assert entries[-1].epsilon <= 1.0 and entries[-1].epsilon > entries[1].epsilon
         assert last.sites[f"site-{site}"].evaluate["p-epsilon"] == pytest.approx(entries[-1].epsilon)
+        # what the coordinator shows as spent is the ledger's total, personalisation included, not the rounds' alone
+        assert last.sites[f"site-{site}"].epsilon() == pytest.approx(entries[-1].epsilon)
+        assert f"{entries[-1].epsilon:.3f}" in (root / "out" / "report.md").read_text()
 
 
 def test_audit_passes_on_a_run_with_private_personalisation(personalised_run) -> None:

@@ -6,7 +6,8 @@ import pytest
 
 from common.metrics import METRIC_NAMES, classification_metrics
 from common.protocol import InstructionError, RoundInstruction
-from common.settings import RunSettings, SettingsError
+from common import cli
+from common.settings import RunSettings, SettingsError, parse_assignments
 
 # --- RunSettings.from_run_config -------------------------------------------------------------
 
@@ -298,3 +299,25 @@ def test_single_class_labels_give_nan_roc_auc_and_finite_rest():
     assert metrics["balanced-accuracy"] == pytest.approx(2 / 3)
     assert metrics["f1"] == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))  # precision 1, recall 2/3
     assert metrics["loss"] == pytest.approx(-(math.log(0.8) + math.log(0.4) + math.log(0.9)) / 3)
+
+
+def test_assignments_override_settings_with_typed_values() -> None:
+    changes = parse_assignments(["local-steps=100", 'optimizer="sgd-plain"', "strategy=fedyogi", "server-lr=0.03", "dp=false"])
+    assert changes == {"local-steps": 100, "optimizer": "sgd-plain", "strategy": "fedyogi", "server-lr": 0.03, "dp": False}
+    settings = RunSettings(num_server_rounds=4).with_run_config(changes)
+    assert (settings.local_steps, settings.optimizer, settings.strategy, settings.server_lr, settings.dp) == (100, "sgd-plain", "fedyogi", 0.03, False)
+    assert settings.num_server_rounds == 4
+    with pytest.raises(SettingsError, match="not KEY=VALUE"):
+        parse_assignments(["local-steps"])
+    with pytest.raises(SettingsError, match="unknown run-config keys \\['local-step'\\]"):
+        RunSettings().with_run_config(parse_assignments(["local-step=3"]))
+    with pytest.raises(SettingsError, match="run-config key 'local-steps' must be int, got 2.5"):
+        RunSettings().with_run_config(parse_assignments(["local-steps=2.5"]))
+
+
+def test_cli_prints_a_bad_setting_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["simulate", "--rounds", "0"]) == 2
+    assert cli.main(["simulate", "--set", "server-lr=0.1"]) == 2  # the default strategy, fedavg, has no server optimiser
+    out = capsys.readouterr().out
+    assert "SettingsError" in out and "num-server-rounds must be at least 1" in out
+    assert "server-lr only apply to fedadam, fedyogi, fedadagrad" in out
