@@ -343,45 +343,8 @@ class BudgetGuard:
             admission = self._check(plan, server_round, plan.steps_per_round)
             if not admission.admitted:
                 raise BudgetExhausted(admission.reason)
-            recorded: list[LedgerEntry] = []
-
-            def record(steps_taken: int, model_fingerprint: str) -> LedgerEntry:
-                if recorded:
-                    raise RuntimeError(f"round {server_round} of run {plan.run_id} is already recorded")
-                if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 1:
-                    raise ValueError(f"steps_taken must be a positive integer, got {steps_taken!r}")
-                if steps_taken > plan.steps_per_round:
-                    raise BudgetExhausted(
-                        f"round {server_round} took {steps_taken} steps but run {plan.run_id} was "
-                        f"calibrated for {plan.steps_per_round} per round; not recorded, do not send"
-                    )
-                cap, delta, accountant = self._limits(plan)
-                history = [*self.ledger.history(self.dataset_id),
-                           Step(plan.noise_multiplier, plan.sample_rate, steps_taken)]
-                epsilon = compose_epsilon(history, delta, accountant)
-                if epsilon > cap:
-                    raise BudgetExhausted(
-                        f"recording round {server_round} would bring the dataset to epsilon "
-                        f"{epsilon:.4f}, over the cap of {cap:.4f}; not recorded, do not send"
-                    )
-                try:
-                    ref_name, ref_epsilon = reference_epsilon(history, delta, accountant)
-                except AccountingError as exc:
-                    # The reference column is informational; the cap was checked above.
-                    log.warning("reference epsilon unavailable: %s", exc)
-                    ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
-                entry = self.ledger.append(
-                    dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
-                    noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                    steps=steps_taken, max_grad_norm=plan.settings.max_grad_norm, delta=delta,
-                    epsilon=epsilon, accountant=accountant,
-                    reference_epsilon=ref_epsilon, reference_accountant=ref_name,
-                    model_fingerprint=model_fingerprint, kind=TRAIN_KIND,
-                )
-                recorded.append(entry)
-                return entry
-
-            yield record
+            planned = Step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+            yield self._recorder(plan, server_round, planned, TRAIN_KIND, f"round {server_round}", "do not send")
 
     def spent(self) -> float:
         """Epsilon spent on this dataset so far (policy accountant and delta)."""
@@ -440,42 +403,53 @@ class BudgetGuard:
             if not admission.admitted:
                 raise BudgetExhausted(admission.reason)
             step = plan.personalisation
-            assert step is not None
-            recorded: list[LedgerEntry] = []
+            if step is None:  # _check_personalisation refuses a plan without one
+                raise BudgetExhausted(f"run {plan.run_id} reserved no private personalisation in its plan")
+            yield self._recorder(plan, server_round, step, PERSONALISE_KIND, "the personalisation", "report nothing")
 
-            def record(steps_taken: int, model_fingerprint: str) -> LedgerEntry:
-                if recorded:
-                    raise RuntimeError(f"the personalisation of run {plan.run_id} is already recorded")
-                if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 1:
-                    raise ValueError(f"steps_taken must be a positive integer, got {steps_taken!r}")
-                if steps_taken > step.steps:
-                    raise BudgetExhausted(
-                        f"personalisation took {steps_taken} steps but run {plan.run_id} reserved "
-                        f"{step.steps}; not recorded, report nothing"
-                    )
-                cap, delta, accountant = self._limits(plan)
-                history = [*self.ledger.history(self.dataset_id),
-                           Step(step.noise_multiplier, step.sample_rate, steps_taken)]
-                epsilon = compose_epsilon(history, delta, accountant)
-                if epsilon > cap:
-                    raise BudgetExhausted(
-                        f"recording the personalisation would bring the dataset to epsilon "
-                        f"{epsilon:.4f}, over the cap of {cap:.4f}; not recorded, report nothing"
-                    )
-                try:
-                    ref_name, ref_epsilon = reference_epsilon(history, delta, accountant)
-                except AccountingError as exc:
-                    log.warning("reference epsilon unavailable: %s", exc)
-                    ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
-                entry = self.ledger.append(
-                    dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
-                    noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate,
-                    steps=steps_taken, max_grad_norm=plan.settings.max_grad_norm, delta=delta,
-                    epsilon=epsilon, accountant=accountant,
-                    reference_epsilon=ref_epsilon, reference_accountant=ref_name,
-                    model_fingerprint=model_fingerprint, kind=PERSONALISE_KIND,
+    def _recorder(
+        self, plan: RunPlan, server_round: int, planned: Step, kind: str, what: str, otherwise: str
+    ) -> Callable[[int, str], LedgerEntry]:
+        """``record(steps, fingerprint)`` for one planned phase; the caller holds the ledger lock.
+
+        It appends the phase durably, once, at the steps actually taken (never more than
+        planned), or raises BudgetExhausted / LedgerError and writes nothing.
+        """
+        recorded: list[LedgerEntry] = []
+
+        def record(steps_taken: int, model_fingerprint: str) -> LedgerEntry:
+            if recorded:
+                raise RuntimeError(f"{what} of run {plan.run_id} is already recorded")
+            if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 1:
+                raise ValueError(f"steps_taken must be a positive integer, got {steps_taken!r}")
+            if steps_taken > planned.steps:
+                raise BudgetExhausted(
+                    f"{what} took {steps_taken} steps but run {plan.run_id} was calibrated for {planned.steps}; "
+                    f"not recorded, {otherwise}"
                 )
-                recorded.append(entry)
-                return entry
+            cap, delta, accountant = self._limits(plan)
+            history = [*self.ledger.history(self.dataset_id), Step(planned.noise_multiplier, planned.sample_rate, steps_taken)]
+            epsilon = compose_epsilon(history, delta, accountant)
+            if epsilon > cap:
+                raise BudgetExhausted(
+                    f"recording {what} would bring the dataset to epsilon {epsilon:.4f}, over the cap "
+                    f"of {cap:.4f}; not recorded, {otherwise}"
+                )
+            try:
+                ref_name, ref_epsilon = reference_epsilon(history, delta, accountant)
+            except AccountingError as exc:
+                # The reference column is informational; the cap was checked above.
+                log.warning("reference epsilon unavailable: %s", exc)
+                ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
+            entry = self.ledger.append(
+                dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
+                noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
+                steps=steps_taken, max_grad_norm=plan.settings.max_grad_norm, delta=delta,
+                epsilon=epsilon, accountant=accountant,
+                reference_epsilon=ref_epsilon, reference_accountant=ref_name,
+                model_fingerprint=model_fingerprint, kind=kind,
+            )
+            recorded.append(entry)
+            return entry
 
-            yield record
+        return record
