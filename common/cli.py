@@ -89,7 +89,8 @@ def _report_simulation(result: "SimulationResult") -> int:
     console.print(table)
     console.print("Baselines are trained without DP on the same base model; pooled is the upper bound.")
     if "personalised" not in result.comparison:
-        console.print("Personalised results are computed only in non-private runs (--no-dp).")
+        console.print("Personalised results: non-private runs (--no-dp), or private runs that keep part of their budget "
+                      "for it (--set personalise-fraction=0.5).")
     console.print(_privacy_table(result.record))
     console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, final-model/")
     return 0
