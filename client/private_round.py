@@ -189,6 +189,8 @@ def personalise_privately(
         return {}
     step = plan.personalisation if plan is not None else None
     if plan is None or step is None or model.head.bias is None:
+        log.warning("site %s: no private personalisation: run %s reserved no private personalisation in its plan "
+                    "(or its model head has no bias)", site.site_id, run_key)
         return {}
     local = copy.deepcopy(model)
     _, trainable = policy.split(local)
