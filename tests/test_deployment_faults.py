@@ -2,8 +2,10 @@
 
 Three provisioned hospitals under TLS and SuperNode auth start a 3-round run with ``flwr run``:
 
-1. as soon as round 2 has begun the SuperLink is killed (SIGKILL, the ServerApp with it) and
-   started again by the kit's own script on the same database; the SuperNodes reconnect;
+1. as soon as round 2 has begun the SuperLink's process group is killed (SIGKILL; Flower's
+   SuperExec, in its own session, sees its parent gone and stops the ServerApp) and the SuperLink
+   is started again by the kit's own script on the same database, which marks the interrupted
+   Flower run finished:failed and refuses its messages; the SuperNodes reconnect;
 2. ``flwr run ... resume=true out=RUN_DIR`` continues the recorded run after round 1; round 2,
    on which sites may already have spent budget, is recorded as abandoned and never reused;
 3. hospital-c's SuperNode is killed as soon as it receives its round-3 instruction.
