@@ -72,6 +72,11 @@ def simulation_noise_seed(context: Context, instruction: RoundInstruction) -> in
     return (instruction.seed * 1_000_003 + int(context.node_config["partition-id"])) * 10_007 + instruction.server_round
 
 
+def _personalisation_round(instruction: RoundInstruction) -> bool:
+    """Personalisation, when asked for, follows the evaluation of the last round."""
+    return instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds
+
+
 def personalise_now(instruction: RoundInstruction, site: SiteConfig) -> bool:
     """Personalise after the last round, and only in a non-private run the site's policy allows.
 
@@ -79,15 +84,13 @@ def personalise_now(instruction: RoundInstruction, site: SiteConfig) -> bool:
     leave the site outside any DP guarantee, so a private run never computes them (it may
     personalise privately instead: :func:`personalise_privately_now`).
     """
-    last_round = instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds
-    return last_round and not instruction.dp and load_policy(site.policy_path).allow_non_private
+    return _personalisation_round(instruction) and not instruction.dp and load_policy(site.policy_path).allow_non_private
 
 
 def personalise_privately_now(instruction: RoundInstruction) -> bool:
     """After the last round of a private run that reserved a private personalisation
     (``personalise-fraction`` > 0): DP-SGD on the head's bias, spend recorded before the metrics leave."""
-    last_round = instruction.personalise_epochs > 0 and instruction.server_round == instruction.num_rounds
-    return last_round and bool(instruction.dp) and instruction.personalise_fraction > 0
+    return _personalisation_round(instruction) and bool(instruction.dp) and instruction.personalise_fraction > 0
 
 
 def personalise_noise_seed(context: Context, instruction: RoundInstruction) -> int | None:

@@ -289,40 +289,43 @@ class BudgetGuard:
             self.policy.accountant,
         )
 
-    def _check(self, plan: RunPlan, server_round: int, steps: int) -> Admission:
-        """The admission decision; the caller holds the ledger lock."""
-        settings = plan.settings
+    def _admission(
+        self, plan: RunPlan, step: Step, what: str, refusal: Callable[[list[LedgerEntry], float, Accountant], str]
+    ) -> Admission:
+        """Admit ``step`` of ``plan`` if ``refusal`` finds no reason (given this dataset's entries, delta and
+        accountant) and the dataset stays within its cap; the caller holds the ledger lock."""
         cap, delta, accountant = self._limits(plan)
         entries = self.ledger.entries(self.dataset_id)
         history = [e.to_step() for e in entries]
         spent = compose_epsilon(history, delta, accountant)
-
-        def refuse(reason: str, projected: float = math.nan) -> Admission:
-            return Admission(False, reason, spent, projected, cap)
-
-        if plan.dataset_id != self.dataset_id:
-            return refuse(f"plan of run {plan.run_id} is for another dataset")
-        this_run = [e for e in entries if e.run_id == plan.run_id and e.kind == TRAIN_KIND]
-        if any(e.server_round == server_round for e in this_run):
-            return refuse(
-                f"round {server_round} of run {plan.run_id} was already recorded (replayed "
-                "instruction); refusing to train on it twice"
-            )
-        if len(this_run) >= settings.planned_rounds:
-            return refuse(
-                f"run {plan.run_id} already used its {settings.planned_rounds} planned rounds "
-                "on this dataset"
-            )
-        step = Step(plan.noise_multiplier, plan.sample_rate, steps)
+        reason = (f"plan of run {plan.run_id} is for another dataset" if plan.dataset_id != self.dataset_id
+                  else refusal(entries, delta, accountant))
+        if reason:
+            return Admission(False, reason, spent, math.nan, cap)
         projected = compose_epsilon([*history, step], delta, accountant)
         if projected > cap:
-            return refuse(
-                f"privacy budget exhausted: this round would bring the dataset to epsilon "
-                f"{projected:.4f}, over the site's cap of {cap:.4f} (already spent "
-                f"{spent:.4f}, {accountant}, delta={delta:g})",
-                projected,
+            return Admission(
+                False,
+                f"privacy budget exhausted: {what} would bring the dataset to epsilon {projected:.4f}, over the "
+                f"site's cap of {cap:.4f} (already spent {spent:.4f}, {accountant}, delta={delta:g})",
+                spent, projected, cap,
             )
         return Admission(True, "within budget", spent, projected, cap)
+
+    def _check(self, plan: RunPlan, server_round: int, steps: int) -> Admission:
+        """The admission decision for a training round; the caller holds the ledger lock."""
+        planned_rounds = plan.settings.planned_rounds
+
+        def refusal(entries: list[LedgerEntry], delta: float, accountant: Accountant) -> str:
+            this_run = [e for e in entries if e.run_id == plan.run_id and e.kind == TRAIN_KIND]
+            if any(e.server_round == server_round for e in this_run):
+                return (f"round {server_round} of run {plan.run_id} was already recorded (replayed "
+                        "instruction); refusing to train on it twice")
+            if len(this_run) >= planned_rounds:
+                return f"run {plan.run_id} already used its {planned_rounds} planned rounds on this dataset"
+            return ""
+
+        return self._admission(plan, Step(plan.noise_multiplier, plan.sample_rate, steps), "this round", refusal)
 
     def admit(self, plan: RunPlan, server_round: int) -> Admission:
         """Would this round, at the planned steps, stay within the cap? Never raises for a refusal."""
@@ -353,40 +356,24 @@ class BudgetGuard:
 
     # private personalisation ----------------------------------------------------------
 
-    def _check_personalisation(self, plan: RunPlan, server_round: int) -> Admission:
+    def _check_personalisation(self, plan: RunPlan) -> Admission:
         """Admission of the run's reserved personalisation; the caller holds the ledger lock."""
-        cap, delta, accountant = self._limits(plan)
-        entries = self.ledger.entries(self.dataset_id)
-        history = [e.to_step() for e in entries]
-        spent = compose_epsilon(history, delta, accountant)
-
-        def refuse(reason: str, projected: float = math.nan) -> Admission:
-            return Admission(False, reason, spent, projected, cap)
-
         step = plan.personalisation
         if step is None:
-            return refuse(f"run {plan.run_id} reserved no private personalisation in its plan")
-        if plan.dataset_id != self.dataset_id:
-            return refuse(f"plan of run {plan.run_id} is for another dataset")
-        if any(e.run_id == plan.run_id and e.kind == PERSONALISE_KIND for e in entries):
-            return refuse(f"run {plan.run_id} already spent its personalisation on this dataset")
-        this_run = [e.to_step() for e in entries if e.run_id == plan.run_id]
-        run_total = compose_epsilon([*this_run, step], delta, accountant)
-        if run_total > plan.settings.run_target_epsilon:
-            return refuse(
-                f"personalisation would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
-                f"target of {plan.settings.run_target_epsilon:.4f}",
-                run_total,
-            )
-        projected = compose_epsilon([*history, step], delta, accountant)
-        if projected > cap:
-            return refuse(
-                f"privacy budget exhausted: personalisation would bring the dataset to epsilon "
-                f"{projected:.4f}, over the site's cap of {cap:.4f} (already spent {spent:.4f}, "
-                f"{accountant}, delta={delta:g})",
-                projected,
-            )
-        return Admission(True, "within budget", spent, projected, cap)
+            return Admission(False, f"run {plan.run_id} reserved no private personalisation in its plan",
+                             math.nan, math.nan, self._limits(plan)[0])
+
+        def refusal(entries: list[LedgerEntry], delta: float, accountant: Accountant) -> str:
+            if any(e.run_id == plan.run_id and e.kind == PERSONALISE_KIND for e in entries):
+                return f"run {plan.run_id} already spent its personalisation on this dataset"
+            this_run = [e.to_step() for e in entries if e.run_id == plan.run_id]
+            run_total = compose_epsilon([*this_run, step], delta, accountant)
+            if run_total > plan.settings.run_target_epsilon:
+                return (f"personalisation would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
+                        f"target of {plan.settings.run_target_epsilon:.4f}")
+            return ""
+
+        return self._admission(plan, step, "personalisation", refusal)
 
     @contextmanager
     def spend_personalisation(
@@ -399,12 +386,10 @@ class BudgetGuard:
         durably; report anything derived from the personalised model only after it returned.
         """
         with self.ledger.lock():
-            admission = self._check_personalisation(plan, server_round)
-            if not admission.admitted:
-                raise BudgetExhausted(admission.reason)
+            admission = self._check_personalisation(plan)
             step = plan.personalisation
-            if step is None:  # _check_personalisation refuses a plan without one
-                raise BudgetExhausted(f"run {plan.run_id} reserved no private personalisation in its plan")
+            if not admission.admitted or step is None:  # a plan without a reservation is never admitted
+                raise BudgetExhausted(admission.reason)
             yield self._recorder(plan, server_round, step, PERSONALISE_KIND, "the personalisation", "report nothing")
 
     def _recorder(

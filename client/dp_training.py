@@ -9,11 +9,10 @@ a step in the returned step count, which the ledger records (a conservative coun
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import secrets
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import Step
-from common.training import TrainConfig, make_optimizer
+from common.training import TrainConfig, make_optimizer, round_batches
 
 
 @dataclass(frozen=True)
@@ -44,17 +43,6 @@ def sample_rate_and_steps(examples: int, batch_size: int, epochs: int, local_ste
     """
     batches = max(1, math.ceil(examples / batch_size))
     return 1.0 / batches, local_steps or batches * epochs
-
-
-def _sampled_batches(loader: DataLoader, config: TrainConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``config.epochs`` passes of Poisson-sampled batches, or exactly ``config.steps`` of them."""
-    drawn = 0
-    for _ in itertools.count() if config.steps else range(config.epochs):
-        for batch in loader:
-            yield batch
-            drawn += 1
-            if drawn == config.steps:
-                return
 
 
 def dp_train(
@@ -96,7 +84,7 @@ def dp_train(
     module.train()
     steps = updates = 0
     total = 0.0
-    for x, y in _sampled_batches(dp_loader, config):
+    for x, y in round_batches(lambda: dp_loader, config):  # Poisson sampling: every pass yields its batches, some empty
         steps += 1
         if len(y) == 0:
             continue

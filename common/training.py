@@ -8,8 +8,9 @@ suffix on those features, ``predict_proba`` scores a model.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from common.settings import OPTIMIZERS
 
 INFERENCE_BATCH = 1024
+B = TypeVar("B")
 
 
 def use_one_torch_thread() -> None:
@@ -65,17 +67,23 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
     return torch.optim.SGD(params, lr=config.lr, momentum=0.9 if config.optimizer == "sgd" else 0.0)
 
 
-def shuffled_batches(examples: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of one round: ``config.epochs`` reshuffled passes, or exactly ``config.steps`` batches."""
-    if examples == 0:
-        return
+def round_batches(one_pass: Callable[[], Iterable[B]], config: TrainConfig) -> Iterator[B]:
+    """The batches of one round: ``config.epochs`` passes of ``one_pass()``, or exactly ``config.steps``
+    batches, starting a new pass whenever one runs out. ``one_pass()`` must yield at least one batch."""
     drawn = 0
     for _ in itertools.count() if config.steps else range(config.epochs):
-        for batch in torch.split(torch.randperm(examples, generator=generator), config.batch_size):
+        for batch in one_pass():
             yield batch
             drawn += 1
             if drawn == config.steps:
                 return
+
+
+def shuffled_batches(examples: int, config: TrainConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of one round, reshuffled at every pass (see :func:`round_batches`)."""
+    if examples == 0:
+        return iter(())
+    return round_batches(lambda: torch.split(torch.randperm(examples, generator=generator), config.batch_size), config)
 
 
 @torch.no_grad()

@@ -120,3 +120,24 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def start_superlink(coordinator: Path, port: int, processes: Processes, name: str = "superlink") -> subprocess.Popen:
+    """Start the coordinator kit's SuperLink (on its database) and wait until it listens."""
+    superlink = processes.start(name, [str(coordinator / "start-superlink.sh")], coordinator / "flower-home")
+    wait_for_port(port, superlink)
+    return superlink
+
+
+def register_sites(coordinator: Path, processes: Processes) -> None:
+    register = subprocess.run([str(coordinator / "register-supernodes.sh")], env=processes.env(coordinator / "flower-home"),
+                              capture_output=True, text=True, timeout=120)
+    assert register.returncode == 0, register.stdout + register.stderr
+
+
+def start_run(coordinator: Path, run_config: str, processes: Processes) -> int:
+    """Start a run with the coordinator kit's ``run.sh``; return its Flower run id."""
+    started = subprocess.run([str(coordinator / "run.sh"), "--run-config", run_config, "--format", "json"],
+                             env=processes.env(coordinator / "flower-home"), capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    return int(last_json(started.stdout)["run-id"])

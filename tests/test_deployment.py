@@ -23,7 +23,17 @@ from common.provision import Endpoint, ProvisionRequest, provision, supernode_au
 from common.scenarios import load_scenario
 from common.site_data import write_site_data
 from common.run_record import RunRecord
-from tests.deployment_harness import BIN, HAS_FLOWER, Processes, flwr, free_port, last_json, wait_for_port, wait_until_finished
+from tests.deployment_harness import (
+    BIN,
+    HAS_FLOWER,
+    Processes,
+    flwr,
+    free_port,
+    register_sites,
+    start_run,
+    start_superlink,
+    wait_until_finished,
+)
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 RUN_TIMEOUT = 420.0
@@ -46,10 +56,8 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     coordinator = fed.coordinator_kit
     coordinator_home = coordinator / "flower-home"
 
-    superlink = processes.start("superlink", [str(coordinator / "start-superlink.sh")], coordinator_home)
-    wait_for_port(port, superlink)
-    register = subprocess.run([str(coordinator / "register-supernodes.sh")], env=processes.env(coordinator_home), capture_output=True, text=True, timeout=120)
-    assert register.returncode == 0, register.stdout + register.stderr
+    start_superlink(coordinator, port, processes)
+    register_sites(coordinator, processes)
     # the coordinator's mistake: it registers a SuperNode whose site kit belongs to another federation
     stranger = flwr(["supernode", "register", str(foreign.coordinator_kit / "supernode-keys" / "stranger.pub"), "loopback"], processes, coordinator_home)
     assert stranger.returncode == 0, stranger.stdout + stranger.stderr
@@ -76,12 +84,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
                             tmp_path / "no-ca")
 
     out = tmp_path / "run-out"
-    started = subprocess.run(
-        [str(coordinator / "run.sh"), "--run-config", f'num-server-rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', "--format", "json"],
-        env=processes.env(coordinator_home), capture_output=True, text=True, timeout=180,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
-    run_id = last_json(started.stdout)["run-id"]
+    run_id = start_run(coordinator, f'num-server-rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', processes)
 
     status = wait_until_finished(run_id, "loopback", processes, coordinator_home, RUN_TIMEOUT)
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]

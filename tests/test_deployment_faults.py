@@ -16,7 +16,6 @@ round 3, and every site's ledger still holds, and verifies, the spend it recorde
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,10 +32,11 @@ from tests.deployment_harness import (
     HAS_FLOWER,
     Processes,
     free_port,
-    last_json,
+    register_sites,
     run_status,
+    start_run,
+    start_superlink,
     wait_for,
-    wait_for_port,
     wait_until_finished,
 )
 
@@ -45,13 +45,6 @@ DOOMED = "hospital-c"
 FEDERATION = "loopback"
 
 pytestmark = pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are not installed next to this Python")
-
-
-def start_run(coordinator: Path, run_config: str, processes: Processes) -> int:
-    started = subprocess.run([str(coordinator / "run.sh"), "--run-config", run_config, "--format", "json"],
-                             env=processes.env(coordinator / "flower-home"), capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stdout + started.stderr
-    return int(last_json(started.stdout)["run-id"])
 
 
 def round_begun(out: Path, server_round: int) -> bool:
@@ -71,10 +64,8 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     coordinator = fed.coordinator_kit
     home = coordinator / "flower-home"
 
-    superlink = processes.start("superlink", [str(coordinator / "start-superlink.sh")], home)
-    wait_for_port(port, superlink)
-    register = subprocess.run([str(coordinator / "register-supernodes.sh")], env=processes.env(home), capture_output=True, text=True, timeout=120)
-    assert register.returncode == 0, register.stdout + register.stderr
+    start_superlink(coordinator, port, processes)
+    register_sites(coordinator, processes)
     for site in SITES:
         processes.start(site, [str(fed.site_kits[site] / "start-supernode.sh")], fed.site_kits[site] / "flower-home")
 
@@ -83,8 +74,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     wait_for(lambda: round_begun(out, 2), 400, "round 2 to begin", interval=0.5)
     processes.kill("superlink")
     print(f"killed the SuperLink at {time.monotonic() - began:.0f} s")
-    restarted = processes.start("superlink-restarted", [str(coordinator / "start-superlink.sh")], home)
-    wait_for_port(port, restarted)
+    start_superlink(coordinator, port, processes, name="superlink-restarted")
 
     resumed = start_run(coordinator, f'resume=true out="{out}"', processes)
     assert resumed != first
