@@ -15,9 +15,9 @@ from client.local_data import frozen_features, load_local_data
 from client.secure_channel import secure_channel
 from client.model_state import adopt_base, round_model, trainable_record
 from client.site import resolve_site
-from common.training import use_one_torch_thread
-from common.site_config import SiteConfig
-from common.site_policy import load_policy
+from common.model.training import use_one_torch_thread
+from common.data.site_config import SiteConfig
+from common.privacy.policy import load_policy
 from common.protocol import ARRAYS, CONFIG, METRICS, SITE, STATUS_OK, RoundInstruction, site_status
 
 use_one_torch_thread()

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.accounting import (
+from common.privacy.accounting import (
     Accountant,
     AccountingError,
     BudgetExhausted,
@@ -46,8 +46,8 @@ from common.accounting import (
     compose_epsilon,
     reference_epsilon,
 )
-from common.ledger import Ledger, LedgerEntry, write_atomic
-from common.site_policy import (
+from common.privacy.ledger import Ledger, LedgerEntry, write_atomic
+from common.privacy.policy import (
     EffectiveSettings,
     PrivacyRequest,
     SitePolicy,

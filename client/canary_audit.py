@@ -47,8 +47,8 @@ from scipy.stats import binom
 from torch import nn
 
 from client.dp_training import dp_train
-from common.accounting import Accountant, Step, calibrate_noise, compose_epsilon
-from common.training import TrainConfig
+from common.privacy.accounting import Accountant, Step, calibrate_noise, compose_epsilon
+from common.model.training import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.accounting import Step
-from common.training import TrainConfig, make_optimizer, round_batches
+from common.privacy.accounting import Step
+from common.model.training import TrainConfig, make_optimizer, round_batches
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 
-from common.metrics import classification_metrics
-from common.models import FedModel
+from common.model.metrics import classification_metrics
+from common.model.zoo import FedModel
 from common.protocol import RoundInstruction
-from common.training import TrainConfig, TrainStats, predict_proba, train_plain
-from common.transfer import TransferPolicy
+from common.model.training import TrainConfig, TrainStats, predict_proba, train_plain
+from common.model.transfer import TransferPolicy
 from client.local_data import Features
 
 

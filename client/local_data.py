@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import ModelCard
-from common.models import FedModel
-from common.site_config import SiteConfig
-from common.site_data import SiteData, dataset_fingerprint, load_site_data
-from common.training import as_tensors, compute_features
-from common.transfer import TransferPolicy, state_fingerprint
+from common.model.checkpoint import ModelCard
+from common.model.zoo import FedModel
+from common.data.site_config import SiteConfig
+from common.data.site_data import SiteData, dataset_fingerprint, load_site_data
+from common.model.training import as_tensors, compute_features
+from common.model.transfer import TransferPolicy, state_fingerprint
 
 
 @dataclass(frozen=True)

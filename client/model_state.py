@@ -12,10 +12,10 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from common.checkpoint import ArchitectureMismatch, ModelCard, check_state_matches
-from common.models import FedModel
+from common.model.checkpoint import ArchitectureMismatch, ModelCard, check_state_matches
+from common.model.zoo import FedModel
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, RoundInstruction
-from common.transfer import TransferPolicy, state_fingerprint
+from common.model.transfer import TransferPolicy, state_fingerprint
 
 STATE_BASE = "fedtransfer-base-model"
 STATE_CARD = "fedtransfer-base-card"

@@ -24,14 +24,14 @@ from client.budget import BudgetGuard, PlanConflict, Reservation
 from client.dp_training import dp_train, sample_rate_and_steps
 from client.fine_tune import evaluate, fine_tune
 from client.local_data import Features
-from common.accounting import BudgetExhausted
-from common.ledger import NON_PRIVATE_DIR, write_atomic
-from common.models import FedModel
+from common.privacy.accounting import BudgetExhausted
+from common.privacy.ledger import NON_PRIVATE_DIR, write_atomic
+from common.model.zoo import FedModel
 from common.protocol import STATUS_DECLINED, STATUS_OK
-from common.site_config import SiteConfig
-from common.site_policy import PrivacyRequest, SitePolicy, load_policy
-from common.training import TrainConfig, compute_features
-from common.transfer import TransferPolicy, state_fingerprint
+from common.data.site_config import SiteConfig
+from common.privacy.policy import PrivacyRequest, SitePolicy, load_policy
+from common.model.training import TrainConfig, compute_features
+from common.model.transfer import TransferPolicy, state_fingerprint
 
 log = logging.getLogger(__name__)
 

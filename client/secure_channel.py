@@ -15,9 +15,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.site import resolve_site
-from common.envelope import EnvelopeContext, seal, verify_instruction
-from common.keys import Identity, passphrase_from_env, read_identity
-from common.manifest import Manifest, read_manifest
+from common.security.envelope import EnvelopeContext, seal, verify_instruction
+from common.security.keys import Identity, passphrase_from_env, read_identity
+from common.security.manifest import Manifest, read_manifest
 from common.protocol import (
     ARRAYS,
     CONFIG,
@@ -30,9 +30,9 @@ from common.protocol import (
     InstructionError,
     parse_instruction_payload,
 )
-from common.site_config import SiteConfig
-from common.privacy_report import sign_report
-from common.transfer import state_fingerprint
+from common.data.site_config import SiteConfig
+from common.privacy.report import sign_report
+from common.model.transfer import state_fingerprint
 from common.update_codec import encode_update
 
 LAST_ROUND = "fedtransfer-last-accepted-round"

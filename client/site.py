@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.simulated_sites import site_dir
-from common.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
+from common.data.site_config import site_dir
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
 
 
 def resolve_site(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from common.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
+from common.security.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
 
 _MAGIC = b"FTUP"
 _LEN = struct.Struct(">I")

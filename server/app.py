@@ -6,7 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.settings import RunSettings
-from common.training import use_one_torch_thread
+from common.model.training import use_one_torch_thread
 from server.federation import run_federation
 
 use_one_torch_thread()

@@ -12,19 +12,20 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from safetensors.numpy import load_file, save_file
 
-from common.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from common.metrics import classification_metrics
-from common.models import FedModel
-from common.pretraining import pretrain_source
+from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from common.model.metrics import classification_metrics
+from common.model.zoo import FedModel
+from common.model.pretraining import pretrain_source
 from common.protocol import RoundInstruction
-from common.scenarios import Scenario, load_scenario
+from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.keys import Identity, passphrase_from_env, read_identity
-from common.manifest import Manifest, read_manifest
-from common.simulated_sites import COORDINATOR_NAME, materialize_sites, simulated_policy
-from common.site_policy import PrivacyRequest
-from common.training import as_tensors, predict_proba
-from common.transfer import TransferPolicy, state_fingerprint
+from common.security.keys import Identity, passphrase_from_env, read_identity
+from common.security.manifest import Manifest, read_manifest
+from common.security.keys import COORDINATOR_NAME
+from simulations.sites import materialize_sites, simulated_policy
+from common.privacy.policy import PrivacyRequest
+from common.model.training import as_tensors, predict_proba
+from common.model.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from server.secure_channel import CoordinatorChannel, UpdateLimits

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from common.envelope import BROADCAST, EnvelopeContext, EnvelopeError, open_envelope, sign_instruction
-from common.keys import Identity, validate_name
-from common.manifest import Manifest
-from common.privacy_report import ReportInvalid, verify_report
+from common.security.envelope import BROADCAST, EnvelopeContext, EnvelopeError, open_envelope, sign_instruction
+from common.security.keys import Identity, validate_name
+from common.security.manifest import Manifest
+from common.privacy.report import ReportInvalid, verify_report
 from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, SEALED, SIGNED_INSTRUCTION, instruction_payload
-from common.transfer import state_fingerprint
+from common.model.transfer import state_fingerprint
 from common.update_codec import UpdateFormatError, decode_update
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
-from common.checkpoint import load_checkpoint
-from common.pretraining import pretrain_source
-from common.scenarios import Scenario, load_scenario
+from common.model.checkpoint import load_checkpoint
+from common.model.pretraining import pretrain_source
+from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.training import TrainConfig
-from common.transfer import TransferPolicy
+from common.model.training import TrainConfig
+from common.model.transfer import TransferPolicy
 from server.app import make_server_app
 from server.report import write_report
 from common.run_record import RUN_RECORD_FILE, RunRecord

@@ -1,4 +1,4 @@
-"""Tests for common.accounting: composition, reference numbers, cross-checks, calibration."""
+"""Tests for common.privacy.accounting: composition, reference numbers, cross-checks, calibration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.accounting import (
+from common.privacy.accounting import (
     AccountingError,
     BudgetExhausted,
     Step,

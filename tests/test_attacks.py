@@ -16,10 +16,10 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
-from common.envelope import EnvelopeContext, seal, sign_instruction
-from common.keys import Identity, read_identity
-from common.manifest import Manifest
-from common.privacy_report import sign_report
+from common.security.envelope import EnvelopeContext, seal, sign_instruction
+from common.security.keys import Identity, read_identity
+from common.security.manifest import Manifest
+from common.privacy.report import sign_report
 from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION
 from common.settings import RunSettings
 from common.update_codec import encode_update

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from client.budget import BudgetGuard
-from common import cli_audit
-from common.accounting import Step, compose_epsilon
-from common.audit import AuditInputError, run_audit, write_html, write_markdown, write_plot
-from common.keys import Identity
-from common.ledger import NON_PRIVATE_DIR, Ledger
-from common.manifest import sign_manifest
-from common.privacy_report import sign_report
-from common.site_policy import PrivacyRequest, SitePolicy, write_policy
+from common.cli import audit as cli_audit
+from common.privacy.accounting import Step, compose_epsilon
+from common.privacy.audit import AuditInputError, run_audit, write_html, write_markdown, write_plot
+from common.security.keys import Identity
+from common.privacy.ledger import NON_PRIVATE_DIR, Ledger
+from common.security.manifest import sign_manifest
+from common.privacy.report import sign_report
+from common.privacy.policy import PrivacyRequest, SitePolicy, write_policy
 from common.run_record import RunRecord
 
 DATASET = "ab" * 32

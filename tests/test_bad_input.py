@@ -27,7 +27,7 @@ import pytest
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from client.app import app as client_app
-from common.checkpoint import (
+from common.model.checkpoint import (
     CARD_FILE,
     WEIGHTS_FILE,
     ArchitectureMismatch,
@@ -37,11 +37,11 @@ from common.checkpoint import (
     WeightsHashMismatch,
     load_checkpoint,
 )
-from common.ledger import LEDGER_FILE, LOCK_FILE, Ledger
+from common.privacy.ledger import LEDGER_FILE, LOCK_FILE, Ledger
 from common.protocol import BASE_MODEL
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
-from common.simulated_sites import site_dir
+from common.data.site_config import site_dir
 from server.federation import SOURCE_MODEL_DIR, run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
@@ -367,8 +367,8 @@ from pathlib import Path
 import torch
 from client.budget import BudgetGuard
 from client.dp_training import dp_train, sample_rate_and_steps
-from common.site_policy import PrivacyRequest, SitePolicy
-from common.training import TrainConfig, use_one_torch_thread
+from common.privacy.policy import PrivacyRequest, SitePolicy
+from common.model.training import TrainConfig, use_one_torch_thread
 
 state, mode = Path(sys.argv[1]), sys.argv[2]
 if mode == "graceful":

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from common import cli_bench
+from common.cli import bench as cli_bench
 from simulations.benchmarks import _MODULES, BENCHMARKS
 from tests.conftest import numbers_in
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from common.heart_disease import DATA_DIR_ENV
+from common.data.heart_disease import DATA_DIR_ENV
 from simulations.benchmarks import BENCHMARKS
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import Stopwatch

@@ -7,9 +7,9 @@ import multiprocessing
 import pytest
 
 from client.budget import BudgetGuard, RunPlan
-from common.accounting import BudgetExhausted, Step, compose_epsilon
-from common.ledger import Ledger
-from common.site_policy import PrivacyRequest, SitePolicy, effective_settings
+from common.privacy.accounting import BudgetExhausted, Step, compose_epsilon
+from common.privacy.ledger import Ledger
+from common.privacy.policy import PrivacyRequest, SitePolicy, effective_settings
 
 DATASET = "c" * 64
 POLICY = SitePolicy(max_epsilon=2.5, delta=1e-5, accountant="rdp", min_noise_multiplier=0.5)

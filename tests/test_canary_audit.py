@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from common.accounting import calibrate_noise
+from common.privacy.accounting import calibrate_noise
 from client.canary_audit import (
     CanaryAuditError,
     CanaryConfig,

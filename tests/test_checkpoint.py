@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import (
+from common.model.checkpoint import (
     CARD_FILE,
     CARD_FORMAT,
     WEIGHTS_FILE,
@@ -21,9 +21,9 @@ from common.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from common.models import FedModel, build_model
-from common.tensors import tensors_to_bytes
-from common.transfer import state_fingerprint
+from common.model.zoo import FedModel, build_model
+from common.security.tensors import tensors_to_bytes
+from common.model.transfer import state_fingerprint
 
 LINEAGE = {"parent": "0" * 64, "rounds": 4, "sites": ["cleveland", "hungary"], "policy": "last:1"}
 

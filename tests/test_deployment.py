@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from common.keys import read_public_identity, write_private_file
-from common.ledger import Ledger
-from common.manifest import read_manifest
-from common.privacy_report import verify_report
-from common.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
-from common.scenarios import load_scenario
-from common.site_data import write_site_data
+from common.security.keys import read_public_identity, write_private_file
+from common.privacy.ledger import Ledger
+from common.security.manifest import read_manifest
+from common.privacy.report import verify_report
+from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
+from common.data.scenarios import load_scenario
+from common.data.site_data import write_site_data
 from common.run_record import RunRecord
 from tests.deployment_harness import (
     BIN,

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger import Ledger
-from common.manifest import read_manifest
-from common.privacy_report import verify_report
-from common.provision import Endpoint, ProvisionRequest, provision
+from common.privacy.ledger import Ledger
+from common.security.manifest import read_manifest
+from common.privacy.report import verify_report
+from common.deploy.provision import Endpoint, ProvisionRequest, provision
 from common.run_record import RunRecord
-from common.scenarios import load_scenario
-from common.site_data import write_site_data
+from common.data.scenarios import load_scenario
+from common.data.site_data import write_site_data
 from tests.deployment_harness import (
     HAS_FLOWER,
     Processes,

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from client.dp_training import dp_train
-from common.models import build_model
-from common.training import TrainConfig, compute_features, use_one_torch_thread
-from common.transfer import TransferPolicy
+from common.model.zoo import build_model
+from common.model.training import TrainConfig, compute_features, use_one_torch_thread
+from common.model.transfer import TransferPolicy
 
 CASES = [
     pytest.param("mlp", (30,), {"hidden": [32, 16]}, "head", 0.0, id="mlp-head"),

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import envelope
-from common.envelope import (
+from common.security import envelope
+from common.security.envelope import (
     PROTOCOL_VERSION,
     BadSignature,
     BaseModelMismatch,
@@ -28,8 +28,8 @@ from common.envelope import (
     sign_instruction,
     verify_instruction,
 )
-from common.keys import Identity, PublicIdentity
-from common.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
+from common.security.keys import Identity, PublicIdentity
+from common.security.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
 
 BASE_MODEL = hashlib.sha256(b"pretrained checkpoint").hexdigest()
 OTHER_MODEL = hashlib.sha256(b"another checkpoint").hexdigest()

@@ -28,17 +28,18 @@ from flwr.simulation import run_simulation
 
 import client.private_round
 from client.app import app as client_app
-from common.checkpoint import load_checkpoint
-from common.envelope import EnvelopeContext, seal
-from common.keys import read_identity
-from common.ledger import HEAD_FILE, LEDGER_FILE, Ledger
-from common.manifest import Manifest
-from common.privacy_report import sign_report
+from common.model.checkpoint import load_checkpoint
+from common.security.envelope import EnvelopeContext, seal
+from common.security.keys import read_identity
+from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger
+from common.security.manifest import Manifest
+from common.privacy.report import sign_report
 from common.protocol import ARRAYS, CONFIG, SEALED
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
-from common.simulated_sites import MANIFEST_FILE, site_dir
-from common.site_policy import SitePolicy, write_policy
+from common.data.site_config import site_dir
+from common.security.manifest import MANIFEST_FILE
+from common.privacy.policy import SitePolicy, write_policy
 from common.update_codec import encode_update
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
 from simulations.benchmarks import BENCHMARKS

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common import keys
-from common.keys import (
+from common.security import keys
+from common.security.keys import (
     Identity,
     KeyFileError,
     PublicIdentity,

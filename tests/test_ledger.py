@@ -1,4 +1,4 @@
-"""Tests for common.ledger: chain verification, tamper detection, durability, locking."""
+"""Tests for common.privacy.ledger: chain verification, tamper detection, durability, locking."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from common.accounting import Step
-from common.ledger import (
+from common.privacy.accounting import Step
+from common.privacy.ledger import (
     GENESIS_HASH,
     HEAD_FILE,
     LEDGER_FILE,
@@ -76,7 +76,7 @@ def test_edited_entry_is_detected(tmp_path):
 
 
 def test_edited_entry_with_recomputed_hash_breaks_the_chain(tmp_path):
-    from common.ledger import entry_hash
+    from common.privacy.ledger import entry_hash
 
     filled(tmp_path)
     content = lines(tmp_path)

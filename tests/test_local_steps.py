@@ -11,7 +11,7 @@ from torch import nn
 from client.dp_training import dp_train, sample_rate_and_steps
 from client.fine_tune import train_config
 from common.protocol import RoundInstruction
-from common.training import TrainConfig, make_optimizer, shuffled_batches, train_plain, use_one_torch_thread
+from common.model.training import TrainConfig, make_optimizer, shuffled_batches, train_plain, use_one_torch_thread
 
 
 def _data(examples: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +87,9 @@ def test_dp_training_takes_exactly_local_steps_and_the_accountant_sees_them(step
 def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> None:
     """Through the real apps: each site's ledger and privacy report count local-steps per round, at 1 / batches."""
     from client.app import app as client_app
-    from common.ledger import Ledger
+    from common.privacy.ledger import Ledger
     from common.settings import RunSettings
-    from common.site_policy import SitePolicy, write_policy
+    from common.privacy.policy import SitePolicy, write_policy
     from server.federation import run_federation
     from simulations.inprocess import DirectGrid
     from tests.conftest import write_shifted_study

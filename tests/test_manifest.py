@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from common.keys import Identity, PublicIdentity
-from common.manifest import (
+from common.security.keys import Identity, PublicIdentity
+from common.security.manifest import (
     Manifest,
     ManifestError,
     ManifestFingerprintMismatch,
@@ -62,7 +62,7 @@ def test_fingerprint_comparison_ignores_case_and_whitespace(
 def test_no_expected_fingerprint_accepts_but_warns(
     manifest: Manifest, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="common.manifest"):
+    with caplog.at_level(logging.WARNING, logger="common.security.manifest"):
         Manifest.from_json(manifest.to_json(), None)
     assert "without checking the coordinator fingerprint" in caplog.text
 

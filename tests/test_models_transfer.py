@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.models import ARCHITECTURES, FedModel, UnknownArchitecture, build_model
-from common.training import TrainConfig, compute_features, predict_proba, train_plain
-from common.transfer import PolicyParseError, TransferPolicy, state_fingerprint
+from common.model.zoo import ARCHITECTURES, FedModel, UnknownArchitecture, build_model
+from common.model.training import TrainConfig, compute_features, predict_proba, train_plain
+from common.model.transfer import PolicyParseError, TransferPolicy, state_fingerprint
 
 NUM_CLASSES = 3
 INPUT_SHAPES = {"logreg": (6,), "mlp": (6,), "cnn": (2, 8, 8)}

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from client.app import app as client_app
-from common.ledger import Ledger
+from common.privacy.ledger import Ledger
 from common.settings import RunSettings
-from common.site_policy import SitePolicy, write_policy
+from common.privacy.policy import SitePolicy, write_policy
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 

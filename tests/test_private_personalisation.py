@@ -10,11 +10,11 @@ import client.private_round as private_round
 from client.app import app as client_app
 from client.budget import PERSONALISE_KIND, TRAIN_KIND, BudgetGuard, Reservation
 from client.private_round import personalisation_reservation
-from common.accounting import BudgetExhausted, Step, compose_epsilon
-from common.audit import run_audit
-from common.ledger import Ledger
+from common.privacy.accounting import BudgetExhausted, Step, compose_epsilon
+from common.privacy.audit import run_audit
+from common.privacy.ledger import Ledger
 from common.settings import RunSettings, SettingsError
-from common.site_policy import PrivacyRequest, SitePolicy, write_policy
+from common.privacy.policy import PrivacyRequest, SitePolicy, write_policy
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 

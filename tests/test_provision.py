@@ -14,11 +14,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from common import cli_deploy
-from common.manifest import read_manifest
-from common.provision import Endpoint, KitInfo, ProvisionError, ProvisionRequest, provision
-from common.site_check import ERROR, check_kit, has_errors
-from common.site_config import SiteConfig
+from common.cli import deploy as cli_deploy
+from common.security.manifest import read_manifest
+from common.deploy.provision import Endpoint, KitInfo, ProvisionError, ProvisionRequest, provision
+from common.deploy.site_check import ERROR, check_kit, has_errors
+from common.data.site_config import SiteConfig
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
@@ -165,8 +165,8 @@ def test_check_finds_a_kit_from_another_federation(tmp_path: Path) -> None:
 
 
 def test_check_validates_data_against_the_model_card(tmp_path: Path) -> None:
-    from common.checkpoint import save_checkpoint
-    from common.models import build_model
+    from common.model.checkpoint import save_checkpoint
+    from common.model.zoo import build_model
 
     result = _provision(tmp_path / "out", sites=["a"])
     kit = result.site_kits["a"]

@@ -9,9 +9,9 @@ import pytest
 from flwr.app import Message
 
 from client.app import app as client_app
-from common.ledger import Ledger
+from common.privacy.ledger import Ledger
 from common.settings import RunSettings
-from common.site_policy import SitePolicy, write_policy
+from common.privacy.policy import SitePolicy, write_policy
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study

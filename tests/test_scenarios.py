@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import heart_disease
-from common.scenarios import Scenario, ScenarioError, load_scenario, scenario_names
-from common.site_data import DataError, DataFileNotFound, MissingValues
+from common.data import heart_disease
+from common.data.scenarios import Scenario, ScenarioError, load_scenario, scenario_names
+from common.data.site_data import DataError, DataFileNotFound, MissingValues
 
 HEART_DIR = Path(os.environ.get("FEDTRANSFER_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "fed-heart-disease")
 SHARED = HEART_DIR.parent

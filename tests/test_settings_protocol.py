@@ -4,9 +4,9 @@ from dataclasses import MISSING, asdict, fields
 import numpy as np
 import pytest
 
-from common.metrics import METRIC_NAMES, classification_metrics
+from common.model.metrics import METRIC_NAMES, classification_metrics
 from common.protocol import InstructionError, RoundInstruction
-from common import cli
+from common.cli import main as cli
 from common.settings import RunSettings, SettingsError, parse_assignments
 
 # --- RunSettings.from_run_config -------------------------------------------------------------

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.model.checkpoint import load_checkpoint
 from common.settings import RunSettings
-from common.transfer import TransferPolicy
+from common.model.transfer import TransferPolicy
 from simulations.simulate import simulate
 
 

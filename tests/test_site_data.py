@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.site_data import (
+from common.data.site_data import (
     MIN_ROWS,
     BadLabel,
     DataError,

@@ -1,4 +1,4 @@
-"""Tests for common.site_policy: loading, writing, request validation, stricter-wins."""
+"""Tests for common.privacy.policy: loading, writing, request validation, stricter-wins."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.site_policy import (
+from common.privacy.policy import (
     PolicyError,
     PrivacyRequest,
     SitePolicy,

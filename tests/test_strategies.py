@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client.app import app as client_app
-from common.checkpoint import load_checkpoint
+from common.model.checkpoint import load_checkpoint
 from common.settings import STRATEGIES, RunSettings
 from server.federation import run_federation
 from tests.conftest import write_shifted_study

@@ -13,10 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.heart_disease import DATA_DIR_ENV
-from common.scenarios import load_scenario
-from common.site_data import DataError
-from common.training import use_one_torch_thread
+from common.data.heart_disease import DATA_DIR_ENV
+from common.data.scenarios import load_scenario
+from common.data.site_data import DataError
+from common.model.training import use_one_torch_thread
 from simulations.benchmarks.payloads import TRAFFIC_HEADERS, PolicyTraffic, every_policy, policy_traffic, scenario_model, traffic_notes, traffic_rows
 from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, write_result
 

@@ -1,6 +1,6 @@
 """The cost of the encrypted, signed channel: throughput, share of a round, bytes on the wire.
 
-1. Seal and open throughput (MB/s = 10^6 payload bytes per second) of ``common/envelope.py``
+1. Seal and open throughput (MB/s = 10^6 payload bytes per second) of ``common/security/envelope.py``
    on reply payloads built by ``encode_update`` from real trainable tensors: each offline
    scenario's default-policy update, and a bulk update of a wide model from the zoo.
 2. The share of a round's wall time spent on crypto: real local DP rounds of the wdbc
@@ -28,18 +28,18 @@ from client.dp_training import dp_train
 from client.fine_tune import train_config
 from client.local_data import Features
 from client.private_round import train_round
-from common.envelope import BROADCAST, EnvelopeContext, open_envelope, seal, sign_instruction, verify_instruction
-from common.keys import read_identity
-from common.models import FedModel, build_model
-from common.privacy_report import sign_report, verify_report
+from common.security.envelope import BROADCAST, EnvelopeContext, open_envelope, seal, sign_instruction, verify_instruction
+from common.security.keys import read_identity
+from common.model.zoo import FedModel, build_model
+from common.privacy.report import sign_report, verify_report
 from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, STATUS_OK, RoundInstruction, instruction_payload, parse_instruction_payload, site_status
-from common.scenarios import Scenario, load_scenario
+from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.simulated_sites import materialize_sites, simulated_policy
-from common.site_data import dataset_fingerprint
-from common.site_policy import PrivacyRequest
-from common.training import TrainConfig, as_tensors, compute_features, use_one_torch_thread
-from common.transfer import TransferPolicy, state_fingerprint
+from simulations.sites import materialize_sites, simulated_policy
+from common.data.site_data import dataset_fingerprint
+from common.privacy.policy import PrivacyRequest
+from common.model.training import TrainConfig, as_tensors, compute_features, use_one_torch_thread
+from common.model.transfer import TransferPolicy, state_fingerprint
 from common.update_codec import decode_update, encode_update
 from simulations.benchmarks.payloads import (
     TRAFFIC_HEADERS,

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from client.dp_training import dp_train, sample_rate_and_steps
-from common.models import FedModel, build_model
-from common.scenarios import load_scenario
+from common.model.zoo import FedModel, build_model
+from common.data.scenarios import load_scenario
 from common.settings import RunSettings
-from common.training import TrainConfig, as_tensors, compute_features, train_plain, use_one_torch_thread
-from common.transfer import TransferPolicy
+from common.model.training import TrainConfig, as_tensors, compute_features, train_plain, use_one_torch_thread
+from common.model.transfer import TransferPolicy
 from simulations.benchmarks.report import (
     Machine,
     bench_command,

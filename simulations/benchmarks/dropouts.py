@@ -23,16 +23,16 @@ from typing import Any
 from flwr.app import Context, Message
 
 from client.app import app as client_app
-from common.checkpoint import load_checkpoint
-from common.metrics import classification_metrics
-from common.models import FedModel
-from common.pretraining import pretrain_source
+from common.model.checkpoint import load_checkpoint
+from common.model.metrics import classification_metrics
+from common.model.zoo import FedModel
+from common.model.pretraining import pretrain_source
 from common.protocol import CONFIG
-from common.scenarios import Scenario, load_scenario
+from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.simulated_sites import site_dir
-from common.site_policy import SitePolicy, write_policy
-from common.training import as_tensors, predict_proba, use_one_torch_thread
+from common.data.site_config import site_dir
+from common.privacy.policy import SitePolicy, write_policy
+from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from server.federation import FINAL_MODEL_DIR, run_federation
 from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, write_result
 from simulations.inprocess import DirectGrid

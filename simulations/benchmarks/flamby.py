@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from common.metrics import classification_metrics
-from common.models import build_model
-from common.scenarios import Scenario, load_scenario
+from common.model.metrics import classification_metrics
+from common.model.zoo import build_model
+from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.heart_disease import pooled_train_split
-from common.site_data import SiteData, Split
-from common.training import TrainConfig, as_tensors, predict_proba, train_plain, use_one_torch_thread
+from common.data.heart_disease import pooled_train_split
+from common.data.site_data import SiteData, Split
+from common.model.training import TrainConfig, as_tensors, predict_proba, train_plain, use_one_torch_thread
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import bar_plot, fmt, last_evaluated, mean_sd, run_inprocess
 from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result

@@ -23,11 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
-from common.ledger import Ledger  # noqa: E402
+from common.privacy.ledger import Ledger  # noqa: E402
 from common.run_record import RunRecord  # noqa: E402
 from common.settings import RunSettings  # noqa: E402
-from common.simulated_sites import site_dir  # noqa: E402
-from common.site_policy import SitePolicy, write_policy  # noqa: E402
+from common.data.site_config import site_dir  # noqa: E402
+from common.privacy.policy import SitePolicy, write_policy  # noqa: E402
 from server.federation import run_federation  # noqa: E402
 from simulations.inprocess import DirectGrid  # noqa: E402
 

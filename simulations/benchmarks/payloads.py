@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
-from common.envelope import EnvelopeContext, envelope_overhead, seal
-from common.keys import Identity
-from common.models import FedModel, build_model
+from common.security.envelope import EnvelopeContext, envelope_overhead, seal
+from common.security.keys import Identity
+from common.model.zoo import FedModel, build_model
 from common.protocol import REPLY_KINDS
-from common.scenarios import Scenario
-from common.transfer import PolicyParseError, TransferPolicy, state_fingerprint
+from common.data.scenarios import Scenario
+from common.model.transfer import PolicyParseError, TransferPolicy, state_fingerprint
 from common.update_codec import encode_update
 
 WIRE_MEASURE = (

@@ -31,10 +31,10 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
-from common.pretraining import pretrain_source
-from common.scenarios import load_scenario
+from common.model.pretraining import pretrain_source
+from common.data.scenarios import load_scenario
 from common.settings import RunSettings
-from common.site_data import write_site_data
+from common.data.site_data import write_site_data
 from server.app import make_server_app
 from simulations.benchmarks.harness import line_plot, round_clock
 from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result

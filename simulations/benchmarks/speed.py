@@ -45,17 +45,17 @@ import client.private_round
 import client.secure_channel
 import server.federation
 import server.secure_channel
-from common.checkpoint import ModelCard, load_checkpoint
-from common.ledger import Ledger
-from common.pretraining import pretrain_source
+from common.model.checkpoint import ModelCard, load_checkpoint
+from common.privacy.ledger import Ledger
+from common.model.pretraining import pretrain_source
 from common.run_record import RunRecord
-from common.scenarios import load_scenario
+from common.data.scenarios import load_scenario
 from common.settings import RunSettings
-from common.simulated_sites import site_dir
-from common.site_data import SiteData, load_site_data
-from common.site_policy import SitePolicy
-from common.training import as_tensors, predict_proba, use_one_torch_thread
-from common.transfer import TransferPolicy
+from common.data.site_config import site_dir
+from common.data.site_data import SiteData, load_site_data
+from common.privacy.policy import SitePolicy
+from common.model.training import as_tensors, predict_proba, use_one_torch_thread
+from common.model.transfer import TransferPolicy
 from simulations.benchmarks.harness import Stopwatch, bar_plot, instrumented, prewrite_policies, round_clock, run_inprocess
 from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
 from simulations.inprocess import DirectGrid
@@ -228,7 +228,7 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
         f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both sides "
         "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first. The "
-        "simulated sites share one process, so `common.accounting`'s memoised compositions computed for one site are "
+        "simulated sites share one process, so `common.privacy.accounting`'s memoised compositions computed for one site are "
         "reused by another with the same sample rate and steps; deployed sites each pay for their own.",
         "",
         markdown_table(["round", "ours s", "minimal peer s", "ours / peer"], round_rows),

@@ -34,16 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from client.dp_training import dp_train, sample_rate_and_steps
-from common.accounting import Step, calibrate_noise, compose_epsilon
-from common.checkpoint import load_checkpoint
-from common.metrics import classification_metrics
-from common.models import FedModel
-from common.pretraining import pretrain_source
-from common.scenarios import Scenario, load_scenario
+from common.privacy.accounting import Step, calibrate_noise, compose_epsilon
+from common.model.checkpoint import load_checkpoint
+from common.model.metrics import classification_metrics
+from common.model.zoo import FedModel
+from common.model.pretraining import pretrain_source
+from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
-from common.site_policy import SitePolicy
-from common.training import TrainConfig, as_tensors, predict_proba, use_one_torch_thread
-from common.transfer import TransferPolicy
+from common.privacy.policy import SitePolicy
+from common.model.training import TrainConfig, as_tensors, predict_proba, use_one_torch_thread
+from common.model.transfer import TransferPolicy
 from simulations.baselines import compute_baselines
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import (

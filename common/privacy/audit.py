@@ -48,18 +48,18 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from common.accounting import (
+from common.privacy.accounting import (
     ACCOUNTANTS,
     AccountingError,
     Step,
     compose_epsilon,
     independent_epsilon,
 )
-from common.ledger import LEDGER_FILE, NON_PRIVATE_DIR, Ledger, LedgerEntry, LedgerError
-from common.manifest import Manifest, ManifestError
-from common.privacy_report import ReportInvalid, verify_report
-from common.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
-from common.site_policy import PolicyError, SitePolicy, load_policy
+from common.privacy.ledger import LEDGER_FILE, NON_PRIVATE_DIR, Ledger, LedgerEntry, LedgerError
+from common.security.manifest import Manifest, ManifestError
+from common.privacy.report import ReportInvalid, verify_report
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
+from common.privacy.policy import PolicyError, SitePolicy, load_policy
 from common.run_record import RUN_RECORD_FILE, RunRecord
 
 log = logging.getLogger(__name__)

@@ -43,11 +43,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.keys import Identity, PublicIdentity, read_identity, validate_name, write_identity, write_private_file, write_public_file
-from common.manifest import Manifest, read_manifest, sign_manifest, write_manifest
-from common.simulated_sites import COORDINATOR_NAME, MANIFEST_FILE
-from common.site_config import SITE_CONFIG_FILE, SiteConfig
-from common.site_policy import SitePolicy, write_policy
+from common.security.keys import Identity, PublicIdentity, read_identity, validate_name, write_identity, write_private_file, write_public_file
+from common.security.manifest import Manifest, read_manifest, sign_manifest, write_manifest
+from common.security.keys import COORDINATOR_NAME
+from common.security.manifest import MANIFEST_FILE
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
+from common.privacy.policy import SitePolicy, write_policy
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.markdown import Markdown
 
-from common.console import console
+from common.cli.console import console
 
 DEFAULT_OUT = "fedtransfer-runs/benchmarks"
 

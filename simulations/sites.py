@@ -12,16 +12,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.keys import Identity, read_identity, write_identity
-from common.manifest import Manifest, read_manifest, sign_manifest, write_manifest
-from common.scenarios import Scenario
-from common.site_config import SITE_CONFIG_FILE, SiteConfig
-from common.site_data import write_site_data
-from common.site_policy import SitePolicy, write_policy
+from common.security.keys import COORDINATOR_NAME, Identity, read_identity, write_identity
+from common.security.manifest import MANIFEST_FILE, Manifest, read_manifest, sign_manifest, write_manifest
+from common.data.scenarios import Scenario
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, site_dir
+from common.data.site_data import write_site_data
+from common.privacy.policy import SitePolicy, write_policy
 
-COORDINATOR_NAME = "coordinator"
 COORDINATOR_KEYS_DIR = "coordinator-keys"
-MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -32,9 +30,6 @@ class SimulatedFederation:
     coordinator: Identity
     manifest: Manifest
 
-
-def site_dir(root: Path, partition_id: int) -> Path:
-    return Path(root) / f"site-{partition_id}"
 
 
 def simulated_policy(allow_non_private: bool) -> SitePolicy:

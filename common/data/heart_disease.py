@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from common.site_data import DataError, DataFileNotFound, SiteData, Split
+from common.data.site_data import DataError, DataFileNotFound, SiteData, Split
 
 logger = logging.getLogger(__name__)
 

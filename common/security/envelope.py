@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from common.keys import Identity, PublicIdentity, validate_name
+from common.security.keys import Identity, PublicIdentity, validate_name
 
 PROTOCOL_VERSION = 1
 BROADCAST = "*"

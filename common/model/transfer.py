@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.models import FedModel
+from common.model.zoo import FedModel
 
 
 class PolicyParseError(ValueError):

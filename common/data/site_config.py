@@ -79,3 +79,8 @@ class SiteConfig:
         except tomllib.TOMLDecodeError as err:
             raise SiteConfigError(f"{path} is not valid TOML: {err}") from err
         return cls.from_mapping(raw, str(path))
+
+
+def site_dir(root: Path, partition_id: int) -> Path:
+    """The folder of simulated site ``partition_id`` under a simulation root."""
+    return Path(root) / f"site-{partition_id}"

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.accounting import Step
+from common.privacy.accounting import Step
 
 log = logging.getLogger(__name__)
 

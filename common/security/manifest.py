@@ -20,12 +20,13 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
-from common.keys import Identity, PublicIdentity, write_public_file
+from common.security.keys import Identity, PublicIdentity, write_public_file
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "fedtransfer-manifest"
 MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"  # the file name a site or coordinator keeps its manifest under
 _SIGNATURE_DOMAIN = b"fedtransfer-manifest-v1\x00"
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.accounting import ACCOUNTANTS, Accountant
+from common.privacy.accounting import ACCOUNTANTS, Accountant
 
 
 class PolicyError(Exception):

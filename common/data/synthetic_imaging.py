@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from common.site_data import SiteData, Split
+from common.data.site_data import SiteData, Split
 
 IMAGE_SIZE = 24
 INPUT_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)

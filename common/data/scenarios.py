@@ -18,8 +18,10 @@ import numpy as np
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from common import heart_disease, synthetic_imaging
-from common.site_data import SiteData, Split, csv_feature_names, infer_input_shape, load_site_data, site_files
+from common.data import heart_disease
+
+from common.data import synthetic_imaging
+from common.data.site_data import SiteData, Split, csv_feature_names, infer_input_shape, load_site_data, site_files
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from common.audit import (
+from common.privacy.audit import (
     BUDGET_HEADER,
     DEFAULT_TOLERANCE,
     EMPIRICAL_HEADER,
@@ -22,7 +22,7 @@ from common.audit import (
     write_plot,
     write_report,
 )
-from common.console import console
+from common.cli.console import console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}

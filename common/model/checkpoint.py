@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from common.models import FedModel, UnknownArchitecture, build_model
-from common.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
-from common.transfer import state_fingerprint
+from common.model.zoo import FedModel, UnknownArchitecture, build_model
+from common.security.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
+from common.model.transfer import state_fingerprint
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model-card.json"

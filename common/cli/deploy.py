@@ -7,15 +7,15 @@ from pathlib import Path
 
 from rich.table import Table
 
-from common.console import console
-from common.keys import KeyFileError
-from common.manifest import ManifestError
-from common.provision import (
+from common.cli.console import console
+from common.security.keys import KeyFileError
+from common.security.manifest import ManifestError
+from common.deploy.provision import (
     DEFAULT_RUNTIME_PORT, REGISTER_SCRIPT, RUN_SCRIPT, SUPERLINK_SCRIPT, SUPERNODE_SCRIPT, Endpoint,
     ProvisionError, ProvisionRequest, provision,
 )
-from common.site_check import ERROR, OK, WARNING, check_kit, has_errors
-from common.site_policy import PolicyError, SitePolicy
+from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
+from common.privacy.policy import PolicyError, SitePolicy
 
 _STYLE = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
 

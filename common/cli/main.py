@@ -20,8 +20,14 @@ if TYPE_CHECKING:
     from common.run_record import RunRecord
     from simulations.simulate import SimulationResult
 
-from common import cli_audit, cli_bench, cli_deploy, cli_keys
-from common.console import console
+from common.cli import audit as cli_audit
+
+from common.cli import bench as cli_bench
+
+from common.cli import deploy as cli_deploy
+
+from common.cli import keys as cli_keys
+from common.cli.console import console
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -124,8 +130,8 @@ def _privacy_table(record: "RunRecord") -> Table | str:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from common.pretraining import pretrain_source
-    from common.scenarios import load_scenario
+    from common.model.pretraining import pretrain_source
+    from common.data.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario, seed=args.seed, data_dir=Path(args.data_dir) if args.data_dir else None)
     card = pretrain_source(scenario, Path(args.out), seed=args.seed)
@@ -134,8 +140,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_scenarios(args: argparse.Namespace) -> int:
-    from common.scenarios import ScenarioError, load_scenario, scenario_names
-    from common.site_data import DataError
+    from common.data.scenarios import ScenarioError, load_scenario, scenario_names
+    from common.data.site_data import DataError
 
     table = Table(title="Built-in scenarios")
     for column in ("name", "sites", "model", "policy", "description"):
@@ -207,17 +213,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _operator_errors() -> tuple[type[Exception], ...]:
     """Errors whose message tells an operator what to fix: printed without a traceback (exit status 2)."""
-    from common.checkpoint import CheckpointError
-    from common.keys import KeyFileError
-    from common.ledger import LedgerError
-    from common.manifest import ManifestError
-    from common.provision import ProvisionError
-    from common.scenarios import ScenarioError
+    from common.model.checkpoint import CheckpointError
+    from common.security.keys import KeyFileError
+    from common.privacy.ledger import LedgerError
+    from common.security.manifest import ManifestError
+    from common.deploy.provision import ProvisionError
+    from common.data.scenarios import ScenarioError
     from common.settings import SettingsError
-    from common.site_config import SiteConfigError
-    from common.site_data import DataError
-    from common.site_policy import PolicyError
-    from common.transfer import PolicyParseError
+    from common.data.site_config import SiteConfigError
+    from common.data.site_data import DataError
+    from common.privacy.policy import PolicyError
+    from common.model.transfer import PolicyParseError
     from simulations.simulate import SimulationFailed
 
     return (CheckpointError, KeyFileError, LedgerError, ManifestError, ProvisionError, ScenarioError, SettingsError,

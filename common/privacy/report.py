@@ -14,8 +14,8 @@ import binascii
 import json
 from typing import Any
 
-from common.envelope import EnvelopeContext, EnvelopeError, sign_instruction, signed_context, verify_instruction
-from common.keys import Identity, PublicIdentity
+from common.security.envelope import EnvelopeContext, EnvelopeError, sign_instruction, signed_context, verify_instruction
+from common.security.keys import Identity, PublicIdentity
 
 REPORT_KIND = "privacy-report"
 

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 logger = logging.getLogger(__name__)
 
 PASSPHRASE_ENV_VAR = "FEDTRANSFER_KEY_PASSPHRASE"
+COORDINATOR_NAME = "coordinator"  # the coordinator's identity name in key files and manifests
 PUBLIC_FORMAT = "fedtransfer-public-identity"
 PUBLIC_FORMAT_VERSION = 1
 RAW_KEY_LEN = 32
