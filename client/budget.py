@@ -2,25 +2,27 @@
 
 Flow for one run on one dataset::
 
-    guard = BudgetGuard(state_dir, policy, dataset_id)
-    plan = guard.plan_run(run_id, request, sample_rate, steps_per_round)  # once per run
-    admission = guard.admit(plan, server_round)        # cheap pre-check, never raises
-    with guard.spend(plan, server_round) as record:    # holds the ledger lock
+    guard = BudgetGuard(state_dir, policy, dataset_id, identity)
+    plan = guard.plan_run(run_id, request, sample_rate, steps, noise=...)   # once per run
+    with guard.spend(plan, TRAIN, server_round) as record:  # holds the ledger lock
         ...train with plan.noise_multiplier...
         entry = record(steps_taken, model_fingerprint) # durable before it returns
     ...only now seal and send the update...
 
-The noise multiplier is calibrated once per run for all its planned rounds, against
-both the run's target and what is left of the dataset's cumulative cap, and the plan
-is stored so a restarted site reuses it. Spending is serialised by the ledger lock,
-so two runs on one dataset can never both spend the last of the budget.
+Everything a run may spend on the dataset is planned at its first round, in phases:
+the DP releases it may make (evaluations, training losses; ``release_share`` of the run's
+budget), the training rounds, and an optional private personalisation after the last
+round (its ``fraction``). Each phase's noise multiplier is calibrated so that the phases
+up to it compose to at most their cumulative share of both the run's limit and what is
+left of the dataset's cap, so the whole plan fits both. The plan is stored, so a
+restarted site reuses it instead of recalibrating.
 
-A run may also reserve a private personalisation after its last round
-(``plan_run(..., personalisation=Reservation(...))``): the rounds are then calibrated
-for a share of the run's budget and the personalisation's own noise for the rest, so
-the composed history of rounds plus personalisation stays within the run's target and
-the dataset's cap. ``spend_personalisation`` records it, as an entry of kind
-``personalise``, before anything it produced leaves the site.
+Every spend is admitted under the ledger lock only if the entry kind still has a planned
+slot in this run, this run's own composed epsilon stays within its limit (the smallest of
+the request, the policy's ``max_epsilon_per_run`` and the cap) and the dataset's whole
+history stays within the cap. Two runs on one dataset can never both spend the last of
+the budget. The ledger's head is signed with the site's key on every append; a ledger
+whose signature fails is refused before anything is planned or spent.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.io import write_atomic
 from common.privacy.accounting import (
     Accountant,
     AccountingError,
@@ -46,21 +49,25 @@ from common.privacy.accounting import (
     compose_epsilon,
     reference_epsilon,
 )
-from common.privacy.ledger import Ledger, LedgerEntry, write_atomic
-from common.privacy.policy import (
-    EffectiveSettings,
-    PrivacyRequest,
-    SitePolicy,
-    effective_settings,
+from common.privacy.ledger import (
+    EVALUATE,
+    LOSS,
+    PERSONALISE,
+    PERSONALISED_EVALUATE,
+    TRAIN,
+    Ledger,
+    LedgerEntry,
 )
+from common.privacy.releases import release_sensitivity
+from common.privacy.policy import EffectiveSettings, PrivacyRequest, SitePolicy, effective_settings
+from common.security.keys import Identity
 
 log = logging.getLogger(__name__)
 
 PLANS_DIR = "plans"
-TRAIN_KIND = "train"
-PERSONALISE_KIND = "personalise"
-LEDGER_KINDS = (TRAIN_KIND, PERSONALISE_KIND)
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Slack when checking a run's composed epsilon against the limit its plan was calibrated to.
+_LIMIT_SLACK = 1e-9
 
 
 class PlanConflict(Exception):
@@ -70,12 +77,7 @@ class PlanConflict(Exception):
 @dataclass(frozen=True)
 class Reservation:
     """A private personalisation the run reserves: ``steps`` DP-SGD steps at ``sample_rate``
-    after the last round, given ``fraction`` of the run's budget (0 < fraction < 1).
-
-    The rounds are calibrated alone to (1 - fraction) of the run's target (and of what is
-    left of the cap); the personalisation's noise is then calibrated so that the composed
-    history (earlier spend + rounds + personalisation) reaches at most the target and cap.
-    """
+    after the last round, given ``fraction`` of the run's budget (0 < fraction < 1)."""
 
     fraction: float
     sample_rate: float
@@ -92,7 +94,7 @@ class Reservation:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """The DP-SGD settings of one run on one dataset, fixed at its first round."""
+    """Everything one run may spend on one dataset, fixed at its first round."""
 
     run_id: str
     dataset_id: str
@@ -106,6 +108,11 @@ class RunPlan:
     personalise_sample_rate: float = 1.0
     personalise_steps: int = 0
     personalise_fraction: float = 0.0
+    #: DP releases: one noise multiplier, and how many of each release kind the run may make.
+    release_noise_multiplier: float = 0.0
+    release_counts: dict[str, int] = field(default_factory=dict)
+    #: Where the run's randomness comes from: "csprng", or "seeded" (reproducible, not private).
+    noise: str = "csprng"
 
     @property
     def personalisation(self) -> Step | None:
@@ -113,6 +120,23 @@ class RunPlan:
         if self.personalise_steps < 1:
             return None
         return Step(self.personalise_noise_multiplier, self.personalise_sample_rate, self.personalise_steps)
+
+    def slots(self, kind: str) -> int:
+        """How many ledger entries of ``kind`` the run may write on this dataset."""
+        if kind == TRAIN:
+            return self.settings.planned_rounds
+        if kind == PERSONALISE:
+            return 1 if self.personalisation else 0
+        return self.release_counts.get(kind, 0)
+
+    def step(self, kind: str, steps: int | None = None) -> Step:
+        """The DP phase one entry of ``kind`` composes into the history (at most the planned steps)."""
+        if kind == TRAIN:
+            return Step(self.noise_multiplier, self.sample_rate, self.steps_per_round if steps is None else steps)
+        if kind == PERSONALISE:
+            planned = self.personalisation or Step(1.0, 1.0, 0)
+            return Step(planned.noise_multiplier, planned.sample_rate, planned.steps if steps is None else steps)
+        return Step(self.release_noise_multiplier, 1.0, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +151,9 @@ class RunPlan:
             "personalise_sample_rate": self.personalise_sample_rate,
             "personalise_steps": self.personalise_steps,
             "personalise_fraction": self.personalise_fraction,
+            "release_noise_multiplier": self.release_noise_multiplier,
+            "release_counts": dict(self.release_counts),
+            "noise": self.noise,
         }
 
     @classmethod
@@ -143,12 +170,15 @@ class RunPlan:
             personalise_sample_rate=float(data.get("personalise_sample_rate", 1.0)),
             personalise_steps=int(data.get("personalise_steps", 0)),
             personalise_fraction=float(data.get("personalise_fraction", 0.0)),
+            release_noise_multiplier=float(data.get("release_noise_multiplier", 0.0)),
+            release_counts={str(k): int(v) for k, v in data.get("release_counts", {}).items()},
+            noise=str(data.get("noise", "csprng")),
         )
 
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether one round may train, and why; epsilons under the policy's accountant."""
+    """Whether one spend may happen, and why; epsilons under the policy's accountant."""
 
     admitted: bool
     reason: str
@@ -157,16 +187,36 @@ class Admission:
     cap_epsilon: float
 
 
-class BudgetGuard:
-    """Enforces the site's cumulative privacy cap for one dataset."""
+@dataclass(frozen=True)
+class _Phase:
+    """One planned phase for calibration: its sample rate and total steps, and its share of the budget."""
 
-    def __init__(self, state_dir: Path, policy: SitePolicy, dataset_id: str) -> None:
+    sample_rate: float
+    steps: int
+    share: float
+
+
+class BudgetGuard:
+    """Enforces the site's caps for one dataset (``dataset_id``, keyed; ``aliases``: the ids its older
+    ledger entries were recorded under, which count all the same)."""
+
+    def __init__(self, state_dir: Path, policy: SitePolicy, dataset_id: str, identity: Identity,
+                 aliases: Sequence[str] = ()) -> None:
         if not dataset_id:
             raise ValueError("dataset_id must be a non-empty string")
         self.state_dir = Path(state_dir)
         self.policy = policy
         self.dataset_id = dataset_id
-        self.ledger = Ledger(self.state_dir)
+        self.dataset_ids = (dataset_id, *(a for a in aliases if a != dataset_id))
+        self.ledger = Ledger(self.state_dir, signer=identity)
+        self.ledger.initialise()
+
+    def history(self) -> list[Step]:
+        """The dataset's whole DP history (verified ledger, signed head)."""
+        return [e.to_step() for e in self._entries()]
+
+    def _entries(self) -> list[LedgerEntry]:
+        return [e for e in self.ledger.entries() if e.dataset_id in self.dataset_ids]
 
     # planning -----------------------------------------------------------------------
 
@@ -186,7 +236,7 @@ class BudgetGuard:
                 "will not recalibrate an existing run. Remove the file only if that run never "
                 "trained on this dataset."
             ) from exc
-        if plan.run_id != run_id or plan.dataset_id != self.dataset_id:
+        if plan.run_id != run_id or plan.dataset_id not in self.dataset_ids:
             raise PlanConflict(
                 f"{path}: run {run_id!r} was planned for dataset {plan.dataset_id[:12]}..., "
                 f"not {self.dataset_id[:12]}...; a run trains on one dataset per site"
@@ -200,14 +250,12 @@ class BudgetGuard:
 
     def plan_run(
         self, run_id: str, request: PrivacyRequest, sample_rate: float, steps_per_round: int,
-        personalisation: Reservation | None = None,
+        personalisation: Reservation | None = None, noise: str = "csprng",
     ) -> RunPlan:
         """Calibrate the run's noise once (or return its stored plan).
 
-        With ``personalisation``, the rounds get (1 - fraction) of the budget and the
-        reserved personalisation the rest (see :class:`Reservation`). Raises
-        BudgetExhausted if no noise multiplier keeps both this run within its target and
-        the dataset within its cap.
+        Raises BudgetExhausted if no noise keeps every phase within its share of the run's
+        limit and of what is left of the cap.
         """
         if steps_per_round < 1:
             raise ValueError(f"steps_per_round must be at least 1, got {steps_per_round}")
@@ -222,86 +270,113 @@ class BudgetGuard:
                         "keeping the stored plan (noise %.4f)", run_id, stored.noise_multiplier,
                     )
                 return stored
-            settings = effective_settings(self.policy, request)
-            prior = self.ledger.history(self.dataset_id)
-            prior_epsilon = compose_epsilon(prior, settings.delta, settings.accountant)
-            planned_steps = steps_per_round * settings.planned_rounds
-            common = dict(
-                sample_rate=sample_rate, planned_steps=planned_steps, delta=settings.delta,
-                accountant=settings.accountant, min_noise=settings.min_noise_multiplier,
-            )
-            share = 1.0 - personalisation.fraction if personalisation else 1.0
-            rounds_cap = prior_epsilon + share * (settings.cap_epsilon - prior_epsilon)
-            personal: dict[str, Any] = {}
-            try:
-                sigma_run = calibrate_noise(prior=[], target_epsilon=share * settings.run_target_epsilon,
-                                            **common)
-                sigma_cap = calibrate_noise(prior=prior, target_epsilon=rounds_cap, **common)
-                if personalisation:
-                    rounds = Step(max(sigma_run, sigma_cap), sample_rate, planned_steps)
-                    reserved = dict(
-                        sample_rate=personalisation.sample_rate, planned_steps=personalisation.steps,
-                        delta=settings.delta, accountant=settings.accountant,
-                        min_noise=settings.min_noise_multiplier,
-                    )
-                    sigma_p = max(
-                        calibrate_noise(prior=[rounds], target_epsilon=settings.run_target_epsilon, **reserved),
-                        calibrate_noise(prior=[*prior, rounds], target_epsilon=settings.cap_epsilon, **reserved),
-                    )
-                    personal = dict(
-                        personalise_noise_multiplier=sigma_p, personalise_sample_rate=personalisation.sample_rate,
-                        personalise_steps=personalisation.steps, personalise_fraction=personalisation.fraction,
-                    )
-            except BudgetExhausted as exc:
-                raise BudgetExhausted(
-                    f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}"
-                ) from exc
-            plan = RunPlan(
-                run_id=run_id,
-                dataset_id=self.dataset_id,
-                noise_multiplier=max(sigma_run, sigma_cap),
-                sample_rate=sample_rate,
-                steps_per_round=steps_per_round,
-                settings=settings,
-                prior_epsilon=prior_epsilon,
-                **personal,
-            )
+            plan = self._calibrate(run_id, effective_settings(self.policy, request), sample_rate, steps_per_round,
+                                   personalisation if self.policy.evaluation == "dp" else None, noise)
             path = self._plan_path(run_id)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             record = {**plan.to_dict(), "created": datetime.now(timezone.utc).isoformat()}
             write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
+        settings = plan.settings
         log.info(
-            "run %s on dataset %s: noise multiplier %.4f for %d rounds x %d steps at q=%g "
-            "(run target %.3f, spent %.3f of cap %.3f, %s)",
-            run_id, self.dataset_id[:12], plan.noise_multiplier, settings.planned_rounds,
-            steps_per_round, sample_rate, settings.run_target_epsilon, prior_epsilon,
-            settings.cap_epsilon, settings.accountant,
+            "run %s on dataset %s: noise multiplier %.4f for %d rounds x %d steps at q=%g, %d DP release(s) at "
+            "noise %.4f (run limit %.3f, spent %.3f of cap %.3f, %s)",
+            run_id, self.dataset_id[:12], plan.noise_multiplier, settings.planned_rounds, steps_per_round,
+            sample_rate, sum(plan.release_counts.values()), plan.release_noise_multiplier,
+            settings.run_target_epsilon, plan.prior_epsilon, settings.cap_epsilon, settings.accountant,
         )
         return plan
 
+    def _calibrate(self, run_id: str, settings: EffectiveSettings, sample_rate: float, steps_per_round: int,
+                   personalisation: Reservation | None, noise: str) -> RunPlan:
+        """The plan's noise multipliers, phase by phase (releases, rounds, personalisation)."""
+        counts = {EVALUATE: settings.evaluations, LOSS: settings.planned_rounds if settings.release_loss else 0,
+                  PERSONALISED_EVALUATE: 1 if personalisation else 0}
+        releases = sum(counts.values())
+        release_share = settings.release_share if releases else 0.0
+        personal_share = personalisation.fraction if personalisation else 0.0
+        rounds_share = 1.0 - release_share - personal_share
+        if rounds_share <= 0:
+            raise BudgetExhausted(
+                f"run {run_id}: the release share {release_share:g} and the personalisation fraction "
+                f"{personal_share:g} leave nothing of the run's budget for training"
+            )
+        phases = [
+            _Phase(1.0, releases, release_share),
+            _Phase(sample_rate, steps_per_round * settings.planned_rounds, rounds_share),
+            _Phase(personalisation.sample_rate, personalisation.steps, personal_share) if personalisation else None,
+        ]
+        prior = self.history()
+        prior_epsilon = compose_epsilon(prior, settings.delta, settings.accountant)
+        sigmas: list[float] = []
+        planned: list[Step] = []
+        cumulative = 0.0
+        try:
+            for phase in phases:
+                if phase is None or phase.steps == 0:
+                    sigmas.append(0.0)
+                    continue
+                cumulative += phase.share
+                common = dict(sample_rate=phase.sample_rate, planned_steps=phase.steps, delta=settings.delta,
+                              accountant=settings.accountant, min_noise=settings.min_noise_multiplier)
+                sigma = max(
+                    calibrate_noise(prior=planned, target_epsilon=min(cumulative, 1.0) * settings.run_target_epsilon,
+                                    **common),
+                    calibrate_noise(prior=[*prior, *planned],
+                                    target_epsilon=prior_epsilon + min(cumulative, 1.0) * (settings.cap_epsilon - prior_epsilon),
+                                    **common),
+                )
+                sigmas.append(sigma)
+                planned.append(Step(sigma, phase.sample_rate, phase.steps))
+        except BudgetExhausted as exc:
+            raise BudgetExhausted(f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}") from exc
+        release_sigma, rounds_sigma, personal_sigma = sigmas
+        return RunPlan(
+            run_id=run_id, dataset_id=self.dataset_id, noise_multiplier=rounds_sigma, sample_rate=sample_rate,
+            steps_per_round=steps_per_round, settings=settings, prior_epsilon=prior_epsilon,
+            personalise_noise_multiplier=personal_sigma,
+            personalise_sample_rate=personalisation.sample_rate if personalisation else 1.0,
+            personalise_steps=personalisation.steps if personalisation else 0,
+            personalise_fraction=personal_share,
+            release_noise_multiplier=release_sigma,
+            release_counts={kind: n for kind, n in counts.items() if n},
+            noise=noise,
+        )
+
     # admission and spending ---------------------------------------------------------
 
-    def _limits(self, plan: RunPlan) -> tuple[float, float, Accountant]:
-        """Cap, delta and accountant for a plan: the stricter of the plan and today's policy."""
+    def _limits(self, plan: RunPlan) -> tuple[float, float, float, Accountant]:
+        """Cap, run limit, delta and accountant: the stricter of the plan and today's policy."""
         return (
             min(plan.settings.cap_epsilon, self.policy.max_epsilon),
+            min(plan.settings.run_target_epsilon, self.policy.run_limit),
             min(plan.settings.delta, self.policy.delta),
             self.policy.accountant,
         )
 
-    def _admission(
-        self, plan: RunPlan, step: Step, what: str, refusal: Callable[[list[LedgerEntry], float, Accountant], str]
-    ) -> Admission:
-        """Admit ``step`` of ``plan`` if ``refusal`` finds no reason (given this dataset's entries, delta and
-        accountant) and the dataset stays within its cap; the caller holds the ledger lock."""
-        cap, delta, accountant = self._limits(plan)
-        entries = self.ledger.entries(self.dataset_id)
+    def _check(self, plan: RunPlan, kind: str, server_round: int, step: Step) -> Admission:
+        """The admission decision for one entry of ``kind``; the caller holds the ledger lock."""
+        cap, run_limit, delta, accountant = self._limits(plan)
+        entries = self._entries()
         history = [e.to_step() for e in entries]
         spent = compose_epsilon(history, delta, accountant)
-        reason = (f"plan of run {plan.run_id} is for another dataset" if plan.dataset_id != self.dataset_id
-                  else refusal(entries, delta, accountant))
+        this_run = [e for e in entries if e.run_id == plan.run_id]
+        same_kind = [e for e in this_run if e.kind == kind]
+        what = "this round" if kind == TRAIN else f"this {kind}"
+        reason = ""
+        if plan.dataset_id not in self.dataset_ids:
+            reason = f"plan of run {plan.run_id} is for another dataset"
+        elif kind != PERSONALISE and any(e.server_round == server_round for e in same_kind):
+            reason = (f"{kind} of round {server_round} of run {plan.run_id} was already recorded (replayed "
+                      "instruction); refusing to do it twice")
+        elif len(same_kind) >= plan.slots(kind):
+            reason = (f"run {plan.run_id} already used its {plan.slots(kind)} planned {kind} slot(s) on this dataset"
+                      if plan.slots(kind) else f"run {plan.run_id} planned no {kind} on this dataset")
         if reason:
             return Admission(False, reason, spent, math.nan, cap)
+        run_total = compose_epsilon([*(e.to_step() for e in this_run), step], delta, accountant)
+        if run_total > run_limit + _LIMIT_SLACK:
+            return Admission(False, f"{what} would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
+                                    f"limit of {run_limit:.4f}", spent, math.nan, cap)
         projected = compose_epsilon([*history, step], delta, accountant)
         if projected > cap:
             return Admission(
@@ -312,97 +387,37 @@ class BudgetGuard:
             )
         return Admission(True, "within budget", spent, projected, cap)
 
-    def _check(self, plan: RunPlan, server_round: int, steps: int) -> Admission:
-        """The admission decision for a training round; the caller holds the ledger lock."""
-        planned_rounds = plan.settings.planned_rounds
-
-        def refusal(entries: list[LedgerEntry], delta: float, accountant: Accountant) -> str:
-            this_run = [e for e in entries if e.run_id == plan.run_id and e.kind == TRAIN_KIND]
-            if any(e.server_round == server_round for e in this_run):
-                return (f"round {server_round} of run {plan.run_id} was already recorded (replayed "
-                        "instruction); refusing to train on it twice")
-            if len(this_run) >= planned_rounds:
-                return f"run {plan.run_id} already used its {planned_rounds} planned rounds on this dataset"
-            return ""
-
-        return self._admission(plan, Step(plan.noise_multiplier, plan.sample_rate, steps), "this round", refusal)
-
-    def admit(self, plan: RunPlan, server_round: int) -> Admission:
-        """Would this round, at the planned steps, stay within the cap? Never raises for a refusal."""
+    def admit(self, plan: RunPlan, server_round: int, kind: str = TRAIN) -> Admission:
+        """Would one entry of ``kind`` at the planned steps be admitted? Never raises for a refusal."""
         with self.ledger.lock():
-            return self._check(plan, server_round, plan.steps_per_round)
+            return self._check(plan, kind, server_round, plan.step(kind))
 
     @contextmanager
-    def spend(
-        self, plan: RunPlan, server_round: int
-    ) -> Iterator[Callable[[int, str], LedgerEntry]]:
-        """Hold the ledger lock while the caller trains; yields ``record(steps, fingerprint)``.
+    def spend(self, plan: RunPlan, kind: str, server_round: int) -> Iterator[Callable[[int, str], LedgerEntry]]:
+        """Hold the ledger lock while the caller trains or releases; yields ``record(steps, fingerprint)``.
 
-        Raises BudgetExhausted on entry if the round is not admitted. ``record`` appends
-        the round durably (or raises BudgetExhausted / LedgerError and writes nothing);
-        it may be called once. Send the update only after it returned.
+        Raises BudgetExhausted on entry if the spend is not admitted. ``record`` appends it
+        durably at the steps actually taken (never more than planned; 1 for a release), or
+        raises BudgetExhausted / LedgerError and writes nothing; it may be called once. Send
+        or report what the spend produced only after it returned.
         """
         with self.ledger.lock():
-            admission = self._check(plan, server_round, plan.steps_per_round)
+            admission = self._check(plan, kind, server_round, plan.step(kind))
             if not admission.admitted:
                 raise BudgetExhausted(admission.reason)
-            planned = Step(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-            yield self._recorder(plan, server_round, planned, TRAIN_KIND, f"round {server_round}", "do not send")
+            yield self._recorder(plan, kind, server_round)
 
     def spent(self) -> float:
         """Epsilon spent on this dataset so far (policy accountant and delta)."""
-        history = self.ledger.history(self.dataset_id)
-        return compose_epsilon(history, self.policy.delta, self.policy.accountant)
+        return compose_epsilon(self.history(), self.policy.delta, self.policy.accountant)
 
-    # private personalisation ----------------------------------------------------------
-
-    def _check_personalisation(self, plan: RunPlan) -> Admission:
-        """Admission of the run's reserved personalisation; the caller holds the ledger lock."""
-        step = plan.personalisation
-        if step is None:
-            return Admission(False, f"run {plan.run_id} reserved no private personalisation in its plan",
-                             math.nan, math.nan, self._limits(plan)[0])
-
-        def refusal(entries: list[LedgerEntry], delta: float, accountant: Accountant) -> str:
-            if any(e.run_id == plan.run_id and e.kind == PERSONALISE_KIND for e in entries):
-                return f"run {plan.run_id} already spent its personalisation on this dataset"
-            this_run = [e.to_step() for e in entries if e.run_id == plan.run_id]
-            run_total = compose_epsilon([*this_run, step], delta, accountant)
-            if run_total > plan.settings.run_target_epsilon:
-                return (f"personalisation would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
-                        f"target of {plan.settings.run_target_epsilon:.4f}")
-            return ""
-
-        return self._admission(plan, step, "personalisation", refusal)
-
-    @contextmanager
-    def spend_personalisation(
-        self, plan: RunPlan, server_round: int
-    ) -> Iterator[Callable[[int, str], LedgerEntry]]:
-        """Like :meth:`spend`, for the run's reserved personalisation (ledger kind ``personalise``).
-
-        Raises BudgetExhausted on entry if it is not reserved, already spent, or would
-        exceed the run's target or the cap. ``record(steps, fingerprint)`` appends it
-        durably; report anything derived from the personalised model only after it returned.
-        """
-        with self.ledger.lock():
-            admission = self._check_personalisation(plan)
-            step = plan.personalisation
-            if not admission.admitted or step is None:  # a plan without a reservation is never admitted
-                raise BudgetExhausted(admission.reason)
-            yield self._recorder(plan, server_round, step, PERSONALISE_KIND, "the personalisation", "report nothing")
-
-    def _recorder(
-        self, plan: RunPlan, server_round: int, planned: Step, kind: str, what: str, otherwise: str
-    ) -> Callable[[int, str], LedgerEntry]:
-        """``record(steps, fingerprint)`` for one planned phase; the caller holds the ledger lock.
-
-        It appends the phase durably, once, at the steps actually taken (never more than
-        planned), or raises BudgetExhausted / LedgerError and writes nothing.
-        """
+    def _recorder(self, plan: RunPlan, kind: str, server_round: int) -> Callable[[int, str], LedgerEntry]:
+        """``record(steps, fingerprint)`` for one admitted spend; the caller holds the ledger lock."""
         recorded: list[LedgerEntry] = []
+        planned = plan.step(kind)
+        what = f"{kind} of round {server_round}"
 
-        def record(steps_taken: int, model_fingerprint: str) -> LedgerEntry:
+        def record(steps_taken: int, fingerprint: str) -> LedgerEntry:
             if recorded:
                 raise RuntimeError(f"{what} of run {plan.run_id} is already recorded")
             if isinstance(steps_taken, bool) or not isinstance(steps_taken, int) or steps_taken < 1:
@@ -410,15 +425,16 @@ class BudgetGuard:
             if steps_taken > planned.steps:
                 raise BudgetExhausted(
                     f"{what} took {steps_taken} steps but run {plan.run_id} was calibrated for {planned.steps}; "
-                    f"not recorded, {otherwise}"
+                    "not recorded, nothing is sent"
                 )
-            cap, delta, accountant = self._limits(plan)
-            history = [*self.ledger.history(self.dataset_id), Step(planned.noise_multiplier, planned.sample_rate, steps_taken)]
+            cap, _, delta, accountant = self._limits(plan)
+            step = plan.step(kind, steps_taken)
+            history = [*self.history(), step]
             epsilon = compose_epsilon(history, delta, accountant)
             if epsilon > cap:
                 raise BudgetExhausted(
                     f"recording {what} would bring the dataset to epsilon {epsilon:.4f}, over the cap "
-                    f"of {cap:.4f}; not recorded, {otherwise}"
+                    f"of {cap:.4f}; not recorded, nothing is sent"
                 )
             try:
                 ref_name, ref_epsilon = reference_epsilon(history, delta, accountant)
@@ -428,13 +444,14 @@ class BudgetGuard:
                 ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
             entry = self.ledger.append(
                 dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
-                noise_multiplier=planned.noise_multiplier, sample_rate=planned.sample_rate,
-                steps=steps_taken, max_grad_norm=plan.settings.max_grad_norm, delta=delta,
-                epsilon=epsilon, accountant=accountant,
+                noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate, steps=step.steps,
+                max_grad_norm=plan.settings.max_grad_norm if kind in (TRAIN, PERSONALISE) else release_sensitivity(kind),
+                delta=delta, epsilon=epsilon, accountant=accountant,
                 reference_epsilon=ref_epsilon, reference_accountant=ref_name,
-                model_fingerprint=model_fingerprint, kind=kind,
+                model_fingerprint=fingerprint, kind=kind, noise=plan.noise,
             )
             recorded.append(entry)
             return entry
 
         return record
+

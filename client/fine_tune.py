@@ -1,15 +1,17 @@
-"""Local fine-tuning of the trainable part at a site, and its evaluation."""
+"""Plain fine-tuning of the trainable part at a site, and the site's view of a model on its test split."""
 
 from __future__ import annotations
 
 import copy
 
-from common.model.metrics import classification_metrics
-from common.model.zoo import FedModel
-from common.protocol import RoundInstruction
+import numpy as np
+
+from client.local_data import Features
+from common.model.metrics import evaluation_counts
 from common.model.training import TrainConfig, TrainStats, predict_proba, train_plain
 from common.model.transfer import TransferPolicy
-from client.local_data import Features
+from common.model.zoo import FedModel
+from common.protocol import RoundInstruction
 
 
 def train_config(instruction: RoundInstruction, epochs: int | None = None) -> TrainConfig:
@@ -18,31 +20,28 @@ def train_config(instruction: RoundInstruction, epochs: int | None = None) -> Tr
         epochs=instruction.local_epochs if epochs is None else epochs,
         steps=instruction.local_steps if epochs is None else 0,
         batch_size=instruction.batch_size,
-        lr=instruction.lr,
+        lr=instruction.lr if epochs is None or instruction.personalise_lr <= 0 else instruction.personalise_lr,
         optimizer=instruction.optimizer,
-        proximal_mu=instruction.proximal_mu,
+        proximal_mu=instruction.proximal_mu if epochs is None else 0.0,
         seed=instruction.seed * 100_003 + instruction.server_round,
     )
 
 
 def fine_tune(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig) -> TrainStats:
-    """Train the model's trainable part in place on the frozen-prefix features."""
+    """Train the model's trainable part in place (its parameters that require gradients) on the frozen-prefix features."""
     _, trainable = policy.split(model)
     return train_plain(trainable, features.train_x, features.train_y, config)
 
 
-def evaluate(model: FedModel, policy: TransferPolicy, features: Features) -> dict[str, float]:
+def evaluation_histogram(model: FedModel, policy: TransferPolicy, features: Features) -> np.ndarray:
+    """The exact evaluation histogram of ``model`` on the test split; it leaves only with noise (or not at all)."""
     _, trainable = policy.split(model)
-    proba = predict_proba(trainable, features.test_x)
-    return classification_metrics(features.test_y.numpy(), proba)
+    return evaluation_counts(features.test_y.numpy(), predict_proba(trainable, features.test_x))
 
 
-def personalised_metrics(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig) -> dict[str, float]:
-    """Fine-tune a private copy's head on local data, evaluate it; nothing of it leaves the site."""
+def personalised_copy(model: FedModel, bias_only: bool) -> FedModel:
+    """A private copy of ``model`` whose head alone (or only its bias, under DP) will train."""
     local = copy.deepcopy(model)
-    TransferPolicy("head").apply(local)
-    _, trainable = policy.split(local)
-    head_config = TrainConfig(**{**config.__dict__, "proximal_mu": 0.0})
-    train_plain(trainable, features.train_x, features.train_y, head_config)
-    metrics = evaluate(local, policy, features)
-    return {f"p-{k}": v for k, v in metrics.items()}
+    for name, param in local.named_parameters():
+        param.requires_grad_(name == "head.bias" if bias_only else name.startswith("head."))
+    return local

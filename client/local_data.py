@@ -18,10 +18,10 @@ from common.model.transfer import TransferPolicy, state_fingerprint
 
 @dataclass(frozen=True)
 class LocalData:
-    """A site's validated data and its identity (the sha256 of its files)."""
+    """A site's validated data and the sha256 of its files (which never leaves the site)."""
 
     data: SiteData
-    dataset_id: str
+    content_hash: str
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def load_local_data(site: SiteConfig, card: ModelCard) -> LocalData:
     """Load the site's data, validated against the model card (cached while the files are unchanged)."""
     fingerprint = dataset_fingerprint(site.data_path)
     data = _load(site.data_path, fingerprint, tuple(card.input_shape), card.num_classes, site.label_column, site.site_id)
-    return LocalData(data=data, dataset_id=fingerprint)
+    return LocalData(data=data, content_hash=fingerprint)
 
 
 _FEATURES: dict[tuple[str, str, str], Features] = {}
@@ -53,7 +53,7 @@ FEATURE_CACHE_SIZE = 8  # a simulation worker serves several sites in turn: keep
 def frozen_features(local: LocalData, model: FedModel, policy: TransferPolicy) -> Features:
     """Run the frozen prefix once per (dataset, frozen weights, policy) and reuse the result."""
     frozen, _ = policy.split(model)
-    key = (local.dataset_id, state_fingerprint(policy.frozen_state(model)), str(policy))
+    key = (local.content_hash, state_fingerprint(policy.frozen_state(model)), str(policy))
     if key not in _FEATURES:
         train_x, train_y = as_tensors(local.data.train.x, local.data.train.y)
         test_x, test_y = as_tensors(local.data.test.x, local.data.test.y)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.io import write_atomic
+
 RUN_RECORD_FILE = "run-record.json"
+RUN_RECORD_FORMAT = 2
 
 
 def _now() -> str:
@@ -29,22 +30,42 @@ def _finite_or_none(value: Any) -> Any:
 
 
 @dataclass
+class Reply:
+    """One site's verified reply in one phase: exactly the values it released and its signed privacy report.
+
+    ``values`` hold only what the report's egress declaration lists (checked when the reply
+    was opened); ``report`` is the report's verified content and ``report_signed`` the
+    site's signature over it, which anyone holding the manifest can check again.
+    """
+
+    status: str
+    reason: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    report_signed: str = ""
+
+
+@dataclass
 class SiteRound:
-    """One site's part in one round: status (ok, declined, rejected, failed, no-reply) and metrics."""
+    """One site's part in one round: overall status (ok, declined, rejected, failed, no-reply), its train and
+    evaluate replies, and the metrics the coordinator derived from the released evaluation counts."""
 
     status: str = "ok"
     reason: str = ""
-    train: dict[str, float] = field(default_factory=dict)
-    evaluate: dict[str, float] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=dict)
-    privacy_signed: str = ""
+    train: Reply | None = None
+    evaluate: Reply | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    personalised: dict[str, float] = field(default_factory=dict)
 
     def epsilon(self) -> float | None:
-        """The dataset's cumulative epsilon after this round: the signed train report's, or later the
-        private personalisation's (``p-epsilon``, reported with evaluation after the last round)."""
-        values = [v for v in (self.privacy.get("epsilon"), self.evaluate.get("p-epsilon"))
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return float(max(values)) if values else None
+        """The dataset's cumulative epsilon after this round, as the site's signed reports state it."""
+        values = [r.report.get("epsilon") for r in (self.train, self.evaluate) if r is not None]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return float(max(numbers)) if numbers else None
+
+    def private(self) -> bool:
+        """False if a reply of this round says the site trained without DP."""
+        return all(r.report.get("dp", True) is not False for r in (self.train, self.evaluate) if r is not None)
 
 
 @dataclass
@@ -72,6 +93,11 @@ class RunRecord:
     manifest: str = ""
     abandoned_rounds: list[RoundRecord] = field(default_factory=list)  # begun but not completed before a resume
     site_nodes: dict[str, int] = field(default_factory=dict)  # the Flower node each site proved to be, kept across a resume
+    #: Filled by ``fedtransfer simulate`` only: the global model of each round evaluated directly on each simulated
+    #: site's test split by the simulator, which holds every site's data ({round: {site: metrics}}). Nothing here
+    #: came from a site; a deployed coordinator cannot compute it.
+    simulator_evaluation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    format: int = RUN_RECORD_FORMAT
 
     def round(self, server_round: int) -> RoundRecord:
         for record in self.rounds:
@@ -97,23 +123,27 @@ class RunRecord:
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / RUN_RECORD_FILE
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".run-record.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json().encode("utf-8"), mode=0o644)
         return path
 
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
         raw = json.loads(Path(path).read_text())
+        if raw.get("format") != RUN_RECORD_FORMAT:
+            raise ValueError(f"{path}: run record format {raw.get('format', 1)}, this version reads format "
+                             f"{RUN_RECORD_FORMAT}; read it with the fedtransfer version that wrote it")
+
+        def reply(value: dict[str, Any] | None) -> Reply | None:
+            return None if value is None else Reply(**value)
+
+        def site(value: dict[str, Any]) -> SiteRound:
+            return SiteRound(**{**value, "train": reply(value.get("train")), "evaluate": reply(value.get("evaluate"))})
 
         def rounds(key: str) -> list[RoundRecord]:
             return [
                 RoundRecord(
                     server_round=r["server_round"],
-                    sites={k: SiteRound(**v) for k, v in r["sites"].items()},
+                    sites={k: site(v) for k, v in r["sites"].items()},
                     central=r["central"],
                     aggregated_sites=r["aggregated_sites"],
                     flower_run_id=r.get("flower_run_id", 0),
@@ -121,5 +151,5 @@ class RunRecord:
                 for r in raw.pop(key, [])
             ]
 
-        site_nodes = {site: int(node) for site, node in raw.pop("site_nodes", {}).items()}
+        site_nodes = {name: int(node) for name, node in raw.pop("site_nodes", {}).items()}
         return cls(rounds=rounds("rounds"), abandoned_rounds=rounds("abandoned_rounds"), site_nodes=site_nodes, **raw)

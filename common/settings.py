@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+#: Which rounds the sites are asked to evaluate (each evaluation is a DP release at the site).
+FEDERATED_EVALUATION = ("last", "every", "none")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
 #: Flower's server-side optimisers; only they read server-lr, server-tau and server-beta-2.
 SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad")
@@ -60,6 +62,9 @@ class RunSettings:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     resume: bool = False
+    federated_evaluation: str = "last"
+    release_loss: bool = False
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -90,6 +95,8 @@ class RunSettings:
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self._check_server_optimiser()
+        if self.federated_evaluation not in FEDERATED_EVALUATION:
+            raise SettingsError(f"federated-evaluation {self.federated_evaluation!r} is not one of {', '.join(FEDERATED_EVALUATION)}")
         if not self.round_timeout > 0 or not self.target_epsilon > 0 or not 0 < self.delta < 1 or not self.max_grad_norm > 0:
             raise SettingsError("round-timeout, target-epsilon and max-grad-norm must be > 0 and delta in (0, 1)")
 

@@ -22,13 +22,13 @@ from common.settings import RunSettings
 from common.security.keys import Identity, passphrase_from_env, read_identity
 from common.security.manifest import Manifest, read_manifest
 from common.security.keys import COORDINATOR_NAME
-from simulations.sites import materialize_sites, simulated_policy
+from simulations.sites import materialize_sites
 from common.privacy.policy import PrivacyRequest
 from common.model.training import as_tensors, predict_proba
 from common.model.transfer import TransferPolicy, state_fingerprint
 from server.report import write_report
 from common.run_record import RUN_RECORD_FILE, RunRecord
-from server.secure_channel import CoordinatorChannel, UpdateLimits
+from server.channel import CoordinatorChannel, UpdateLimits
 from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy, server_optimiser_args
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class FederationFailed(RuntimeError):
 def _scenario(settings: RunSettings) -> Scenario | None:
     if not settings.scenario:
         return None
-    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None)
+    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None,
+                         private=settings.dp)
 
 
 def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path) -> Path:
@@ -140,7 +141,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     if settings.sim_root and scenario is not None:
         sim_root = str(Path(settings.sim_root).expanduser().resolve())
         simulated = materialize_sites(
-            scenario, Path(sim_root), f"simulation-{run_id}", simulated_policy(allow_non_private=not settings.dp), reuse_keys=resumed is not None
+            scenario, Path(sim_root), f"simulation-{run_id}", allow_non_private=not settings.dp, reuse_keys=resumed is not None
         )
         identity, manifest = simulated.coordinator, simulated.manifest
     else:
@@ -165,8 +166,12 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         dp=int(settings.dp),
         run_key=str(resumed.record.run_id if resumed else run_id),
         sim_root=sim_root,
+        federated_evaluation=settings.federated_evaluation,
+        release_loss=int(settings.release_loss),
+        reproducible_noise=int(settings.reproducible_noise),
     )
-    request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, settings.num_server_rounds)
+    request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, settings.num_server_rounds,
+                             evaluations=instruction.evaluations, release_loss=settings.release_loss)
     round_config = instruction.to_config() | request.to_config()
     record = resumed.record if resumed else RunRecord(
         run_id=run_id,
@@ -194,6 +199,9 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         round_offset=offset,
         expected_sites=settings.expected_sites,
         site_wait=settings.round_timeout,
+        evaluates=lambda server_round: instruction.evaluates(server_round) or (
+            server_round == settings.num_server_rounds and settings.personalise_epochs > 0
+            and (settings.personalise_fraction > 0 or not settings.dp)),
     )
     if resumed is not None:
         strategy.load_state(resumed.strategy_state)
@@ -278,7 +286,7 @@ def _round_summary(record: RunRecord, server_round: int) -> str:
     current = record.round(server_round)
     parts = [
         f"{site}: {r.status}"
-        + (f" acc {r.evaluate['accuracy']:.3f}" if "accuracy" in r.evaluate else "")
+        + (f" AUC {r.metrics['roc-auc']:.3f} (DP-released)" if isinstance(r.metrics.get("roc-auc"), float) else "")
         + (f" eps {r.epsilon():.2f}" if r.epsilon() is not None else "")
         for site, r in sorted(current.sites.items())
     ]

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.model.metrics import METRIC_NAMES  # noqa: E402
 from common.run_record import RunRecord  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -20,28 +21,53 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def round_table(record: RunRecord, metric: str = "accuracy") -> list[str]:
+def _site_metrics(record: RunRecord, server_round: int, site: str) -> dict[str, float]:
+    """The metrics shown for a site and round: the simulator's exact ones if it measured them, else the
+    ones derived from the site's DP release."""
+    simulated = record.simulator_evaluation.get(str(server_round))
+    if simulated is not None:
+        return simulated.get(site, {})
+    entry = next((r.sites.get(site) for r in record.rounds if r.server_round == server_round), None)
+    return entry.metrics if entry is not None else {}
+
+
+def round_table(record: RunRecord, metric: str = "roc-auc") -> list[str]:
     sites = record.site_ids()
     lines = ["| round | " + " | ".join(sites) + " | source (central) |", "|---" * (len(sites) + 2) + "|"]
     for r in record.rounds:
         cells = []
         for site in sites:
             entry = r.sites.get(site)
-            if entry is None:
+            if record.simulator_evaluation:
+                cells.append(_fmt(_site_metrics(record, r.server_round, site).get(metric)))
+            elif entry is None:
                 cells.append("")
             elif entry.status != "ok":
                 cells.append(entry.status)
             else:
-                cells.append(_fmt(entry.evaluate.get(metric)))
+                cells.append(_fmt(entry.metrics.get(metric)))
         lines.append(f"| {r.server_round} | " + " | ".join(cells) + f" | {_fmt(r.central.get(metric))} |")
+    return lines
+
+
+def released_table(record: RunRecord) -> list[str]:
+    """What the sites released in their DP evaluations, as the coordinator derives it (noisy)."""
+    rows = [(r.server_round, site, s) for r in record.rounds for site, s in sorted(r.sites.items()) if s.metrics or s.personalised]
+    if not rows:
+        return ["No site released an evaluation in this run (a site's policy decides; see docs/privacy.md)."]
+    lines = ["| round | site | model | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 3) + "|"]
+    for server_round, site, entry in rows:
+        for label, values in (("global", entry.metrics), ("personalised", entry.personalised)):
+            if values:
+                lines.append(f"| {server_round} | {site} | {label} | " + " | ".join(_fmt(values.get(m)) for m in METRIC_NAMES) + " |")
     return lines
 
 
 def privacy_lines(record: RunRecord) -> list[str]:
     """Cumulative epsilon per site per round (the max across sites, never a mean), and declines."""
     sites = record.site_ids()
-    reports = [s.privacy for r in record.rounds for s in r.sites.values() if s.privacy]
-    if not record.settings.get("dp", True) and any(not p.get("dp", True) for p in reports):
+    reports = [reply.report for r in record.rounds for s in r.sites.values() for reply in (s.train, s.evaluate) if reply]
+    if any(p.get("dp") is False for p in reports):
         return ["## Privacy", "", "**NOT PRIVATE: sites trained without differential privacy in this run "
                 "(requested with --no-dp and allowed by their policies). No epsilon bound holds.**"]
     accountants = sorted({str(p.get("accountant")) for p in reports if "accountant" in p})
@@ -75,11 +101,12 @@ def privacy_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def plot_metrics(record: RunRecord, path: Path, metrics: tuple[str, ...] = ("accuracy", "roc-auc", "loss")) -> Path:
+def plot_metrics(record: RunRecord, path: Path, metrics: tuple[str, ...] = ("roc-auc", "balanced-accuracy", "f1")) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     for ax, metric in zip(axes, metrics):
         for site in record.site_ids():
-            points = [(r.server_round, r.sites[site].evaluate[metric]) for r in record.rounds if site in r.sites and metric in r.sites[site].evaluate]
+            points = [(r.server_round, _site_metrics(record, r.server_round, site).get(metric)) for r in record.rounds]
+            points = [(x, y) for x, y in points if isinstance(y, float) and not math.isnan(y)]
             if points:
                 ax.plot(*zip(*points), marker="o", label=site)
         central = [(r.server_round, r.central[metric]) for r in record.rounds if metric in r.central]
@@ -112,9 +139,17 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
             if record.abandoned_rounds else []
         ),
         "",
-        "## Test accuracy per round and site (federated evaluation at each site)",
+        "## Test ROC AUC per round and site",
+        "",
+        ("Measured by the simulator on each simulated site's test split (it holds every site's data; a deployed "
+         "coordinator cannot do this)." if record.simulator_evaluation else
+         "Derived from each site's DP-released evaluation histogram (noisy; blank where a site released none)."),
         "",
         *round_table(record),
+        "",
+        "## Federated evaluation as released by the sites (DP, noisy; what a deployed coordinator sees)",
+        "",
+        *released_table(record),
         "",
         f"![metrics]({PLOT_FILE})",
         "",

@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_OK
-from common.run_record import RunRecord
-from server.secure_channel import CoordinatorChannel, ReplyRejected
+from common.model.metrics import metrics_from_counts
+from common.run_record import RunRecord, SiteRound
+from server.channel import CoordinatorChannel, ReplyRejected
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def flower_strategy(name: str, min_sites: int, proximal_mu: float, server_args: 
     raise ValueError(f"unknown strategy {name!r}")
 
 
-def _numeric_metrics(values: object) -> dict[str, float | int] | None:
-    if not isinstance(values, dict):
-        return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()):
-        return None
-    return dict(values)
-
-
 class SiteAwareStrategy(Strategy):
     """Delegates aggregation to ``inner`` after opening, checking and recording every reply."""
 
@@ -95,8 +88,10 @@ class SiteAwareStrategy(Strategy):
         round_offset: int = 0,
         expected_sites: int = 0,
         site_wait: float = 600.0,
+        evaluates: Callable[[int], bool] = lambda server_round: True,
     ) -> None:
         self.inner = inner
+        self.evaluates = evaluates
         self.expected_sites = max(expected_sites, min_sites)
         self.site_wait = site_wait
         self._started = False
@@ -162,6 +157,9 @@ class SiteAwareStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
+        if not self.evaluates(server_round):
+            self._sent = set()
+            return []  # each federated evaluation is a DP release at the sites: ask only when the run plans one
         self._await_sites(grid, server_round, self.min_sites)
         return self._outgoing(self.inner.configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate", server_round)
 
@@ -185,7 +183,7 @@ class SiteAwareStrategy(Strategy):
         log.warning("round %d: %s %s: %s", server_round, site_id, status, reason)
 
     def _sort(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
-        """Open and record every reply; return plain replies fit to aggregate."""
+        """Open and record every reply; return plain replies fit to aggregate (their weight the declared size)."""
         good: list[Message] = []
         replied: set[int] = set()
         seen: set[str] = set()
@@ -208,23 +206,17 @@ class SiteAwareStrategy(Strategy):
             seen.add(opened.site_id)
             self._learn_site(server_round, node, opened.site_id)
             self._has_base.add(node)
-            metrics = _numeric_metrics(opened.report.get("metrics"))
-            if metrics is None or "num-examples" not in metrics:
-                self._mark(server_round, opened.site_id, "rejected", f"{phase}: report has no numeric metrics with num-examples")
-                continue
             site = self.record.site_round(server_round, opened.site_id)
-            setattr(site, phase, metrics)
-            if phase == "train":
-                site.privacy = opened.report["privacy"]
-                site.privacy_signed = opened.report["privacy-signed"]
-            status = opened.report.get("status")
-            if status == STATUS_DECLINED:
-                self._mark(server_round, opened.site_id, STATUS_DECLINED, str(opened.report.get("reason", "")))
+            setattr(site, phase, opened.reply)
+            if opened.reply.status == STATUS_DECLINED:
+                self._mark(server_round, opened.site_id, STATUS_DECLINED, f"{phase}: {opened.reply.reason}")
                 continue
-            if status != STATUS_OK:
-                self._mark(server_round, opened.site_id, "rejected", f"{phase}: unknown status {status!r}")
+            if opened.reply.status != STATUS_OK:
+                self._mark(server_round, opened.site_id, "failed", f"{phase}: {opened.reply.reason}")
                 continue
-            content = RecordDict({METRICS: MetricRecord(metrics)})
+            if phase == "evaluate":
+                _derive_metrics(site, opened.reply.values)
+            content = RecordDict({METRICS: MetricRecord({"num-examples": opened.weight})})
             if phase == "train":
                 content[ARRAYS] = ArrayRecord(opened.tensors)
             msg.content = content
@@ -264,6 +256,14 @@ class SiteAwareStrategy(Strategy):
         return ArrayRecord({name: tensor.to(dtypes[name]) for name, tensor in arrays.to_torch_state_dict().items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round += self.round_offset
-        good = self._sort(server_round, replies, "evaluate")
-        return self.inner.aggregate_evaluate(server_round, good) if good else None
+        """Record each site's released evaluation; the run record holds them per site (no exact pooled metric exists)."""
+        self._sort(server_round + self.round_offset, replies, "evaluate")
+        return None
+
+
+def _derive_metrics(site: SiteRound, values: dict) -> None:
+    """The metrics the coordinator derives from a site's released (noisy) evaluation counts: post-processing."""
+    if "eval-counts" in values:
+        site.metrics = metrics_from_counts(np.asarray(values["eval-counts"], dtype=np.float64))
+    if "personalised-eval-counts" in values:
+        site.personalised = metrics_from_counts(np.asarray(values["personalised-eval-counts"], dtype=np.float64))

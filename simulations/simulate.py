@@ -12,12 +12,15 @@ from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from common.model.checkpoint import load_checkpoint
+from common.model.metrics import classification_metrics
+from common.model.training import as_tensors, predict_proba
 from common.model.pretraining import pretrain_source
 from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
 from common.model.training import TrainConfig
 from common.model.transfer import TransferPolicy
 from server.app import make_server_app
+from server.federation import ROUND_CHECKPOINT_DIR
 from server.report import write_report
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from simulations.baselines import Baselines, compute_baselines
@@ -40,15 +43,41 @@ class SimulationResult:
 
 
 def _load(settings: RunSettings) -> Scenario:
-    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None)
+    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None,
+                         private=settings.dp)
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def simulator_evaluation(record: RunRecord, out: Path, scenario: Scenario) -> None:
+    """Evaluate the global model of every round on every simulated site's test split, as the simulator.
+
+    The simulator holds every site's data, so it can measure the models exactly; a deployed
+    coordinator cannot (it sees only the sites' DP releases). Filled into
+    ``record.simulator_evaluation`` and labelled so in the report.
+    """
+    directories = {0: Path(record.base_model["path"])}
+    directories |= {r.server_round: out / ROUND_CHECKPOINT_DIR / f"round-{r.server_round}" for r in record.rounds if r.server_round}
+    for server_round, directory in sorted(directories.items()):
+        if not (directory / "model.safetensors").is_file():
+            continue
+        model, _ = load_checkpoint(directory)
+        record.simulator_evaluation[str(server_round)] = {
+            site.name: classification_metrics(site.test.y, predict_proba(model, as_tensors(site.test.x, site.test.y)[0]))
+            for site in scenario.sites
+        }
 
 
 def comparison_table(record: RunRecord, baselines: Baselines, metric: str) -> dict[str, dict[str, float]]:
-    last = next((r for r in reversed(record.rounds) if any(s.evaluate for s in r.sites.values())), None)
-    federated = {s: e.evaluate.get(metric, math.nan) for s, e in last.sites.items()} if last else {}
-    personalised = {s: e.evaluate.get(f"p-{metric}", math.nan) for s, e in last.sites.items()} if last else {}
+    """{method: {site: metric}}: baselines, the final global model (evaluated by the simulator) and the
+    privately personalised copies (as the sites released them)."""
+    final = record.simulator_evaluation.get(str(max((r.server_round for r in record.rounds), default=0)), {})
+    last = next((r for r in reversed(record.rounds) if any(s.personalised for s in r.sites.values())), None)
+    personalised = {s: _number(e.personalised.get(metric)) for s, e in last.sites.items()} if last else {}
     table = {m: {s: v[metric] for s, v in baselines.per_site[m].items()} for m in ("source as-is", "local-only", "pooled")}
-    table["federated"] = federated
+    table["federated"] = {site: _number(values.get(metric)) for site, values in final.items()}
     if any(not math.isnan(v) for v in personalised.values()):
         table["personalised"] = personalised
     return {m: table[m] for m in METHODS if m in table}
@@ -69,8 +98,10 @@ def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
     lines = [
         f"## Comparison on the target sites' test sets ({metric})",
         "",
-        "Baselines (source as-is, local-only, pooled) are trained without DP on the same base model. "
-        "Personalised results appear only for non-private runs: a head fine-tuned without DP would leak outside the budget.",
+        "Baselines (source as-is, local-only, pooled) are trained without DP on the same base model. The federated "
+        "model is evaluated by the simulator itself, which holds every site's test split (a deployed coordinator "
+        "sees only the sites' DP releases). Personalised results are what the sites released: with DP, a noisy "
+        "histogram of their private copy's predictions.",
         "",
         "| method | " + " | ".join(sites) + " | mean |",
         "|---" * (len(sites) + 2) + "|",
@@ -126,6 +157,8 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
     # the centralised baselines train as much as one site does over the whole run
     config = TrainConfig(epochs=bound.num_server_rounds * bound.local_epochs, steps=bound.num_server_rounds * bound.local_steps,
                          batch_size=bound.batch_size, lr=bound.lr, optimizer=bound.optimizer, seed=bound.seed)
+    simulator_evaluation(record, out, scenario)
+    record.save(out)
     table = comparison_table(record, compute_baselines(scenario, base, policy, config), "accuracy")
     write_report(record, out, [comparison_markdown(table, "accuracy")])
     return SimulationResult(record=record, out=out, comparison=table)

@@ -12,11 +12,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.security.keys import COORDINATOR_NAME, Identity, read_identity, write_identity
+from common.security.keys import COORDINATOR_NAME, Identity, KeyFileError, read_identity, write_identity
 from common.security.manifest import MANIFEST_FILE, Manifest, read_manifest, sign_manifest, write_manifest
 from common.data.scenarios import Scenario
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, site_dir
-from common.data.site_data import write_site_data
+from common.data.site_data import SiteData, write_site_data
 from common.privacy.policy import SitePolicy, write_policy
 
 COORDINATOR_KEYS_DIR = "coordinator-keys"
@@ -32,17 +32,37 @@ class SimulatedFederation:
 
 
 
-def simulated_policy(allow_non_private: bool) -> SitePolicy:
-    """The privacy policy a simulated site starts with: a cumulative cap of 10 at delta 1e-5."""
-    return SitePolicy(max_epsilon=10.0, delta=1e-5, allow_non_private=allow_non_private)
+def declared_size(records: int) -> int:
+    """The size a simulated site declares publicly: its training records rounded to the nearest 10."""
+    return max(10, int(round(records, -1)))
 
 
-def materialize_sites(scenario: Scenario, root: Path, federation: str, policy: SitePolicy, reuse_keys: bool = False) -> SimulatedFederation:
-    """Write every target site's data, fresh keys, the signed manifest and ``site.toml`` under ``root``.
+def simulated_policy(site: SiteData, scenario: Scenario, allow_non_private: bool) -> SitePolicy:
+    """The privacy policy a simulated site starts with: a cumulative cap of 10 at delta 1e-5, its declared
+    size, DP federated evaluation, and reproducible noise allowed only on built-in generated or bundled data."""
+    return SitePolicy(max_epsilon=10.0, delta=1e-5, declared_size=declared_size(len(site.train)), evaluation="dp",
+                      allow_non_private=allow_non_private, allow_reproducible_noise=scenario.public_data)
+
+
+def _site_identity(keys_dir: Path, name: str) -> Identity:
+    """A simulated site keeps its keys across runs, like a real one (its ledger head is signed with them)."""
+    try:
+        return read_identity(keys_dir, name)
+    except KeyFileError:
+        shutil.rmtree(keys_dir, ignore_errors=True)
+        identity = Identity.generate(name)
+        write_identity(identity, keys_dir)
+        return identity
+
+
+def materialize_sites(scenario: Scenario, root: Path, federation: str, allow_non_private: bool,
+                      reuse_keys: bool = False) -> SimulatedFederation:
+    """Write every target site's data, keys, the signed manifest and ``site.toml`` under ``root``.
 
     A site's privacy policy is written only if the site has none yet: like a real site's,
-    it belongs to the site and outlives runs, as does its ledger. ``reuse_keys`` keeps the
-    keys and manifest of the previous run (a resumed run continues under the same manifest).
+    it belongs to the site and outlives runs, as do its keys and ledger. The coordinator gets
+    a new identity and manifest for every run; ``reuse_keys`` keeps those of the previous run
+    (a resumed run continues under the same manifest).
     """
     coordinator_dir = Path(root).resolve() / COORDINATOR_KEYS_DIR
     if reuse_keys and coordinator_dir.is_dir():
@@ -50,7 +70,8 @@ def materialize_sites(scenario: Scenario, root: Path, federation: str, policy: S
         manifest = read_manifest(coordinator_dir / MANIFEST_FILE, coordinator.public().fingerprint())
         return SimulatedFederation([SiteConfig.load(site_dir(root, i) / SITE_CONFIG_FILE) for i in range(len(scenario.sites))], coordinator, manifest)
     coordinator = Identity.generate(COORDINATOR_NAME)
-    identities = [Identity.generate(site.name) for site in scenario.sites]
+    identities = [_site_identity(site_dir(root, index).resolve() / "keys", site.name)
+                  for index, site in enumerate(scenario.sites)]
     manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
     shutil.rmtree(coordinator_dir, ignore_errors=True)
     write_identity(coordinator, coordinator_dir)
@@ -70,9 +91,7 @@ def materialize_sites(scenario: Scenario, root: Path, federation: str, policy: S
         write_site_data(site, config.data_path, scenario.feature_names)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         if not config.policy_path.exists():
-            write_policy(policy, config.policy_path)
-        shutil.rmtree(keys_dir, ignore_errors=True)
-        write_identity(identity, keys_dir)
+            write_policy(simulated_policy(site, scenario, allow_non_private), config.policy_path)
         write_manifest(manifest, config.manifest)
         (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
         configs.append(config)

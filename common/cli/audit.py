@@ -46,7 +46,8 @@ def _print(report: AuditReport) -> None:
         style = _STYLE[finding.severity]
         console.print(f"[{style}]{finding.severity.upper()}[/{style}] {finding.where}: {finding.message}", highlight=False)
     recomputed = len(report.recomputed)
-    console.print(f"{recomputed} epsilon value(s) recomputed independently ({report.method}); tolerance {report.tolerance:g} relative.")
+    console.print(f"{recomputed} epsilon value(s) recomputed independently ({report.method}); a claim may lie at most "
+                  f"{report.tolerance:g} below (the accountant's documented error).")
     if report.passed:
         console.print("[bold green]AUDIT PASSED[/bold green]")
     else:
@@ -118,7 +119,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--json", action="store_true", help="print the audit as JSON instead of tables")
     audit.add_argument("--report", default="", help="also write a report: PATH.md (Markdown) or PATH.html")
     audit.add_argument("--plot", default="", help="also write PATH.png: cumulative epsilon per site over rounds and runs, caps dashed")
-    audit.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative gap allowed between a claimed and the recomputed epsilon, at least 0.02 absolute (default: %(default)s)")
+    audit.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error (default: %(default)s)")
     audit.add_argument("--method", choices=("pld", "rdp"), default=None, help="independent accountant; default: PLD for PRV ledgers, RDP for RDP ledgers")
     audit.add_argument("--coordinator-fingerprint", default=None, help="the coordinator's key fingerprint, received out of band, to authenticate run manifests")
     audit.add_argument("--empirical", action="store_true", help="also run the one-run canary audit of the DP training code, with a noise-off control")

@@ -15,7 +15,10 @@ from common.deploy.provision import (
     ProvisionError, ProvisionRequest, provision,
 )
 from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
+from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.privacy.policy import PolicyError, SitePolicy
+from common.security.keys import passphrase_from_env, read_identity
 
 _STYLE = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
 
@@ -79,6 +82,16 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sign_ledger(args: argparse.Namespace) -> int:
+    config_path = Path(args.site) / SITE_CONFIG_FILE if Path(args.site).is_dir() else Path(args.site)
+    config = SiteConfig.load(config_path)
+    identity = read_identity(config.keys_dir, config.site_id, passphrase_from_env())
+    entries = Ledger(config.state_dir, signer=identity).sign_head()
+    console.print(f"Signed the head of {config.state_dir / LEDGER_FILE} ({entries} entries) with site "
+                  f"{config.site_id}'s key {identity.public().fingerprint()[:16]}...; the site trains again.")
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     prov = commands.add_parser(
         "provision", help="make the kits of a deployed federation",
@@ -112,3 +125,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--model-card", default="", help="model-card.json or checkpoint directory to check the data against (default: KIT/model-card.json if present)")
     check.add_argument("--probe", action="store_true", help="also connect to the SuperLink and verify its TLS certificate")
     check.set_defaults(func=_cmd_site_check)
+    sign = sub.add_parser(
+        "sign-ledger", help="sign the head of a ledger written before heads were signed (once, after an audit)",
+        description="A privacy ledger written by an older fedtransfer has an unsigned head, which the site's budget guard "
+                    "refuses. After checking it with `fedtransfer audit`, the privacy officer signs its current head with "
+                    "the site's key, once; from then on every append is signed.",
+    )
+    sign.add_argument("site", help="the site folder (holding site.toml) or its site.toml")
+    sign.set_defaults(func=_cmd_sign_ledger)

@@ -108,8 +108,9 @@ def _privacy_table(record: "RunRecord") -> Table | str:
     declined: dict[str, int] = {}
     for r in record.rounds:
         for site, entry in r.sites.items():
-            if entry.privacy:
-                last[site] = entry.privacy
+            for reply in (entry.train, entry.evaluate):
+                if reply is not None and "cap-epsilon" in reply.report:
+                    last[site] = reply.report
             epsilon = entry.epsilon()
             if epsilon is not None:
                 spent[site] = max(epsilon, spent.get(site, epsilon))

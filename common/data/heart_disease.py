@@ -6,6 +6,12 @@ split with ``train_test_split(random_state=43)``, stratified when both classes h
 than 2 rows; one-hot ``cp`` and ``restecg`` dropping the first level (13 features);
 z-score each centre with the mean and (unbiased) std of its own train split, plus 1e-9.
 
+FLamby's per-centre z-scoring computes statistics from each centre's private records
+before any DP, so it is used only for non-private reproduction runs (``scaling =
+"per-centre"``). Private runs scale with public values instead: Cleveland's training
+statistics where Cleveland is the coordinator's source (``"source"``), or fixed clinical
+reference values chosen without looking at any centre (``"reference"``).
+
 The raw files are looked up in ``data_dir``, else ``$FEDTRANSFER_DATA_DIR``, else a cache
 directory where they are downloaded from UCI and checked against known checksums.
 """
@@ -220,9 +226,41 @@ def _standardised(rows: CentreRows) -> SiteData:
     )
 
 
-def load_heart_disease(data_dir: Path | None = None) -> list[SiteData]:
-    """The 4 centres (Cleveland, Hungary, Switzerland, VA) preprocessed exactly as FLamby does."""
-    return [_standardised(rows) for rows in read_centres(data_dir)]
+#: Public reference values for ``scaling = "reference"`` (centre, scale) per encoded feature, fixed a
+#: priori from typical adult clinical values (age in years, blood pressure in mm Hg, cholesterol in
+#: mg/dl, maximum heart rate in beats per minute, ST depression in mm); binary and one-hot features
+#: are centred at 0.5. No centre's data went into them.
+REFERENCE_SCALING = (
+    (55.0, 10.0), (0.5, 0.5), (130.0, 20.0), (220.0, 60.0), (0.5, 0.5), (140.0, 25.0), (0.5, 0.5), (1.0, 1.2),
+    (0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5),
+)
+SCALINGS = ("per-centre", "source", "reference")
+
+
+def load_heart_disease(data_dir: Path | None = None, scaling: str = "per-centre") -> list[SiteData]:
+    """The 4 centres (Cleveland, Hungary, Switzerland, VA) with FLamby's preprocessing and split.
+
+    ``scaling``: ``"per-centre"`` (FLamby's, each centre's own train statistics: non-private
+    runs only), ``"source"`` (Cleveland's train statistics for every centre), ``"reference"``
+    (:data:`REFERENCE_SCALING`).
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    centres = read_centres(data_dir)
+    if scaling == "per-centre":
+        return [_standardised(rows) for rows in centres]
+    if scaling == "source":
+        train = _one_hot(centres[0].raw)[centres[0].is_train]
+        mean, std = train.mean(axis=0), train.std(axis=0, ddof=1) + STD_EPSILON
+    else:
+        mean, std = (np.asarray(column) for column in zip(*REFERENCE_SCALING))
+    return [_scaled(rows, mean, std) for rows in centres]
+
+
+def _scaled(rows: CentreRows, mean: np.ndarray, std: np.ndarray) -> SiteData:
+    x = (_one_hot(rows.raw) - mean) / std
+    return SiteData(rows.centre.name, Split(x[rows.is_train], rows.y[rows.is_train]),
+                    Split(x[~rows.is_train], rows.y[~rows.is_train]))
 
 
 def pooled_train_split(data_dir: Path | None = None) -> Split:
@@ -233,9 +271,15 @@ def pooled_train_split(data_dir: Path | None = None) -> Split:
     return Split(_zscored(x, x), y)
 
 
-PREPROCESSING = (
+_COMMON_STEPS = (
     "FLamby Fed-Heart-Disease: dropped slope, ca, thal; dropped rows with missing values; label = num > 0; "
     "per-centre 66/34 train/test split (random_state=43, stratified when both classes have > 2 rows); "
-    "one-hot cp (levels 2,3,4) and restecg (levels 1,2); each centre z-scored with its own train "
-    "mean and unbiased std (+1e-9)"
+    "one-hot cp (levels 2,3,4) and restecg (levels 1,2); "
 )
+PREPROCESSING = {
+    "per-centre": _COMMON_STEPS + "each centre z-scored with its own train mean and unbiased std (+1e-9), "
+                  "FLamby's choice: statistics of private records, used in NON-PRIVATE runs only",
+    "source": _COMMON_STEPS + "every centre z-scored with Cleveland's (the source's) train mean and unbiased std "
+              "(public to the coordinator; no target centre's data used)",
+    "reference": _COMMON_STEPS + "every centre scaled with fixed clinical reference values (no centre's data used)",
+}

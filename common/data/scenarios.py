@@ -55,6 +55,9 @@ class Scenario:
     policy: str
     source_description: str
     preprocessing: str
+    #: Built-in generated or bundled public data: the only data a run may train on with reproducible
+    #: (seeded, NOT private) noise, and only when asked.
+    public_data: bool = False
 
 
 def _standardise(site: SiteData, mean: np.ndarray, std: np.ndarray) -> SiteData:
@@ -120,7 +123,7 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, size_z: np.ndarray, count:
     return rng.choice(pool, size=min(count, len(pool)), replace=False, p=weights / weights.sum())
 
 
-def _wdbc(seed: int, data_dir: Path | None) -> Scenario:
+def _wdbc(seed: int, data_dir: Path | None, private: bool) -> Scenario:
     data = load_breast_cancer()
     feature_names = [str(name) for name in data.feature_names]
     x = data.data.astype(np.float64)
@@ -178,13 +181,15 @@ def _wdbc(seed: int, data_dir: Path | None) -> Scenario:
             "label 1 = malignant, 0 = benign (sklearn's target inverted); every site's features z-scored with "
             "the source training mean and std"
         ),
+        public_data=True,
     )
 
 
 # --- heart disease --------------------------------------------------------------------
 
-def _heart(seed: int, data_dir: Path | None) -> Scenario:
-    cleveland, *others = heart_disease.load_heart_disease(data_dir)
+def _heart(seed: int, data_dir: Path | None, private: bool) -> Scenario:
+    scaling = "source" if private else "per-centre"
+    cleveland, *others = heart_disease.load_heart_disease(data_dir, scaling)
     return Scenario(
         name="heart-disease",
         description=(
@@ -199,12 +204,13 @@ def _heart(seed: int, data_dir: Path | None) -> Scenario:
         model=ModelSpec("logreg", {}),
         policy="full",
         source_description=f"Cleveland Clinic Foundation, {len(cleveland.train)} training patients (FLamby split)",
-        preprocessing=heart_disease.PREPROCESSING,
+        preprocessing=heart_disease.PREPROCESSING[scaling],
     )
 
 
-def _heart_flamby(seed: int, data_dir: Path | None) -> Scenario:
-    centres = heart_disease.load_heart_disease(data_dir)
+def _heart_flamby(seed: int, data_dir: Path | None, private: bool) -> Scenario:
+    scaling = "reference" if private else "per-centre"
+    centres = heart_disease.load_heart_disease(data_dir, scaling)
     return Scenario(
         name="heart-disease-flamby",
         description="FLamby Fed-Heart-Disease benchmark: all 4 hospitals as sites, trained from scratch",
@@ -216,13 +222,13 @@ def _heart_flamby(seed: int, data_dir: Path | None) -> Scenario:
         model=ModelSpec("logreg", {}),
         policy="full",
         source_description="none (trained from scratch)",
-        preprocessing=heart_disease.PREPROCESSING,
+        preprocessing=heart_disease.PREPROCESSING[scaling],
     )
 
 
 # --- synthetic imaging ----------------------------------------------------------------
 
-def _imaging(seed: int, data_dir: Path | None) -> Scenario:
+def _imaging(seed: int, data_dir: Path | None, private: bool) -> Scenario:
     source, sites = synthetic_imaging.generate_imaging(seed)
     mean, std = float(source.train.x.mean()), float(source.train.x.std())
     return Scenario(
@@ -240,10 +246,11 @@ def _imaging(seed: int, data_dir: Path | None) -> Scenario:
         policy="last:1",
         source_description=f"synthetic reference scanner, {len(source.train)} training images, seed {seed}",
         preprocessing=f"pixel intensities standardised with the source training mean {mean:.4f} and std {std:.4f}",
+        public_data=True,
     )
 
 
-_BUILTINS: dict[str, Callable[[int, Path | None], Scenario]] = {
+_BUILTINS: dict[str, Callable[[int, Path | None, bool], Scenario]] = {
     "wdbc": _wdbc,
     "heart-disease": _heart,
     "heart-disease-flamby": _heart_flamby,
@@ -362,13 +369,17 @@ def _load_toml(file: Path, seed: int) -> Scenario:
     )
 
 
-def load_scenario(name_or_path: str, seed: int = 0, data_dir: Path | None = None) -> Scenario:
-    """A built-in scenario by name, or a bring-your-own scenario from a ``.toml`` path."""
+def load_scenario(name_or_path: str, seed: int = 0, data_dir: Path | None = None, private: bool = True) -> Scenario:
+    """A built-in scenario by name, or a bring-your-own scenario from a ``.toml`` path.
+
+    ``private=False`` (runs without DP only) allows preprocessing with statistics of the
+    sites' own records where a published protocol does so (FLamby's per-centre z-scoring).
+    """
     text = str(name_or_path)
     if text.endswith(".toml"):
         scenario = _load_toml(Path(text), seed)
     elif text in _BUILTINS:
-        scenario = _BUILTINS[text](seed, Path(data_dir) if data_dir is not None else None)
+        scenario = _BUILTINS[text](seed, Path(data_dir) if data_dir is not None else None, private)
     else:
         raise ScenarioError(
             f"unknown scenario {text!r}; use one of {scenario_names()} or a path to a scenario .toml file"

@@ -221,7 +221,11 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
     except PolicyError as err:
         found.add(ERROR, "privacy policy", str(err))
     else:
-        found.add(OK, "privacy policy", f"cap epsilon {policy.max_epsilon:g} at delta {policy.delta:g} per dataset ({site.policy_path})")
+        found.add(OK, "privacy policy", f"cap epsilon {policy.max_epsilon:g} at delta {policy.delta:g} per dataset, at most "
+                  f"{policy.run_limit:g} per run ({site.policy_path})")
+        if policy.declared_size is None:
+            found.add(ERROR, "privacy policy", f"{site.policy_path}: declared_size is missing; declare the public, rounded "
+                      "number of training records (the site cannot train without it)")
     state = site.state_dir
     if not state.is_dir():
         found.add(ERROR, "ledger", f"state directory {state} does not exist; create it (mkdir -m 700 {state})")
@@ -233,11 +237,17 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
         found.add(ERROR, "ledger", f"cannot write in the state directory {state} ({err.strerror}); the privacy ledger lives there")
         return
     try:
-        entries = Ledger(state).verify()
+        site_key = read_identity(site.keys_dir, site.site_id, passphrase_from_env()).public()
+    except KeyFileError:
+        site_key = None  # the keys check reports it
+    try:
+        entries = Ledger(state, site_key=site_key).verify()
     except LedgerError as err:
         found.add(ERROR, "ledger", str(err))
         return
-    found.add(OK, "ledger", f"privacy ledger in {state} is writable and intact ({entries} entries)")
+    signed = "its head signed by this site's key, " if site_key is not None and entries else ""
+    found.add(OK, "ledger", f"privacy ledger in {state} is writable and intact ({signed}{entries} entries)")
+
 
 
 def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeout: float = 5.0) -> None:

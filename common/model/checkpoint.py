@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import torch
 
+from common.io import write_atomic
 from common.model.zoo import FedModel, UnknownArchitecture, build_model
 from common.security.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
 from common.model.transfer import state_fingerprint
@@ -120,27 +119,14 @@ def make_card(model: FedModel, weights: bytes, **fields: Any) -> ModelCard:
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: FedModel, directory: Path, **card_fields: Any) -> ModelCard:
     """Write ``model`` and its card to ``directory`` (created if needed), atomically per file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = tensors_to_bytes(model.state_dict())
     card = make_card(model, data, **card_fields)
-    _atomic_write(directory / WEIGHTS_FILE, data)
-    _atomic_write(directory / CARD_FILE, card.to_json().encode())
+    write_atomic(directory / WEIGHTS_FILE, data)
+    write_atomic(directory / CARD_FILE, card.to_json().encode())
     return card
 
 

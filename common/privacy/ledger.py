@@ -7,9 +7,15 @@ Files in the site's state directory:
   ``hash`` of the previous entry (``prev_hash``; the first entry uses
   :data:`GENESIS_HASH`) and its own ``hash``: the SHA-256 of the canonical JSON
   (sorted keys, no spaces, ASCII) of all its other fields.
-- ``privacy-ledger.head``: the index and hash of the last entry, replaced atomically
-  after every append. It anchors the end of the chain, so deleting the last lines
-  is detected. A non-empty ledger without a head is treated as tampered.
+- ``privacy-ledger.head``: the index and hash of the last entry, signed by the site's
+  Ed25519 key (:class:`~common.security.keys.Identity`) and replaced atomically after
+  every append. It anchors the end of the chain, so deleting the last lines is
+  detected, and its signature means that whoever rewrites the chain, even consistently
+  with recomputed hashes and epsilons, must also hold the site's private key. A new
+  state directory starts with a signed genesis head (index -1), so a ledger that was
+  wiped while the state directory stayed in use (its dataset-identity key is still
+  there) is detected too. A ledger without a head, or with an unsigned head, is
+  refused by the site's budget guard.
 - ``privacy-ledger.lock``: the file locked (``fcntl.flock``) by whoever appends.
 
 Every append is written, flushed and fsynced (file and directory) before it
@@ -23,6 +29,8 @@ ignored by readers and removed by the next append.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import fcntl
@@ -39,7 +47,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+
+from common.io import canonical_json, fsync_dir, write_atomic
 from common.privacy.accounting import Step
+from common.security.keys import Identity, PublicIdentity
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,20 @@ LOCK_FILE = "privacy-ledger.lock"
 NON_PRIVATE_DIR = "non-private-datasets"  # one marker file per dataset ever trained without DP
 #: prev_hash of the first entry: 64 zeros (the SHA-256 width).
 GENESIS_HASH = "0" * 64
+#: The file whose presence means the state directory has been used (the dataset-identity key).
+STATE_IN_USE_FILE = "dataset-id.key"
+#: Where the random source of each entry is recorded: the operating system's CSPRNG, or a
+#: seeded generator (reproducible, not private); "unrecorded" for entries written before it was.
+NOISE_UNRECORDED = "unrecorded"
+_HEAD_DOMAIN = b"fedtransfer-ledger-head-v1\x00"
+
+#: Entry kinds: a DP-SGD training round, a run's private personalisation after its last round,
+#: and the DP releases (Gaussian mechanism, sample rate 1, one step each): a federated evaluation,
+#: the evaluation of the privately personalised copy, a training loss.
+TRAIN, PERSONALISE = "train", "personalise"
+EVALUATE, PERSONALISED_EVALUATE, LOSS = "evaluate", "personalised-evaluate", "train-loss"
+RELEASE_KINDS = (EVALUATE, PERSONALISED_EVALUATE, LOSS)
+LEDGER_KINDS = (TRAIN, PERSONALISE, *RELEASE_KINDS)
 
 
 class LedgerError(Exception):
@@ -61,6 +87,10 @@ class LedgerTampered(LedgerError):
 
 class LedgerLocked(LedgerError):
     """Another process holds the ledger lock."""
+
+
+class LedgerUnsigned(LedgerError):
+    """The head anchor carries no signature (a ledger written before heads were signed)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +115,7 @@ class LedgerEntry:
     index: int
     prev_hash: str
     hash: str
+    noise: str = NOISE_UNRECORDED
 
     def to_step(self) -> Step:
         return Step(self.noise_multiplier, self.sample_rate, self.steps)
@@ -95,21 +126,17 @@ _TYPES: dict[str, type] = {
     "sample_rate": float, "steps": int, "max_grad_norm": float, "delta": float,
     "epsilon": float, "accountant": str, "reference_epsilon": float,
     "reference_accountant": str, "model_fingerprint": str, "kind": str, "time": str,
-    "index": int, "prev_hash": str, "hash": str,
+    "index": int, "prev_hash": str, "hash": str, "noise": str,
 }
 _FIELD_NAMES = tuple(f.name for f in fields(LedgerEntry))
+#: Entries written before the random source was recorded lack ``noise``; they still verify.
+_FIELD_SETS = (frozenset(_FIELD_NAMES), frozenset(_FIELD_NAMES) - {"noise"})
 _CALLER_FIELDS = tuple(n for n in _FIELD_NAMES if n not in ("time", "index", "prev_hash", "hash"))
-
-
-def _canonical(data: dict[str, Any]) -> bytes:
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
 
 
 def entry_hash(data: dict[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of every field except ``hash``."""
-    return hashlib.sha256(_canonical({k: v for k, v in data.items() if k != "hash"})).hexdigest()
+    return hashlib.sha256(canonical_json({k: v for k, v in data.items() if k != "hash"})).hexdigest()
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -123,41 +150,38 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _head_statement(index: int, hash_: str, site: str) -> bytes:
+    return _HEAD_DOMAIN + canonical_json({"index": index, "hash": hash_, "site": site})
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (tmp, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+def signed_head(index: int, hash_: str, signer: Identity) -> bytes:
+    """The head anchor for entry ``index`` (-1: none yet) with ``hash_``, signed by the site."""
+    signature = signer.signing_key.sign(_head_statement(index, hash_, signer.name))
+    head = {"index": index, "hash": hash_, "site": signer.name, "signature": base64.b64encode(signature).decode("ascii")}
+    return canonical_json(head) + b"\n"
 
 
 @dataclass
 class _Chain:
     entries: list[LedgerEntry]
     good_size: int  # bytes of complete lines; beyond it lies an incomplete last line
+    head_raw: bytes | None  # the head anchor's bytes as read (restored if an append fails)
 
 
 class Ledger:
-    """The privacy ledger of one site state directory (all datasets of the site)."""
+    """The privacy ledger of one site state directory (all datasets of the site).
 
-    def __init__(self, state_dir: Path) -> None:
+    ``signer`` (the site's identity) is needed to append; ``site_key`` (its public half,
+    taken from ``signer`` if not given) makes every read verify the head's signature.
+    Without either, reads verify the chain and anchor only (``head_signature_checked``
+    says which happened).
+    """
+
+    def __init__(self, state_dir: Path, signer: Identity | None = None, site_key: PublicIdentity | None = None) -> None:
         self.state_dir = Path(state_dir)
+        self.signer = signer
+        self.site_key = site_key or (signer.public() if signer else None)
+        self.head_signature_checked = False
         self.path = self.state_dir / LEDGER_FILE
         self.head_path = self.state_dir / HEAD_FILE
         self.lock_path = self.state_dir / LOCK_FILE
@@ -247,11 +271,11 @@ class Ledger:
             "until the privacy officer has restored it from a backup."
         )
 
-    def _read_head(self) -> dict[str, Any] | None:
+    def _read_head(self) -> tuple[dict[str, Any] | None, bytes | None]:
         try:
             raw = self.head_path.read_bytes()
         except FileNotFoundError:
-            return None
+            return None, None
         except OSError as exc:
             raise LedgerError(f"{self.head_path}: cannot read: {exc}") from exc
         try:
@@ -260,10 +284,37 @@ class Ledger:
                 raise ValueError("missing index or hash")
         except (ValueError, AttributeError) as exc:
             raise LedgerTampered(f"{self.head_path}: head anchor is malformed ({exc})") from exc
-        return head
+        self._check_signature(head)
+        return head, raw
+
+    def _check_signature(self, head: dict[str, Any]) -> None:
+        self.head_signature_checked = False
+        if self.site_key is None:
+            return
+        if "signature" not in head:
+            raise LedgerUnsigned(
+                f"{self.head_path}: the head anchor is not signed (it was written by a version of fedtransfer "
+                "that did not sign it), so a consistent rewrite of the ledger could not be detected. After the "
+                "privacy officer has checked the ledger (fedtransfer audit), sign it once with "
+                "`fedtransfer site sign-ledger SITE_FOLDER`; until then this site trains on nothing."
+            )
+        try:
+            signature = base64.b64decode(str(head["signature"]), validate=True)
+            self.site_key.signing_public_key().verify(
+                signature, _head_statement(head["index"], head["hash"], self.site_key.name)
+            )
+        except (binascii.Error, ValueError, InvalidSignature) as exc:
+            raise self._tampered(
+                f"head anchor {self.head_path.name}",
+                f"its signature does not verify under site {self.site_key.name}'s key "
+                f"{self.site_key.fingerprint()[:16]}... (rewritten, or signed by another key)",
+            ) from exc
+        if head.get("site") != self.site_key.name:
+            raise self._tampered(f"head anchor {self.head_path.name}", f"it names site {head.get('site')!r}")
+        self.head_signature_checked = True
 
     def _load(self) -> _Chain:
-        head = self._read_head()
+        head, head_raw = self._read_head()
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -280,9 +331,11 @@ class Ledger:
                 record = json.loads(line)
             except ValueError as exc:
                 raise self._tampered(where, f"bad format, not JSON ({exc})") from exc
-            if not isinstance(record, dict) or set(record) != set(_FIELD_NAMES):
+            if not isinstance(record, dict) or frozenset(record) not in _FIELD_SETS:
                 raise self._tampered(where, "bad format, wrong set of fields")
             for name, kind in _TYPES.items():
+                if name not in record:
+                    continue
                 value = record[name]
                 ok = isinstance(value, kind) and not isinstance(value, bool)
                 if kind is float:
@@ -316,9 +369,20 @@ class Ledger:
                     f"head anchor {self.head_path.name}",
                     f"missing while the ledger holds {count} entries",
                 )
+            if (self.state_dir / STATE_IN_USE_FILE).exists():
+                raise self._tampered(
+                    f"head anchor {self.head_path.name}",
+                    f"missing while this state directory is in use (it holds {STATE_IN_USE_FILE}): "
+                    "the ledger and its head were deleted",
+                )
+        elif head["index"] == -1:
+            if head["hash"] != GENESIS_HASH:
+                raise self._tampered(f"head anchor {self.head_path.name}", "a genesis anchor with a hash")
+            if count > 1:
+                raise self._tampered(f"entries 0..{count - 1}", "appended past the genesis anchor")
         else:
             last = head["index"]
-            if last >= count:
+            if last < 0 or last >= count:
                 raise self._tampered(
                     f"entry {count} (line {count + 1})",
                     f"deleted: the head anchor records entries up to index {last}",
@@ -342,7 +406,33 @@ class Ledger:
                 "%s: ignoring an incomplete last line of %d bytes (interrupted write)",
                 self.path, len(torn),
             )
-        return _Chain([LedgerEntry(**r) for r in records], good_size)
+        return _Chain([LedgerEntry(**r) for r in records], good_size, head_raw)
+
+    def initialise(self) -> None:
+        """Give a new state directory its signed genesis head (needs ``signer``); no-op if it has one."""
+        if self.signer is None:
+            raise LedgerError("Ledger.initialise needs the site's signing identity")
+        with self.lock():
+            if self._load().head_raw is None:
+                write_atomic(self.head_path, signed_head(-1, GENESIS_HASH, self.signer))
+
+    def sign_head(self) -> int:
+        """Sign the current head of a ledger written before heads were signed; return its entry count.
+
+        For the privacy officer's one-time migration (``fedtransfer site sign-ledger``): the
+        chain and anchor must verify; only the missing signature is added.
+        """
+        if self.signer is None:
+            raise LedgerError("signing the ledger head needs the site's signing identity")
+        with self.lock():
+            checking, self.site_key = self.site_key, None
+            try:
+                chain = self._load()
+            finally:
+                self.site_key = checking
+            last = chain.entries[-1] if chain.entries else None
+            write_atomic(self.head_path, signed_head(last.index if last else -1, last.hash if last else GENESIS_HASH, self.signer))
+            return len(chain.entries)
 
     def verify(self) -> int:
         """Verify the whole chain and its head anchor; return the number of entries."""
@@ -370,6 +460,8 @@ class Ledger:
         """
         if not self._held_here():
             raise LedgerError("Ledger.append must be called while holding Ledger.lock()")
+        if self.signer is None:
+            raise LedgerError("Ledger.append needs the site's signing identity to sign the head")
         unknown = sorted(set(fields_) - set(_CALLER_FIELDS) - {"time"})
         missing = sorted(set(_CALLER_FIELDS) - set(fields_))
         if unknown or missing:
@@ -384,7 +476,7 @@ class Ledger:
         data["index"] = len(chain.entries)
         data["prev_hash"] = chain.entries[-1].hash if chain.entries else GENESIS_HASH
         data["hash"] = entry_hash(data)
-        line = _canonical(data) + b"\n"
+        line = canonical_json(data) + b"\n"
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -397,9 +489,8 @@ class Ledger:
                 while written < len(line):
                     written += os.write(fd, line[written:])
                 os.fsync(fd)
-                _fsync_dir(self.state_dir)
-                head = {"index": data["index"], "hash": data["hash"]}
-                write_atomic(self.head_path, _canonical(head) + b"\n")
+                fsync_dir(self.state_dir)
+                write_atomic(self.head_path, signed_head(data["index"], data["hash"], self.signer))
             except OSError as exc:
                 self._roll_back(fd, chain)
                 raise LedgerError(
@@ -421,13 +512,10 @@ class Ledger:
         try:
             os.ftruncate(fd, chain.good_size)
             os.fsync(fd)
-            if chain.entries:
-                last = chain.entries[-1]
-                anchor = _canonical({"index": last.index, "hash": last.hash}) + b"\n"
-                if self.head_path.read_bytes() != anchor:
-                    write_atomic(self.head_path, anchor)
-            else:
+            if chain.head_raw is None:
                 self.head_path.unlink(missing_ok=True)
+            elif self.head_path.read_bytes() != chain.head_raw:
+                write_atomic(self.head_path, chain.head_raw)
         except OSError as exc:
             log.error("%s: rolling back a failed append also failed: %s", self.path, exc)
 

@@ -4,6 +4,8 @@ A site (hospital) writes its policy in a TOML file it controls, for example::
 
     [privacy]
     max_epsilon = 8.0            # cumulative cap per dataset, over every run, ever
+    max_epsilon_per_run = 3.0    # the most one run may spend
+    declared_size = 500          # public, rounded size of the training data
     delta = 1e-5
     accountant = "prv"
     min_noise_multiplier = 0.5
@@ -32,23 +34,38 @@ class PolicyError(Exception):
     """A site policy or a coordinator request is missing, malformed or out of range."""
 
 
+EVALUATION_MODES = ("none", "dp")
 #: Allowed ranges, shown to the operator in error messages.
 MAX_EPSILON_RANGE = (0.0, 100.0)  # (exclusive, inclusive]
 DELTA_RANGE = (0.0, 1e-2)  # (exclusive, inclusive]
 MIN_NOISE_RANGE = (0.0, 100.0)  # [inclusive, inclusive]
 GRAD_NORM_RANGE = (0.0, 1e4)  # (exclusive, inclusive]
 ROUNDS_RANGE = (1, 100_000)  # [inclusive, inclusive]
+SIZE_RANGE = (1, 1_000_000_000)  # [inclusive, inclusive]
+EVALUATIONS_RANGE = (0, 1_000)  # [inclusive, inclusive]
+RELEASE_SHARE_RANGE = (0.0, 0.5)  # (exclusive, inclusive]
 REQUEST_DELTA_RANGE = (0.0, 1.0)  # (exclusive, exclusive)
 REQUEST_EPSILON_RANGE = (0.0, 1e6)  # (exclusive, inclusive]
+#: A run may spend at most this much of a dataset's budget unless the policy says otherwise:
+#: the request that fedtransfer's defaults make, and under a third of a typical lifetime cap of 10,
+#: so one run, even one that asks for far more, can never use up a dataset.
+DEFAULT_MAX_EPSILON_PER_RUN = 3.0
 
 _POLICY_KEYS = {
     "max_epsilon": "a number in (0, 100]: the cumulative epsilon cap for each dataset",
+    "max_epsilon_per_run": "a number in (0, 100] (optional, default 3): the most one run may spend on a dataset",
     "delta": "a number in (0, 0.01]",
     "accountant": 'one of "prv", "rdp"',
     "min_noise_multiplier": "a number in [0, 100]",
     "max_grad_norm": "a number in (0, 10000]",
     "max_rounds_per_run": "an integer in [1, 100000] (optional)",
+    "declared_size": "an integer in [1, 1000000000]: the public, rounded size of the site's training data",
+    "evaluation": 'one of "none", "dp" (optional, default "none"): federated evaluation at this site',
+    "max_evaluations_per_run": "an integer in [0, 1000] (optional, default 1): DP evaluations one run may ask for",
+    "release_share": "a number in (0, 0.5] (optional, default 0.1): share of a run's epsilon for DP releases",
+    "allow_loss_release": "true or false (optional, default false): release a DP training loss when asked",
     "allow_non_private": "true or false (optional, default false): whether the coordinator may ask for training without DP",
+    "allow_reproducible_noise": "true or false (optional, default false): seeded, NOT private noise for built-in public data",
 }
 
 
@@ -75,9 +92,43 @@ def _integer(source: str, key: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def _boolean(source: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(source: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise PolicyError(f"{source}: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+_CHECKS: dict[str, Any] = {
+    "max_epsilon": lambda s, k, v: _number(s, k, v, *MAX_EPSILON_RANGE, low_open=True),
+    "max_epsilon_per_run": lambda s, k, v: _number(s, k, v, *MAX_EPSILON_RANGE, low_open=True),
+    "delta": lambda s, k, v: _number(s, k, v, *DELTA_RANGE, low_open=True),
+    "accountant": lambda s, k, v: _choice(s, k, v, ACCOUNTANTS),
+    "min_noise_multiplier": lambda s, k, v: _number(s, k, v, *MIN_NOISE_RANGE, low_open=False),
+    "max_grad_norm": lambda s, k, v: _number(s, k, v, *GRAD_NORM_RANGE, low_open=True),
+    "max_rounds_per_run": lambda s, k, v: _integer(s, k, v, *ROUNDS_RANGE),
+    "declared_size": lambda s, k, v: _integer(s, k, v, *SIZE_RANGE),
+    "evaluation": lambda s, k, v: _choice(s, k, v, EVALUATION_MODES),
+    "max_evaluations_per_run": lambda s, k, v: _integer(s, k, v, *EVALUATIONS_RANGE),
+    "release_share": lambda s, k, v: _number(s, k, v, *RELEASE_SHARE_RANGE, low_open=True),
+    "allow_loss_release": _boolean,
+    "allow_non_private": _boolean,
+    "allow_reproducible_noise": _boolean,
+}
+
+
 @dataclass(frozen=True)
 class SitePolicy:
-    """What the site allows for each of its datasets; validated on construction."""
+    """What the site allows for each of its datasets; validated on construction.
+
+    ``declared_size`` is public: the coordinator sees it and weights the site's updates by
+    it, and the DP sample rate is set from it, so the exact number of records never leaves.
+    """
 
     max_epsilon: float
     delta: float
@@ -85,26 +136,25 @@ class SitePolicy:
     min_noise_multiplier: float = 0.5
     max_grad_norm: float = 1.0
     max_rounds_per_run: int | None = None
+    max_epsilon_per_run: float = DEFAULT_MAX_EPSILON_PER_RUN
+    declared_size: int | None = None
+    evaluation: str = "none"
+    max_evaluations_per_run: int = 1
+    release_share: float = 0.1
+    allow_loss_release: bool = False
     allow_non_private: bool = False
+    allow_reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
-        _validate_policy(self, "site policy")
+        for key, check in _CHECKS.items():
+            value = getattr(self, key)
+            if value is not None:
+                check("site policy", key, value)
 
-
-def _validate_policy(policy: SitePolicy, source: str) -> None:
-    _number(source, "max_epsilon", policy.max_epsilon, *MAX_EPSILON_RANGE, low_open=True)
-    _number(source, "delta", policy.delta, *DELTA_RANGE, low_open=True)
-    if policy.accountant not in ACCOUNTANTS:
-        raise PolicyError(
-            f"{source}: accountant must be one of {', '.join(ACCOUNTANTS)}, got {policy.accountant!r}"
-        )
-    _number(source, "min_noise_multiplier", policy.min_noise_multiplier, *MIN_NOISE_RANGE,
-            low_open=False)
-    _number(source, "max_grad_norm", policy.max_grad_norm, *GRAD_NORM_RANGE, low_open=True)
-    if policy.max_rounds_per_run is not None:
-        _integer(source, "max_rounds_per_run", policy.max_rounds_per_run, *ROUNDS_RANGE)
-    if not isinstance(policy.allow_non_private, bool):
-        raise PolicyError(f"{source}: allow_non_private must be true or false, got {policy.allow_non_private!r}")
+    @property
+    def run_limit(self) -> float:
+        """The most one run may spend on a dataset: the per-run limit, never above the cap."""
+        return min(self.max_epsilon, self.max_epsilon_per_run)
 
 
 def load_policy(path: Path) -> SitePolicy:
@@ -140,45 +190,27 @@ def load_policy(path: Path) -> SitePolicy:
                 f"{path}: [privacy] {required} is required ({_POLICY_KEYS[required]})"
             )
     source = f"{path}: [privacy]"
-    values = {
-        "max_epsilon": _number(source, "max_epsilon", table["max_epsilon"], *MAX_EPSILON_RANGE,
-                               low_open=True),
-        "delta": _number(source, "delta", table["delta"], *DELTA_RANGE, low_open=True),
-    }
-    if "accountant" in table:
-        if table["accountant"] not in ACCOUNTANTS:
-            raise PolicyError(
-                f"{source} accountant must be {_POLICY_KEYS['accountant']}, got {table['accountant']!r}"
-            )
-        values["accountant"] = table["accountant"]
-    if "min_noise_multiplier" in table:
-        values["min_noise_multiplier"] = _number(
-            source, "min_noise_multiplier", table["min_noise_multiplier"], *MIN_NOISE_RANGE,
-            low_open=False,
-        )
-    if "max_grad_norm" in table:
-        values["max_grad_norm"] = _number(
-            source, "max_grad_norm", table["max_grad_norm"], *GRAD_NORM_RANGE, low_open=True
-        )
-    if "max_rounds_per_run" in table:
-        values["max_rounds_per_run"] = _integer(
-            source, "max_rounds_per_run", table["max_rounds_per_run"], *ROUNDS_RANGE
-        )
-    if "allow_non_private" in table:
-        values["allow_non_private"] = table["allow_non_private"]
+    values = {key: _CHECKS[key](source, key, value) for key, value in table.items()}
     try:
         return SitePolicy(**values)
     except PolicyError as exc:
         raise PolicyError(f"{path}: {exc}") from exc
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
 def write_policy(policy: SitePolicy, path: Path) -> None:
     """Write ``policy`` as a commented TOML file that :func:`load_policy` reads back."""
-    rounds = (
-        f"max_rounds_per_run = {policy.max_rounds_per_run}"
-        if policy.max_rounds_per_run is not None
-        else "# max_rounds_per_run = 50"
-    )
+    def optional(key: str, example: str) -> str:
+        value = getattr(policy, key)
+        return f"{key} = {_toml(value)}" if value is not None else f"# {key} = {example}"
+
     text = f"""\
 # Site privacy policy for fedtransfer. This file belongs to the site: the coordinator
 # can ask for stricter settings, never weaker ones. Every dataset on this site has its
@@ -188,6 +220,9 @@ def write_policy(policy: SitePolicy, path: Path) -> None:
 # Cumulative epsilon cap for each dataset over all runs, ever. Once reached, the site
 # refuses to train on that dataset. Allowed: (0, 100].
 max_epsilon = {policy.max_epsilon!r}
+
+# The most one run may spend on a dataset, whatever the coordinator asks. Allowed: (0, 100].
+max_epsilon_per_run = {policy.max_epsilon_per_run!r}
 
 # Delta of the (epsilon, delta) guarantee, per dataset. Keep it well below
 # 1 / (number of records). Allowed: (0, 0.01].
@@ -206,11 +241,38 @@ max_grad_norm = {policy.max_grad_norm!r}
 
 # Largest number of training rounds one run may use on a dataset (optional).
 # Allowed: an integer in [1, 100000].
-{rounds}
+{optional("max_rounds_per_run", "50")}
+
+# The size of the training data this site declares PUBLICLY, rounded (for example to
+# the nearest 50). The coordinator weights this site's updates by it and the DP sample
+# rate is set from it; the exact number of records never leaves. Required to train.
+{optional("declared_size", "500")}
+
+# Federated evaluation: "none" (nothing about the test data leaves), or "dp": a noisy
+# histogram of test predictions, released with the Gaussian mechanism and recorded in
+# the ledger like a training round. On test sets of a few hundred records or fewer the
+# noise dominates at sensible budgets; see docs/privacy.md.
+evaluation = "{policy.evaluation}"
+
+# How many DP evaluations one run may ask for (the coordinator usually asks for one,
+# after the last round). Allowed: an integer in [0, 1000].
+max_evaluations_per_run = {policy.max_evaluations_per_run!r}
+
+# Share of each run's epsilon kept for DP releases (evaluations, a DP training loss);
+# the training rounds get the rest. Allowed: (0, 0.5].
+release_share = {policy.release_share!r}
+
+# Whether to release a DP training loss (clipped per record, Gaussian noise, recorded in
+# the ledger) when the coordinator asks for it. The raw loss never leaves.
+allow_loss_release = {_toml(policy.allow_loss_release)}
 
 # Whether the coordinator may ask this site to train WITHOUT differential privacy.
 # Keep false for patient data; true only for simulations on public data.
-allow_non_private = {"true" if policy.allow_non_private else "false"}
+allow_non_private = {_toml(policy.allow_non_private)}
+
+# Whether the coordinator may ask for reproducible (seeded) noise: NOT private, for
+# simulations on built-in generated or bundled public data only. Keep false otherwise.
+allow_reproducible_noise = {_toml(policy.allow_reproducible_noise)}
 """
     Path(path).write_text(text, encoding="utf-8")
 
@@ -220,6 +282,8 @@ _REQUEST_KEYS = {
     "delta": "dp-delta",
     "max_grad_norm": "dp-max-grad-norm",
     "planned_rounds": "dp-planned-rounds",
+    "evaluations": "dp-evaluations",
+    "release_loss": "dp-release-loss",
 }
 
 
@@ -231,6 +295,8 @@ class PrivacyRequest:
     delta: float
     max_grad_norm: float
     planned_rounds: int
+    evaluations: int = 0
+    release_loss: bool = False
 
     def __post_init__(self) -> None:
         _validate_request(
@@ -256,6 +322,8 @@ class PrivacyRequest:
             delta=float(values["delta"]),
             max_grad_norm=float(values["max_grad_norm"]),
             planned_rounds=int(values["planned_rounds"]),
+            evaluations=int(values["evaluations"]),
+            release_loss=bool(values["release_loss"]),
         )
 
 
@@ -268,6 +336,8 @@ def _validate_request(values: Mapping[str, Any], source: str) -> None:
     _number(source, keys["max_grad_norm"], values["max_grad_norm"], *GRAD_NORM_RANGE,
             low_open=True)
     _integer(source, keys["planned_rounds"], values["planned_rounds"], *ROUNDS_RANGE)
+    _integer(source, keys["evaluations"], values["evaluations"], 0, ROUNDS_RANGE[1])
+    _boolean(source, keys["release_loss"], values["release_loss"])
 
 
 @dataclass(frozen=True)
@@ -282,6 +352,15 @@ class EffectiveSettings:
     min_noise_multiplier: float
     accountant: Accountant
     overridden: tuple[str, ...]
+    #: DP releases the run may make: evaluations, and one DP training loss per round if asked and allowed.
+    evaluations: int = 0
+    release_loss: bool = False
+    release_share: float = 0.0
+
+    @property
+    def releases(self) -> int:
+        """Planned DP releases of the run (evaluations, training losses); personalisation's are apart."""
+        return self.evaluations + (self.planned_rounds if self.release_loss else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -293,6 +372,9 @@ class EffectiveSettings:
             "min_noise_multiplier": self.min_noise_multiplier,
             "accountant": self.accountant,
             "overridden": list(self.overridden),
+            "evaluations": self.evaluations,
+            "release_loss": self.release_loss,
+            "release_share": self.release_share,
         }
 
     @classmethod
@@ -306,13 +388,16 @@ class EffectiveSettings:
             min_noise_multiplier=float(data["min_noise_multiplier"]),
             accountant=data["accountant"],
             overridden=tuple(data["overridden"]),
+            evaluations=int(data.get("evaluations", 0)),
+            release_loss=bool(data.get("release_loss", False)),
+            release_share=float(data.get("release_share", 0.0)),
         )
 
 
 def effective_settings(policy: SitePolicy, request: PrivacyRequest) -> EffectiveSettings:
     """Combine policy and request, taking the stricter value field by field."""
     overridden: list[str] = []
-    if policy.max_epsilon < request.target_epsilon:
+    if policy.run_limit < request.target_epsilon:
         overridden.append("target_epsilon")
     if policy.delta < request.delta:
         overridden.append("delta")
@@ -322,8 +407,15 @@ def effective_settings(policy: SitePolicy, request: PrivacyRequest) -> Effective
     if policy.max_rounds_per_run is not None and policy.max_rounds_per_run < rounds:
         overridden.append("planned_rounds")
         rounds = policy.max_rounds_per_run
+    evaluations = 0 if policy.evaluation == "none" else min(request.evaluations, policy.max_evaluations_per_run)
+    if evaluations < request.evaluations:
+        overridden.append("evaluations")
+    release_loss = request.release_loss and policy.allow_loss_release
+    if request.release_loss and not release_loss:
+        overridden.append("release_loss")
+    releases = evaluations + (rounds if release_loss else 0)
     return EffectiveSettings(
-        run_target_epsilon=min(request.target_epsilon, policy.max_epsilon),
+        run_target_epsilon=min(request.target_epsilon, policy.run_limit),
         cap_epsilon=policy.max_epsilon,
         delta=min(request.delta, policy.delta),
         max_grad_norm=min(request.max_grad_norm, policy.max_grad_norm),
@@ -331,4 +423,7 @@ def effective_settings(policy: SitePolicy, request: PrivacyRequest) -> Effective
         min_noise_multiplier=policy.min_noise_multiplier,
         accountant=policy.accountant,
         overridden=tuple(overridden),
+        evaluations=evaluations,
+        release_loss=release_loss,
+        release_share=policy.release_share if releases else 0.0,
     )

@@ -14,6 +14,7 @@ import binascii
 import json
 from typing import Any
 
+from common.io import JsonError, parse_json
 from common.security.envelope import EnvelopeContext, EnvelopeError, sign_instruction, signed_context, verify_instruction
 from common.security.keys import Identity, PublicIdentity
 
@@ -27,7 +28,7 @@ class ReportInvalid(Exception):
 def sign_report(report: dict[str, Any], run_id: int, server_round: int, base_model: str, site: Identity) -> str:
     """The report signed by ``site``, as base64 text for JSON files."""
     context = EnvelopeContext(run_id, server_round, site.name, REPORT_KIND, base_model)
-    payload = json.dumps(report, sort_keys=True, allow_nan=True).encode()
+    payload = json.dumps(report, sort_keys=True, allow_nan=False).encode()
     return base64.b64encode(sign_instruction(payload, context, site)).decode()
 
 
@@ -42,7 +43,10 @@ def verify_report(signed: str, run_id: int, server_round: int, base_model: str, 
     header_round = signed_context(blob).server_round
     if header_round != server_round:
         raise ReportInvalid(f"privacy report of {site.name} is signed for round {header_round}, not {server_round}")
-    report = json.loads(payload)
+    try:
+        report = parse_json(payload)
+    except JsonError as err:
+        raise ReportInvalid(f"privacy report of {site.name} does not parse: {err}") from None
     if not isinstance(report, dict):
         raise ReportInvalid(f"privacy report of {site.name} is not a JSON object")
     return report

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 import struct
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common.io import JsonError, canonical_json, parse_json
 from common.security.keys import Identity, PublicIdentity, validate_name
 
 PROTOCOL_VERSION = 1
@@ -176,17 +176,13 @@ class _Parsed:
     signature: bytes
 
 
-def _canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
 def _associated(kind: int, header: Mapping[str, Any]) -> bytes:
     """Prefix and header: the AEAD associated data of a sealed update."""
-    header_bytes = _canonical(header)
+    header_bytes = canonical_json(header)
     if len(header_bytes) > _MAX_HEADER_LEN:
         raise ValueError(f"envelope header of {len(header_bytes)} bytes is too large")
     return _PREFIX.pack(_MAGIC, PROTOCOL_VERSION, kind, len(header_bytes)) + header_bytes
@@ -195,13 +191,6 @@ def _associated(kind: int, header: Mapping[str, Any]) -> bytes:
 def _signed(kind: int, associated: bytes, body: bytes, signer: Identity) -> bytes:
     unsigned = associated + _BODY_LEN.pack(len(body)) + body
     return unsigned + signer.signing_key.sign(_SIGN_DOMAIN[kind] + unsigned)
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key in header")
-    return result
 
 
 def _parse(blob: bytes, site: str, max_bytes: int, *, instruction: bool) -> _Parsed:
@@ -270,15 +259,15 @@ def _parse_header(
     header_bytes: bytes, instruction: bool, malformed: Callable[[str], MalformedEnvelope]
 ) -> dict[str, Any]:
     try:
-        header = json.loads(header_bytes.decode("ascii"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = parse_json(header_bytes.decode("ascii"), max_depth=1)
+    except (UnicodeDecodeError, JsonError) as exc:
         raise malformed(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise malformed("header is not a JSON object")
     fields = _INSTRUCTION_FIELDS if instruction else _SEALED_FIELDS
     if set(header) != fields:
         raise malformed(f"header fields {sorted(header)} differ from {sorted(fields)}")
-    if _canonical(header) != header_bytes:
+    if canonical_json(header) != header_bytes:
         raise malformed("header is not in canonical form")
     return header
 
@@ -527,7 +516,7 @@ def envelope_overhead(payload_len: int, context: EnvelopeContext | None = None) 
         "nonce": _b64(bytes(_NONCE_LEN)),
         "recipient": "0" * 64,
     }
-    return _PREFIX.size + len(_canonical(header)) + _BODY_LEN.size + _TAG_LEN + _SIGNATURE_LEN
+    return _PREFIX.size + len(canonical_json(header)) + _BODY_LEN.size + _TAG_LEN + _SIGNATURE_LEN
 
 
 def signed_context(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> EnvelopeContext:

@@ -24,12 +24,13 @@ import logging
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+
+from common.io import write_atomic
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -204,17 +205,7 @@ def write_private_file(path: Path, data: bytes) -> None:
 
 def write_public_file(path: Path, text: str) -> None:
     """Atomically write (or replace) a world-readable text file with mode 0644."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode("utf-8"), mode=0o644)
 
 
 def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
+from common.io import canonical_json
 from common.security.keys import Identity, PublicIdentity, write_public_file
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,6 @@ class UnknownSite(ManifestError):
 
 class ManifestFormatError(ManifestError):
     """The manifest is not well-formed."""
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _signed_content(
@@ -103,7 +100,7 @@ class Manifest:
             ) from None
 
     def _content_bytes(self) -> bytes:
-        return _SIGNATURE_DOMAIN + _canonical(
+        return _SIGNATURE_DOMAIN + canonical_json(
             _signed_content(self.federation, self.coordinator, self.sites, self.created)
         )
 

@@ -1,21 +1,39 @@
-"""The coordinator's end of the application-level channel: sign instructions, open sealed replies."""
+"""The coordinator's end of the application-level channel: sign instructions, open sealed replies.
+
+Opening a reply checks, in order: the envelope (site signature, decryption, run, round,
+kind, base model), the reply's format, the site's signed privacy report, the egress rule
+(:func:`common.privacy.egress.check_reply`: every value is declared and of an allowed
+kind), the aggregation weight (the site's public declared size), and for a training
+update its names, shapes, dtypes, finiteness and distance from the global model. Any
+failure is one :class:`ReplyRejected` naming the site and the reason; nothing raises past it.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from common.model.transfer import state_fingerprint
+from common.privacy.egress import EgressViolation, check_reply
+from common.privacy.policy import SIZE_RANGE
+from common.privacy.report import ReportInvalid, verify_report
+from common.protocol import (
+    INSTRUCTION_KINDS,
+    REPLY_KINDS,
+    SEALED,
+    SIGNED_INSTRUCTION,
+    STATUS_OK,
+    ReplyFormatError,
+    SiteReply,
+    instruction_payload,
+)
+from common.run_record import Reply
 from common.security.envelope import BROADCAST, EnvelopeContext, EnvelopeError, open_envelope, sign_instruction
 from common.security.keys import Identity, validate_name
-from common.security.manifest import Manifest
-from common.privacy.report import ReportInvalid, verify_report
-from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, SEALED, SIGNED_INSTRUCTION, instruction_payload
-from common.model.transfer import state_fingerprint
-from common.update_codec import UpdateFormatError, decode_update
+from common.security.manifest import Manifest, ManifestError
 
 
 class ReplyRejected(Exception):
@@ -29,9 +47,16 @@ class ReplyRejected(Exception):
 
 @dataclass(frozen=True)
 class OpenedReply:
+    """A verified reply: who sent it, what it released (with its signed report), and the update tensors."""
+
     site_id: str
-    report: dict[str, Any]
+    reply: Reply
     tensors: dict[str, torch.Tensor]
+
+    @property
+    def weight(self) -> int:
+        """The site's public declared size: its aggregation weight."""
+        return int(self.reply.values["num-examples"])
 
 
 @dataclass(frozen=True)
@@ -70,35 +95,31 @@ class CoordinatorChannel:
         site_id = str(sealed.get("site-id", f"node-{msg.metadata.src_node_id}"))
         blob = sealed.get("envelope", b"")
         if not isinstance(blob, bytes):
-            raise ReplyRejected(site_id, "sealed envelope is not bytes")
+            raise ReplyRejected(site_id[:64], "sealed envelope is not bytes")
         try:
             validate_name(site_id)
         except ValueError:
             raise ReplyRejected(site_id[:64], "site id in the reply is not a valid site name") from None
         expected = EnvelopeContext(self.run_id, server_round, site_id, REPLY_KINDS[phase], self.base_fingerprint)
         try:
-            payload = open_envelope(blob, expected, self.identity, self.manifest.sites, max_bytes=self.limits.max_bytes)
-            report, tensors = decode_update(payload)
-        except (EnvelopeError, UpdateFormatError) as err:
+            reply = SiteReply.decode(open_envelope(blob, expected, self.identity, self.manifest.sites, max_bytes=self.limits.max_bytes))
+            report = verify_report(reply.report, self.run_id, server_round, self.base_fingerprint, self.manifest.site(site_id))
+            if reply.site_id != site_id or reply.phase != phase:
+                raise ReplyFormatError(f"the sealed reply names site {reply.site_id!r}, phase {reply.phase!r}")
+            check_reply(phase, reply.status, reply.values, bool(reply.tensors), report)
+        except (EnvelopeError, ReplyFormatError, ReportInvalid, ManifestError, EgressViolation) as err:
             raise ReplyRejected(site_id, f"{type(err).__name__}: {err}") from err
-        if report.get("site-id") != site_id:
-            raise ReplyRejected(site_id, f"the sealed report names site {report.get('site-id')!r}")
-        if phase == "train" and report.get("status") == "ok":
-            self._check_update(site_id, tensors, global_state)
-        if phase == "train":
-            self._check_privacy_report(site_id, report, server_round)
-        return OpenedReply(site_id, report, tensors)
+        if reply.status == STATUS_OK:
+            self._check_weight(site_id, reply.values.get("num-examples"))
+        if phase == "train" and reply.status == STATUS_OK:
+            self._check_update(site_id, reply.tensors, global_state)
+        return OpenedReply(site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors)
 
-    def _check_privacy_report(self, site_id: str, report: dict[str, Any], server_round: int) -> None:
-        """Replace the signed privacy report by its verified content; keep the signature beside it."""
-        signed = report.get("privacy")
-        if not isinstance(signed, str):
-            raise ReplyRejected(site_id, "train reply carries no signed privacy report")
-        try:
-            report["privacy"] = verify_report(signed, self.run_id, server_round, self.base_fingerprint, self.manifest.site(site_id))
-        except ReportInvalid as err:
-            raise ReplyRejected(site_id, str(err)) from err
-        report["privacy-signed"] = signed
+    @staticmethod
+    def _check_weight(site_id: str, weight: object) -> None:
+        low, high = SIZE_RANGE
+        if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
+            raise ReplyRejected(site_id, f"aggregation weight {weight!r} is not a declared size in [{low}, {high}]")
 
     def _check_update(self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> None:
         limits = self.limits
@@ -114,4 +135,3 @@ class CoordinatorChannel:
         norm = math.sqrt(squared)
         if limits.max_norm > 0 and norm > limits.max_norm:
             raise ReplyRejected(site_id, f"update norm {norm:.3g} exceeds the bound {limits.max_norm:.3g}")
-

@@ -1,0 +1,118 @@
+"""Who this site is, loaded once per process: configuration, keys, manifest, privacy policy.
+
+The files are read again only when one of them changes (size or modification time), so a
+site operator's edit to the policy takes effect at the next message while a run's many
+messages do not re-read keys from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError, site_dir
+from common.privacy.dataset_id import dataset_key, identities
+from common.privacy.ledger import Ledger
+from common.privacy.policy import SitePolicy, load_policy
+from common.security.keys import Identity, passphrase_from_env, read_identity
+from common.security.manifest import Manifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    """A dataset as the ledger knows it: its keyed id, and the id its older entries used (the content hash)."""
+
+    keyed: str
+    content_hash: str
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return (self.content_hash,)
+
+
+@dataclass(frozen=True)
+class SiteSession:
+    """The site's configuration, its private identity, the federation manifest and its privacy policy."""
+
+    config: SiteConfig
+    identity: Identity
+    manifest: Manifest
+    policy: SitePolicy
+
+    @property
+    def site_id(self) -> str:
+        return self.config.site_id
+
+    def dataset(self, content_hash: str) -> DatasetIdentity:
+        """The keyed identity of the dataset whose files hash to ``content_hash``.
+
+        A new state directory first gets its signed genesis ledger head, then its
+        dataset-identity key, so a ledger deleted later is always noticed.
+        """
+        Ledger(self.config.state_dir, signer=self.identity).initialise()
+        keyed, content = identities(dataset_key(self.config.state_dir), content_hash)
+        return DatasetIdentity(keyed, content)
+
+
+def site_config(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:
+    """The site's configuration.
+
+    A deployed SuperNode points at its site file (``--node-config 'site-config="/srv/site/site.toml"'``)
+    or gives the same keys inline. A simulated node has only a Flower ``partition-id``;
+    its site folder lies under the simulation root the coordinator created on this machine.
+    """
+    if "site-config" in node_config:
+        return SiteConfig.load(Path(str(node_config["site-config"])).expanduser())
+    if "data-path" in node_config:
+        return SiteConfig.from_mapping(dict(node_config), origin="node config")
+    if "partition-id" in node_config:
+        if not sim_root:
+            raise SiteConfigError(
+                "this node is a simulated site (it has a partition-id) but the coordinator sent no sim-root"
+            )
+        return SiteConfig.load(site_dir(Path(sim_root), int(node_config["partition-id"])) / SITE_CONFIG_FILE)
+    raise SiteConfigError(
+        "the node config names no site: start flower-supernode with --node-config 'site-config=\"/path/to/site.toml\"'"
+    )
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    stamps = []
+    for path in paths:
+        try:
+            status = path.stat()
+            stamps.append((str(path), status.st_size, status.st_mtime_ns))
+        except OSError:
+            stamps.append((str(path), -1, -1))
+    return tuple(stamps)
+
+
+def _watched(config: SiteConfig) -> list[Path]:
+    keys = sorted(config.keys_dir.glob(f"{config.site_id}.*")) if config.keys_dir.is_dir() else []
+    return [*keys, config.manifest, config.policy_path]
+
+
+_SESSIONS: dict[SiteConfig, tuple[tuple[tuple[str, int, int], ...], SiteSession]] = {}
+
+
+def site_session(node_config: Mapping[str, Any], sim_root: str) -> SiteSession:
+    """This node's :class:`SiteSession`, re-read only when its key, manifest or policy files change."""
+    config = site_config(node_config, sim_root)
+    stamp = _stamp(_watched(config))
+    cached = _SESSIONS.get(config)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    session = SiteSession(
+        config=config,
+        identity=read_identity(config.keys_dir, config.site_id, passphrase_from_env()),
+        manifest=read_manifest(config.manifest, config.coordinator_fingerprint),
+        policy=load_policy(config.policy_path),
+    )
+    _SESSIONS[config] = (stamp, session)
+    log.debug("site %s: loaded its configuration, keys, manifest and policy", config.site_id)
+    return session

@@ -1,0 +1,92 @@
+"""Where a site's DP randomness comes from: Poisson sampling and Gaussian noise.
+
+Two sources, one interface:
+
+- :class:`SecureRandom` (every deployed site, every run on real data): AES-256 in
+  counter mode keyed from the operating system's CSPRNG (``os.urandom``), a
+  cryptographically secure stream that neither the coordinator nor anyone who replays
+  the training can predict. Gaussian samples are drawn with the Box-Muller transform and
+  each returned value is the normalised sum of four of them, the defence Opacus's
+  ``secure_mode`` uses against floating-point attacks on the sampler (Holohan and Braghin
+  2021; Jin et al. 2022).
+- :class:`SeededRandom` (opt-in, simulations on built-in generated or bundled data only):
+  a seeded ``torch.Generator``. Anyone who knows the seed can replay the training with
+  and without a record and tell the difference exactly, so results drawn from it carry
+  **no** differential-privacy guarantee; the ledger marks them and the audit fails them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal, Protocol
+
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+NoiseKind = Literal["csprng", "seeded"]
+#: What the ledger and reports call each source.
+NOISE_KINDS: tuple[NoiseKind, ...] = ("csprng", "seeded")
+
+_MANTISSA = 2.0**-53
+_LOW_53 = (1 << 53) - 1
+
+
+class RandomSource(Protocol):
+    """Uniforms for Poisson sampling and Gaussian noise; ``kind`` names the source."""
+
+    kind: NoiseKind
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``n`` float64 values uniform in [0, 1)."""
+
+    def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Gaussian noise of mean 0 and standard deviation ``std``."""
+
+
+def poisson_sample(source: RandomSource, n: int, rate: float) -> torch.Tensor:
+    """Indices of the records a Poisson-sampled batch holds: each of ``n`` independently with ``rate``."""
+    return torch.nonzero(source.uniform(n) < rate).flatten()
+
+
+class SecureRandom:
+    """AES-256-CTR keyed from ``os.urandom``: a CSPRNG stream, new for every instance."""
+
+    kind: NoiseKind = "csprng"
+
+    def __init__(self) -> None:
+        self._stream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+
+    def uniform(self, n: int) -> torch.Tensor:
+        if n <= 0:
+            return torch.zeros(0, dtype=torch.float64)
+        words = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
+        top = (words >> 11) & _LOW_53  # the top 53 bits (masked: >> on int64 keeps the sign)
+        return top.to(torch.float64) * _MANTISSA  # uniform on the float64 grid of [0, 1)
+
+    def _gaussian(self, n: int) -> torch.Tensor:
+        pairs = (n + 1) // 2
+        u = self.uniform(2 * pairs)
+        radius = torch.sqrt(-2.0 * torch.log1p(-u[:pairs]))  # 1 - u lies in (0, 1]: the log is finite
+        angle = 2.0 * math.pi * u[pairs:]
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+
+    def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        total = sum(self._gaussian(n) for _ in range(4))
+        return (total * (std / 2.0)).reshape(shape).to(dtype)
+
+
+class SeededRandom:
+    """A seeded ``torch.Generator``: reproducible, and therefore NOT private."""
+
+    kind: NoiseKind = "seeded"
+
+    def __init__(self, seed: int) -> None:
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(max(n, 0), generator=self._generator, dtype=torch.float64)
+
+    def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.normal(0.0, std, size=shape, generator=self._generator, dtype=torch.float64).to(dtype)
