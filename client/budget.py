@@ -10,9 +10,9 @@ Flow for one run on one dataset::
     ...only now seal and send the update...
 
 Everything a run may spend on the dataset is planned at its first round, in phases:
-the DP releases it may make (evaluations, training losses; ``release_share`` of the run's
-budget), the training rounds, and an optional private personalisation after the last
-round (its ``fraction``). Each phase's noise multiplier is calibrated so that the phases
+the training rounds, the DP releases it may make (evaluations, training losses;
+``release_share`` of the run's budget), and an optional private personalisation after the
+last round (its ``fraction``). Each phase's noise multiplier is calibrated so that the phases
 up to it compose to at most their cumulative share of both the run's limit and what is
 left of the dataset's cap, so the whole plan fits both. The plan is stored, so a
 restarted site reuses it instead of recalibrating.
@@ -288,7 +288,7 @@ class BudgetGuard:
 
     def _calibrate(self, run_id: str, settings: EffectiveSettings, sample_rate: float, steps_per_round: int,
                    personalisation: Reservation | None, noise: str) -> RunPlan:
-        """The plan's noise multipliers, phase by phase (releases, rounds, personalisation)."""
+        """The plan's noise multipliers, phase by phase (rounds, releases, personalisation)."""
         counts = {EVALUATE: settings.evaluations, LOSS: settings.planned_rounds if settings.release_loss else 0,
                   PERSONALISED_EVALUATE: 1 if personalisation else 0}
         releases = sum(counts.values())
@@ -300,9 +300,9 @@ class BudgetGuard:
                 f"run {run_id}: the release share {release_share:g} and the personalisation fraction "
                 f"{personal_share:g} leave nothing of the run's budget for training"
             )
-        phases = [
-            _Phase(1.0, releases, release_share),
+        phases = [  # the rounds first: each phase's share is cumulative, and the first pays composition's fixed cost
             _Phase(sample_rate, steps_per_round * settings.planned_rounds, rounds_share),
+            _Phase(1.0, releases, release_share),
             _Phase(personalisation.sample_rate, personalisation.steps, personal_share) if personalisation else None,
         ]
         prior = self.history()
@@ -329,7 +329,7 @@ class BudgetGuard:
                 planned.append(Step(sigma, phase.sample_rate, phase.steps))
         except BudgetExhausted as exc:
             raise BudgetExhausted(f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}") from exc
-        release_sigma, rounds_sigma, personal_sigma = sigmas
+        rounds_sigma, release_sigma, personal_sigma = sigmas
         return RunPlan(
             run_id=run_id, dataset_id=self.dataset_id, noise_multiplier=rounds_sigma, sample_rate=sample_rate,
             steps_per_round=steps_per_round, settings=settings, prior_epsilon=prior_epsilon,
@@ -373,10 +373,6 @@ class BudgetGuard:
                       if plan.slots(kind) else f"run {plan.run_id} planned no {kind} on this dataset")
         if reason:
             return Admission(False, reason, spent, math.nan, cap)
-        run_total = compose_epsilon([*(e.to_step() for e in this_run), step], delta, accountant)
-        if run_total > run_limit + _LIMIT_SLACK:
-            return Admission(False, f"{what} would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
-                                    f"limit of {run_limit:.4f}", spent, math.nan, cap)
         projected = compose_epsilon([*history, step], delta, accountant)
         if projected > cap:
             return Admission(
@@ -385,6 +381,10 @@ class BudgetGuard:
                 f"site's cap of {cap:.4f} (already spent {spent:.4f}, {accountant}, delta={delta:g})",
                 spent, projected, cap,
             )
+        run_total = compose_epsilon([*(e.to_step() for e in this_run), step], delta, accountant)
+        if run_total > run_limit + _LIMIT_SLACK:
+            return Admission(False, f"{what} would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
+                                    f"limit of {run_limit:.4f}", spent, projected, cap)
         return Admission(True, "within budget", spent, projected, cap)
 
     def admit(self, plan: RunPlan, server_round: int, kind: str = TRAIN) -> Admission:

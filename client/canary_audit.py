@@ -47,6 +47,7 @@ from scipy.stats import binom
 from torch import nn
 
 from client.dp_training import dp_train
+from common.privacy.noise import SeededRandom
 from common.privacy.accounting import Accountant, Step, calibrate_noise, compose_epsilon
 from common.model.training import TrainConfig
 
@@ -225,10 +226,10 @@ def _audit_once(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a small model: extra threads only contend (20x slower on a busy 2-core machine)
     try:
-        stats = dp_train(
+        stats = dp_train(  # the twin is synthetic: seeded randomness makes the audit repeatable
             model, twin.features, twin.labels, train, noise_multiplier=noise_multiplier,
-            max_grad_norm=config.max_grad_norm, prior=[], accountant=config.accountant,
-            noise_seed=config.seed,
+            max_grad_norm=config.max_grad_norm, sample_rate=1.0, steps=config.steps,
+            expected_batch_size=float(len(twin.labels)), source=SeededRandom(config.seed),
         )
     finally:
         torch.set_num_threads(threads)

@@ -70,7 +70,7 @@ def _verified(msg: Message, context: Context, session: SiteSession, phase: str) 
         signed, arrays_fingerprint = parse_instruction_payload(verify_instruction(blob, expected, session.manifest.coordinator))
         instruction = RoundInstruction.from_config(signed)
     except (EnvelopeError, InstructionError) as err:
-        raise InstructionRefused(str(err)) from None
+        raise InstructionRefused(f"{type(err).__name__}: {err}") from None
     plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
     if plain != signed:
         changed = sorted(k for k in set(plain) | set(signed) if plain.get(k) != signed.get(k))

@@ -7,10 +7,9 @@ the base-model fingerprint and the frozen-part fingerprint, and the site checks 
 
 from __future__ import annotations
 
-import math
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from common.model.checkpoint import ArchitectureMismatch, ModelCard, check_state_matches
 from common.model.zoo import FedModel
@@ -100,8 +99,9 @@ def check_trainable(model: FedModel, policy: TransferPolicy, trainable: dict[str
             raise TrainableArraysInvalid(f"trainable weight {name!r} holds NaN or Inf")
 
 
-def trainable_record(model: FedModel, policy: TransferPolicy) -> ArrayRecord:
+def finite_trainable_state(model: FedModel, policy: TransferPolicy) -> dict[str, torch.Tensor]:
+    """The trainable weights to send; TrainableArraysInvalid if training made any of them NaN or Inf."""
     state = policy.trainable_state(model)
-    if not all(math.isfinite(float(t.abs().max())) for t in state.values() if t.numel()):
+    if not all(bool(torch.isfinite(t).all()) for t in state.values()):
         raise TrainableArraysInvalid("training produced NaN or Inf weights; not sending them")
-    return ArrayRecord(state)
+    return state

@@ -26,6 +26,7 @@ from client.budget import BudgetGuard, PlanConflict, Reservation, RunPlan
 from client.dp_training import dp_train, sample_rate_and_steps
 from client.fine_tune import evaluation_histogram, fine_tune, personalised_copy
 from client.local_data import Features
+from client.model_state import finite_trainable_state
 from client.session import DatasetIdentity, SiteSession
 from common.model.training import TrainConfig, compute_features
 from common.model.transfer import TransferPolicy, state_fingerprint
@@ -205,7 +206,7 @@ def train_round(session: SiteSession, dataset: DatasetIdentity, model: FedModel,
              session.site_id, instruction.server_round, entry.epsilon, plan.settings.cap_epsilon, entry.delta,
              entry.accountant, stats.mean_loss)
     outcome = Outcome(STATUS_OK, spends=[entry], privacy=_entry_report(entry, plan, session, overridden))
-    outcome.tensors = policy.trainable_state(model)
+    outcome.tensors = finite_trainable_state(model, policy)
     outcome.egress["update"] = declaration(
         UPDATE, f"DP-SGD: noise multiplier {entry.noise_multiplier:.4g}, clipping {entry.max_grad_norm:g}, "
                 f"{entry.steps} steps at sample rate {entry.sample_rate:.4g}, ledger entry {entry.index}")
@@ -242,7 +243,7 @@ def _train_without_dp(session: SiteSession, dataset: DatasetIdentity, model: Fed
     stats = fine_tune(model, policy, features, config)
     log.warning("site %s trained WITHOUT differential privacy (its policy allows it)", session.site_id)
     outcome = Outcome(STATUS_OK, privacy={"dp": False, "dataset-id": dataset.keyed, "declared-size": declared})
-    outcome.tensors = policy.trainable_state(model)
+    outcome.tensors = finite_trainable_state(model, policy)
     outcome.egress["update"] = declaration(NOT_PRIVATE, "plain SGD without DP (the site's policy allows non-private runs)")
     outcome.public("num-examples", declared, "declared size (site policy declared_size)")
     outcome.public("steps", stats.steps, "plain SGD steps")

@@ -16,7 +16,7 @@ from typing import Any
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError, site_dir
 from common.privacy.dataset_id import dataset_key, identities
 from common.privacy.ledger import Ledger
-from common.privacy.policy import SitePolicy, load_policy
+from common.privacy.policy import PolicyError, SitePolicy, load_policy
 from common.security.keys import Identity, passphrase_from_env, read_identity
 from common.security.manifest import Manifest, read_manifest
 
@@ -37,12 +37,23 @@ class DatasetIdentity:
 
 @dataclass(frozen=True)
 class SiteSession:
-    """The site's configuration, its private identity, the federation manifest and its privacy policy."""
+    """The site's configuration, its private identity, the federation manifest and its privacy policy.
+
+    A policy file that does not load is reported when the policy is first needed, so the
+    site can still seal an error reply with its keys.
+    """
 
     config: SiteConfig
     identity: Identity
     manifest: Manifest
-    policy: SitePolicy
+    loaded_policy: SitePolicy | None
+    policy_error: PolicyError | None = None
+
+    @property
+    def policy(self) -> SitePolicy:
+        if self.loaded_policy is None:
+            raise self.policy_error or PolicyError(f"{self.config.policy_path}: no privacy policy")
+        return self.loaded_policy
 
     @property
     def site_id(self) -> str:
@@ -107,11 +118,16 @@ def site_session(node_config: Mapping[str, Any], sim_root: str) -> SiteSession:
     cached = _SESSIONS.get(config)
     if cached is not None and cached[0] == stamp:
         return cached[1]
+    try:
+        policy, problem = load_policy(config.policy_path), None
+    except PolicyError as err:
+        policy, problem = None, err
     session = SiteSession(
         config=config,
         identity=read_identity(config.keys_dir, config.site_id, passphrase_from_env()),
         manifest=read_manifest(config.manifest, config.coordinator_fingerprint),
-        policy=load_policy(config.policy_path),
+        loaded_policy=policy,
+        policy_error=problem,
     )
     _SESSIONS[config] = (stamp, session)
     log.debug("site %s: loaded its configuration, keys, manifest and policy", config.site_id)

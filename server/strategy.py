@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
-from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_OK
+from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_ERROR, STATUS_OK
 from common.model.metrics import metrics_from_counts
 from common.run_record import RunRecord, SiteRound
 from server.channel import CoordinatorChannel, ReplyRejected
@@ -178,8 +178,10 @@ class SiteAwareStrategy(Strategy):
         return self._sites_by_node.get(node, f"node-{node}")
 
     def _mark(self, server_round: int, site_id: str, status: str, reason: str) -> None:
+        """Record a site's problem in a round; the first one (training's, usually) stays its status."""
         site = self.record.site_round(server_round, site_id)
-        site.status, site.reason = status, reason
+        if site.status == STATUS_OK:
+            site.status, site.reason = status, reason
         log.warning("round %d: %s %s: %s", server_round, site_id, status, reason)
 
     def _sort(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
@@ -205,11 +207,15 @@ class SiteAwareStrategy(Strategy):
                 continue
             seen.add(opened.site_id)
             self._learn_site(server_round, node, opened.site_id)
-            self._has_base.add(node)
+            if opened.reply.status != STATUS_ERROR:  # after an error the site may not hold the base model: send it again
+                self._has_base.add(node)
             site = self.record.site_round(server_round, opened.site_id)
             setattr(site, phase, opened.reply)
             if opened.reply.status == STATUS_DECLINED:
-                self._mark(server_round, opened.site_id, STATUS_DECLINED, f"{phase}: {opened.reply.reason}")
+                if phase == "train":
+                    self._mark(server_round, opened.site_id, STATUS_DECLINED, f"{phase}: {opened.reply.reason}")
+                else:  # a site may release no evaluation (its policy's choice); the reply keeps the reason
+                    log.info("round %d: %s released no evaluation: %s", server_round, opened.site_id, opened.reply.reason)
                 continue
             if opened.reply.status != STATUS_OK:
                 self._mark(server_round, opened.site_id, "failed", f"{phase}: {opened.reply.reason}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import signal
 import socket
 import subprocess
@@ -17,6 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.data.site_data import SiteData, write_site_data
+from common.privacy.policy import load_policy, write_policy
+from simulations.sites import declared_size
 from tests.conftest import FLOWER_ENV
 
 BIN = Path(sys.executable).parent
@@ -141,3 +145,10 @@ def start_run(coordinator: Path, run_config: str, processes: Processes) -> int:
                              env=processes.env(coordinator / "flower-home"), capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
     return int(last_json(started.stdout)["run-id"])
+
+
+def give_site_data(kit: Path, site: SiteData, feature_names: tuple[str, ...] | None) -> None:
+    """What a hospital does before its SuperNode joins: put its data in the kit and declare its size publicly."""
+    write_site_data(site, kit / "data", feature_names)
+    policy = kit / "state" / "privacy-policy.toml"
+    write_policy(replace(load_policy(policy), declared_size=declared_size(len(site.train))), policy)

@@ -20,9 +20,9 @@ from common.security.envelope import EnvelopeContext, seal, sign_instruction
 from common.security.keys import Identity, read_identity
 from common.security.manifest import Manifest
 from common.privacy.report import sign_report
-from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION
+from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION, SiteReply
 from common.settings import RunSettings
-from common.update_codec import encode_update
+from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 
@@ -68,10 +68,13 @@ class Campaign:
         server_round = int(msg.content[CONFIG]["server-round"])
         base = self.base_fingerprint(msg)
         run_id = self.grid.run_id + run_shift
-        privacy = sign_report({"dp": False, "epsilon": float("inf")}, run_id, server_round, base, site)
-        report = {"site-id": site.name, "status": "ok", "reason": "", "metrics": {"num-examples": 10, "train-loss": 0.1, "steps": 1}, "privacy": privacy}
+        report = {"phase": "train", "status": "ok", "dp": False, "dataset-id": "a" * 64, "declared-size": 10,
+                  "egress": {"update": declaration(NOT_PRIVATE, "plain SGD"), "num-examples": declaration(PUBLIC, "declared"),
+                             "steps": declaration(PUBLIC, "planned")}}
+        signed = sign_report(report, run_id, server_round, base, site)
+        reply = SiteReply(site.name, "train", "ok", "", {"num-examples": 10, "steps": 1}, signed, tensors)
         context = EnvelopeContext(run_id, server_round, site.name, "train-reply", base)
-        return seal(encode_update(report, tensors), context, site, recipient or self.coordinator_public())
+        return seal(reply.encode(), context, site, recipient or self.coordinator_public())
 
 
 def _honest_shapes(msg: Message) -> dict[str, torch.Tensor]:
@@ -194,6 +197,6 @@ def test_attack_is_rejected_with_its_reason_and_the_round_goes_on(campaign, atta
 
 def test_signed_privacy_reports_are_kept_in_the_run_record(campaign) -> None:
     record, _ = campaign
-    signed = record.round(1).sites["site-1"].privacy_signed
-    assert base64.b64decode(signed)[:4] == b"FTEV"
-    assert record.round(1).sites["site-1"].privacy["dp"] is False
+    reply = record.round(1).sites["site-1"].train
+    assert base64.b64decode(reply.report_signed)[:4] == b"FTEV"
+    assert reply.report["dp"] is False

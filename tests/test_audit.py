@@ -4,62 +4,62 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from client.budget import BudgetGuard
+from client.private_round import spend_summary
 from common.cli import audit as cli_audit
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.privacy.accounting import Step, compose_epsilon
 from common.privacy.audit import AuditInputError, run_audit, write_html, write_markdown, write_plot
-from common.security.keys import Identity
-from common.privacy.ledger import NON_PRIVATE_DIR, Ledger
-from common.security.manifest import sign_manifest
-from common.privacy.report import sign_report
+from common.privacy.egress import PUBLIC, UPDATE, declaration
+from common.privacy.ledger import HEAD_FILE, NON_PRIVATE_DIR, STATE_IN_USE_FILE, TRAIN, Ledger, entry_hash, signed_head
 from common.privacy.policy import PrivacyRequest, SitePolicy, write_policy
-from common.run_record import RunRecord
+from common.privacy.report import sign_report
+from common.run_record import Reply, RunRecord
+from common.security.keys import Identity, write_identity
+from common.security.manifest import MANIFEST_FILE, sign_manifest, write_manifest
 
 DATASET = "ab" * 32
 RUN_ID = 4242
 BASE = "c0" * 32
 Q, STEPS = 0.05, 40
+COORDINATOR = Identity.generate("coordinator")
+SITES = {name: Identity.generate(name) for name in ("hospital-a", "hospital-b")}
+MANIFEST = sign_manifest("test-federation", COORDINATOR, [s.public() for s in SITES.values()])
 
 
 def _policy(cap: float = 8.0) -> SitePolicy:
-    return SitePolicy(max_epsilon=cap, delta=1e-5, accountant="rdp")
+    return SitePolicy(max_epsilon=cap, delta=1e-5, accountant="rdp", declared_size=100)
 
 
-def _build_site(state: Path, rounds: int) -> None:
-    """A site state dir whose ledger is written by the real budget guard (RDP: fast)."""
-    state.mkdir(parents=True)
-    policy = _policy()
-    write_policy(policy, state / "privacy-policy.toml")
-    guard = BudgetGuard(state, policy, DATASET)
-    request = PrivacyRequest(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=rounds)
-    plan = guard.plan_run(str(RUN_ID), request, sample_rate=Q, steps_per_round=STEPS)
-    for server_round in range(1, rounds + 1):
-        with guard.spend(plan, server_round) as record:
-            record(STEPS, "f" * 64)
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory) -> dict[int, Path]:
-    root = tmp_path_factory.mktemp("templates")
-    built = {}
-    for rounds in (1, 3):
-        _build_site(root / str(rounds), rounds)
-        built[rounds] = root / str(rounds)
-    return built
+def _site_folder(folder: Path, name: str) -> Path:
+    """A site folder as provisioning makes it: site.toml, keys, manifest, state with a policy; returns its state dir."""
+    keys = folder / "keys"
+    write_identity(SITES[name], keys)
+    write_manifest(MANIFEST, keys / MANIFEST_FILE)
+    config = SiteConfig(site_id=name, data_path=folder / "data", state_dir=folder / "state", keys_dir=keys,
+                        manifest=keys / MANIFEST_FILE, coordinator_fingerprint=COORDINATOR.public().fingerprint())
+    (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
+    config.state_dir.mkdir(parents=True)
+    write_policy(_policy(), config.policy_path)
+    return config.state_dir
 
 
 @pytest.fixture
-def make_site(templates, tmp_path: Path):
-    """Copy a guard-written ledger of 1 or 3 rounds into ``tmp_path/<name>/state``."""
+def make_site(tmp_path: Path):
+    """``tmp_path/<name>``: a site folder whose ledger the real budget guard wrote for 1 or 3 rounds (RDP: fast)."""
 
     def make(name: str = "hospital-a", rounds: int = 3) -> Path:
-        state = tmp_path / name / "state"
-        shutil.copytree(templates[rounds], state)
+        state = _site_folder(tmp_path / name, name)
+        guard = BudgetGuard(state, _policy(), DATASET, SITES[name])
+        request = PrivacyRequest(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=rounds)
+        plan = guard.plan_run(str(RUN_ID), request, sample_rate=Q, steps_per_round=STEPS)
+        for server_round in range(1, rounds + 1):
+            with guard.spend(plan, TRAIN, server_round) as record:
+                record(STEPS, "f" * 64)
         return state
 
     return make
@@ -96,6 +96,24 @@ def _rewrite_lines(state: Path, edit) -> None:
     path.write_text("\n".join(edit(lines)) + "\n")
 
 
+def _rechain(state: Path, change, signer: Identity | None) -> None:
+    """Rewrite every entry with ``change`` and recompute hashes, chain and head: a consistent forgery.
+
+    The head is signed by ``signer`` (the site's own key: an insider's forgery), or left unsigned.
+    """
+    previous, rewritten = "0" * 64, []
+    for line in (state / "privacy-ledger.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        change(record)
+        record["prev_hash"] = previous
+        record["hash"] = previous = entry_hash(record)
+        rewritten.append(json.dumps(record, sort_keys=True, separators=(",", ":")))
+    (state / "privacy-ledger.jsonl").write_text("\n".join(rewritten) + "\n")
+    index = len(rewritten) - 1
+    head = signed_head(index, previous, signer) if signer else json.dumps({"hash": previous, "index": index}).encode()
+    (state / HEAD_FILE).write_bytes(head)
+
+
 def _edit_noise(lines: list[str]) -> list[str]:
     record = json.loads(lines[1])
     record["noise_multiplier"] *= 2
@@ -126,21 +144,19 @@ def test_deleted_last_entry_is_caught_by_the_head_anchor(tmp_path: Path, make_si
     assert any("entry 2" in m and "deleted" in m for m in failures(report)), failures(report)
 
 
-def _append(ledger: Ledger, server_round: int, epsilon: float, sigma: float = 1.0) -> None:
+def _append(ledger: Ledger, server_round: int, epsilon: float, sigma: float = 1.0, noise: str = "csprng") -> None:
     with ledger.lock():
         ledger.append(
             dataset_id=DATASET, run_id="7", server_round=server_round, noise_multiplier=sigma,
             sample_rate=Q, steps=STEPS, max_grad_norm=1.0, delta=1e-5, epsilon=epsilon,
             accountant="rdp", reference_epsilon=-1.0, reference_accountant="prv",
-            model_fingerprint="f" * 64, kind="train",
+            model_fingerprint="f" * 64, kind="train", noise=noise,
         )
 
 
 def test_under_reported_epsilon_fails_recomputation(tmp_path: Path) -> None:
-    state = tmp_path / "site" / "state"
-    state.mkdir(parents=True)
-    write_policy(_policy(), state / "privacy-policy.toml")
-    ledger = Ledger(state)
+    state = _site_folder(tmp_path / "hospital-a", "hospital-a")
+    ledger = Ledger(state, signer=SITES["hospital-a"])
     true_first = compose_epsilon([Step(1.0, Q, STEPS)], 1e-5, "rdp")
     true_second = compose_epsilon([Step(1.0, Q, 2 * STEPS)], 1e-5, "rdp")
     _append(ledger, 1, true_first)
@@ -174,24 +190,22 @@ def test_pld_on_an_rdp_ledger_flags_only_a_conservative_gap(tmp_path: Path, make
 # coordinator run records ----------------------------------------------------------------
 
 
-def _run_dir(root: Path, state: Path, site: Identity, signer: Identity | None = None) -> tuple[Path, RunRecord]:
-    """A coordinator run record holding the site's signed reports of every ledger entry."""
-    coordinator = Identity.generate("coordinator")
-    manifest = sign_manifest("test-federation", coordinator, [site.public()])
+def _run_dir(root: Path, state: Path, site: Identity) -> tuple[Path, RunRecord]:
+    """A coordinator run record holding the site's signed train reports of every ledger entry."""
     record = RunRecord(run_id=RUN_ID, settings={}, base_model={"fingerprint": BASE}, policy="head",
-                       strategy="fedavg", manifest=manifest.to_json())
+                       strategy="fedavg", manifest=MANIFEST.to_json())
+    values = {"num-examples": 100, "steps": STEPS}
     for entry in Ledger(state).entries():
-        privacy = {
-            "dp": True, "dataset-id": entry.dataset_id, "epsilon": entry.epsilon, "delta": entry.delta,
-            "accountant": entry.accountant, "reference-epsilon": entry.reference_epsilon,
-            "reference-accountant": entry.reference_accountant, "cap-epsilon": 8.0,
-            "run-target-epsilon": 3.0, "noise-multiplier": entry.noise_multiplier,
-            "sample-rate": entry.sample_rate, "steps": entry.steps, "max-grad-norm": entry.max_grad_norm,
-            "ledger-index": entry.index, "ledger-hash": entry.hash, "overridden": [],
+        report = {
+            "phase": "train", "status": "ok", "dp": True, "dataset-id": entry.dataset_id, "epsilon": entry.epsilon,
+            "delta": entry.delta, "accountant": entry.accountant, "reference-epsilon": entry.reference_epsilon,
+            "reference-accountant": entry.reference_accountant, "cap-epsilon": 8.0, "run-target-epsilon": 3.0,
+            "overridden": [], "noise": entry.noise, "declared-size": 100, "spends": [spend_summary(entry)],
+            "egress": {"update": declaration(UPDATE, "DP-SGD"), "num-examples": declaration(PUBLIC, "declared size"),
+                       "steps": declaration(PUBLIC, "planned steps")},
         }
-        site_round = record.site_round(entry.server_round, site.name)
-        site_round.privacy = privacy
-        site_round.privacy_signed = sign_report(privacy, RUN_ID, entry.server_round, BASE, signer or site)
+        signed = sign_report(report, RUN_ID, entry.server_round, BASE, site)
+        record.site_round(entry.server_round, site.name).train = Reply("ok", "", values, report, signed)
     out = root / "run"
     record.save(out)
     return out, record
@@ -199,7 +213,7 @@ def _run_dir(root: Path, state: Path, site: Identity, signer: Identity | None = 
 
 def test_run_record_and_ledger_agree(tmp_path: Path, make_site) -> None:
     state = make_site()
-    run, _ = _run_dir(tmp_path, state, Identity.generate("hospital-a"))
+    run, _ = _run_dir(tmp_path, state, SITES["hospital-a"])
     report = run_audit([state, run])
     assert report.passed, failures(report)
     assert report.runs == [str(RUN_ID)]
@@ -208,24 +222,22 @@ def test_run_record_and_ledger_agree(tmp_path: Path, make_site) -> None:
 
 def test_forged_or_altered_reports_fail(tmp_path: Path, make_site) -> None:
     state = make_site()
-    site = Identity.generate("hospital-a")
-    run, record = _run_dir(tmp_path, state, site)
-    record.rounds[0].sites["hospital-a"].privacy["epsilon"] = 0.01  # coordinator edits its plain copy
-    record.rounds[1].sites["hospital-a"].privacy_signed = sign_report(
-        record.rounds[1].sites["hospital-a"].privacy, RUN_ID, 2, BASE, Identity.generate("hospital-a")
-    )  # signed by a key the manifest does not list
+    run, record = _run_dir(tmp_path, state, SITES["hospital-a"])
+    record.rounds[0].sites["hospital-a"].train.report["epsilon"] = 0.01  # coordinator edits its plain copy
+    second = record.rounds[1].sites["hospital-a"].train
+    second.report_signed = sign_report(second.report, RUN_ID, 2, BASE, Identity.generate("hospital-a"))  # unlisted key
     record.save(run)
     messages = failures(run_audit([state, run]))
-    assert any("round 1 site hospital-a" in m and "differs from the report the site signed" in m for m in messages)
+    assert any("round 1 site hospital-a" in m and "differs from the one the site signed" in m for m in messages)
     assert any("round 2 site hospital-a" in m and "signature does not verify" in m for m in messages)
 
 
 def test_report_of_a_round_missing_from_the_ledger_fails(tmp_path: Path, make_site) -> None:
     state = make_site()
-    run, _ = _run_dir(tmp_path, state, Identity.generate("hospital-a"))
+    run, _ = _run_dir(tmp_path, state, SITES["hospital-a"])
     first = Ledger(state).entries()[0]  # the site restores a backup taken after round 1
     _rewrite_lines(state, lambda lines: lines[:1])
-    (state / "privacy-ledger.head").write_text(json.dumps({"hash": first.hash, "index": 0}, separators=(",", ":")) + "\n")
+    (state / HEAD_FILE).write_bytes(signed_head(0, first.hash, SITES["hospital-a"]))
     messages = failures(run_audit([state, run]))
     assert any("round 3 site hospital-a" in m and "does not hold" in m for m in messages), messages
     assert not any("round 1 site" in m for m in messages)
@@ -233,7 +245,7 @@ def test_report_of_a_round_missing_from_the_ledger_fails(tmp_path: Path, make_si
 
 def test_reports_alone_are_recomputed(tmp_path: Path, make_site) -> None:
     state = make_site()
-    run, _ = _run_dir(tmp_path, state, Identity.generate("hospital-a"))
+    run, _ = _run_dir(tmp_path, state, SITES["hospital-a"])
     report = run_audit([run])
     assert report.passed, failures(report)
     assert [(r.source, r.verdict) for r in report.recomputed] == [("reports", "ok")] * 3
@@ -253,6 +265,7 @@ def test_report_files_carry_the_per_site_numbers(tmp_path: Path, make_site) -> N
     make_site("hospital-a", rounds=3)
     make_site("hospital-b", rounds=1)
     report = run_audit([tmp_path / "hospital-a", tmp_path / "hospital-b" / "state"])
+    assert report.passed, failures(report)
     spent = {b.site: f"{b.spent_claimed:.3f}" for b in report.budgets}
     assert spent["hospital-a"] != spent["hospital-b"]
     markdown = write_markdown(report, tmp_path / "audit.md").read_text()
@@ -286,3 +299,56 @@ def test_cli_json_and_exit_codes(tmp_path: Path, make_site, capsys) -> None:
     assert "entry 1" in capsys.readouterr().out
     args = _parser().parse_args(["audit"])
     assert args.func(args) == 2
+
+
+# the rewrites an outside audit tried ------------------------------------------------------
+
+
+def test_a_consistent_rewrite_of_the_whole_ledger_fails_without_the_sites_key(tmp_path: Path, make_site) -> None:
+    state = make_site()
+
+    def fewer_steps(record):
+        record["steps"] = 2
+
+    _rechain(state, fewer_steps, signer=None)
+    assert any("not signed" in m for m in failures(run_audit([state])))
+    _rechain(state, fewer_steps, signer=Identity.generate("hospital-a"))
+    assert any("signature does not verify" in m for m in failures(run_audit([state])))
+
+
+def test_every_epsilon_lowered_by_two_and_a_half_percent_fails_even_when_the_site_signs_it(tmp_path: Path, make_site) -> None:
+    state = make_site()
+
+    def lower(record):
+        record["epsilon"] *= 0.975
+
+    _rechain(state, lower, signer=SITES["hospital-a"])  # an insider who holds the site's key
+    report = run_audit([state])
+    assert [r.verdict for r in report.recomputed] == ["under-reported"] * 3, failures(report)
+
+
+def test_a_dropped_tail_with_a_rewritten_head_and_a_wiped_ledger_fail(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    first = Ledger(state).entries()[0]
+    _rewrite_lines(state, lambda lines: lines[:1])
+    (state / HEAD_FILE).write_text(json.dumps({"hash": first.hash, "index": 0}) + "\n")
+    assert any("not signed" in m for m in failures(run_audit([state])))
+    (state / "privacy-ledger.jsonl").unlink()
+    (state / HEAD_FILE).unlink()
+    (state / STATE_IN_USE_FILE).write_bytes(b"k" * 32)  # the site's dataset-identity key: the state was in use
+    assert any("deleted" in m for m in failures(run_audit([state])))
+
+
+def test_a_state_directory_without_the_sites_key_cannot_pass(tmp_path: Path, make_site) -> None:
+    state = make_site()
+    (tmp_path / "hospital-a" / SITE_CONFIG_FILE).unlink()
+    assert any("no site key found" in m for m in failures(run_audit([state])))
+
+
+def test_reproducible_noise_is_flagged_as_not_private(tmp_path: Path) -> None:
+    state = _site_folder(tmp_path / "hospital-a", "hospital-a")
+    ledger = Ledger(state, signer=SITES["hospital-a"])
+    _append(ledger, 1, compose_epsilon([Step(1.0, Q, STEPS)], 1e-5, "rdp"), noise="seeded")
+    report = run_audit([state])
+    assert [b.status for b in report.budgets] == ["not-private"]
+    assert any("reproducible" in m and "NOT private" in m for m in failures(report))

@@ -3,8 +3,9 @@
 At the coordinator, a corrupted, truncated or mismatched checkpoint stops the run before
 anything is written. At a site during a federated (DP) round, bad data, an invalid policy,
 a ledger locked by another process, a full disk and a base model that does not match its
-card each make that site's reply an error naming the problem; the round goes on with the
-other sites and the site's ledger is left exactly as it was. A site process killed by
+card each make that site's reply an error naming the kind of problem, while the details
+(which may quote the site's records) stay in the site's own log; the round goes on with
+the other sites and the site's ledger is left exactly as it was. A site process killed by
 SIGTERM while training leaves a ledger that verifies and holds the round or not, never
 half of it.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -232,9 +234,22 @@ class FullDisk:
         monkeypatch.setattr(os, "write", write)
 
 
+class SiteLog(logging.Handler):
+    """What the sites wrote to their own log (in this test all sites share the process)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
 @pytest.fixture(scope="module")
 def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("bad-input")
+    site_log = SiteLog()
+    logging.getLogger("client").addHandler(site_log)
     sim_root = root / "sites"
     study = write_shifted_study(root / "study", sites=SITES)
     write_rdp_policies(sim_root, SITES)
@@ -293,65 +308,73 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
             return reply
 
         grid.on_instruction, grid.on_reply = on_instruction, on_reply
-        record = run_federation(grid, private_settings(study, root, rounds=BAD_ROUND, sites=SITES, min_sites=2), grid.run_id)
-    return sim_root, record, before, holder["pid"], disk.partial_writes
+        try:
+            record = run_federation(grid, private_settings(study, root, rounds=BAD_ROUND, sites=SITES, min_sites=2), grid.run_id)
+        finally:
+            logging.getLogger("client").removeHandler(site_log)
+    return sim_root, record, before, holder["pid"], disk.partial_writes, "\n".join(site_log.lines)
 
 
-def _victim(record: RunRecord, site: int):
+def _victim(record: RunRecord, site: int, kind: str) -> str:
+    """The site's failure as the coordinator recorded it: the kind of problem only, never its details."""
     current = record.round(BAD_ROUND)
     assert current.aggregated_sites == HONEST
     assert all(current.sites[name].status == "ok" for name in HONEST)
     result = current.sites[f"site-{site}"]
     assert result.status == "failed", result
-    return result
+    assert f"could not complete this instruction ({kind}); the details are in the site's own log" in result.reason
+    return result.reason
 
 
 @pytest.mark.parametrize("site", list(DATA_FAULTS))
 def test_bad_data_at_a_site_fails_its_reply_with_the_problem_and_the_round_goes_on(bad_input_run, site: int) -> None:
-    sim_root, record, before, _, _ = bad_input_run
-    expected = DATA_FAULTS[site][1].format(data=_data(sim_root, site).resolve())
-    assert expected in _victim(record, site).reason
+    sim_root, record, before, _, _, site_log = bad_input_run
+    kind, detail = DATA_FAULTS[site][1].format(data=_data(sim_root, site).resolve()).split(": ", 1)
+    reason = _victim(record, site, kind)
+    assert detail in site_log and str(_data(sim_root, site)) not in reason  # paths and values stay at the site
     assert ledger_files(sim_root, site) == before[site]
     assert ledger_rounds(sim_root, site) == [1]
 
 
 def test_invalid_policy_at_a_site_fails_its_reply_and_the_round_goes_on(bad_input_run) -> None:
-    sim_root, record, before, _, _ = bad_input_run
-    reason = _victim(record, POLICY_VICTIM).reason
-    assert "PolicyError" in reason and "max_epsilon must be a number" in reason and "'as much as needed'" in reason
-    assert ledger_files(sim_root, POLICY_VICTIM) == before[POLICY_VICTIM] == (None, None)
+    sim_root, record, before, _, _, site_log = bad_input_run
+    reason = _victim(record, POLICY_VICTIM, "PolicyError")
+    assert "max_epsilon must be a number" in site_log and "'as much as needed'" in site_log
+    assert "as much as needed" not in reason
+    assert ledger_files(sim_root, POLICY_VICTIM)[0] == before[POLICY_VICTIM][0] is None  # nothing was spent
 
 
 def test_ledger_locked_by_another_process_fails_the_reply_and_leaves_the_ledger(bad_input_run) -> None:
-    sim_root, record, before, holder_pid, _ = bad_input_run
-    reason = _victim(record, LOCK_VICTIM).reason
-    assert "LedgerLocked" in reason and f"another process (pid {holder_pid}) holds the privacy ledger lock" in reason
+    sim_root, record, before, holder_pid, _, site_log = bad_input_run
+    _victim(record, LOCK_VICTIM, "LedgerLocked")
+    assert f"another process (pid {holder_pid}) holds the privacy ledger lock" in site_log
     assert ledger_files(sim_root, LOCK_VICTIM) == before[LOCK_VICTIM]
     assert ledger_rounds(sim_root, LOCK_VICTIM) == [1]
 
 
 def test_full_disk_while_recording_sends_no_update_and_leaves_the_ledger(bad_input_run) -> None:
-    sim_root, record, before, _, partial_writes = bad_input_run
+    sim_root, record, before, _, partial_writes, site_log = bad_input_run
     assert partial_writes == 1  # the fault really hit the append, halfway through its line
-    reason = _victim(record, DISK_VICTIM).reason
-    assert "LedgerError" in reason and "No space left on device" in reason and "the update must not be sent" in reason
+    _victim(record, DISK_VICTIM, "LedgerError")
+    assert "No space left on device" in site_log and "the update must not be sent" in site_log
     assert ledger_files(sim_root, DISK_VICTIM) == before[DISK_VICTIM]
     assert ledger_rounds(sim_root, DISK_VICTIM) == [1]
     assert site_ledger(sim_root, DISK_VICTIM).verify() == 1
 
 
 def test_base_model_not_matching_its_card_is_refused_at_the_site(bad_input_run) -> None:
-    sim_root, record, _, _, _ = bad_input_run
+    sim_root, record, _, _, _, site_log = bad_input_run
     first = record.round(1)
     # first contact: the failure is filed under the node id until the site's evaluation reply proves who it is
     refused = first.sites.get(f"site-{CARD_VICTIM}") or first.sites[f"node-{node_of(CARD_VICTIM)}"]
-    assert refused.status == "failed" and "BaseModelMismatch: the base model received has fingerprint" in refused.reason
+    assert refused.status == "failed" and "(BaseModelMismatch)" in refused.reason
+    assert "the base model received has fingerprint" in site_log
     assert f"site-{CARD_VICTIM}" not in first.aggregated_sites and len(first.aggregated_sites) == SITES - 1
-    assert ledger_files(sim_root, CARD_VICTIM) == (None, None)
+    assert ledger_files(sim_root, CARD_VICTIM)[0] is None  # nothing spent (a new state gets its signed genesis head)
 
 
 def test_every_ledger_verifies_after_the_bad_round(bad_input_run) -> None:
-    sim_root, record, _, _, _ = bad_input_run
+    sim_root, record, _, _, _, _ = bad_input_run
     assert record.status == "completed"
     for site in range(SITES):
         ledger = site_ledger(sim_root, site)
@@ -367,8 +390,11 @@ from pathlib import Path
 import torch
 from client.budget import BudgetGuard
 from client.dp_training import dp_train, sample_rate_and_steps
-from common.privacy.policy import PrivacyRequest, SitePolicy
 from common.model.training import TrainConfig, use_one_torch_thread
+from common.privacy.ledger import TRAIN
+from common.privacy.noise import SecureRandom
+from common.privacy.policy import PrivacyRequest, SitePolicy
+from common.security.keys import Identity
 
 state, mode = Path(sys.argv[1]), sys.argv[2]
 if mode == "graceful":
@@ -380,12 +406,14 @@ y = (x[:, 0] > 0).long()
 model = torch.nn.Linear(8, 2)
 config = TrainConfig(epochs=1, batch_size=16, lr=0.05)
 rate, steps = sample_rate_and_steps(len(y), config.batch_size, config.epochs)
-guard = BudgetGuard(state, SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp"), "dataset-under-test")
+policy = SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=len(y))
+guard = BudgetGuard(state, policy, "d" * 64, Identity.generate("site-under-test"))
 plan = guard.plan_run("run-1", PrivacyRequest(3.0, 1e-5, 1.0, 20), rate, steps)
 for server_round in range(1, 21):
-    with guard.spend(plan, server_round) as record:
+    with guard.spend(plan, TRAIN, server_round) as record:
         print(f"training {server_round}", flush=True)
-        stats = dp_train(model, x, y, config, plan.noise_multiplier, 1.0, guard.ledger.history("dataset-under-test"), "rdp")
+        stats = dp_train(model, x, y, config, noise_multiplier=plan.noise_multiplier, max_grad_norm=1.0,
+                         sample_rate=rate, steps=steps, expected_batch_size=rate * len(y), source=SecureRandom())
         record(stats.steps, f"round-{server_round}")
     print(f"recorded {server_round}", flush=True)
 """

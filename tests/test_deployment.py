@@ -21,7 +21,6 @@ from common.security.manifest import read_manifest
 from common.privacy.report import verify_report
 from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
 from common.data.scenarios import load_scenario
-from common.data.site_data import write_site_data
 from common.run_record import RunRecord
 from tests.deployment_harness import (
     BIN,
@@ -29,6 +28,7 @@ from tests.deployment_harness import (
     Processes,
     flwr,
     free_port,
+    give_site_data,
     register_sites,
     start_run,
     start_superlink,
@@ -51,8 +51,8 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
                                          runtime_ports={"stranger": free_port()}))
     scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
-        write_site_data(scenario.sites[index], fed.site_kits[site] / "data", scenario.feature_names)
-    write_site_data(scenario.sites[3], foreign.site_kits["stranger"] / "data", scenario.feature_names)
+        give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
+    give_site_data(foreign.site_kits["stranger"], scenario.sites[3], scenario.feature_names)
     coordinator = fed.coordinator_kit
     coordinator_home = coordinator / "flower-home"
 
@@ -100,8 +100,8 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
         for site in SITES:
             entry = current.sites[site]
             assert entry.status == "ok", (site, entry.reason)
-            report = verify_report(entry.privacy_signed, int(run_id), server_round, base, manifest.site(site))
-            assert report == entry.privacy
+            report = verify_report(entry.train.report_signed, int(run_id), server_round, base, manifest.site(site))
+            assert report == entry.train.report and report["dp"] is True
         refused = {name: s for name, s in current.sites.items() if name not in SITES}
         assert len(refused) == 1 and next(iter(refused.values())).status in ("failed", "rejected"), current.sites
     for site in SITES:

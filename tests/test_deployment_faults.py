@@ -27,11 +27,11 @@ from common.privacy.report import verify_report
 from common.deploy.provision import Endpoint, ProvisionRequest, provision
 from common.run_record import RunRecord
 from common.data.scenarios import load_scenario
-from common.data.site_data import write_site_data
 from tests.deployment_harness import (
     HAS_FLOWER,
     Processes,
     free_port,
+    give_site_data,
     register_sites,
     run_status,
     start_run,
@@ -60,7 +60,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
                                      runtime_ports={site: free_port() for site in SITES}))
     scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
-        write_site_data(scenario.sites[index], fed.site_kits[site] / "data", scenario.feature_names)
+        give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
     coordinator = fed.coordinator_kit
     home = coordinator / "flower-home"
 
@@ -99,7 +99,9 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     for server_round, sites in ((1, SITES), (3, SITES[:2])):
         for site in sites:
             entry = record.round(server_round).sites[site]
-            assert verify_report(entry.privacy_signed, record.round(server_round).flower_run_id, server_round, record.base_model["fingerprint"], manifest.site(site)) == entry.privacy
+            signed = entry.train.report_signed
+            assert verify_report(signed, record.round(server_round).flower_run_id, server_round, record.base_model["fingerprint"],
+                                 manifest.site(site)) == entry.train.report
 
     for site in SITES:
         ledger = Ledger(fed.site_kits[site] / "state")

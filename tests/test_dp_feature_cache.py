@@ -1,7 +1,7 @@
 """Feature caching is exact: DP-SGD on cached frozen features equals DP-SGD on the whole model.
 
 The site computes the frozen prefix's features once and runs ``dp_train`` on the trainable
-suffix. With the same ``noise_seed``, that must give the same trainable weights as running
+suffix. With the same seeded random source, that must give the same trainable weights as running
 ``dp_train`` on the whole model (frozen parameters with requires_grad off) over raw inputs,
 and neither path may touch the frozen weights.
 """
@@ -13,16 +13,23 @@ import copy
 import pytest
 import torch
 
-from client.dp_training import dp_train
-from common.model.zoo import build_model
+from client.dp_training import dp_train, sample_rate_and_steps
 from common.model.training import TrainConfig, compute_features, use_one_torch_thread
 from common.model.transfer import TransferPolicy
+from common.model.zoo import build_model
+from common.privacy.noise import SeededRandom
 
 CASES = [
     pytest.param("mlp", (30,), {"hidden": [32, 16]}, "head", 0.0, id="mlp-head"),
     pytest.param("mlp", (30,), {"hidden": [32, 16]}, "head", 0.5, id="mlp-head-fedprox"),
     pytest.param("cnn", (1, 24, 24), {}, "last:1", 0.0, id="cnn-last1"),
 ]
+
+
+def _dp(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int):
+    rate, steps = sample_rate_and_steps(len(y), config.batch_size, config.epochs)
+    return dp_train(module, x, y, config, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=rate, steps=steps,
+                    expected_batch_size=rate * len(y), source=SeededRandom(seed))
 
 
 def _data(input_shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,12 +50,12 @@ def test_cached_features_give_the_uncached_weights(arch: str, input_shape: tuple
 
     uncached = copy.deepcopy(base)
     policy.apply(uncached)
-    stats_uncached = dp_train(uncached, x, y, config, 1.0, 1.0, [], "prv", noise_seed=11)
+    stats_uncached = _dp(uncached, x, y, config, seed=11)
 
     cached = copy.deepcopy(base)
     policy.apply(cached)
     frozen, trainable = policy.split(cached)
-    stats_cached = dp_train(trainable, compute_features(frozen, x), y, config, 1.0, 1.0, [], "prv", noise_seed=11)
+    stats_cached = _dp(trainable, compute_features(frozen, x), y, config, seed=11)
 
     assert (stats_cached.steps, stats_cached.updates) == (stats_uncached.steps, stats_uncached.updates)
     assert stats_cached.updates > 0
@@ -75,6 +82,6 @@ def test_another_noise_seed_gives_other_weights() -> None:
         model = copy.deepcopy(base)
         policy.apply(model)
         frozen, trainable = policy.split(model)
-        dp_train(trainable, compute_features(frozen, x), y, config, 1.0, 1.0, [], "prv", noise_seed=noise_seed)
+        _dp(trainable, compute_features(frozen, x), y, config, seed=noise_seed)
         weights.append(model.head.weight.detach().clone())
     assert not torch.allclose(weights[0], weights[1])

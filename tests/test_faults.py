@@ -34,19 +34,20 @@ from common.security.keys import read_identity
 from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger
 from common.security.manifest import Manifest
 from common.privacy.report import sign_report
-from common.protocol import ARRAYS, CONFIG, SEALED
+from common.protocol import ARRAYS, CONFIG, SEALED, SiteReply
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
 from common.data.site_config import site_dir
 from common.security.manifest import MANIFEST_FILE
 from common.privacy.policy import SitePolicy, write_policy
-from common.update_codec import encode_update
+from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
 from simulations.benchmarks import BENCHMARKS
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
 
 FIRST_NODE = 101  # DirectGrid's node id of site-0; site i is node 101 + i
+SHIFTED_STUDY_TRAIN_ROWS = 120  # each site of write_shifted_study: 160 rows, a quarter kept for testing
 
 
 # helpers shared with test_bad_input ---------------------------------------------------------
@@ -67,7 +68,7 @@ def write_rdp_policies(sim_root: Path, sites: int) -> None:
     for index in range(sites):
         path = site_dir(sim_root, index) / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp"), path)
+        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=SHIFTED_STUDY_TRAIN_ROWS), path)
 
 
 def site_ledger(sim_root: Path, site: int) -> Ledger:
@@ -99,12 +100,12 @@ def forged_update(sim_root: Path, instruction: Message, run_id: int, tensors: di
     coordinator = Manifest.from_json((keys / MANIFEST_FILE).read_text(), None).coordinator
     server_round = int(instruction.content[CONFIG]["server-round"])
     base = str(instruction.content[CONFIG]["base-fingerprint"])
-    privacy = sign_report({"dp": False, "epsilon": math.inf}, run_id, server_round, base, site)
-    report = {
-        "site-id": "site-0", "status": "ok", "reason": "", "privacy": privacy,
-        "metrics": {"num-examples": num_examples, "train-loss": 0.1, "steps": 1},
-    }
-    blob = seal(encode_update(report, tensors), EnvelopeContext(run_id, server_round, "site-0", "train-reply", base), site, coordinator)
+    report = {"phase": "train", "status": "ok", "dp": False, "dataset-id": "a" * 64, "declared-size": num_examples,
+              "egress": {"update": declaration(NOT_PRIVATE, "plain SGD"), "num-examples": declaration(PUBLIC, "declared"),
+                         "steps": declaration(PUBLIC, "planned")}}
+    reply = SiteReply("site-0", "train", "ok", "", {"num-examples": num_examples, "steps": 1},
+                      sign_report(report, run_id, server_round, base, site), tensors)
+    blob = seal(reply.encode(), EnvelopeContext(run_id, server_round, "site-0", "train-reply", base), site, coordinator)
     return Message(content=RecordDict({SEALED: ConfigRecord({"site-id": "site-0", "envelope": blob})}), reply_to=instruction)
 
 
@@ -175,7 +176,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunReco
     [
         (0, "failed", "crashed after recording its spend"),
         (1, "no-reply", "no reply before the round timeout"),
-        (2, "failed", "TrainableArraysInvalid: training produced NaN or Inf weights"),
+        (2, "failed", "could not complete this instruction (TrainableArraysInvalid)"),
         (3, "failed", "crashed before training"),
     ],
 )

@@ -10,8 +10,9 @@ from torch import nn
 
 from client.dp_training import dp_train, sample_rate_and_steps
 from client.fine_tune import train_config
-from common.protocol import RoundInstruction
 from common.model.training import TrainConfig, make_optimizer, shuffled_batches, train_plain, use_one_torch_thread
+from common.privacy.noise import SecureRandom
+from common.protocol import RoundInstruction
 
 
 def _data(examples: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,19 +69,19 @@ def test_round_config_carries_local_steps_but_personalisation_trains_epochs() ->
 
 
 def test_dp_steps_per_round_follow_local_steps() -> None:
-    assert sample_rate_and_steps(30, 4, 2) == (1 / 8, 16)
+    assert sample_rate_and_steps(30, 4, 2) == (1 / 8, 16)  # 30 is the site's declared size, never its exact count
     assert sample_rate_and_steps(30, 4, 2, local_steps=100) == (1 / 8, 100)
 
 
 @pytest.mark.parametrize("steps", [5, 20])
-def test_dp_training_takes_exactly_local_steps_and_the_accountant_sees_them(steps: int) -> None:
+def test_dp_training_takes_exactly_local_steps(steps: int) -> None:
     use_one_torch_thread()
     x, y = _data()
     config = TrainConfig(epochs=1, batch_size=4, lr=0.01, steps=steps)
-    stats = dp_train(nn.Linear(5, 2), x, y, config, 1.0, 1.0, [], "rdp", noise_seed=3)
+    stats = dp_train(nn.Linear(5, 2), x, y, config, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / 8,
+                     steps=steps, expected_batch_size=30 / 8, source=SecureRandom())
     assert stats.steps == steps
     assert stats.updates <= steps
-    assert sum(entry[2] for entry in stats.engine_history) == stats.updates
     assert stats.sample_rate == pytest.approx(1 / 8)
 
 
@@ -99,7 +100,7 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
     for site in range(2):
         policy = tmp_path / "sites" / f"site-{site}" / "state" / "privacy-policy.toml"
         policy.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp"), policy)
+        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120), policy)
     settings = RunSettings(
         scenario=str(study), num_server_rounds=2, local_epochs=3, local_steps=7, batch_size=16, out=str(tmp_path / "out"),
         sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=2, target_epsilon=3.0, personalise_epochs=0,
@@ -108,5 +109,6 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
     for site in range(2):
         entries = Ledger(tmp_path / "sites" / f"site-{site}" / "state").entries()
         assert [e.steps for e in entries] == [7, 7]
-        assert record.round(1).sites[f"site-{site}"].privacy["steps"] == 7
-        assert all(0 < e.sample_rate < 1 for e in entries)
+        assert record.round(1).sites[f"site-{site}"].train.values["steps"] == 7
+        assert record.round(1).sites[f"site-{site}"].train.report["spends"][0]["steps"] == 7
+        assert all(e.sample_rate == 1 / 8 for e in entries)  # one over the batches in the declared size (120 / 16)

@@ -32,7 +32,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory):
     for site, cap in CAPS.items():  # RDP keeps this test quick; PRV, the default, runs in test_simulation
         policy = root / "sites" / f"site-{site}" / "state" / "privacy-policy.toml"
         policy.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=cap, delta=1e-5, max_grad_norm=1.0, accountant="rdp"), policy)
+        write_policy(SitePolicy(max_epsilon=cap, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120), policy)
     records = []
     for run_id in (7001, 7002):
         grid = DirectGrid(client_app, num_nodes=3, run_id=run_id)
@@ -51,23 +51,23 @@ def _ledger(root: Path, site: int) -> Ledger:
 
 def test_site_policy_overrides_a_weaker_request(two_runs) -> None:
     root, (first, _) = two_runs
-    report = first.round(1).sites["site-2"].privacy
+    report = first.round(1).sites["site-2"].train.report
     assert set(report["overridden"]) >= {"target_epsilon", "max_grad_norm"}
-    assert report["max-grad-norm"] == 1.0 and report["cap-epsilon"] == 1.0
+    assert report["spends"][0]["clip"] == 1.0 and report["cap-epsilon"] == 1.0
     entries = _ledger(root, 2).entries()
     assert [e.server_round for e in entries] == [1, 2]
     assert all(e.max_grad_norm == 1.0 and e.epsilon <= 1.0 for e in entries)
-    assert first.round(2).sites["site-0"].privacy["max-grad-norm"] == 1.0
+    assert first.round(2).sites["site-0"].train.report["spends"][0]["clip"] == 1.0
 
 
 def test_spend_carries_into_the_next_run(two_runs) -> None:
     root, (first, second) = two_runs
-    after_first = first.round(2).sites["site-0"].privacy["epsilon"]
+    after_first = first.round(2).sites["site-0"].train.report["epsilon"]
     assert 2.5 < after_first <= 3.0
     entries = _ledger(root, 0).entries()
     assert [(e.run_id, e.server_round) for e in entries] == [("7001", 1), ("7001", 2), ("7002", 1), ("7002", 2)]
     assert entries[2].epsilon > after_first
-    assert second.round(2).sites["site-0"].privacy["epsilon"] == pytest.approx(entries[3].epsilon)
+    assert second.round(2).sites["site-0"].train.report["epsilon"] == pytest.approx(entries[3].epsilon)
 
 
 def test_exhausted_site_declines_and_the_run_finishes_with_the_others(two_runs) -> None:

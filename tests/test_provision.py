@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import ipaddress
 import os
 import stat
@@ -19,6 +20,7 @@ from common.security.manifest import read_manifest
 from common.deploy.provision import Endpoint, KitInfo, ProvisionError, ProvisionRequest, provision
 from common.deploy.site_check import ERROR, check_kit, has_errors
 from common.data.site_config import SiteConfig
+from common.privacy.policy import load_policy, write_policy
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
@@ -95,11 +97,19 @@ def _write_csv(directory: Path, columns: int, rows: int = 40) -> None:
         (directory / f"{split}.csv").write_text(header + "\n" + "\n".join(lines) + "\n")
 
 
+def _declare(kit: Path) -> None:
+    """What a site does after adding its data: declare its public, rounded size in its privacy policy."""
+    path = kit / "state" / "privacy-policy.toml"
+    write_policy(replace(load_policy(path), declared_size=10), path)
+
+
 def test_fresh_kits_pass_the_check_once_the_site_has_data(kits) -> None:
     assert not has_errors(check_kit(kits.coordinator_kit))
     for kit in kits.site_kits.values():
         assert "no train" in _messages(kit)
         _write_csv(kit / "data", 4)
+        assert "declared_size is missing" in _messages(kit)
+        _declare(kit)
         findings = check_kit(kit)
         assert not has_errors(findings), [f for f in findings if f.level == ERROR]
 
@@ -118,6 +128,7 @@ def test_existing_ca_is_reused_and_sites_can_be_added(tmp_path: Path, kits) -> N
     assert sorted(read_manifest(added.coordinator_kit / "manifest.json", first.coordinator_fingerprint).sites) == ["a", "b", "c"]
     assert "supernode-keys/c.pub" in (added.coordinator_kit / "register-supernodes.sh").read_text()
     _write_csv(first.site_kits["a"] / "data", 2)
+    _declare(first.site_kits["a"])
     assert not has_errors(check_kit(first.site_kits["a"])), "an old site kit stays valid after a site is added"
     with pytest.raises(ProvisionError, match="already in federation"):
         _provision(tmp_path / "fed", sites=["a"])
@@ -176,6 +187,7 @@ def test_check_validates_data_against_the_model_card(tmp_path: Path) -> None:
     save_checkpoint(model, card_dir, arch="logreg", arch_args={}, input_shape=[3], class_names=["no", "yes"], source_description="test")
     assert "train.csv" in _messages(kit, model_card=card_dir)
     _write_csv(kit / "data", 3)
+    _declare(kit)
     assert not has_errors(check_kit(kit, model_card=card_dir))
 
 
@@ -188,6 +200,7 @@ def test_cli_provision_and_check(tmp_path: Path) -> None:
     assert KitInfo.load(out / "sites" / "b").runtime_port == 9501
     assert "--host 127.0.0.1 --port 9000" in (out / "coordinator" / "start-superlink.sh").read_text()
     _write_csv(out / "sites" / "a" / "data", 2)
+    _declare(out / "sites" / "a")
     check = parser.parse_args(["site", "check", "--kit", str(out / "sites" / "a")])
     assert check.func(check) == 0
     os.chmod(out / "sites" / "a" / "flower" / "supernode-auth.key", 0o640)

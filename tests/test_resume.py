@@ -22,9 +22,12 @@ class CoordinatorCrash(RuntimeError):
 
 
 def _settings(study: Path, root: Path, out: str, **changes) -> RunSettings:
+    """Reproducible noise (synthetic data, allowed by the policies below): the same seed gives the same model.
+    Every round asks for an evaluation, so each round is a train and an evaluate message per site."""
     return RunSettings(
         scenario=str(study), num_server_rounds=4, local_epochs=1, strategy="fedadam", out=str(root / out),
-        sim_root=str(root / f"sites-{out}"), min_sites=2, expected_sites=3, **changes,
+        sim_root=str(root / f"sites-{out}"), min_sites=2, expected_sites=3, reproducible_noise=True,
+        federated_evaluation="every", **changes,
     )
 
 
@@ -32,7 +35,8 @@ def _rdp_policies(sim_root: Path) -> None:
     for site in range(3):
         path = sim_root / f"site-{site}" / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp"), path)
+        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=120,
+                                allow_reproducible_noise=True), path)
 
 
 class CrashingGrid(DirectGrid):

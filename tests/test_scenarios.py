@@ -123,7 +123,7 @@ def test_flamby_split_matches_reference_rows() -> None:
 @needs_heart
 def test_heart_disease_scenarios() -> None:
     transfer = load_scenario("heart-disease", data_dir=HEART_DIR)
-    flamby = load_scenario("heart-disease-flamby", data_dir=SHARED)
+    flamby = load_scenario("heart-disease-flamby", data_dir=SHARED, private=False)  # FLamby's own protocol: no DP
     for scenario in (transfer, flamby):
         _assert_valid(scenario)
         assert scenario.input_shape == (13,) and scenario.model.arch == "logreg" and scenario.policy == "full"
@@ -135,6 +135,22 @@ def test_heart_disease_scenarios() -> None:
         mean = site.train.x.mean(axis=0)
         assert np.all(np.abs(mean) < 1e-5)
     assert flamby.sites[0].train.x.std(axis=0, ddof=1) == pytest.approx(np.ones(13), abs=1e-5)
+    assert "NON-PRIVATE runs only" in flamby.preprocessing
+
+
+@needs_heart
+def test_private_runs_scale_with_public_statistics_only() -> None:
+    """FLamby z-scores each centre with its own private records; private runs must not (the guarantee covers rows)."""
+    transfer = load_scenario("heart-disease", data_dir=HEART_DIR)
+    cleveland = transfer.source.train.x
+    assert np.all(np.abs(cleveland.mean(axis=0)) < 1e-5)  # the source's own statistics: public to the coordinator
+    for site in transfer.sites:  # the targets are scaled with Cleveland's, so their own means are not 0
+        assert np.abs(site.train.x.mean(axis=0)).max() > 0.1
+    raw = load_scenario("heart-disease", data_dir=HEART_DIR, private=False).sites[0]
+    assert not np.allclose(raw.train.x, transfer.sites[0].train.x)
+    flamby = load_scenario("heart-disease-flamby", data_dir=SHARED)
+    assert "reference values" in flamby.preprocessing and "NON-PRIVATE" not in flamby.preprocessing
+    assert all(np.abs(site.train.x.mean(axis=0)).max() > 1e-3 for site in flamby.sites)
 
 
 @needs_heart

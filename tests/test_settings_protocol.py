@@ -4,7 +4,7 @@ from dataclasses import MISSING, asdict, fields
 import numpy as np
 import pytest
 
-from common.model.metrics import METRIC_NAMES, classification_metrics
+from common.model.metrics import METRIC_NAMES, classification_metrics, evaluation_counts, metrics_from_counts
 from common.protocol import InstructionError, RoundInstruction
 from common.cli import main as cli
 from common.settings import RunSettings, SettingsError, parse_assignments
@@ -261,13 +261,29 @@ def test_binary_metrics_match_hand_computed_values():
     proba = np.array([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.2, 0.8]])
     # predictions 0, 1, 1, 1: TP=2, FP=1, FN=0, TN=1
     metrics = classification_metrics(y_true, proba)
-    assert set(metrics) == set(METRIC_NAMES)
+    assert set(metrics) == {*METRIC_NAMES, "loss"}
+    assert (metrics["sensitivity"], metrics["specificity"], metrics["test-size"]) == (1.0, 0.5, 4.0)
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert metrics["balanced-accuracy"] == pytest.approx((1 / 2 + 2 / 2) / 2)
     assert metrics["f1"] == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))  # 0.8
     # positives score 0.55 and 0.8, negatives 0.1 and 0.6: 3 of 4 pairs ordered correctly
     assert metrics["roc-auc"] == pytest.approx(0.75)
     assert metrics["loss"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.55) + math.log(0.8)) / 4)
+
+
+def test_metrics_from_exact_counts_equal_the_exact_metrics_but_binned_auc():
+    rng = np.random.default_rng(4)
+    y_true = rng.integers(0, 2, 400)
+    p1 = 1 / (1 + np.exp(-(rng.normal(size=400) + 1.5 * y_true)))
+    proba = np.stack([1 - p1, p1], axis=1)
+    exact, counted = classification_metrics(y_true, proba), metrics_from_counts(evaluation_counts(y_true, proba))
+    for name in ("balanced-accuracy", "f1", "sensitivity", "specificity", "accuracy", "test-size"):
+        assert counted[name] == pytest.approx(exact[name])
+    assert counted["roc-auc"] == pytest.approx(exact["roc-auc"], abs=0.02)  # eight logit bins: ties within a bin
+    multi = rng.dirichlet([1, 1, 1], 50)
+    labels = rng.integers(0, 3, 50)
+    for name in ("balanced-accuracy", "f1", "accuracy"):
+        assert metrics_from_counts(evaluation_counts(labels, multi))[name] == pytest.approx(classification_metrics(labels, multi)[name])
 
 
 def test_multiclass_metrics_match_hand_computed_values():

@@ -83,6 +83,7 @@ policies = st.builds(
     min_noise_multiplier=st.floats(0.0, 100.0),
     max_grad_norm=st.floats(1e-3, 1e4),
     max_rounds_per_run=st.one_of(st.none(), st.integers(1, 100_000)),
+    max_epsilon_per_run=st.floats(0.01, 100.0),
 )
 requests = st.builds(
     PrivacyRequest,
@@ -106,5 +107,6 @@ def test_stricter_always_wins(policy, request):
         assert eff.planned_rounds <= policy.max_rounds_per_run
     assert eff.min_noise_multiplier == policy.min_noise_multiplier
     assert eff.accountant == policy.accountant
-    assert ("target_epsilon" in eff.overridden) == (policy.max_epsilon < request.target_epsilon)
+    assert eff.run_target_epsilon <= policy.max_epsilon_per_run
+    assert ("target_epsilon" in eff.overridden) == (policy.run_limit < request.target_epsilon)
     assert ("delta" in eff.overridden) == (policy.delta < request.delta)

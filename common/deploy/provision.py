@@ -279,7 +279,7 @@ def flower_connection_toml(federation: str, address: Endpoint, ca_path: Path) ->
 
 def default_app_dir() -> Path | None:
     """The fedtransfer Flower App (the repository root) if this installation runs from a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # common/deploy/provision.py -> the repository root
     pyproject = root / "pyproject.toml"
     return root if pyproject.is_file() and "[tool.flwr.app" in pyproject.read_text() else None
 

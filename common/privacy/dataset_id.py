@@ -34,6 +34,7 @@ class DatasetKeyError(Exception):
 def dataset_key(state_dir: Path) -> bytes:
     """The site's dataset-identity key, created (0600, exclusively, durably) on first use."""
     path = Path(state_dir) / STATE_IN_USE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -352,7 +352,8 @@ class EffectiveSettings:
     min_noise_multiplier: float
     accountant: Accountant
     overridden: tuple[str, ...]
-    #: DP releases the run may make: evaluations, and one DP training loss per round if asked and allowed.
+    #: DP releases the run may make: evaluations, and one DP training loss per round if asked and allowed;
+    #: ``release_share`` of the run's budget is theirs if it makes any.
     evaluations: int = 0
     release_loss: bool = False
     release_share: float = 0.0
@@ -413,7 +414,6 @@ def effective_settings(policy: SitePolicy, request: PrivacyRequest) -> Effective
     release_loss = request.release_loss and policy.allow_loss_release
     if request.release_loss and not release_loss:
         overridden.append("release_loss")
-    releases = evaluations + (rounds if release_loss else 0)
     return EffectiveSettings(
         run_target_epsilon=min(request.target_epsilon, policy.run_limit),
         cap_epsilon=policy.max_epsilon,
@@ -425,5 +425,5 @@ def effective_settings(policy: SitePolicy, request: PrivacyRequest) -> Effective
         overridden=tuple(overridden),
         evaluations=evaluations,
         release_loss=release_loss,
-        release_share=policy.release_share if releases else 0.0,
+        release_share=policy.release_share,
     )

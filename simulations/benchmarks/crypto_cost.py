@@ -1,7 +1,7 @@
 """The cost of the encrypted, signed channel: throughput, share of a round, bytes on the wire.
 
 1. Seal and open throughput (MB/s = 10^6 payload bytes per second) of ``common/security/envelope.py``
-   on reply payloads built by ``encode_update`` from real trainable tensors: each offline
+   on encoded ``SiteReply`` payloads carrying real trainable tensors: each offline
    scenario's default-policy update, and a bulk update of a wide model from the zoo.
 2. The share of a round's wall time spent on crypto: real local DP rounds of the wdbc
    site (``client/private_round.py train_round``: budget guard, Opacus, ledger) against the
@@ -18,41 +18,45 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from client.dp_training import dp_train
+from client.dp_training import dp_train, sample_rate_and_steps
 from client.fine_tune import train_config
 from client.local_data import Features
 from client.private_round import train_round
-from common.security.envelope import BROADCAST, EnvelopeContext, open_envelope, seal, sign_instruction, verify_instruction
-from common.security.keys import read_identity
-from common.model.zoo import FedModel, build_model
-from common.privacy.report import sign_report, verify_report
-from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, STATUS_OK, RoundInstruction, instruction_payload, parse_instruction_payload, site_status
+from client.session import SiteSession, site_session
 from common.data.scenarios import Scenario, load_scenario
-from common.settings import RunSettings
-from simulations.sites import materialize_sites, simulated_policy
 from common.data.site_data import dataset_fingerprint
-from common.privacy.policy import PrivacyRequest
 from common.model.training import TrainConfig, as_tensors, compute_features, use_one_torch_thread
 from common.model.transfer import TransferPolicy, state_fingerprint
-from common.update_codec import decode_update, encode_update
+from common.model.zoo import FedModel, build_model
+from common.privacy.egress import check_reply
+from common.privacy.noise import SecureRandom
+from common.privacy.policy import PrivacyRequest
+from common.privacy.report import sign_report, verify_report
+from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, STATUS_OK, RoundInstruction, SiteReply, instruction_payload, parse_instruction_payload
+from common.security.envelope import BROADCAST, EnvelopeContext, open_envelope, seal, sign_instruction, verify_instruction
+from common.security.keys import Identity
+from common.settings import RunSettings
+from simulations.benchmarks.harness import prewrite_policies
 from simulations.benchmarks.payloads import (
     TRAFFIC_HEADERS,
     Parties,
     PolicyTraffic,
     policy_traffic,
     reply_context,
+    reply_payload,
     scenario_model,
     traffic_notes,
     traffic_rows,
     valid_policies,
 )
 from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, timed, write_result
+from simulations.sites import materialize_sites
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ BULK_HIDDEN = (1024, 1024)
 QUICK_BULK_HIDDEN = (128, 128)
 ROUND_SCENARIO = "wdbc"
 CRYPTO_STEPS = ("sign instruction", "verify instruction", "sign privacy report", "seal reply", "open reply", "verify privacy report")
-CODEC_STEPS = ("encode reply", "decode reply")
+#: The reply's encoding and the egress rule, checked at both ends: timed, but not crypto.
+PROTOCOL_STEPS = ("check egress (site)", "encode reply", "decode reply", "check egress (coordinator)")
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def measure_throughput(label: str, tensors: dict[str, torch.Tensor], site_id: st
     """Time seal and open of the reply payload holding ``tensors``."""
     parties = Parties.generate(site_id)
     context = reply_context(site_id, state_fingerprint(tensors))
-    payload = encode_update(site_status(site_id), tensors)
+    payload = reply_payload(site_id, tensors)
     recipient = parties.coordinator.public()
     sites = {site_id: parties.site.public()}
     envelope = seal(payload, context, parties.site, recipient)
@@ -158,9 +163,20 @@ def _features(scenario: Scenario, model: FedModel, policy: TransferPolicy) -> Fe
     return Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
 
 
-def _dp_train_alone(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig, max_grad_norm: float, seed: int) -> None:
+def _dp_train_alone(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig, max_grad_norm: float,
+                    declared: int) -> None:
+    """The round's DP-SGD alone (noise multiplier 1, CSPRNG noise): no guard, no ledger."""
     _, trainable = policy.split(copy.deepcopy(model))
-    dp_train(trainable, features.train_x, features.train_y, config, 1.0, max_grad_norm, [], "prv", noise_seed=seed)
+    sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs, config.steps)
+    dp_train(trainable, features.train_x, features.train_y, config, noise_multiplier=1.0, max_grad_norm=max_grad_norm,
+             sample_rate=sample_rate, steps=steps, expected_batch_size=sample_rate * declared, source=SecureRandom())
+
+
+def _bench_site(scenario: Scenario, root: Path, accountant: str) -> tuple[SiteSession, Identity]:
+    """The scenario's first simulated site (its simulated policy, using ``accountant``) and the coordinator."""
+    prewrite_policies(root, scenario, allow_non_private=False, accountant=accountant)
+    federation = materialize_sites(scenario, root, "bench", allow_non_private=False)
+    return site_session({"partition-id": 0}, str(root)), federation.coordinator
 
 
 def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> RoundShare:
@@ -169,7 +185,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     The first round calibrates the run's noise (once per run) and is reported apart; the
     medians are over the ``rounds`` that follow (over the first round if ``rounds`` is 0, the
     quick variant). ``dp_train`` alone is timed beside each round on a copy of the model, to
-    show what the round costs beyond DP-SGD itself.
+    show what the round costs beyond DP-SGD itself. Noise comes from the CSPRNG, as at a real site.
     """
     scenario = load_scenario(ROUND_SCENARIO, seed=seed)
     settings = RunSettings()
@@ -180,18 +196,15 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     run_id = 7_000_000 + seed
     total = rounds + 1
     first_timed = 2 if rounds > 0 else 1
-    samples: dict[str, list[float]] = {step: [] for step in (*CRYPTO_STEPS, *CODEC_STEPS, "round", "dp_train")}
+    samples: dict[str, list[float]] = {step: [] for step in (*CRYPTO_STEPS, *PROTOCOL_STEPS, "round", "dp_train")}
     first_round = 0.0
     sizes = (0, 0)
-    site_policy = replace(simulated_policy(allow_non_private=False), accountant=accountant)
     with tempfile.TemporaryDirectory(prefix="fedtransfer-bench-") as root:
-        federation = materialize_sites(scenario, Path(root), "bench", site_policy)
-        site = federation.sites[0]
-        identity = read_identity(site.keys_dir, site.site_id)
-        coordinator, manifest = federation.coordinator, federation.manifest
+        session, coordinator = _bench_site(scenario, Path(root), accountant)
+        site_id, manifest = session.site_id, session.manifest
         features = _features(scenario, model, policy)
-        dataset_id = dataset_fingerprint(site.data_path)
-        request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, total)
+        dataset = session.dataset(dataset_fingerprint(session.config.data_path))
+        declared = session.policy.declared_size or len(features.train_y)
         for server_round in range(1, total + 1):
             clock: dict[str, float] = {}
 
@@ -205,13 +218,15 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
                 server_round=server_round, num_rounds=total, policy=str(policy), base_fingerprint=base,
                 frozen_fingerprint=state_fingerprint(policy.frozen_state(model)), local_epochs=settings.local_epochs,
                 batch_size=settings.batch_size, lr=settings.lr, optimizer=settings.optimizer, proximal_mu=0.0, seed=seed,
-                personalise_epochs=0, dp=1, run_key=str(run_id),
+                personalise_epochs=0, dp=1, run_key=str(run_id), federated_evaluation="none",
             )
+            request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, total,
+                                     evaluations=instruction.evaluations)
             config = instruction.to_config() | request.to_config()
             downlink = EnvelopeContext(run_id, server_round, BROADCAST, INSTRUCTION_KINDS["train"], base)
             blob = step("sign instruction", lambda: sign_instruction(
                 instruction_payload(config, state_fingerprint(policy.trainable_state(model))), downlink, coordinator))
-            expected_in = EnvelopeContext(run_id, server_round, site.site_id, INSTRUCTION_KINDS["train"], base)
+            expected_in = EnvelopeContext(run_id, server_round, site_id, INSTRUCTION_KINDS["train"], base)
 
             def verify() -> None:
                 _, arrays = parse_instruction_payload(verify_instruction(blob, expected_in, manifest.coordinator))
@@ -219,22 +234,27 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
                     raise RuntimeError("benchmark instruction does not match its weights")
 
             step("verify instruction", verify)
-            outcome = step("round", lambda: train_round(
-                site, dataset_id, model, policy, features, train_config(instruction), config, dp_requested=True,
-                run_key=str(run_id), server_round=server_round, noise_seed=seed * 1_000_003 + server_round))
+            outcome = step("round", lambda: train_round(session, dataset, model, policy, features, train_config(instruction),
+                                                        instruction, config))
             if outcome.status != STATUS_OK:
                 raise RuntimeError(f"the benchmark site declined round {server_round}: {outcome.reason}")
-            step("dp_train", lambda: _dp_train_alone(model, policy, features, train_config(instruction), settings.max_grad_norm, seed))
-            signed = step("sign privacy report", lambda: sign_report(outcome.privacy, run_id, server_round, base, identity))
-            report = {**site_status(site.site_id, outcome.status, outcome.reason), "privacy": signed,
-                      "metrics": {"num-examples": len(features.train_y), "train-loss": outcome.mean_loss, "steps": outcome.steps}}
-            payload = step("encode reply", lambda: encode_update(report, policy.trainable_state(model)))
-            uplink = EnvelopeContext(run_id, server_round, site.site_id, REPLY_KINDS["train"], base)
-            envelope = step("seal reply", lambda: seal(payload, uplink, identity, manifest.coordinator))
+            step("dp_train", lambda: _dp_train_alone(model, policy, features, train_config(instruction), settings.max_grad_norm,
+                                                     declared))
+            # the report as client.channel builds it: the outcome's public fields, phase, status and egress declaration
+            report = {**outcome.report(), "phase": "train", "status": outcome.status, "egress": dict(outcome.egress)}
+            step("check egress (site)", lambda: check_reply("train", outcome.status, outcome.values, bool(outcome.tensors), report))
+            signed = step("sign privacy report", lambda: sign_report(report, run_id, server_round, base, session.identity))
+            reply = SiteReply(site_id, "train", outcome.status, outcome.reason, outcome.values, signed, outcome.tensors)
+            payload = step("encode reply", reply.encode)
+            uplink = EnvelopeContext(run_id, server_round, site_id, REPLY_KINDS["train"], base)
+            envelope = step("seal reply", lambda: seal(payload, uplink, session.identity, manifest.coordinator))
             sizes = (len(payload), len(envelope))
             opened = step("open reply", lambda: open_envelope(envelope, uplink, coordinator, manifest.sites))
-            received, _ = step("decode reply", lambda: decode_update(opened))
-            step("verify privacy report", lambda: verify_report(received["privacy"], run_id, server_round, base, manifest.site(site.site_id)))
+            received = step("decode reply", lambda: SiteReply.decode(opened))
+            verified = step("verify privacy report", lambda: verify_report(received.report, run_id, server_round, base,
+                                                                           manifest.site(site_id)))
+            step("check egress (coordinator)", lambda: check_reply("train", received.status, received.values,
+                                                                   bool(received.tensors), verified))
             if server_round == 1:
                 first_round = clock["round"]
             if server_round >= first_timed:
@@ -245,7 +265,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     training_shares = [c / (c + t) for c, t in zip(crypto_per_round, samples["dp_train"])]
     share = RoundShare(
         scenario=scenario.name,
-        site=site.site_id,
+        site=site_id,
         policy=str(policy),
         accountant=accountant,
         rounds_timed=len(samples["round"]),
@@ -257,7 +277,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
         crypto_share_of_dp_train=statistics.median(training_shares),
         reply_payload_bytes=sizes[0],
         reply_envelope_bytes=sizes[1],
-        step_ms={name: 1000 * statistics.median(samples[name]) for name in (*CRYPTO_STEPS, *CODEC_STEPS)},
+        step_ms={name: 1000 * statistics.median(samples[name]) for name in (*CRYPTO_STEPS, *PROTOCOL_STEPS)},
     )
     logger.info("crypto share of a %s round: %.2f%%", share.scenario, 100 * share.crypto_share)
     return share
@@ -276,7 +296,7 @@ def _markdown(machine: Machine, result: dict[str, Any], throughputs: list[Throug
     lines = [header("Crypto cost: envelope throughput, share of a round, bytes on the wire", machine,
                     bench_command(NAME, result["quick"], result["seed"]), result["quick"])]
     lines.append("Seal (X25519 + HKDF-SHA256 + AES-256-GCM + Ed25519 sign) and open (verify + decrypt) of reply "
-                 "payloads from `encode_update` of real trainable tensors; median of the repetitions shown; "
+                 "payloads (encoded `SiteReply`s carrying real trainable tensors); median of the repetitions shown; "
                  "MB = 10^6 payload bytes.\n")
     lines.append(markdown_table(
         ["payload", "payload B", "envelope B", "reps", "seal ms", "open ms", "seal MB/s", "open MB/s", "seal+open MB/s"],
@@ -286,8 +306,10 @@ def _markdown(machine: Machine, result: dict[str, Any], throughputs: list[Throug
     lines.append(
         f"\nShare of a round spent on crypto: real local DP rounds of {share.scenario} site {share.site} (policy "
         f"{share.policy}, {share.accountant} accountant; `train_round`: budget guard, Opacus DP-SGD, privacy "
-        f"accounting, durable ledger) against the signing, verification, sealing and opening of that round on both "
-        f"ends (the codec is timed apart and not counted as crypto). Medians over {share.rounds_timed} round(s)"
+        f"accounting, durable signed ledger; noise from the operating system's CSPRNG, as at a real site) against the "
+        f"signing, verification, sealing and opening of that round on both ends (the reply's encoding and the egress "
+        f"rule's checks at both ends are timed apart and not counted as crypto; the ledger's own head signature is "
+        f"part of the round). Medians over {share.rounds_timed} round(s)"
         f"{' after the first' if not result['quick'] else ''}; the first round also calibrates the run's noise and took "
         f"{share.first_round_seconds:.2f} s. "
         f"`dp_train` alone (the same DP-SGD without the guard and ledger) is timed beside each round.\n"
@@ -298,10 +320,10 @@ def _markdown(machine: Machine, result: dict[str, Any], throughputs: list[Throug
           f"{100 * share.crypto_share:.3f}%", f"{100 * share.crypto_share_of_dp_train:.2f}%"]],
     ))
     lines.append(
-        f"\nCrypto and codec steps of that round, median ms. The real reply (status, metrics, signed privacy report "
-        f"and the trainable tensors) is {share.reply_payload_bytes:,} B, sealed {share.reply_envelope_bytes:,} B.\n"
+        f"\nCrypto, encoding and egress-check steps of that round, median ms. The real reply (status, declared size "
+        f"and steps, the signed privacy report with its egress declaration, and the trainable tensors) is {share.reply_payload_bytes:,} B, sealed {share.reply_envelope_bytes:,} B.\n"
     )
-    steps = (*CRYPTO_STEPS, *CODEC_STEPS)
+    steps = (*CRYPTO_STEPS, *PROTOCOL_STEPS)
     lines.append(markdown_table(list(steps), [[f"{share.step_ms[s]:.3f}" for s in steps]]))
     lines.append("\n" + traffic_notes(traffic) + "\n")
     lines.append(markdown_table(TRAFFIC_HEADERS, traffic_rows(traffic)))

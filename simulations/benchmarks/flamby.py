@@ -1,13 +1,17 @@
 """FLamby Fed-Heart-Disease reproduction: our strategies, local-only and pooled, beside FLamby's numbers.
 
-Scenario ``heart-disease-flamby``: the 4 centres with FLamby's preprocessing and split,
-logistic regression trained from a seeded random initialisation, no DP. Each federated
-setting runs the real ServerApp logic and ClientApp in process (``DirectGrid``) with
-Flower's own FedAvg, FedProx, FedAdam, FedYogi or FedAdagrad: FLamby's protocol (15 rounds
-of 100 local updates at every centre, ``local-steps``) with FLamby's hyper-parameters, and
-tuned rows. Local-only and pooled train the same model with FLamby's recipe (Adam lr 1e-3,
+Scenario ``heart-disease-flamby`` loaded with ``private=False``: the 4 centres with FLamby's
+preprocessing and split, each centre z-scored with its own train statistics as FLamby does
+(allowed in runs without DP only), logistic regression trained from a seeded random
+initialisation, no DP. Each federated setting runs the real ServerApp logic and ClientApp in
+process (``DirectGrid``) with Flower's own FedAvg, FedProx, FedAdam, FedYogi or FedAdagrad:
+FLamby's protocol (15 rounds of 100 local updates at every centre, ``local-steps``) with
+FLamby's hyper-parameters, and tuned rows. Local-only and pooled train the same model with FLamby's recipe (Adam lr 1e-3,
 batch 4, 50 epochs; pooled data z-scored with pooled-train statistics, as FLamby's). The
 figure is FLamby's "per-client mean": the mean test accuracy over the 4 centres and the seeds.
+Every model, the federated runs' final global models included, is scored by the benchmark
+itself on each centre's test split (sites release no exact metrics, and the runs ask for no
+federated evaluation).
 """
 
 from __future__ import annotations
@@ -22,16 +26,16 @@ from typing import Any
 
 import torch
 
-from common.model.metrics import classification_metrics
 from common.model.zoo import build_model
 from common.data.scenarios import Scenario, load_scenario
 from common.settings import RunSettings
 from common.data.heart_disease import pooled_train_split
 from common.data.site_data import SiteData, Split
-from common.model.training import TrainConfig, as_tensors, predict_proba, train_plain, use_one_torch_thread
+from common.model.training import TrainConfig, as_tensors, train_plain, use_one_torch_thread
 from simulations.benchmarks.communication import heart_data_dir
-from simulations.benchmarks.harness import bar_plot, fmt, last_evaluated, mean_sd, run_inprocess
+from simulations.benchmarks.harness import bar_plot, final_model_scores, fmt, mean_sd, run_inprocess, site_scores
 from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.sites import declared_size
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +176,7 @@ def _fit_and_score(scenario: Scenario, train: Split, recipe: TrainConfig, seed: 
     torch.manual_seed(seed)
     model = build_model(scenario.model.arch, scenario.input_shape, len(scenario.class_names), scenario.model.args)
     train_plain(model, *as_tensors(train.x, train.y), TrainConfig(**{**recipe.__dict__, "seed": seed}))
-    scores = {}
-    for site in scenario.sites:
-        xt, _ = as_tensors(site.test.x, site.test.y)
-        scores[site.name] = classification_metrics(site.test.y, predict_proba(model, xt))["accuracy"]
-    return scores
+    return site_scores(model, scenario.sites)
 
 
 def _central(scenario: Scenario, data_dir: Path, seeds: list[int], recipe: TrainConfig) -> list[MethodResult]:
@@ -203,10 +203,10 @@ def _federated(setting: FederatedSetting, seeds: list[int], scenario: Scenario, 
             local_steps=setting.local_steps, batch_size=setting.batch_size, lr=setting.lr, optimizer=setting.optimizer,
             strategy=setting.strategy, proximal_mu=setting.proximal_mu, server_lr=setting.server_lr,
             server_tau=setting.server_tau, server_beta_2=setting.server_beta_2, dp=False, seed=seed,
-            personalise_epochs=0, out=str(root / "out"),
+            personalise_epochs=0, federated_evaluation="none", out=str(root / "out"),
             sim_root=str(root / "sites"), min_sites=len(scenario.sites), expected_sites=len(scenario.sites),
         )
-        by_seed.append(last_evaluated(run_inprocess(settings, len(scenario.sites))))
+        by_seed.append(final_model_scores(run_inprocess(settings, len(scenario.sites)), scenario.sites))
         logger.info("flamby %s seed %d: %s", setting.label, seed, by_seed[-1])
     return _summarise(setting.label, FLAMBY_PER_CLIENT.get(setting.flamby), by_seed, scenario.sites,
                       time.perf_counter() - start, asdict(setting))
@@ -241,11 +241,13 @@ def _markdown(result: dict[str, Any], methods: list[MethodResult], machine_text:
     ]
     lines = [
         machine_text,
-        f"Scenario `{SCENARIO}` (FLamby's preprocessing and split), logistic regression, no DP, "
+        f"Scenario `{SCENARIO}` (FLamby's preprocessing and split, loaded for a run without DP: each centre "
+        "z-scored with its own train statistics, as FLamby does), logistic regression, no DP, "
         f"{len(result['seeds'])} seed(s) {result['seeds']} (the seed sets the initialisation and the batch order; "
         "the split is FLamby's fixed random_state=43). Federated rows: the real ServerApp/ClientApp in process "
-        "(`DirectGrid`) with Flower's strategies, accuracy of the global model on each centre's test split after the "
-        f"last round. Pooled and local rows: {result['central_recipe']} on a seeded fresh model (FLamby's recipe). "
+        "(`DirectGrid`) with Flower's strategies and no federated evaluation; the benchmark scores the final global "
+        "model itself on each centre's test split (sites never release exact metrics). Pooled and local rows: "
+        f"{result['central_recipe']} on a seeded fresh model (FLamby's recipe). "
         "Pooled training uses all centres' train rows z-scored with the pooled-train mean and std, as FLamby's pooled "
         "dataset does; every model, pooled included, is tested on each centre's test split z-scored with that "
         "centre's own train statistics, as FLamby's benchmark does. A local model is trained on its own centre and, "
@@ -266,7 +268,10 @@ def _markdown(result: dict[str, Any], methods: list[MethodResult], machine_text:
         "accuracy (as FLamby's own grid search did): read them as optimistic figures.",
         "",
         "Differences from FLamby in every row: the model has 2 logits with softmax cross-entropy (equivalent to "
-        "FLamby's 1 logit + sigmoid, but SGD's step on the logit difference is twice as large); Flower's FedAdam "
+        "FLamby's 1 logit + sigmoid, but SGD's step on the logit difference is twice as large); federated rows weight "
+        "each centre by its public declared size (train rows rounded to 10: "
+        + ", ".join(f"{name} {size}" for name, size in result["declared_sizes"].items())
+        + ") where FLamby weights by the exact count; Flower's FedAdam "
         "bias-corrects its server learning rate; Flower's FedAdagrad has no server momentum (beta_1 0, where FLamby's "
         "FedAdagrad results list beta1 0.9).",
         "",
@@ -282,7 +287,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     out_dir = Path(out_dir)
     data_dir = heart_data_dir()
     seeds = [seed] if quick else list(range(seed, seed + SEEDS))
-    scenario = load_scenario(SCENARIO, seed=seed, data_dir=data_dir)
+    scenario = load_scenario(SCENARIO, seed=seed, data_dir=data_dir, private=False)
     recipe = QUICK_CENTRAL_RECIPE if quick else CENTRAL_RECIPE
     start = time.perf_counter()
     methods = _central(scenario, data_dir, seeds, recipe)
@@ -301,6 +306,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "scenario": SCENARIO,
         "centres": [site.name for site in scenario.sites],
         "train_sizes": {site.name: len(site.train) for site in scenario.sites},
+        "declared_sizes": {site.name: declared_size(len(site.train)) for site in scenario.sites},
         "central_recipe": f"Adam lr {recipe.lr:g}, batch {recipe.batch_size}, {recipe.epochs} epochs",
         "flamby_published": {"per_client_mean": FLAMBY_PER_CLIENT, "local": FLAMBY_LOCAL},
         "methods": [asdict(m) for m in methods],

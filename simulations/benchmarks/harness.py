@@ -1,19 +1,25 @@
-"""What the federated benchmarks share: in-process runs, site policies, ledgers, timers and plots.
+"""What the federated benchmarks share: in-process runs, site policies, scores, ledgers, timers and plots.
 
-``flamby``, ``transfer-privacy``, ``speed`` and ``scale`` drive the real ServerApp logic
-(``server.federation.run_federation``) and the real ClientApp (``client.app.app``); this
-module holds the pieces they have in common so each benchmark module is one idea.
+``flamby``, ``transfer-privacy``, ``dropouts``, ``speed`` and ``scale`` drive the real
+ServerApp logic (``server.federation.run_federation``) and the real ClientApp
+(``client.app.app``); this module holds the pieces they have in common so each benchmark
+module is one idea.
+
+Sites never release exact metrics on their data (only DP-noisy evaluation histograms), so
+a benchmark that measures utility scores the models itself, as the simulator that holds
+every site's test split: :func:`site_scores` and :func:`final_model_scores`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +29,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
+from common.data.scenarios import Scenario  # noqa: E402
+from common.data.site_config import site_dir  # noqa: E402
+from common.data.site_data import SiteData  # noqa: E402
+from common.model.checkpoint import load_checkpoint  # noqa: E402
+from common.model.metrics import classification_metrics  # noqa: E402
+from common.model.training import as_tensors, predict_proba  # noqa: E402
+from common.model.zoo import FedModel  # noqa: E402
 from common.privacy.ledger import Ledger  # noqa: E402
+from common.privacy.policy import write_policy  # noqa: E402
 from common.run_record import RunRecord  # noqa: E402
 from common.settings import RunSettings  # noqa: E402
-from common.data.site_config import site_dir  # noqa: E402
-from common.privacy.policy import SitePolicy, write_policy  # noqa: E402
 from server.federation import run_federation  # noqa: E402
 from simulations.inprocess import DirectGrid  # noqa: E402
+from simulations.sites import simulated_policy  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +50,16 @@ POLICY_FILE = "privacy-policy.toml"
 SERVER_LOGGER = "server.federation"
 
 
-def prewrite_policies(sim_root: Path, num_sites: int, policy: SitePolicy) -> None:
-    """Give each simulated site ``policy`` before its first run (a site keeps a policy it already has)."""
-    for index in range(num_sites):
+def prewrite_policies(sim_root: Path, scenario: Scenario, allow_non_private: bool, **changes: Any) -> None:
+    """Give each simulated site of ``scenario`` its simulated policy with ``changes`` before its first run.
+
+    The simulated policy (``simulations.sites.simulated_policy``) carries the site's declared
+    size; a site keeps a policy it already has, so ``materialize_sites`` leaves these alone.
+    """
+    for index, site in enumerate(scenario.sites):
         state = site_dir(sim_root, index) / "state"
         state.mkdir(parents=True, exist_ok=True)
-        write_policy(policy, state / POLICY_FILE)
+        write_policy(replace(simulated_policy(site, scenario, allow_non_private), **changes), state / POLICY_FILE)
 
 
 def run_inprocess(settings: RunSettings, num_sites: int, run_id: int = 4242) -> RunRecord:
@@ -51,10 +68,29 @@ def run_inprocess(settings: RunSettings, num_sites: int, run_id: int = 4242) -> 
     return run_federation(grid, settings, run_id)
 
 
-def last_evaluated(record: RunRecord, metric: str = "accuracy") -> dict[str, float]:
-    """``{site: metric}`` from the last round in which any site reported an evaluation."""
+def site_scores(model: FedModel, sites: Sequence[SiteData], metric: str = "accuracy") -> dict[str, float]:
+    """``{site: metric}`` of ``model`` on each site's test split, computed exactly by the simulator."""
+    scores = {}
+    for site in sites:
+        x, _ = as_tensors(site.test.x, site.test.y)
+        scores[site.name] = classification_metrics(site.test.y, predict_proba(model, x))[metric]
+    return scores
+
+
+def final_model_scores(record: RunRecord, sites: Sequence[SiteData], metric: str = "accuracy") -> dict[str, float]:
+    """``{site: metric}`` of a run's final global model on each site's test split (the simulator's evaluation)."""
+    model, _ = load_checkpoint(Path(record.final_checkpoint))
+    return site_scores(model, sites, metric)
+
+
+def released_personalised(record: RunRecord, metric: str = "accuracy") -> dict[str, float]:
+    """``{site: metric}`` of the personalised copies, as the sites released them (the last round that has any).
+
+    Derived by the coordinator from each site's released evaluation histogram: DP-noisy in a
+    private run, exact in a run without DP.
+    """
     for current in reversed(record.rounds):
-        values = {site: r.evaluate[metric] for site, r in current.sites.items() if metric in r.evaluate}
+        values = {site: r.personalised[metric] for site, r in current.sites.items() if metric in r.personalised}
         if values:
             return values
     return {}
@@ -115,15 +151,21 @@ def instrumented(stopwatch: Stopwatch, targets: Sequence[tuple[Any, str, str]]) 
     """
     originals = []
     for owner, name, category in targets:
-        original = getattr(owner, name)
+        original = inspect.getattr_static(owner, name)
         originals.append((owner, name, original))
-
-        setattr(owner, name, _timed_call(stopwatch, original, category))
+        setattr(owner, name, _timed_attribute(stopwatch, original, category))
     try:
         yield stopwatch
     finally:
         for owner, name, original in reversed(originals):
             setattr(owner, name, original)
+
+
+def _timed_attribute(stopwatch: Stopwatch, original: Any, category: str) -> Any:
+    """``original`` (a function, or a class's classmethod or staticmethod) timed under ``category``."""
+    if isinstance(original, (classmethod, staticmethod)):
+        return type(original)(_timed_call(stopwatch, original.__func__, category))
+    return _timed_call(stopwatch, original, category)
 
 
 def _timed_call(stopwatch: Stopwatch, function: Callable[..., Any], category: str) -> Callable[..., Any]:

@@ -4,7 +4,7 @@ Shared by the ``crypto`` and ``comm`` benchmarks. Flower 1.42 moves a message's 
 an object tree (ArrayRecord -> Array -> ArrayChunk; a ConfigRecord is one object), each
 object pushed in its own ``PushObjectRequest``. :func:`flower_wire_bytes` measures a record
 that way (see ``WIRE_MEASURE``). A sealed reply travels as ``ConfigRecord({"site-id",
-"envelope"})`` (see ``client/secure_channel.py``), so it is measured the same way.
+"envelope"})`` (see ``client/channel.py``), so it is measured the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from common.security.envelope import EnvelopeContext, envelope_overhead, seal
 from common.security.keys import Identity
 from common.model.zoo import FedModel, build_model
-from common.protocol import REPLY_KINDS
+from common.protocol import REPLY_KINDS, STATUS_OK, SiteReply
 from common.data.scenarios import Scenario
 from common.model.transfer import PolicyParseError, TransferPolicy, state_fingerprint
-from common.update_codec import encode_update
 
 WIRE_MEASURE = (
     "Flower 1.42's object transport: for every distinct object of the record (ArrayRecord, Array, ArrayChunk; "
@@ -62,9 +61,14 @@ def reply_context(site_id: str, base_model: str) -> EnvelopeContext:
     return EnvelopeContext(BENCH_RUN_ID, BENCH_ROUND, site_id, REPLY_KINDS["train"], base_model)
 
 
+def reply_payload(site_id: str, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The encoded train reply that carries ``tensors`` and nothing else (no values, an empty report)."""
+    return SiteReply(site_id, "train", STATUS_OK, "", {}, "", dict(tensors)).encode()
+
+
 def sealed_reply(tensors: Mapping[str, torch.Tensor], context: EnvelopeContext, parties: Parties) -> bytes:
     """The envelope of a reply that carries ``tensors`` and an empty report."""
-    return seal(encode_update({}, tensors), context, parties.site, parties.coordinator.public())
+    return seal(reply_payload(context.site_id, tensors), context, parties.site, parties.coordinator.public())
 
 
 def sealed_record(site_id: str, envelope: bytes) -> ConfigRecord:
@@ -78,8 +82,9 @@ class PolicyTraffic:
 
     ``plain_wire``: Flower's ArrayRecord of the trainable tensors. ``sealed_wire``: the sealed
     reply carrying the same tensors. ``fixed_wire``: the sealed reply carrying no tensors at
-    all (envelope header, AES-GCM tag, signature, codec framing, record framing): the fixed
-    header. ``overhead_fraction`` = (sealed - fixed - plain) / plain (negative: the sealed
+    all (envelope header, AES-GCM tag, signature, the reply's header and framing, record
+    framing): the fixed header. Both leave out the values and the signed privacy report a real
+    reply adds (a few hundred bytes; the ``crypto`` benchmark measures a real one). ``overhead_fraction`` = (sealed - fixed - plain) / plain (negative: the sealed
     form is smaller). ``full_wire`` and ``full_sealed_wire``: every parameter of the model as
     Flower's ArrayRecord and as a sealed reply; the ``full_over_*`` ratios are the saving of
     the policy against sending the full model in the same form.
@@ -152,7 +157,7 @@ def policy_traffic(scenario: Scenario, policies: Sequence[str], seed: int) -> li
     for text in policies:
         policy = TransferPolicy.parse(text)
         tensors = policy.trainable_state(model)
-        payload = encode_update({}, tensors)
+        payload = reply_payload(site_id, tensors)
         envelope = seal(payload, context, parties.site, parties.coordinator.public())
         plain_wire = flower_wire_bytes(ArrayRecord(tensors))
         sealed_wire = flower_wire_bytes(sealed_record(site_id, envelope))

@@ -162,8 +162,8 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
     work = Path(spec["work"])
     settings = RunSettings(
         scenario=spec["study"], checkpoint=spec["checkpoint"], num_server_rounds=spec["rounds"], local_epochs=LOCAL_EPOCHS,
-        dp=False, seed=spec["seed"], personalise_epochs=0, out=str(work / "out"), sim_root=str(work / "sites"),
-        min_sites=spec["sites"], expected_sites=spec["sites"],
+        dp=False, seed=spec["seed"], personalise_epochs=0, federated_evaluation="every", out=str(work / "out"),
+        sim_root=str(work / "sites"), min_sites=spec["sites"], expected_sites=spec["sites"],
     )
     with round_clock() as clock:
         run_simulation(
@@ -192,7 +192,7 @@ def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: st
         "epoch(s), FedAvg, the scenario's default model and policy, **without DP** (DP accounting per site-round is the same "
         "at every size; its cost is in the `speed` benchmark), envelopes on. Sites beyond 4 are copies of the scenario's "
         "sites (site k = site k mod 4). Round time: between the coordinator's round-done log lines (training, "
-        "federated evaluation and a checkpoint); the first round also starts Ray's workers (each imports torch), so "
+        "federated evaluation, asked for in every round so that rounds do the same work, and a checkpoint); the first round also starts Ray's workers (each imports torch), so "
         "growth is read on the later rounds (with a single round, later = first). Peak memory: summed resident memory of the child process and every "
         f"descendant (Ray's processes), sampled every {MEMORY_SAMPLE_SECONDS:g} s; driver: the child's own peak.",
         "",

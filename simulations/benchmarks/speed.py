@@ -7,16 +7,19 @@ in one process.
 
 - **ours**: ``run_federation`` (ServerApp logic, strategy wrapper, envelopes) and
   ``client.app.app`` (secure channel, budget guard, cached frozen features, DP-SGD on the
-  trainable part, ledger, federated evaluation).
+  trainable part with the operating system's CSPRNG as at a real site, signed ledger, egress
+  rule, and after the last round a federated evaluation released as a DP-noisy histogram).
 - **minimal peer** (written here): Flower's FedAvg and a bare ClientApp that, every round,
   builds the model, loads the weights, makes a fresh ``PrivacyEngine`` (same accountant),
-  runs the full model forward at every step (frozen layers included) with DP-SGD, asks the
-  engine for epsilon, and replies with the plain weights; no envelope, no ledger, no policy.
+  runs the full model forward at every step (frozen layers included) with DP-SGD (Opacus's
+  seeded, non-cryptographic generator), asks the engine for epsilon, and replies with the
+  plain weights; after the last round it evaluates (exact accuracy); no envelope, no ledger,
+  no policy.
 
 A round's time is from the end of one round's central evaluation to the next. Our time is
 also broken down by timing calls around the real functions (wrapped for the run, never
-edited): data, training, evaluation, DP accounting, crypto, codec, ledger, server
-bookkeeping; the rest is Flower (messages, records, strategy) and glue, not instrumented.
+edited): data, training, evaluation, DP accounting, crypto, codec and egress rule, ledger,
+server bookkeeping; the rest is Flower (messages, records, strategy) and glue, not instrumented.
 """
 
 from __future__ import annotations
@@ -41,19 +44,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import client.app
 import client.budget
+import client.channel
 import client.private_round
-import client.secure_channel
+import server.channel
 import server.federation
-import server.secure_channel
+from client.session import SiteSession
 from common.model.checkpoint import ModelCard, load_checkpoint
-from common.privacy.ledger import Ledger
+from common.privacy.ledger import TRAIN, Ledger
 from common.model.pretraining import pretrain_source
+from common.protocol import SiteReply
 from common.run_record import RunRecord
 from common.data.scenarios import load_scenario
 from common.settings import RunSettings
 from common.data.site_config import site_dir
 from common.data.site_data import SiteData, load_site_data
-from common.privacy.policy import SitePolicy
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from common.model.transfer import TransferPolicy
 from simulations.benchmarks.harness import Stopwatch, bar_plot, instrumented, prewrite_policies, round_clock, run_inprocess
@@ -68,15 +72,16 @@ DELTA = 1e-5
 
 #: What each category times: (module or class, attribute) wrapped for the run.
 CATEGORIES: dict[str, tuple[tuple[Any, str], ...]] = {
-    "data": ((client.app, "load_local_data"), (client.app, "frozen_features")),
+    "data": ((client.app, "load_local_data"), (client.app, "frozen_features"), (SiteSession, "dataset")),
     "training": ((client.private_round, "dp_train"), (client.private_round, "fine_tune")),
-    "evaluation": ((client.app, "evaluate_model"),),
+    "evaluation": ((client.private_round, "evaluation_histogram"), (client.private_round, "noisy_counts")),
     "DP accounting": ((client.budget, "calibrate_noise"), (client.budget, "compose_epsilon"), (client.budget, "reference_epsilon")),
     "crypto": (
-        (client.secure_channel, "seal"), (client.secure_channel, "verify_instruction"), (client.secure_channel, "sign_report"),
-        (server.secure_channel, "open_envelope"), (server.secure_channel, "sign_instruction"), (server.secure_channel, "verify_report"),
+        (client.channel, "seal"), (client.channel, "verify_instruction"), (client.channel, "sign_report"),
+        (server.channel, "open_envelope"), (server.channel, "sign_instruction"), (server.channel, "verify_report"),
     ),
-    "codec": ((client.secure_channel, "encode_update"), (server.secure_channel, "decode_update")),
+    "codec and egress rule": ((SiteReply, "encode"), (SiteReply, "decode"), (client.channel, "check_reply"),
+                              (server.channel, "check_reply")),
     "ledger": ((Ledger, "append"), (Ledger, "entries")),
     "server bookkeeping": ((server.federation, "save_checkpoint"), (RunRecord, "save")),
 }
@@ -182,24 +187,35 @@ def _run_peer(checkpoint: Path, sim_root: Path, policy: str, cfg: SpeedConfig, n
         "batch-size": cfg.batch_size, "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm,
         "noise-multipliers": noise, "accountant": cfg.accountant, "delta": DELTA, "server-round": 0,
     })
-    strategy = _PeerFedAvg(base, min_train_nodes=cfg.sites, min_evaluate_nodes=cfg.sites, min_available_nodes=cfg.sites)
+    strategy = _PeerFedAvg(cfg.rounds, min_train_nodes=cfg.sites, min_evaluate_nodes=cfg.sites, min_available_nodes=cfg.sites)
     strategy.start(grid=DirectGrid(peer_app, num_nodes=cfg.sites, run_id=4343), initial_arrays=ArrayRecord(model.state_dict()),
                    num_rounds=cfg.rounds, train_config=base, evaluate_config=base, evaluate_fn=evaluate_fn)
     return [ends[r] - ends[r - 1] for r in range(1, cfg.rounds + 1)]
 
 
 class _PeerFedAvg(FedAvg):
-    """FedAvg that tells the peer's clients the round number (for their sampling seed)."""
+    """FedAvg that tells the peer's clients the round number (for their sampling seed) and, as our
+    coordinator does by default, asks for a federated evaluation after the last round only."""
 
-    def __init__(self, base: ConfigRecord, **kwargs: Any) -> None:
+    def __init__(self, num_rounds: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.base = base
+        self.num_rounds = num_rounds
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Any:
         return super().configure_train(server_round, arrays, ConfigRecord({**dict(config.items()), "server-round": server_round}), grid)
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Any:
+        if server_round < self.num_rounds:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
 
 # --- the benchmark ----------------------------------------------------------------------
+
+def _train_noise(sim_root: Path, index: int) -> float:
+    """The noise multiplier site ``index`` calibrated for its training rounds (its ledger's first training entry)."""
+    return next(e.noise_multiplier for e in Ledger(site_dir(sim_root, index) / "state").entries() if e.kind == TRAIN)
+
 
 def _targets() -> tuple[list[tuple[Any, str, str]], list[str]]:
     targets, missing = [], []
@@ -229,7 +245,9 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both sides "
         "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first. The "
         "simulated sites share one process, so `common.privacy.accounting`'s memoised compositions computed for one site are "
-        "reused by another with the same sample rate and steps; deployed sites each pay for their own.",
+        "reused by another with the same sample rate and steps; deployed sites each pay for their own. Our sites draw "
+        "their DP noise from the operating system's CSPRNG (as deployed), the peer from Opacus's seeded generator; "
+        "both federations evaluate after the last round only (ours as a DP-noisy histogram, the peer exactly).",
         "",
         markdown_table(["round", "ours s", "minimal peer s", "ours / peer"], round_rows),
         "",
@@ -241,10 +259,12 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         "",
         markdown_table(["part", "seconds", "share", "calls"], breakdown_rows),
         "",
-        "data: `load_local_data` + `frozen_features`; training: `dp_train` (or `fine_tune`); evaluation: federated "
-        "evaluation at the sites; DP accounting: `calibrate_noise`, `compose_epsilon`, `reference_epsilon` (the ledger "
-        "records the epsilon under the other accountant too); crypto: seal, open, sign and verify of instructions, updates "
-        "and privacy reports; codec: update encode/decode; ledger: `Ledger.append` and reads; server bookkeeping: "
+        "data: `load_local_data` + `frozen_features` + the keyed dataset id; training: `dp_train` (or `fine_tune`); "
+        "evaluation: the sites' evaluation histograms and their Gaussian noise; DP accounting: `calibrate_noise`, "
+        "`compose_epsilon`, `reference_epsilon` (the ledger records the epsilon under the other accountant too); crypto: "
+        "seal, open, sign and verify of instructions, replies and privacy reports; codec and egress rule: `SiteReply` "
+        "encode/decode and the egress check at both ends; ledger: `Ledger.append` (with its signed head) and reads; "
+        "server bookkeeping: "
         f"round checkpoints and the run record; {OTHER}: message building, Flower records and strategy, glue (not "
         "instrumented).",
     ]
@@ -266,8 +286,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         checkpoint = root / "source-model"
         card = pretrain_source(scenario, checkpoint, seed=seed)
         sim_root = root / "sites"
-        prewrite_policies(sim_root, cfg.sites, SitePolicy(max_epsilon=10.0, delta=DELTA, accountant=cfg.accountant,
-                                                          max_grad_norm=cfg.max_grad_norm))
+        prewrite_policies(sim_root, scenario, allow_non_private=False, accountant=cfg.accountant,
+                          max_grad_norm=cfg.max_grad_norm)
         settings = RunSettings(
             scenario=SCENARIO, checkpoint=str(checkpoint), num_server_rounds=cfg.rounds, local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", strategy="fedavg", dp=True,
@@ -281,7 +301,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             run_inprocess(settings, cfg.sites)
             whole = time.perf_counter() - start
         ours = clock.round_seconds()
-        noise = [Ledger(site_dir(sim_root, i) / "state").entries()[0].noise_multiplier for i in range(cfg.sites)]
+        noise = [_train_noise(sim_root, i) for i in range(cfg.sites)]
         peer = _run_peer(checkpoint, sim_root, card.default_policy, cfg, noise, seed)
     total = sum(ours)
     breakdown = {category: stopwatch.seconds.get(category, 0.0) for category in CATEGORIES}
