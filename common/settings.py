@@ -65,6 +65,7 @@ class RunSettings:
     federated_evaluation: str = "last"
     release_loss: bool = False
     reproducible_noise: bool = False
+    per_site_scaling: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -95,6 +96,9 @@ class RunSettings:
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self._check_server_optimiser()
+        if self.per_site_scaling and self.dp:
+            raise SettingsError("per-site-scaling (FLamby's per-centre z-scoring from each site's own records) is for "
+                                "non-private reproduction runs only: it needs dp = false")
         if self.federated_evaluation not in FEDERATED_EVALUATION:
             raise SettingsError(f"federated-evaluation {self.federated_evaluation!r} is not one of {', '.join(FEDERATED_EVALUATION)}")
         if not self.round_timeout > 0 or not self.target_epsilon > 0 or not 0 < self.delta < 1 or not self.max_grad_norm > 0:

@@ -47,7 +47,7 @@ def _scenario(settings: RunSettings) -> Scenario | None:
     if not settings.scenario:
         return None
     return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None,
-                         private=settings.dp)
+                         private=not settings.per_site_scaling)
 
 
 def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path) -> Path:

@@ -115,7 +115,8 @@ def plot_metrics(record: RunRecord, path: Path, metrics: tuple[str, ...] = ("roc
         ax.set_title(metric)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[1]:
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"run {record.run_id}: {record.strategy}, policy {record.policy}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

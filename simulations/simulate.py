@@ -44,7 +44,7 @@ class SimulationResult:
 
 def _load(settings: RunSettings) -> Scenario:
     return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None,
-                         private=settings.dp)
+                         private=not settings.per_site_scaling)
 
 
 def _number(value: object) -> float:

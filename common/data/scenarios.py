@@ -372,8 +372,9 @@ def _load_toml(file: Path, seed: int) -> Scenario:
 def load_scenario(name_or_path: str, seed: int = 0, data_dir: Path | None = None, private: bool = True) -> Scenario:
     """A built-in scenario by name, or a bring-your-own scenario from a ``.toml`` path.
 
-    ``private=False`` (runs without DP only) allows preprocessing with statistics of the
-    sites' own records where a published protocol does so (FLamby's per-centre z-scoring).
+    ``private=False`` (the run setting ``per-site-scaling``, for non-private reproduction runs
+    only) preprocesses with statistics of the sites' own records where a published protocol
+    does so (FLamby's per-centre z-scoring); every other run scales with public values.
     """
     text = str(name_or_path)
     if text.endswith(".toml"):

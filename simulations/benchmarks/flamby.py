@@ -202,7 +202,7 @@ def _federated(setting: FederatedSetting, seeds: list[int], scenario: Scenario, 
             scenario=SCENARIO, data_dir=str(data_dir), num_server_rounds=setting.rounds, local_epochs=setting.local_epochs,
             local_steps=setting.local_steps, batch_size=setting.batch_size, lr=setting.lr, optimizer=setting.optimizer,
             strategy=setting.strategy, proximal_mu=setting.proximal_mu, server_lr=setting.server_lr,
-            server_tau=setting.server_tau, server_beta_2=setting.server_beta_2, dp=False, seed=seed,
+            server_tau=setting.server_tau, server_beta_2=setting.server_beta_2, dp=False, per_site_scaling=True, seed=seed,
             personalise_epochs=0, federated_evaluation="none", out=str(root / "out"),
             sim_root=str(root / "sites"), min_sites=len(scenario.sites), expected_sites=len(scenario.sites),
         )

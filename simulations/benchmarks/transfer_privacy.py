@@ -1,7 +1,8 @@
 """Transfer under privacy: accuracy on the target hospitals against the privacy budget epsilon.
 
 Scenario ``heart-disease``: Cleveland is the source, Hungary, Switzerland and VA are the
-targets (FLamby's preprocessing and split), logistic regression, policy ``full``. Methods:
+targets (FLamby's split; every centre z-scored with Cleveland's public train statistics),
+logistic regression, policy ``full``. Methods:
 
 - source only: the Cleveland model as-is;
 - local-only: each target fine-tunes the source model alone, without DP and with DP-SGD
@@ -24,10 +25,9 @@ shown). The sites draw their DP noise from the operating system's CSPRNG (heart 
 patient data: no reproducible noise), so the federated DP figures vary from one invocation to
 the next by their noise. The epsilon of a federated run is read from the sites' ledgers.
 
-Preprocessing follows the scenario: every centre is z-scored with Cleveland's train
-statistics, except in the federated runs without DP, for which ``run_federation`` loads the
-scenario with FLamby's per-centre z-scoring (statistics of each centre's own records, allowed
-only without DP); each model is scored on test splits preprocessed as its training data was.
+Every run, with DP or without, sees the same data: each centre z-scored with Cleveland's
+train statistics (FLamby's per-centre z-scoring, from each centre's own records, is used only
+by the FLamby reproduction benchmark, through the run setting ``per-site-scaling``).
 
 Sites release no exact metrics, and the runs ask for no federated evaluation: the benchmark
 scores every global model itself on each target's test split. A personalised copy never
@@ -261,7 +261,6 @@ def _cell(method: str, epsilon: float | None, by_seed: list[dict[str, float]], s
 def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], recipe: Recipe, work: Path,
            private_scratch: bool) -> list[Cell]:
     names = [site.name for site in scenario.sites]
-    per_centre = load_scenario(SCENARIO, seed=seeds[0], data_dir=heart_data_dir(), private=False)
     runs: dict[tuple[str, float | None], list[dict[str, float]]] = {}
     spent: dict[tuple[str, float | None], list[float]] = {}
     seconds: dict[tuple[str, float | None], float] = {}
@@ -292,7 +291,7 @@ def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], re
                     continue
                 start = time.perf_counter()
                 tag = "nodp" if epsilon is None else f"eps{epsilon:g}"
-                result = _federated(per_centre if epsilon is None else scenario, checkpoint, recipe, epsilon, seed,
+                result = _federated(scenario, checkpoint, recipe, epsilon, seed,
                                     work / f"{label.split()[-1]}-{tag}-{seed}")
                 add((label, epsilon), result.global_model, result.spent, time.perf_counter() - start)
                 if epsilon is None and label == "federated transfer":
@@ -333,11 +332,7 @@ def _markdown(result: dict[str, Any], cells: list[Cell], machine_text: str) -> s
         f"{recipe['rounds']} x {recipe['local_epochs']} epochs of SGD (lr {recipe['lr']:g}, momentum 0.9, batch "
         f"{recipe['batch_size']}); federated runs use FedAvg over {recipe['rounds']} rounds of {recipe['local_epochs']} local "
         f"epochs with DP-SGD (clipping {recipe['max_grad_norm']:g}, Poisson sampling) at every site. Preprocessing: every "
-        "centre z-scored with Cleveland's (the source's) train statistics, except in the federated runs without DP "
-        "(federated from scratch and federated transfer without DP, personalised), which `run_federation` loads with "
-        "FLamby's per-centre z-scoring (each centre's own statistics, allowed only without DP) and which are scored on "
-        "test splits preprocessed the same way: for the effect of privacy alone, compare the DP rows with the source "
-        "and local-only rows. **Accountant: RDP** "
+        "centre z-scored with Cleveland's (the source's) train statistics, in every run. **Accountant: RDP** "
         "(site policies written with `accountant = \"rdp\"` and `min_noise_multiplier = 0` before each run, for speed; "
         "PRV would certify a smaller epsilon for the same noise). Epsilon spent: federated runs from the sites' ledgers "
         "(`Ledger(state_dir).entries()`, mean over sites and seeds, and the largest); local-only DP from the same accountant "
