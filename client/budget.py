@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.errors import PrivacyError
 from common.io import write_atomic
 from common.privacy.accounting import (
     Accountant,
@@ -58,8 +59,13 @@ from common.privacy.ledger import (
     Ledger,
     LedgerEntry,
 )
+from common.privacy.policy import (
+    EffectiveSettings,
+    PrivacyRequest,
+    SitePolicy,
+    effective_settings,
+)
 from common.privacy.releases import release_sensitivity
-from common.privacy.policy import EffectiveSettings, PrivacyRequest, SitePolicy, effective_settings
 from common.security.keys import Identity
 
 log = logging.getLogger(__name__)
@@ -70,7 +76,7 @@ _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _LIMIT_SLACK = 1e-9
 
 
-class PlanConflict(Exception):
+class PlanConflict(PrivacyError):
     """A stored plan for this run id belongs to another dataset or is unreadable."""
 
 

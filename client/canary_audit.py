@@ -47,9 +47,10 @@ from scipy.stats import binom
 from torch import nn
 
 from client.dp_training import dp_train
-from common.privacy.noise import SeededRandom
-from common.privacy.accounting import Accountant, Step, calibrate_noise, compose_epsilon
+from common.errors import PrivacyError
 from common.model.training import TrainConfig
+from common.privacy.accounting import Accountant, Step, calibrate_noise, compose_epsilon
+from common.privacy.noise import SeededRandom
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ CANARY_SCALE = 10.0
 GUESS_FRACTIONS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.4)
 
 
-class CanaryAuditError(Exception):
+class CanaryAuditError(PrivacyError):
     """The empirical audit cannot be run with these settings."""
 
 

@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.private_round import Outcome
 from client.session import SiteSession, site_session
+from common.errors import DeploymentError, SecurityError
 from common.model.transfer import state_fingerprint
 from common.privacy.egress import EgressViolation, check_reply
 from common.privacy.report import sign_report
@@ -37,7 +38,12 @@ from common.protocol import (
     SiteReply,
     parse_instruction_payload,
 )
-from common.security.envelope import EnvelopeContext, EnvelopeError, seal, verify_instruction
+from common.security.envelope import (
+    EnvelopeContext,
+    EnvelopeError,
+    seal,
+    verify_instruction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +51,11 @@ LAST_ROUND = "fedtransfer-last-accepted-round"
 Handler = Callable[[SiteSession, RoundInstruction, Message, Context], Outcome]
 
 
-class InstructionRefused(Exception):
+class InstructionRefused(SecurityError):
     """The site refused an instruction: unsigned, forged, replayed or not matching its weights."""
 
 
-class SiteUnavailable(Exception):
+class SiteUnavailable(DeploymentError):
     """The site cannot answer at all (its configuration or keys do not load); the message is public."""
 
 

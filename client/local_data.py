@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from common.model.checkpoint import ModelCard
-from common.model.zoo import FedModel
 from common.data.site_config import SiteConfig
 from common.data.site_data import SiteData, dataset_fingerprint, load_site_data
+from common.model.checkpoint import ModelCard
 from common.model.training import as_tensors, compute_features
 from common.model.transfer import TransferPolicy, state_fingerprint
+from common.model.zoo import FedModel
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,20 @@ the base-model fingerprint and the frozen-part fingerprint, and the site checks 
 
 from __future__ import annotations
 
-
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from common.errors import SecurityError
 from common.model.checkpoint import ArchitectureMismatch, ModelCard, check_state_matches
+from common.model.transfer import TransferPolicy, state_fingerprint
 from common.model.zoo import FedModel
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, RoundInstruction
-from common.model.transfer import TransferPolicy, state_fingerprint
 
 STATE_BASE = "fedtransfer-base-model"
 STATE_CARD = "fedtransfer-base-card"
 
 
-class ModelStateError(Exception):
+class ModelStateError(SecurityError):
     """The model the coordinator sent cannot be used at this site."""
 
 

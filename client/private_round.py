@@ -28,16 +28,24 @@ from client.fine_tune import evaluation_histogram, fine_tune, personalised_copy
 from client.local_data import Features
 from client.model_state import finite_trainable_state
 from client.session import DatasetIdentity, SiteSession
+from common.io import write_atomic
 from common.model.training import TrainConfig, compute_features
 from common.model.transfer import TransferPolicy, state_fingerprint
 from common.model.zoo import FedModel
 from common.privacy.accounting import BudgetExhausted
 from common.privacy.egress import NOT_PRIVATE, PUBLIC, RELEASE, UPDATE, declaration
-from common.privacy.ledger import EVALUATE, LOSS, NON_PRIVATE_DIR, PERSONALISE, PERSONALISED_EVALUATE, TRAIN, LedgerEntry
+from common.privacy.ledger import (
+    EVALUATE,
+    LOSS,
+    NON_PRIVATE_DIR,
+    PERSONALISE,
+    PERSONALISED_EVALUATE,
+    TRAIN,
+    LedgerEntry,
+)
 from common.privacy.noise import RandomSource, SecureRandom, SeededRandom
 from common.privacy.policy import PrivacyRequest
 from common.privacy.releases import noisy_counts, noisy_mean_loss
-from common.io import write_atomic
 from common.protocol import STATUS_DECLINED, STATUS_OK, RoundInstruction
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError, site_dir
+from common.data.site_config import (
+    SITE_CONFIG_FILE,
+    SiteConfig,
+    SiteConfigError,
+    site_dir,
+)
 from common.privacy.dataset_id import dataset_key, identities
 from common.privacy.ledger import Ledger
 from common.privacy.policy import PolicyError, SitePolicy, load_policy

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.errors import DataError
+
 
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no spaces, ASCII only, no NaN or Infinity: the bytes we hash and sign."""
@@ -50,7 +52,7 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
 MAX_JSON_DEPTH = 16
 
 
-class JsonError(ValueError):
+class JsonError(DataError, ValueError):
     """Text that should hold one of our JSON documents does not: malformed, too deep, or with a repeated key."""
 
 

@@ -16,9 +16,14 @@ from typing import Any
 
 import torch
 
+from common.errors import SecurityError
 from common.io import JsonError, parse_json
+from common.security.tensors import (
+    TensorFormatError,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
 from common.settings import FEDERATED_EVALUATION
-from common.security.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
 
 ARRAYS = "arrays"          # ArrayRecord: the trainable weights
 CONFIG = "config"          # ConfigRecord: the round instruction
@@ -31,7 +36,7 @@ STATUS_DECLINED = "declined"
 STATUS_ERROR = "error"
 
 
-class InstructionError(ValueError):
+class InstructionError(SecurityError, ValueError):
     """A round instruction from the coordinator is malformed."""
 
 
@@ -118,7 +123,7 @@ def parse_instruction_payload(payload: bytes) -> tuple[dict[str, Any], str]:
         raise InstructionError(f"signed instruction payload is malformed: {err}") from err
 
 
-class ReplyFormatError(ValueError):
+class ReplyFormatError(SecurityError, ValueError):
     """A decrypted reply is not a well-formed :class:`SiteReply`."""
 
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from common.errors import ConfigurationError
+
 #: Which rounds the sites are asked to evaluate (each evaluation is a DP release at the site).
 FEDERATED_EVALUATION = ("last", "every", "none")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian", "fedtrimmedavg", "krum")
@@ -22,7 +24,7 @@ SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad")
 OPTIMIZERS = ("sgd", "sgd-plain", "adam")
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigurationError, ValueError):
     """A run setting has the wrong type or an impossible value."""
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.settings import RunSettings
 from common.model.training import use_one_torch_thread
+from common.settings import RunSettings
 from server.federation import run_federation
 
 use_one_torch_thread()

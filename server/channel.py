@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from common.errors import SecurityError
 from common.model.transfer import state_fingerprint
 from common.privacy.egress import EgressViolation, check_reply
 from common.privacy.policy import SIZE_RANGE
@@ -31,12 +32,18 @@ from common.protocol import (
     instruction_payload,
 )
 from common.run_record import Reply
-from common.security.envelope import BROADCAST, EnvelopeContext, EnvelopeError, open_envelope, sign_instruction
+from common.security.envelope import (
+    BROADCAST,
+    EnvelopeContext,
+    EnvelopeError,
+    open_envelope,
+    sign_instruction,
+)
 from common.security.keys import Identity, validate_name
 from common.security.manifest import Manifest, ManifestError
 
 
-class ReplyRejected(Exception):
+class ReplyRejected(SecurityError):
     """A reply was dropped; ``site`` and ``reason`` say whose and why."""
 
     def __init__(self, site: str, reason: str) -> None:

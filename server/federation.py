@@ -12,24 +12,36 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from safetensors.numpy import load_file, save_file
 
+from common.data.scenario import Scenario
+from common.data.scenarios import load_scenario
+from common.errors import DeploymentError
 from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from common.model.metrics import classification_metrics
-from common.model.zoo import FedModel
 from common.model.pretraining import pretrain_source
-from common.protocol import RoundInstruction
-from common.data.scenarios import Scenario, load_scenario
-from common.settings import RunSettings
-from common.security.keys import Identity, passphrase_from_env, read_identity
-from common.security.manifest import Manifest, read_manifest
-from common.security.keys import COORDINATOR_NAME
-from simulations.sites import materialize_sites
-from common.privacy.policy import PrivacyRequest
 from common.model.training import as_tensors, predict_proba
 from common.model.transfer import TransferPolicy, state_fingerprint
-from server.report import write_report
+from common.model.zoo import FedModel
+from common.privacy.policy import PrivacyRequest
+from common.protocol import RoundInstruction
 from common.run_record import RUN_RECORD_FILE, RunRecord
+from common.security.keys import (
+    COORDINATOR_NAME,
+    Identity,
+    passphrase_from_env,
+    read_identity,
+)
+from common.security.manifest import Manifest, read_manifest
+from common.settings import RunSettings
 from server.channel import CoordinatorChannel, UpdateLimits
-from server.strategy import BasePayload, SiteAwareStrategy, TooFewSites, flower_strategy, server_optimiser_args
+from server.report import write_report
+from server.strategy import (
+    BasePayload,
+    SiteAwareStrategy,
+    TooFewSites,
+    flower_strategy,
+    server_optimiser_args,
+)
+from simulations.sites import materialize_sites
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +51,7 @@ ROUND_CHECKPOINT_DIR = "checkpoints"
 STRATEGY_STATE_FILE = "strategy-state.safetensors"
 
 
-class FederationFailed(RuntimeError):
+class FederationFailed(DeploymentError):
     """No round produced a usable global model."""
 
 

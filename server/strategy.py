@@ -17,10 +17,30 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
-from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, CONFIG, METRICS, STATUS_DECLINED, STATUS_ERROR, STATUS_OK
+from common.errors import DeploymentError
 from common.model.metrics import metrics_from_counts
+from common.protocol import (
+    ARRAYS,
+    BASE_CARD,
+    BASE_MODEL,
+    CONFIG,
+    METRICS,
+    STATUS_DECLINED,
+    STATUS_ERROR,
+    STATUS_OK,
+)
 from common.run_record import RunRecord, SiteRound
 from server.channel import CoordinatorChannel, ReplyRejected
 
@@ -30,7 +50,7 @@ log = logging.getLogger(__name__)
 OPTIMIZER_STATE = ("m_t", "v_t")  # what Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad) carries across rounds
 
 
-class TooFewSites(RuntimeError):
+class TooFewSites(DeploymentError):
     """Fewer sites than the configured minimum contributed to a round."""
 
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from common.model.metrics import classification_metrics
-from common.model.zoo import FedModel
-from common.data.scenarios import Scenario
-from common.data.site_data import SiteData
-from common.model.training import TrainConfig, as_tensors, compute_features, predict_proba, train_plain
-from common.model.transfer import TransferPolicy
-
 import torch
+
+from common.data.scenario import Scenario
+from common.data.site_data import SiteData
+from common.model.metrics import classification_metrics
+from common.model.training import (
+    TrainConfig,
+    as_tensors,
+    compute_features,
+    predict_proba,
+    train_plain,
+)
+from common.model.transfer import TransferPolicy
+from common.model.zoo import FedModel
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,19 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
+from common.data.scenario import Scenario
+from common.data.scenarios import load_scenario
+from common.errors import DeploymentError
 from common.model.checkpoint import load_checkpoint
 from common.model.metrics import classification_metrics
-from common.model.training import as_tensors, predict_proba
 from common.model.pretraining import pretrain_source
-from common.data.scenarios import Scenario, load_scenario
-from common.settings import RunSettings
-from common.model.training import TrainConfig
+from common.model.training import TrainConfig, as_tensors, predict_proba
 from common.model.transfer import TransferPolicy
+from common.run_record import RUN_RECORD_FILE, RunRecord
+from common.settings import RunSettings
 from server.app import make_server_app
 from server.federation import ROUND_CHECKPOINT_DIR
 from server.report import write_report
-from common.run_record import RUN_RECORD_FILE, RunRecord
 from simulations.baselines import Baselines, compute_baselines
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 METHODS = ("source as-is", "local-only", "federated", "personalised", "pooled")
 
 
-class SimulationFailed(RuntimeError):
+class SimulationFailed(DeploymentError):
     """The simulated run did not produce a run record."""
 
 

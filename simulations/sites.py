@@ -12,12 +12,24 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.security.keys import COORDINATOR_NAME, Identity, KeyFileError, read_identity, write_identity
-from common.security.manifest import MANIFEST_FILE, Manifest, read_manifest, sign_manifest, write_manifest
-from common.data.scenarios import Scenario
+from common.data.scenario import Scenario
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, site_dir
 from common.data.site_data import SiteData, write_site_data
 from common.privacy.policy import SitePolicy, write_policy
+from common.security.keys import (
+    COORDINATOR_NAME,
+    Identity,
+    KeyFileError,
+    read_identity,
+    write_identity,
+)
+from common.security.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    read_manifest,
+    sign_manifest,
+    write_manifest,
+)
 
 COORDINATOR_KEYS_DIR = "coordinator-keys"
 

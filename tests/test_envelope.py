@@ -12,7 +12,7 @@ from common.security import envelope
 from common.security.envelope import (
     PROTOCOL_VERSION,
     BadSignature,
-    BaseModelMismatch,
+    WrongBaseModel,
     DecryptionFailed,
     EnvelopeContext,
     EnvelopeError,
@@ -251,7 +251,7 @@ def test_wrong_kind() -> None:
 
 
 def test_base_model_mismatch() -> None:
-    with pytest.raises(BaseModelMismatch, match="different pretrained checkpoints"):
+    with pytest.raises(WrongBaseModel, match="different pretrained checkpoints"):
         open_(SEALED, ctx(base_model=OTHER_MODEL))
 
 
@@ -334,7 +334,7 @@ def test_impostor_coordinator_claiming_the_real_fingerprint() -> None:
 def test_instruction_wrong_kind_and_base_model() -> None:
     with pytest.raises(WrongKind, match="expected 'evaluate'"):
         verify(BROADCAST, ictx("cleveland", kind="evaluate"))
-    with pytest.raises(BaseModelMismatch):
+    with pytest.raises(WrongBaseModel):
         verify(BROADCAST, ictx("cleveland", base_model=OTHER_MODEL))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from common.cli.console import console
 from common.privacy.audit import (
     BUDGET_HEADER,
     DEFAULT_TOLERANCE,
@@ -22,7 +23,6 @@ from common.privacy.audit import (
     write_plot,
     write_report,
 )
-from common.cli.console import console
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}

@@ -8,17 +8,23 @@ from pathlib import Path
 from rich.table import Table
 
 from common.cli.console import console
-from common.security.keys import KeyFileError
-from common.security.manifest import ManifestError
+from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.deploy.provision import (
-    DEFAULT_RUNTIME_PORT, REGISTER_SCRIPT, RUN_SCRIPT, SUPERLINK_SCRIPT, SUPERNODE_SCRIPT, Endpoint,
-    ProvisionError, ProvisionRequest, provision,
+    DEFAULT_RUNTIME_PORT,
+    REGISTER_SCRIPT,
+    RUN_SCRIPT,
+    SUPERLINK_SCRIPT,
+    SUPERNODE_SCRIPT,
+    Endpoint,
+    ProvisionError,
+    ProvisionRequest,
+    provision,
 )
 from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
-from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.privacy.policy import PolicyError, SitePolicy
-from common.security.keys import passphrase_from_env, read_identity
+from common.security.keys import KeyFileError, passphrase_from_env, read_identity
+from common.security.manifest import ManifestError
 
 _STYLE = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
 

@@ -6,9 +6,16 @@ import argparse
 from pathlib import Path
 
 from common.cli.console import console
-from common.security.keys import Identity, passphrase_from_env, prompt_passphrase, read_identity, read_public_identity, write_identity
+from common.security.keys import (
+    COORDINATOR_NAME,
+    Identity,
+    passphrase_from_env,
+    prompt_passphrase,
+    read_identity,
+    read_public_identity,
+    write_identity,
+)
 from common.security.manifest import read_manifest, sign_manifest, write_manifest
-from common.security.keys import COORDINATOR_NAME
 
 
 def _passphrase(args: argparse.Namespace, confirm: bool) -> bytes | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from rich.logging import RichHandler
 from rich.table import Table
 
+from common.errors import FedtransferError
 from common.settings import STRATEGIES, RunSettings, parse_assignments
 
 if TYPE_CHECKING:
@@ -21,13 +22,10 @@ if TYPE_CHECKING:
     from simulations.simulate import SimulationResult
 
 from common.cli import audit as cli_audit
-
 from common.cli import bench as cli_bench
-
 from common.cli import deploy as cli_deploy
-
 from common.cli import keys as cli_keys
-from common.cli.console import console
+from common.cli.console import console, log_console
 
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -39,7 +37,7 @@ FLOWER_ENV = {
 def _setup_logging(verbose: bool) -> None:
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    handler = RichHandler(console=console, show_path=False, markup=False)
+    handler = RichHandler(console=log_console, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     for name in ("common", "server", "client", "simulations"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -131,8 +129,8 @@ def _privacy_table(record: "RunRecord") -> Table | str:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from common.model.pretraining import pretrain_source
     from common.data.scenarios import load_scenario
+    from common.model.pretraining import pretrain_source
 
     scenario = load_scenario(args.scenario, seed=args.seed, data_dir=Path(args.data_dir) if args.data_dir else None)
     card = pretrain_source(scenario, Path(args.out), seed=args.seed)
@@ -205,30 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except Exception as err:
-        if not isinstance(err, _operator_errors()):
-            raise
+    except FedtransferError as err:
         console.print(f"[bold red]error[/bold red] ({type(err).__name__}): {err}", highlight=False)
-        return 2
-
-
-def _operator_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message tells an operator what to fix: printed without a traceback (exit status 2)."""
-    from common.model.checkpoint import CheckpointError
-    from common.security.keys import KeyFileError
-    from common.privacy.ledger import LedgerError
-    from common.security.manifest import ManifestError
-    from common.deploy.provision import ProvisionError
-    from common.data.scenarios import ScenarioError
-    from common.settings import SettingsError
-    from common.data.site_config import SiteConfigError
-    from common.data.site_data import DataError
-    from common.privacy.policy import PolicyError
-    from common.model.transfer import PolicyParseError
-    from simulations.simulate import SimulationFailed
-
-    return (CheckpointError, KeyFileError, LedgerError, ManifestError, ProvisionError, ScenarioError, SettingsError,
-            SiteConfigError, DataError, PolicyError, PolicyParseError, SimulationFailed)
+        return err.exit_status
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from common.data.scenario import ModelSpec, Scenario
 from common.data.site_data import DataError, DataFileNotFound, SiteData, Split
 
 logger = logging.getLogger(__name__)
@@ -283,3 +284,44 @@ PREPROCESSING = {
               "(public to the coordinator; no target centre's data used)",
     "reference": _COMMON_STEPS + "every centre scaled with fixed clinical reference values (no centre's data used)",
 }
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+def heart_disease_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenario:
+    scaling = "source" if private else "per-centre"
+    cleveland, *others = load_heart_disease(data_dir, scaling)
+    return Scenario(
+        name="heart-disease",
+        description=(
+            "UCI Heart Disease: pretrain on Cleveland, transfer to Hungary, Switzerland and VA Long Beach "
+            "(FLamby Fed-Heart-Disease preprocessing and split)"
+        ),
+        source=cleveland,
+        sites=tuple(others),
+        input_shape=(len(FEATURE_NAMES),),
+        class_names=CLASS_NAMES,
+        feature_names=FEATURE_NAMES,
+        model=ModelSpec("logreg", {}),
+        policy="full",
+        source_description=f"Cleveland Clinic Foundation, {len(cleveland.train)} training patients (FLamby split)",
+        preprocessing=PREPROCESSING[scaling],
+    )
+
+
+def heart_disease_flamby_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenario:
+    scaling = "reference" if private else "per-centre"
+    centres = load_heart_disease(data_dir, scaling)
+    return Scenario(
+        name="heart-disease-flamby",
+        description="FLamby Fed-Heart-Disease benchmark: all 4 hospitals as sites, trained from scratch",
+        source=None,
+        sites=tuple(centres),
+        input_shape=(len(FEATURE_NAMES),),
+        class_names=CLASS_NAMES,
+        feature_names=FEATURE_NAMES,
+        model=ModelSpec("logreg", {}),
+        policy="full",
+        source_description="none (trained from scratch)",
+        preprocessing=PREPROCESSING[scaling],
+    )

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import ConfigurationError
+
 SITE_CONFIG_FILE = "site.toml"
 _REQUIRED = ("site-id", "data-path", "state-dir", "keys-dir", "manifest", "coordinator-fingerprint")
 _OPTIONAL = ("label-column", "privacy-policy")
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(ConfigurationError, ValueError):
     """The site configuration is missing or invalid."""
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from common.errors import DataError as FamilyDataError
+
 logger = logging.getLogger(__name__)
 
 MIN_ROWS = 10
@@ -38,7 +40,7 @@ MISSING_MARKERS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-"})
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
-class DataError(Exception):
+class DataError(FamilyDataError):
     """A site's data file cannot be used; the message names the file and the fix."""
 
 

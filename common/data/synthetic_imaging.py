@@ -10,10 +10,12 @@ and has its own lesion prevalence (label skew).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from common.data.scenario import ModelSpec, Scenario, standardise
 from common.data.site_data import SiteData, Split
 
 IMAGE_SIZE = 24
@@ -119,3 +121,25 @@ def generate_imaging(seed: int = 0) -> tuple[SiteData, tuple[SiteData, ...]]:
         SiteData(scanner.name, *_train_test(_generate(rng, SITE_IMAGES, scanner), rng)) for scanner in SCANNERS
     )
     return source, sites
+
+
+def imaging_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenario:
+    source, sites = generate_imaging(seed)
+    mean, std = float(source.train.x.mean()), float(source.train.x.std())
+    return Scenario(
+        name="synthetic-imaging",
+        description=(
+            "Synthetic 24x24 grey-level scans: lesion (bright blob) vs none (maybe a vessel-like line); "
+            "4 sites with scanner shifts (contrast, offset, blur, noise) and lesion rates 0.3/0.5/0.6/0.4"
+        ),
+        source=standardise(source, mean, std),
+        sites=tuple(standardise(site, mean, std) for site in sites),
+        input_shape=INPUT_SHAPE,
+        class_names=CLASS_NAMES,
+        feature_names=None,
+        model=ModelSpec("cnn", {}),
+        policy="last:1",
+        source_description=f"synthetic reference scanner, {len(source.train)} training images, seed {seed}",
+        preprocessing=f"pixel intensities standardised with the source training mean {mean:.4f} and std {std:.4f}",
+        public_data=True,
+    )

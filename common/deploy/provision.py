@@ -43,12 +43,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.security.keys import Identity, PublicIdentity, read_identity, validate_name, write_identity, write_private_file, write_public_file
-from common.security.manifest import Manifest, read_manifest, sign_manifest, write_manifest
-from common.security.keys import COORDINATOR_NAME
-from common.security.manifest import MANIFEST_FILE
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
+from common.errors import DeploymentError
 from common.privacy.policy import SitePolicy, write_policy
+from common.security.keys import (
+    COORDINATOR_NAME,
+    Identity,
+    PublicIdentity,
+    read_identity,
+    validate_name,
+    write_identity,
+    write_private_file,
+    write_public_file,
+)
+from common.security.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    read_manifest,
+    sign_manifest,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +94,7 @@ FLOWER_ENV = {
 }
 
 
-class ProvisionError(Exception):
+class ProvisionError(DeploymentError):
     """The federation cannot be provisioned as asked; the message says what to change."""
 
 

@@ -19,20 +19,35 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
-
-from common.model.checkpoint import CARD_FILE, CheckpointError, ModelCard, load_card
-from common.security.keys import KeyFileError, passphrase_from_env, read_identity, read_public_identity
-from common.privacy.ledger import Ledger, LedgerError
-from common.security.manifest import ManifestError, read_manifest
-from common.deploy.provision import (
-    AUTH_KEY, CA_CERT, MANIFEST_FILE, SUPERLINK_CERT, SUPERLINK_KEY, SUPERNODE_SCRIPT, Endpoint, KitInfo,
-    ProvisionError,
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
 )
-from common.security.keys import COORDINATOR_NAME
+
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
 from common.data.site_data import DataError, infer_input_shape, load_site_data
+from common.deploy.provision import (
+    AUTH_KEY,
+    CA_CERT,
+    MANIFEST_FILE,
+    SUPERLINK_CERT,
+    SUPERLINK_KEY,
+    SUPERNODE_SCRIPT,
+    Endpoint,
+    KitInfo,
+    ProvisionError,
+)
+from common.model.checkpoint import CARD_FILE, CheckpointError, ModelCard, load_card
+from common.privacy.ledger import Ledger, LedgerError
 from common.privacy.policy import PolicyError, load_policy
+from common.security.keys import (
+    COORDINATOR_NAME,
+    KeyFileError,
+    passphrase_from_env,
+    read_identity,
+    read_public_identity,
+)
+from common.security.manifest import ManifestError, read_manifest
 
 ERROR, WARNING, OK = "error", "warning", "ok"
 EXPIRY_WARNING = timedelta(days=30)

@@ -17,17 +17,22 @@ from typing import Any
 
 import torch
 
+from common.errors import ConfigurationError
 from common.io import write_atomic
-from common.model.zoo import FedModel, UnknownArchitecture, build_model
-from common.security.tensors import TensorFormatError, tensors_from_bytes, tensors_to_bytes
 from common.model.transfer import state_fingerprint
+from common.model.zoo import FedModel, UnknownArchitecture, build_model
+from common.security.tensors import (
+    TensorFormatError,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model-card.json"
 CARD_FORMAT = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(ConfigurationError):
     """A checkpoint cannot be used; the message says which file and why."""
 
 

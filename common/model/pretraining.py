@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
+from common.data.scenario import Scenario
 from common.model.checkpoint import ModelCard, save_checkpoint
 from common.model.metrics import classification_metrics
-from common.model.zoo import build_model
-from common.data.scenarios import Scenario
 from common.model.training import TrainConfig, as_tensors, predict_proba, train_plain
+from common.model.zoo import build_model
 
 log = logging.getLogger(__name__)
 

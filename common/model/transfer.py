@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.errors import ConfigurationError
 from common.model.zoo import FedModel
 
 
-class PolicyParseError(ValueError):
+class PolicyParseError(ConfigurationError, ValueError):
     """A transfer policy string is not ``head``, ``last:K`` or ``full``."""
 
 

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.errors import ConfigurationError
 
-class UnknownArchitecture(ValueError):
+
+class UnknownArchitecture(ConfigurationError, ValueError):
     """The model card or scenario names an architecture this version does not have."""
 
 

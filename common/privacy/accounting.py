@@ -43,6 +43,8 @@ from opacus.accountants.analysis.prv import (
     compute_safe_domain_size,
 )
 
+from common.errors import PrivacyError
+
 log = logging.getLogger(__name__)
 
 Accountant = Literal["prv", "rdp"]
@@ -69,11 +71,11 @@ SIGMA_REL_TOL = 0.002
 SIGMA_DECIMALS = 4
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(PrivacyError):
     """The privacy budget cannot accommodate the requested training."""
 
 
-class AccountingError(Exception):
+class AccountingError(PrivacyError):
     """An accountant could not compute a trustworthy epsilon for this history."""
 
 

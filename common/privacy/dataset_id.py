@@ -20,6 +20,7 @@ import hmac
 import os
 from pathlib import Path
 
+from common.errors import PrivacyError
 from common.io import fsync_dir
 from common.privacy.ledger import STATE_IN_USE_FILE
 
@@ -27,7 +28,7 @@ KEY_BYTES = 32
 _DOMAIN = b"fedtransfer-dataset-id-v1\x00"
 
 
-class DatasetKeyError(Exception):
+class DatasetKeyError(PrivacyError):
     """The site's dataset-identity key cannot be read or created."""
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import PrivacyError
 from common.privacy.ledger import RELEASE_KINDS
 
 UPDATE, PUBLIC, RELEASE, NOT_PRIVATE = "dp-update", "public", "dp-release", "not-private"
@@ -32,7 +33,7 @@ PHASES = ("train", "evaluate")
 STATUSES = ("ok", "declined", "error")
 
 
-class EgressViolation(ValueError):
+class EgressViolation(PrivacyError, ValueError):
     """A reply carries a value the egress rule does not allow, or does not declare what it carries."""
 
 

@@ -49,6 +49,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
+from common.errors import PrivacyError
 from common.io import canonical_json, fsync_dir, write_atomic
 from common.privacy.accounting import Step
 from common.security.keys import Identity, PublicIdentity
@@ -77,7 +78,7 @@ RELEASE_KINDS = (EVALUATE, PERSONALISED_EVALUATE, LOSS)
 LEDGER_KINDS = (TRAIN, PERSONALISE, *RELEASE_KINDS)
 
 
-class LedgerError(Exception):
+class LedgerError(PrivacyError):
     """The ledger cannot be read or written; nothing was recorded."""
 
 

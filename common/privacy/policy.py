@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import PrivacyError
 from common.privacy.accounting import ACCOUNTANTS, Accountant
 
 
-class PolicyError(Exception):
+class PolicyError(PrivacyError):
     """A site policy or a coordinator request is missing, malformed or out of range."""
 
 

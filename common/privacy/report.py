@@ -14,14 +14,21 @@ import binascii
 import json
 from typing import Any
 
+from common.errors import SecurityError
 from common.io import JsonError, parse_json
-from common.security.envelope import EnvelopeContext, EnvelopeError, sign_instruction, signed_context, verify_instruction
+from common.security.envelope import (
+    EnvelopeContext,
+    EnvelopeError,
+    sign_instruction,
+    signed_context,
+    verify_instruction,
+)
 from common.security.keys import Identity, PublicIdentity
 
 REPORT_KIND = "privacy-report"
 
 
-class ReportInvalid(Exception):
+class ReportInvalid(SecurityError):
     """A signed privacy report does not verify or does not parse."""
 
 

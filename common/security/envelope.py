@@ -41,10 +41,14 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common.errors import SecurityError
 from common.io import JsonError, canonical_json, parse_json
 from common.security.keys import Identity, PublicIdentity, validate_name
 
@@ -77,7 +81,7 @@ _MAX_RUN_ID = 2**64 - 1
 _MAX_ROUND = 2**32 - 1
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(SecurityError):
     """An envelope was rejected. ``site`` and ``reason`` are kept for logs and reports."""
 
     def __init__(self, site: str, reason: str, *, instruction: bool = False) -> None:
@@ -115,7 +119,7 @@ class WrongKind(EnvelopeError):
     """Valid, but a different message kind than expected."""
 
 
-class BaseModelMismatch(EnvelopeError):
+class WrongBaseModel(EnvelopeError):
     """Valid, but bound to a different base model."""
 
 
@@ -343,7 +347,7 @@ def open_envelope(
     ``manifest_sites`` and is ``expected.site_id`` (UnknownSigner); its Ed25519
     signature (BadSignature); the recipient fingerprint is ours (WrongRecipient);
     decryption (DecryptionFailed); run id and round equal to ``expected``
-    (ReplayedEnvelope); kind (WrongKind); base model (BaseModelMismatch).
+    (ReplayedEnvelope); kind (WrongKind); base model (WrongBaseModel).
     """
     site = expected.site_id
     parsed = _parse(blob, site, max_bytes, instruction=False)
@@ -423,7 +427,7 @@ def _check_context(
             instruction=instruction,
         )
     if got.base_model != expected.base_model:
-        raise BaseModelMismatch(
+        raise WrongBaseModel(
             site,
             f"it is bound to base model {got.base_model}, expected {expected.base_model}; "
             "the two sides hold different pretrained checkpoints",
@@ -465,7 +469,7 @@ def verify_instruction(
     Checks, in order: size (PayloadTooLarge), framing (MalformedEnvelope), signer
     fingerprint and Ed25519 signature (BadSignature), addressee (WrongRecipient),
     run and round (ReplayedEnvelope), kind (WrongKind), base model
-    (BaseModelMismatch).
+    (WrongBaseModel).
     """
     site = expected.site_id
     parsed = _parse(blob, site, max_bytes, instruction=True)

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-
-from common.io import write_atomic
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -39,6 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
+
+from common.errors import SecurityError
+from common.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _FINGERPRINT_DOMAIN = b"fedtransfer-identity-v1\x00"
 
 
-class KeyFileError(Exception):
+class KeyFileError(SecurityError):
     """A key file is missing, unsafe, of the wrong type or cannot be decrypted."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
+from common.errors import SecurityError
 from common.io import canonical_json
 from common.security.keys import Identity, PublicIdentity, write_public_file
 
@@ -31,7 +32,7 @@ MANIFEST_FILE = "manifest.json"  # the file name a site or coordinator keeps its
 _SIGNATURE_DOMAIN = b"fedtransfer-manifest-v1\x00"
 
 
-class ManifestError(Exception):
+class ManifestError(SecurityError):
     """The manifest cannot be trusted or used."""
 
 

@@ -8,8 +8,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from common.errors import SecurityError
 
-class TensorFormatError(Exception):
+
+class TensorFormatError(SecurityError):
     """Bytes that should hold safetensors-encoded tensors do not."""
 
 

@@ -22,6 +22,7 @@ _MODULES = {
     "dropouts": "simulations.benchmarks.dropouts",
     "flamby": "simulations.benchmarks.flamby",
     "transfer-privacy": "simulations.benchmarks.transfer_privacy",
+    "evaluation-cost": "simulations.benchmarks.evaluation_cost",
     "speed": "simulations.benchmarks.speed",
     "scale": "simulations.benchmarks.scale",
 }

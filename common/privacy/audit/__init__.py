@@ -32,7 +32,12 @@ from pathlib import Path
 
 from common.privacy.audit.inputs import classify_inputs
 from common.privacy.audit.ledgers import audit_ledger, ledger_budgets, recompute_ledger
-from common.privacy.audit.model import DEFAULT_TOLERANCE, AuditInputError, AuditReport, Method
+from common.privacy.audit.model import (
+    DEFAULT_TOLERANCE,
+    AuditInputError,
+    AuditReport,
+    Method,
+)
 from common.privacy.audit.recompute import Accounting
 from common.privacy.audit.render import (
     BUDGET_HEADER,
@@ -44,7 +49,12 @@ from common.privacy.audit.render import (
     write_plot,
     write_report,
 )
-from common.privacy.audit.runs import Reported, audit_run, cross_check, report_only_checks
+from common.privacy.audit.runs import (
+    Reported,
+    audit_run,
+    cross_check,
+    report_only_checks,
+)
 
 __all__ = [
     "BUDGET_HEADER", "DEFAULT_TOLERANCE", "EMPIRICAL_HEADER", "AuditInputError", "AuditReport", "budget_rows",

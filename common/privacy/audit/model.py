@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from common.errors import ConfigurationError
 from common.privacy.accounting import PRV_EPS_ERROR
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MAX_ROUNDS_LEFT = 10_000
 MATCHING_METHOD: dict[str, Method] = {"prv": "pld", "rdp": "rdp"}
 
 
-class AuditInputError(Exception):
+class AuditInputError(ConfigurationError):
     """A path given to the audit is neither a site state directory nor a coordinator run."""
 
 

@@ -11,7 +11,12 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-from common.privacy.accounting import AccountingError, Step, compose_epsilon, independent_epsilon
+from common.privacy.accounting import (
+    AccountingError,
+    Step,
+    compose_epsilon,
+    independent_epsilon,
+)
 from common.privacy.audit.model import MAX_ROUNDS_LEFT, Method
 
 
