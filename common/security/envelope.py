@@ -306,13 +306,20 @@ def seal(
     ``context.site_id`` must be the sender's name: a site can only seal as itself.
     Each call uses a fresh ephemeral key and nonce.
     """
+    return _seal_with(X25519PrivateKey.generate(), os.urandom(_NONCE_LEN), payload, context, sender, recipient)
+
+
+def _seal_with(
+    ephemeral: X25519PrivateKey, nonce: bytes, payload: bytes, context: EnvelopeContext, sender: Identity,
+    recipient: PublicIdentity,
+) -> bytes:
+    """:func:`seal` with a given ephemeral key and nonce: the seam known-answer tests use; never reuse either."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     if context.site_id != sender.name:
         raise ValueError(
             f"site {sender.name!r} cannot seal an update labelled as site {context.site_id!r}"
         )
-    ephemeral = X25519PrivateKey.generate()
     ephemeral_public = ephemeral.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
@@ -321,7 +328,6 @@ def seal(
         ephemeral_public,
         recipient.encryption_key,
     )
-    nonce = os.urandom(_NONCE_LEN)
     header = {
         **context._header_fields(),
         "ephemeral_key": _b64(ephemeral_public),

@@ -200,12 +200,16 @@ def _check_created(created: Any) -> None:
 
 def sign_manifest(federation: str, coordinator: Identity, sites: list[PublicIdentity]) -> Manifest:
     """Create a manifest listing ``sites``, signed by ``coordinator`` now."""
+    return _sign_manifest_at(federation, coordinator, sites, datetime.now(timezone.utc).replace(microsecond=0).isoformat())
+
+
+def _sign_manifest_at(federation: str, coordinator: Identity, sites: list[PublicIdentity], created: str) -> Manifest:
+    """:func:`sign_manifest` at a given time: the seam known-answer tests use."""
     if not isinstance(federation, str) or not federation:
         raise ManifestFormatError("federation name must be a non-empty string")
     public = coordinator.public()
     _check_distinct_keys(public, list(sites))
     site_map = {site.name: site for site in sites}
-    created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     unsigned = Manifest(federation, public, site_map, created, b"")
     signature = coordinator.signing_key.sign(unsigned._content_bytes())
     return Manifest(federation, public, site_map, created, signature)
