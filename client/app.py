@@ -20,8 +20,9 @@ use_one_torch_thread()
 app = ClientApp()
 
 
-def _prepare(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context
-             ) -> tuple[DatasetIdentity, FedModel, TransferPolicy, Features]:
+def _prepare(
+    session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context
+) -> tuple[DatasetIdentity, FedModel, TransferPolicy, Features]:
     adopt_base(msg.content, context, instruction)
     model, card, policy = round_model(msg.content, context, instruction)
     local = load_local_data(session.config, card)
@@ -30,8 +31,16 @@ def _prepare(session: SiteSession, instruction: RoundInstruction, msg: Message, 
 
 def _train(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:
     dataset, model, policy, features = _prepare(session, instruction, msg, context)
-    return train_round(session, dataset, model, policy, features, train_config(instruction), instruction,
-                       dict(msg.content[CONFIG].items()))
+    return train_round(
+        session,
+        dataset,
+        model,
+        policy,
+        features,
+        train_config(instruction),
+        instruction,
+        dict(msg.content[CONFIG].items()),
+    )
 
 
 def _evaluate(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:

@@ -35,7 +35,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +206,9 @@ class BudgetGuard:
     """Enforces the site's caps for one dataset (``dataset_id``, keyed; ``aliases``: the ids its older
     ledger entries were recorded under, which count all the same)."""
 
-    def __init__(self, state_dir: Path, policy: SitePolicy, dataset_id: str, identity: Identity,
-                 aliases: Sequence[str] = ()) -> None:
+    def __init__(
+        self, state_dir: Path, policy: SitePolicy, dataset_id: str, identity: Identity, aliases: Sequence[str] = ()
+    ) -> None:
         if not dataset_id:
             raise ValueError("dataset_id must be a non-empty string")
         self.state_dir = Path(state_dir)
@@ -255,8 +256,13 @@ class BudgetGuard:
             return self._stored_plan(run_id)
 
     def plan_run(
-        self, run_id: str, request: PrivacyRequest, sample_rate: float, steps_per_round: int,
-        personalisation: Reservation | None = None, noise: str = "csprng",
+        self,
+        run_id: str,
+        request: PrivacyRequest,
+        sample_rate: float,
+        steps_per_round: int,
+        personalisation: Reservation | None = None,
+        noise: str = "csprng",
     ) -> RunPlan:
         """Calibrate the run's noise once (or return its stored plan).
 
@@ -269,34 +275,62 @@ class BudgetGuard:
             stored = self._stored_plan(run_id)
             if stored is not None:
                 if stored.settings != effective_settings(self.policy, request) or (
-                    stored.sample_rate, stored.steps_per_round
+                    stored.sample_rate,
+                    stored.steps_per_round,
                 ) != (sample_rate, steps_per_round):
                     log.warning(
                         "run %s: request or data shape differs from the stored plan; "
-                        "keeping the stored plan (noise %.4f)", run_id, stored.noise_multiplier,
+                        "keeping the stored plan (noise %.4f)",
+                        run_id,
+                        stored.noise_multiplier,
                     )
                 return stored
-            plan = self._calibrate(run_id, effective_settings(self.policy, request), sample_rate, steps_per_round,
-                                   personalisation if self.policy.evaluation == "dp" else None, noise)
+            plan = self._calibrate(
+                run_id,
+                effective_settings(self.policy, request),
+                sample_rate,
+                steps_per_round,
+                personalisation if self.policy.evaluation == "dp" else None,
+                noise,
+            )
             path = self._plan_path(run_id)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            record = {**plan.to_dict(), "created": datetime.now(timezone.utc).isoformat()}
+            record = {**plan.to_dict(), "created": datetime.now(UTC).isoformat()}
             write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
         settings = plan.settings
         log.info(
             "run %s on dataset %s: noise multiplier %.4f for %d rounds x %d steps at q=%g, %d DP release(s) at "
             "noise %.4f (run limit %.3f, spent %.3f of cap %.3f, %s)",
-            run_id, self.dataset_id[:12], plan.noise_multiplier, settings.planned_rounds, steps_per_round,
-            sample_rate, sum(plan.release_counts.values()), plan.release_noise_multiplier,
-            settings.run_target_epsilon, plan.prior_epsilon, settings.cap_epsilon, settings.accountant,
+            run_id,
+            self.dataset_id[:12],
+            plan.noise_multiplier,
+            settings.planned_rounds,
+            steps_per_round,
+            sample_rate,
+            sum(plan.release_counts.values()),
+            plan.release_noise_multiplier,
+            settings.run_target_epsilon,
+            plan.prior_epsilon,
+            settings.cap_epsilon,
+            settings.accountant,
         )
         return plan
 
-    def _calibrate(self, run_id: str, settings: EffectiveSettings, sample_rate: float, steps_per_round: int,
-                   personalisation: Reservation | None, noise: str) -> RunPlan:
+    def _calibrate(
+        self,
+        run_id: str,
+        settings: EffectiveSettings,
+        sample_rate: float,
+        steps_per_round: int,
+        personalisation: Reservation | None,
+        noise: str,
+    ) -> RunPlan:
         """The plan's noise multipliers, phase by phase (rounds, releases, personalisation)."""
-        counts = {EVALUATE: settings.evaluations, LOSS: settings.planned_rounds if settings.release_loss else 0,
-                  PERSONALISED_EVALUATE: 1 if personalisation else 0}
+        counts = {
+            EVALUATE: settings.evaluations,
+            LOSS: settings.planned_rounds if settings.release_loss else 0,
+            PERSONALISED_EVALUATE: 1 if personalisation else 0,
+        }
         releases = sum(counts.values())
         release_share = settings.release_share if releases else 0.0
         personal_share = personalisation.fraction if personalisation else 0.0
@@ -322,14 +356,22 @@ class BudgetGuard:
                     sigmas.append(0.0)
                     continue
                 cumulative += phase.share
-                common = dict(sample_rate=phase.sample_rate, planned_steps=phase.steps, delta=settings.delta,
-                              accountant=settings.accountant, min_noise=settings.min_noise_multiplier)
+                common = dict(
+                    sample_rate=phase.sample_rate,
+                    planned_steps=phase.steps,
+                    delta=settings.delta,
+                    accountant=settings.accountant,
+                    min_noise=settings.min_noise_multiplier,
+                )
                 sigma = max(
-                    calibrate_noise(prior=planned, target_epsilon=min(cumulative, 1.0) * settings.run_target_epsilon,
-                                    **common),
-                    calibrate_noise(prior=[*prior, *planned],
-                                    target_epsilon=prior_epsilon + min(cumulative, 1.0) * (settings.cap_epsilon - prior_epsilon),
-                                    **common),
+                    calibrate_noise(
+                        prior=planned, target_epsilon=min(cumulative, 1.0) * settings.run_target_epsilon, **common
+                    ),
+                    calibrate_noise(
+                        prior=[*prior, *planned],
+                        target_epsilon=prior_epsilon + min(cumulative, 1.0) * (settings.cap_epsilon - prior_epsilon),
+                        **common,
+                    ),
                 )
                 sigmas.append(sigma)
                 planned.append(Step(sigma, phase.sample_rate, phase.steps))
@@ -337,8 +379,13 @@ class BudgetGuard:
             raise BudgetExhausted(f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}") from exc
         rounds_sigma, release_sigma, personal_sigma = sigmas
         return RunPlan(
-            run_id=run_id, dataset_id=self.dataset_id, noise_multiplier=rounds_sigma, sample_rate=sample_rate,
-            steps_per_round=steps_per_round, settings=settings, prior_epsilon=prior_epsilon,
+            run_id=run_id,
+            dataset_id=self.dataset_id,
+            noise_multiplier=rounds_sigma,
+            sample_rate=sample_rate,
+            steps_per_round=steps_per_round,
+            settings=settings,
+            prior_epsilon=prior_epsilon,
             personalise_noise_multiplier=personal_sigma,
             personalise_sample_rate=personalisation.sample_rate if personalisation else 1.0,
             personalise_steps=personalisation.steps if personalisation else 0,
@@ -372,11 +419,16 @@ class BudgetGuard:
         if plan.dataset_id not in self.dataset_ids:
             reason = f"plan of run {plan.run_id} is for another dataset"
         elif kind != PERSONALISE and any(e.server_round == server_round for e in same_kind):
-            reason = (f"{kind} of round {server_round} of run {plan.run_id} was already recorded (replayed "
-                      "instruction); refusing to do it twice")
+            reason = (
+                f"{kind} of round {server_round} of run {plan.run_id} was already recorded (replayed "
+                "instruction); refusing to do it twice"
+            )
         elif len(same_kind) >= plan.slots(kind):
-            reason = (f"run {plan.run_id} already used its {plan.slots(kind)} planned {kind} slot(s) on this dataset"
-                      if plan.slots(kind) else f"run {plan.run_id} planned no {kind} on this dataset")
+            reason = (
+                f"run {plan.run_id} already used its {plan.slots(kind)} planned {kind} slot(s) on this dataset"
+                if plan.slots(kind)
+                else f"run {plan.run_id} planned no {kind} on this dataset"
+            )
         if reason:
             return Admission(False, reason, spent, math.nan, cap)
         projected = compose_epsilon([*history, step], delta, accountant)
@@ -385,12 +437,19 @@ class BudgetGuard:
                 False,
                 f"privacy budget exhausted: {what} would bring the dataset to epsilon {projected:.4f}, over the "
                 f"site's cap of {cap:.4f} (already spent {spent:.4f}, {accountant}, delta={delta:g})",
-                spent, projected, cap,
+                spent,
+                projected,
+                cap,
             )
         run_total = compose_epsilon([*(e.to_step() for e in this_run), step], delta, accountant)
         if run_total > run_limit + _LIMIT_SLACK:
-            return Admission(False, f"{what} would bring run {plan.run_id} to epsilon {run_total:.4f}, over its "
-                                    f"limit of {run_limit:.4f}", spent, projected, cap)
+            return Admission(
+                False,
+                f"{what} would bring run {plan.run_id} to epsilon {run_total:.4f}, over its limit of {run_limit:.4f}",
+                spent,
+                projected,
+                cap,
+            )
         return Admission(True, "within budget", spent, projected, cap)
 
     def admit(self, plan: RunPlan, server_round: int, kind: str = TRAIN) -> Admission:
@@ -449,15 +508,25 @@ class BudgetGuard:
                 log.warning("reference epsilon unavailable: %s", exc)
                 ref_name, ref_epsilon = f"{'rdp' if accountant == 'prv' else 'prv'}-unavailable", -1.0
             entry = self.ledger.append(
-                dataset_id=self.dataset_id, run_id=plan.run_id, server_round=server_round,
-                noise_multiplier=step.noise_multiplier, sample_rate=step.sample_rate, steps=step.steps,
-                max_grad_norm=plan.settings.max_grad_norm if kind in (TRAIN, PERSONALISE) else release_sensitivity(kind),
-                delta=delta, epsilon=epsilon, accountant=accountant,
-                reference_epsilon=ref_epsilon, reference_accountant=ref_name,
-                model_fingerprint=fingerprint, kind=kind, noise=plan.noise,
+                dataset_id=self.dataset_id,
+                run_id=plan.run_id,
+                server_round=server_round,
+                noise_multiplier=step.noise_multiplier,
+                sample_rate=step.sample_rate,
+                steps=step.steps,
+                max_grad_norm=plan.settings.max_grad_norm
+                if kind in (TRAIN, PERSONALISE)
+                else release_sensitivity(kind),
+                delta=delta,
+                epsilon=epsilon,
+                accountant=accountant,
+                reference_epsilon=ref_epsilon,
+                reference_accountant=ref_name,
+                model_fingerprint=fingerprint,
+                kind=kind,
+                noise=plan.noise,
             )
             recorded.append(entry)
             return entry
 
         return record
-

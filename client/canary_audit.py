@@ -213,9 +213,7 @@ def _guess(scores: np.ndarray, included: np.ndarray, config: CanaryConfig) -> tu
     return best
 
 
-def _audit_once(
-    config: CanaryConfig, label: str, noise_multiplier: float, accounted: float | None
-) -> CanaryRun:
+def _audit_once(config: CanaryConfig, label: str, noise_multiplier: float, accounted: float | None) -> CanaryRun:
     twin = _build_twin(config)
     width = config.real_features + config.canaries
     model = nn.Linear(width, 2, bias=False)
@@ -228,13 +226,20 @@ def _audit_once(
     torch.set_num_threads(1)  # a small model: extra threads only contend (20x slower on a busy 2-core machine)
     try:
         stats = dp_train(  # the twin is synthetic: seeded randomness makes the audit repeatable
-            model, twin.features, twin.labels, train, noise_multiplier=noise_multiplier,
-            max_grad_norm=config.max_grad_norm, sample_rate=1.0, steps=config.steps,
-            expected_batch_size=float(len(twin.labels)), source=SeededRandom(config.seed),
+            model,
+            twin.features,
+            twin.labels,
+            train,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            sample_rate=1.0,
+            steps=config.steps,
+            expected_batch_size=float(len(twin.labels)),
+            source=SeededRandom(config.seed),
         )
     finally:
         torch.set_num_threads(threads)
-    change = (model.weight.detach() - start)[:, twin.offset:]
+    change = (model.weight.detach() - start)[:, twin.offset :]
     scores = (change[1] - change[0]).numpy()
     bound, guesses, correct = _guess(scores, twin.included, config)
     if accounted is None:
@@ -243,15 +248,30 @@ def _audit_once(
         )
     verdict: Literal["consistent", "VIOLATION"] = "VIOLATION" if bound > accounted else "consistent"
     run = CanaryRun(
-        label=label, canaries=config.canaries, included=int(twin.included.sum()),
-        noise_multiplier=noise_multiplier, steps=stats.steps, sample_rate=stats.sample_rate,
-        delta=config.delta, accounted_epsilon=accounted, lower_bound=bound, guesses=guesses,
-        correct=correct, confidence=config.confidence,
-        seconds=time.perf_counter() - began, verdict=verdict,
+        label=label,
+        canaries=config.canaries,
+        included=int(twin.included.sum()),
+        noise_multiplier=noise_multiplier,
+        steps=stats.steps,
+        sample_rate=stats.sample_rate,
+        delta=config.delta,
+        accounted_epsilon=accounted,
+        lower_bound=bound,
+        guesses=guesses,
+        correct=correct,
+        confidence=config.confidence,
+        seconds=time.perf_counter() - began,
+        verdict=verdict,
     )
     log.info(
-        "canary audit (%s): noise %.4f, accounted epsilon %.3f, lower bound %.3f from %d/%d "
-        "correct guesses: %s", label, noise_multiplier, accounted, bound, correct, guesses, verdict,
+        "canary audit (%s): noise %.4f, accounted epsilon %.3f, lower bound %.3f from %d/%d correct guesses: %s",
+        label,
+        noise_multiplier,
+        accounted,
+        bound,
+        correct,
+        guesses,
+        verdict,
     )
     return run
 
@@ -260,8 +280,12 @@ def run_canary_audit(config: CanaryConfig | None = None) -> EmpiricalAudit:
     """Calibrate the twin's noise to ``target_epsilon``, audit one honest run and the noise-off control."""
     config = config or CanaryConfig()
     sigma = calibrate_noise(
-        prior=[], sample_rate=1.0, planned_steps=config.steps, target_epsilon=config.target_epsilon,
-        delta=config.delta, accountant=config.accountant,
+        prior=[],
+        sample_rate=1.0,
+        planned_steps=config.steps,
+        target_epsilon=config.target_epsilon,
+        delta=config.delta,
+        accountant=config.accountant,
     )
     honest = _audit_once(config, "honest", sigma, None)
     control = _audit_once(config, "noise-off control", 0.0, honest.accounted_epsilon)

@@ -73,7 +73,9 @@ def _verified(msg: Message, context: Context, session: SiteSession, phase: str) 
         base_model=str(config.get("base-fingerprint", "")),
     )
     try:
-        signed, arrays_fingerprint = parse_instruction_payload(verify_instruction(blob, expected, session.manifest.coordinator))
+        signed, arrays_fingerprint = parse_instruction_payload(
+            verify_instruction(blob, expected, session.manifest.coordinator)
+        )
         instruction = RoundInstruction.from_config(signed)
     except (EnvelopeError, InstructionError) as err:
         raise InstructionRefused(f"{type(err).__name__}: {err}") from None
@@ -95,8 +97,7 @@ def _public_error(err: Exception) -> str:
     """What the coordinator may learn of a failure: its kind, never its text (unless it is about the instruction)."""
     if isinstance(err, InstructionRefused):
         return f"instruction refused: {err}"
-    return (f"the site could not complete this instruction ({type(err).__name__}); the details are in the "
-            "site's own log")
+    return f"the site could not complete this instruction ({type(err).__name__}); the details are in the site's own log"
 
 
 def answer(msg: Message, context: Context, phase: str, handler: Handler) -> Message:
@@ -108,8 +109,10 @@ def answer(msg: Message, context: Context, phase: str, handler: Handler) -> Mess
         session = site_session(context.node_config, sim_root if isinstance(sim_root, str) else "")
     except Exception as err:  # noqa: BLE001 - nothing is sealed without the site's keys; say only what failed
         log.exception("this site cannot load its configuration, keys, manifest or policy")
-        raise SiteUnavailable(f"the site cannot load its configuration or keys ({type(err).__name__}); "
-                              "the details are in the site's own log") from None
+        raise SiteUnavailable(
+            f"the site cannot load its configuration or keys ({type(err).__name__}); "
+            "the details are in the site's own log"
+        ) from None
     instruction: RoundInstruction | None = None
     try:
         instruction = _verified(msg, context, session, phase)
@@ -124,18 +127,28 @@ def _report(phase: str, outcome: Outcome) -> dict:
     return {**outcome.report(), "phase": phase, "status": outcome.status, "egress": dict(outcome.egress)}
 
 
-def _sealed(msg: Message, context: Context, session: SiteSession, phase: str, instruction: RoundInstruction | None,
-            outcome: Outcome) -> Message:
+def _sealed(
+    msg: Message,
+    context: Context,
+    session: SiteSession,
+    phase: str,
+    instruction: RoundInstruction | None,
+    outcome: Outcome,
+) -> Message:
     config = msg.content[CONFIG]
     claimed_round = config.get("server-round")
-    server_round = instruction.server_round if instruction else (
-        claimed_round if isinstance(claimed_round, int) and 0 <= claimed_round < 2**32 else 0)
+    server_round = (
+        instruction.server_round
+        if instruction
+        else (claimed_round if isinstance(claimed_round, int) and 0 <= claimed_round < 2**32 else 0)
+    )
     base_model = instruction.base_fingerprint if instruction else str(config.get("base-fingerprint", ""))
     try:
         envelope = EnvelopeContext(context.run_id, server_round, session.site_id, REPLY_KINDS[phase], base_model)
     except ValueError:
-        raise SiteUnavailable(f"{outcome.reason}; the instruction names no valid round and base model to "
-                              "reply to") from None
+        raise SiteUnavailable(
+            f"{outcome.reason}; the instruction names no valid round and base model to reply to"
+        ) from None
     report = _report(phase, outcome)
     try:
         check_reply(phase, outcome.status, outcome.values, bool(outcome.tensors), report)
@@ -144,9 +157,15 @@ def _sealed(msg: Message, context: Context, session: SiteSession, phase: str, in
         outcome = Outcome(STATUS_ERROR, "the site's reply broke the egress rule and was not sent")
         report = _report(phase, outcome)
     reply = SiteReply(
-        site_id=session.site_id, phase=phase, status=outcome.status, reason=outcome.reason,
-        values=outcome.values, report=sign_report(report, context.run_id, server_round, base_model, session.identity),
+        site_id=session.site_id,
+        phase=phase,
+        status=outcome.status,
+        reason=outcome.reason,
+        values=outcome.values,
+        report=sign_report(report, context.run_id, server_round, base_model, session.identity),
         tensors=outcome.tensors,
     )
     blob = seal(reply.encode(), envelope, session.identity, session.manifest.coordinator)
-    return Message(content=RecordDict({SEALED: ConfigRecord({"site-id": session.site_id, "envelope": blob})}), reply_to=msg)
+    return Message(
+        content=RecordDict({SEALED: ConfigRecord({"site-id": session.site_id, "envelope": blob})}), reply_to=msg
+    )

@@ -86,8 +86,12 @@ def dp_train(
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         module = GradSampleModule(trainable, loss_reduction="sum")
         optimizer = _SourcedDPOptimizer(
-            make_optimizer(params, config), noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=max(expected_batch_size, 1e-9), loss_reduction="mean", source=source,
+            make_optimizer(params, config),
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=max(expected_batch_size, 1e-9),
+            loss_reduction="mean",
+            source=source,
         )
     anchor = {n: p.detach().clone() for n, p in trainable.named_parameters()}
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -112,8 +116,9 @@ def dp_train(
     module.cleanup()
     if optimizer.noise_draws != steps:
         raise RuntimeError(f"DP-SGD added noise in {optimizer.noise_draws} of {steps} steps; refusing the round")
-    return DPStats(steps=steps, updates=updates, mean_loss=total / max(updates, 1), sample_rate=sample_rate,
-                   noise=source.kind)
+    return DPStats(
+        steps=steps, updates=updates, mean_loss=total / max(updates, 1), sample_rate=sample_rate, noise=source.kind
+    )
 
 
 @torch.no_grad()

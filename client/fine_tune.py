@@ -28,7 +28,7 @@ def train_config(instruction: RoundInstruction, epochs: int | None = None) -> Tr
 
 
 def fine_tune(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig) -> TrainStats:
-    """Train the model's trainable part in place (its parameters that require gradients) on the frozen-prefix features."""
+    """Train the trainable part in place (its parameters that require gradients) on the frozen-prefix features."""
     _, trainable = policy.split(model)
     return train_plain(trainable, features.train_x, features.train_y, config)
 

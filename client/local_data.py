@@ -35,14 +35,20 @@ class Features:
 
 
 @lru_cache(maxsize=4)
-def _load(path: Path, fingerprint: str, input_shape: tuple[int, ...], num_classes: int, label_column: str, name: str) -> SiteData:
-    return load_site_data(path, input_shape, num_classes, label_column=label_column, name=name, require_two_train_classes=False)
+def _load(
+    path: Path, fingerprint: str, input_shape: tuple[int, ...], num_classes: int, label_column: str, name: str
+) -> SiteData:
+    return load_site_data(
+        path, input_shape, num_classes, label_column=label_column, name=name, require_two_train_classes=False
+    )
 
 
 def load_local_data(site: SiteConfig, card: ModelCard) -> LocalData:
     """Load the site's data, validated against the model card (cached while the files are unchanged)."""
     fingerprint = dataset_fingerprint(site.data_path)
-    data = _load(site.data_path, fingerprint, tuple(card.input_shape), card.num_classes, site.label_column, site.site_id)
+    data = _load(
+        site.data_path, fingerprint, tuple(card.input_shape), card.num_classes, site.label_column, site.site_id
+    )
     return LocalData(data=data, content_hash=fingerprint)
 
 

@@ -56,7 +56,9 @@ def adopt_base(content: RecordDict, context: Context, instruction: RoundInstruct
     context.state[STATE_CARD] = ConfigRecord({"json": card.to_json()})
 
 
-def round_model(content: RecordDict, context: Context, instruction: RoundInstruction) -> tuple[FedModel, ModelCard, TransferPolicy]:
+def round_model(
+    content: RecordDict, context: Context, instruction: RoundInstruction
+) -> tuple[FedModel, ModelCard, TransferPolicy]:
     """The base model with this round's trainable weights loaded, checked on the way."""
     if STATE_BASE not in context.state:
         raise BaseModelMissing("this site holds no base model for this run; the coordinator must send it first")

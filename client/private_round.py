@@ -75,8 +75,10 @@ class Outcome:
         self.spends.append(entry)
         self.values[name] = value
         self.egress[name] = declaration(
-            RELEASE, f"Gaussian mechanism, noise multiplier {entry.noise_multiplier:.4g}, sensitivity "
-                     f"{entry.max_grad_norm:g}, ledger entry {entry.index}")
+            RELEASE,
+            f"Gaussian mechanism, noise multiplier {entry.noise_multiplier:.4g}, sensitivity "
+            f"{entry.max_grad_norm:g}, ledger entry {entry.index}",
+        )
         self.releases[name] = entry.index
 
     def report(self) -> dict[str, Any]:
@@ -90,9 +92,15 @@ class Outcome:
 
 def spend_summary(entry: LedgerEntry) -> dict[str, Any]:
     """What a report says of one ledger entry: enough to find it in the ledger and to recompute its epsilon."""
-    return {"kind": entry.kind, "ledger-index": entry.index, "ledger-hash": entry.hash,
-            "noise-multiplier": entry.noise_multiplier, "sample-rate": entry.sample_rate, "steps": entry.steps,
-            "clip": entry.max_grad_norm}
+    return {
+        "kind": entry.kind,
+        "ledger-index": entry.index,
+        "ledger-hash": entry.hash,
+        "noise-multiplier": entry.noise_multiplier,
+        "sample-rate": entry.sample_rate,
+        "steps": entry.steps,
+        "clip": entry.max_grad_norm,
+    }
 
 
 def _declined(reason: str, privacy: dict[str, Any]) -> Outcome:
@@ -130,8 +138,13 @@ def _guard(session: SiteSession, dataset: DatasetIdentity) -> BudgetGuard:
 
 def _budget(session: SiteSession, dataset: DatasetIdentity, guard: BudgetGuard | None) -> dict[str, Any]:
     """The public budget summary a decline reports."""
-    summary: dict[str, Any] = {"dp": True, "dataset-id": dataset.keyed, "delta": session.policy.delta,
-                               "accountant": session.policy.accountant, "cap-epsilon": session.policy.max_epsilon}
+    summary: dict[str, Any] = {
+        "dp": True,
+        "dataset-id": dataset.keyed,
+        "delta": session.policy.delta,
+        "accountant": session.policy.accountant,
+        "cap-epsilon": session.policy.max_epsilon,
+    }
     if guard is not None:
         summary["epsilon"] = guard.spent()
     return summary
@@ -140,11 +153,17 @@ def _budget(session: SiteSession, dataset: DatasetIdentity, guard: BudgetGuard |
 def _entry_report(entry: LedgerEntry, plan: RunPlan, session: SiteSession, overridden: list[str]) -> dict[str, Any]:
     """The report's public fields after ``entry``, the last spend of the reply."""
     return {
-        "dp": True, "dataset-id": entry.dataset_id, "epsilon": entry.epsilon, "delta": entry.delta,
-        "accountant": entry.accountant, "reference-epsilon": entry.reference_epsilon,
-        "reference-accountant": entry.reference_accountant, "cap-epsilon": plan.settings.cap_epsilon,
+        "dp": True,
+        "dataset-id": entry.dataset_id,
+        "epsilon": entry.epsilon,
+        "delta": entry.delta,
+        "accountant": entry.accountant,
+        "reference-epsilon": entry.reference_epsilon,
+        "reference-accountant": entry.reference_accountant,
+        "cap-epsilon": plan.settings.cap_epsilon,
         "run-target-epsilon": plan.settings.run_target_epsilon,
-        "overridden": [*overridden, *plan.settings.overridden], "noise": entry.noise,
+        "overridden": [*overridden, *plan.settings.overridden],
+        "noise": entry.noise,
         "declared-size": session.policy.declared_size,
     }
 
@@ -169,32 +188,53 @@ def _declared_size(session: SiteSession) -> int:
     return size
 
 
-def train_round(session: SiteSession, dataset: DatasetIdentity, model: FedModel, policy: TransferPolicy,
-                features: Features, config: TrainConfig, instruction: RoundInstruction,
-                request_config: dict[str, Any]) -> Outcome:
+def train_round(
+    session: SiteSession,
+    dataset: DatasetIdentity,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    config: TrainConfig,
+    instruction: RoundInstruction,
+    request_config: dict[str, Any],
+) -> Outcome:
     """Fine-tune ``model`` in place under the site's policy; the spend is on disk before this returns."""
     declared = _declared_size(session)
     if abs(len(features.train_y) - declared) > declared:
-        log.warning("site %s: %d training records, far from the declared size %d; update declared_size in %s",
-                    session.site_id, len(features.train_y), declared, session.config.policy_path)
+        log.warning(
+            "site %s: %d training records, far from the declared size %d; update declared_size in %s",
+            session.site_id,
+            len(features.train_y),
+            declared,
+            session.config.policy_path,
+        )
     if not instruction.dp and session.policy.allow_non_private:
         return _train_without_dp(session, dataset, model, policy, features, config, declared)
     overridden = _overridden(session, instruction, dp_honoured=bool(instruction.dp))
     if _once_non_private(session, dataset):
-        return _declined("this dataset was once trained without DP at this site; no DP guarantee can be given for it",
-                         _budget(session, dataset, None))
+        return _declined(
+            "this dataset was once trained without DP at this site; no DP guarantee can be given for it",
+            _budget(session, dataset, None),
+        )
     guard = _guard(session, dataset)
     request = PrivacyRequest.from_config(request_config)
     sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs, config.steps)
     source = random_source(session, instruction, "train")
     try:
-        plan = guard.plan_run(instruction.run_key, request, sample_rate, steps,
-                              personalisation_reservation(instruction, declared), noise=source.kind)
+        plan = guard.plan_run(
+            instruction.run_key,
+            request,
+            sample_rate,
+            steps,
+            personalisation_reservation(instruction, declared),
+            noise=source.kind,
+        )
     except BudgetExhausted as err:
         return _declined(str(err), _budget(session, dataset, guard))
     if plan.noise_multiplier > MAX_USEFUL_NOISE:
         return _declined(
-            f"the budget left ({plan.settings.cap_epsilon - plan.prior_epsilon:.3g} of cap {plan.settings.cap_epsilon:g}) "
+            f"the budget left ({plan.settings.cap_epsilon - plan.prior_epsilon:.3g} of cap "
+            f"{plan.settings.cap_epsilon:g}) "
             f"only allows noise multiplier {plan.noise_multiplier:.3g} for this run, which would drown the update",
             _budget(session, dataset, guard),
         )
@@ -202,22 +242,37 @@ def train_round(session: SiteSession, dataset: DatasetIdentity, model: FedModel,
     try:  # spend() admits the round under the ledger lock, or raises BudgetExhausted
         with guard.spend(plan, TRAIN, instruction.server_round) as record:
             stats = dp_train(
-                trainable, features.train_x, features.train_y, config,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.settings.max_grad_norm,
-                sample_rate=plan.sample_rate, steps=plan.steps_per_round,
-                expected_batch_size=plan.sample_rate * declared, source=source,
+                trainable,
+                features.train_x,
+                features.train_y,
+                config,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.settings.max_grad_norm,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps_per_round,
+                expected_batch_size=plan.sample_rate * declared,
+                source=source,
             )
             entry = record(stats.steps, state_fingerprint(policy.trainable_state(model)))
     except BudgetExhausted as err:
         return _declined(str(err), _budget(session, dataset, guard))
-    log.info("site %s round %d: epsilon %.3f of cap %.3f (delta %g, %s); local mean loss %.4f (kept at the site)",
-             session.site_id, instruction.server_round, entry.epsilon, plan.settings.cap_epsilon, entry.delta,
-             entry.accountant, stats.mean_loss)
+    log.info(
+        "site %s round %d: epsilon %.3f of cap %.3f (delta %g, %s); local mean loss %.4f (kept at the site)",
+        session.site_id,
+        instruction.server_round,
+        entry.epsilon,
+        plan.settings.cap_epsilon,
+        entry.delta,
+        entry.accountant,
+        stats.mean_loss,
+    )
     outcome = Outcome(STATUS_OK, spends=[entry], privacy=_entry_report(entry, plan, session, overridden))
     outcome.tensors = finite_trainable_state(model, policy)
     outcome.egress["update"] = declaration(
-        UPDATE, f"DP-SGD: noise multiplier {entry.noise_multiplier:.4g}, clipping {entry.max_grad_norm:g}, "
-                f"{entry.steps} steps at sample rate {entry.sample_rate:.4g}, ledger entry {entry.index}")
+        UPDATE,
+        f"DP-SGD: noise multiplier {entry.noise_multiplier:.4g}, clipping {entry.max_grad_norm:g}, "
+        f"{entry.steps} steps at sample rate {entry.sample_rate:.4g}, ledger entry {entry.index}",
+    )
     outcome.public("num-examples", declared, "declared size (site policy declared_size)")
     outcome.public("steps", stats.steps, "planned DP-SGD steps (instruction and declared size)")
     if plan.settings.release_loss:
@@ -225,8 +280,16 @@ def train_round(session: SiteSession, dataset: DatasetIdentity, model: FedModel,
     return outcome
 
 
-def _release_loss(guard: BudgetGuard, plan: RunPlan, instruction: RoundInstruction, trainable: nn.Module,
-                  features: Features, declared: int, source: RandomSource, outcome: Outcome) -> None:
+def _release_loss(
+    guard: BudgetGuard,
+    plan: RunPlan,
+    instruction: RoundInstruction,
+    trainable: nn.Module,
+    features: Features,
+    declared: int,
+    source: RandomSource,
+    outcome: Outcome,
+) -> None:
     """A DP training loss after the round, recorded in the ledger before it joins the reply."""
     with torch.no_grad():
         trainable.eval()
@@ -243,8 +306,15 @@ def _release_loss(guard: BudgetGuard, plan: RunPlan, instruction: RoundInstructi
     outcome.privacy["reference-epsilon"] = entry.reference_epsilon
 
 
-def _train_without_dp(session: SiteSession, dataset: DatasetIdentity, model: FedModel, policy: TransferPolicy,
-                      features: Features, config: TrainConfig, declared: int) -> Outcome:
+def _train_without_dp(
+    session: SiteSession,
+    dataset: DatasetIdentity,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    config: TrainConfig,
+    declared: int,
+) -> Outcome:
     for marker in _non_private_marker(session, dataset)[:1]:
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(marker, b"trained without differential privacy: this dataset has no DP guarantee\n")
@@ -252,23 +322,37 @@ def _train_without_dp(session: SiteSession, dataset: DatasetIdentity, model: Fed
     log.warning("site %s trained WITHOUT differential privacy (its policy allows it)", session.site_id)
     outcome = Outcome(STATUS_OK, privacy={"dp": False, "dataset-id": dataset.keyed, "declared-size": declared})
     outcome.tensors = finite_trainable_state(model, policy)
-    outcome.egress["update"] = declaration(NOT_PRIVATE, "plain SGD without DP (the site's policy allows non-private runs)")
+    outcome.egress["update"] = declaration(
+        NOT_PRIVATE, "plain SGD without DP (the site's policy allows non-private runs)"
+    )
     outcome.public("num-examples", declared, "declared size (site policy declared_size)")
     outcome.public("steps", stats.steps, "plain SGD steps")
     return outcome
 
 
-def evaluate_round(session: SiteSession, dataset: DatasetIdentity, model: FedModel, policy: TransferPolicy,
-                   features: Features, instruction: RoundInstruction, personalise: TrainConfig | None) -> Outcome:
+def evaluate_round(
+    session: SiteSession,
+    dataset: DatasetIdentity,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    instruction: RoundInstruction,
+    personalise: TrainConfig | None,
+) -> Outcome:
     """The federated evaluation of one round (a DP release), and after the last round the private personalisation."""
     if session.policy.evaluation == "none":
-        return _declined(f"site policy {session.config.policy_path.name}: evaluation = \"none\" (no federated "
-                         "evaluation at this site)", _budget(session, dataset, None))
+        return _declined(
+            f'site policy {session.config.policy_path.name}: evaluation = "none" (no federated '
+            "evaluation at this site)",
+            _budget(session, dataset, None),
+        )
     declared = _declared_size(session)
     if _once_non_private(session, dataset):
         if instruction.dp or not session.policy.allow_non_private:
-            return _declined("this dataset was once trained without DP at this site; nothing about it is released",
-                             _budget(session, dataset, None))
+            return _declined(
+                "this dataset was once trained without DP at this site; nothing about it is released",
+                _budget(session, dataset, None),
+            )
         return _evaluate_without_dp(dataset, model, policy, features, declared, personalise)
     guard = _guard(session, dataset)
     try:
@@ -276,31 +360,63 @@ def evaluate_round(session: SiteSession, dataset: DatasetIdentity, model: FedMod
     except PlanConflict as err:
         return _declined(str(err), _budget(session, dataset, guard))
     if plan is None:
-        return _declined(f"run {instruction.run_key} has no plan at this site (it trained no round), so nothing "
-                         "about its data is released", _budget(session, dataset, guard))
+        return _declined(
+            f"run {instruction.run_key} has no plan at this site (it trained no round), so nothing "
+            "about its data is released",
+            _budget(session, dataset, guard),
+        )
     source = random_source(session, instruction, "evaluate")
     outcome = Outcome(STATUS_OK)
     last: LedgerEntry | None = None
     if plan.slots(EVALUATE):
-        last = _release_histogram(guard, plan, EVALUATE, instruction.server_round, model, policy, features, source,
-                                  "eval-counts", outcome) or last
+        last = (
+            _release_histogram(
+                guard, plan, EVALUATE, instruction.server_round, model, policy, features, source, "eval-counts", outcome
+            )
+            or last
+        )
     if personalise is not None and plan.personalisation is not None:
         copy_ = _personalise(guard, plan, session, model, policy, features, personalise, instruction, source, outcome)
         if copy_ is not None:
-            last = _release_histogram(guard, plan, PERSONALISED_EVALUATE, instruction.server_round, copy_, policy,
-                                      features, source, "personalised-eval-counts", outcome) or last
+            last = (
+                _release_histogram(
+                    guard,
+                    plan,
+                    PERSONALISED_EVALUATE,
+                    instruction.server_round,
+                    copy_,
+                    policy,
+                    features,
+                    source,
+                    "personalised-eval-counts",
+                    outcome,
+                )
+                or last
+            )
     if last is None:
-        return _declined(outcome.reason or f"run {instruction.run_key} has no DP evaluation left at this site",
-                         _budget(session, dataset, guard))
+        return _declined(
+            outcome.reason or f"run {instruction.run_key} has no DP evaluation left at this site",
+            _budget(session, dataset, guard),
+        )
     outcome.public("num-examples", declared, "declared size (site policy declared_size)")
-    outcome.privacy = _entry_report(max(outcome.spends, key=lambda e: e.index), plan, session,
-                                    _overridden(session, instruction, True))
+    outcome.privacy = _entry_report(
+        max(outcome.spends, key=lambda e: e.index), plan, session, _overridden(session, instruction, True)
+    )
     return outcome
 
 
-def _release_histogram(guard: BudgetGuard, plan: RunPlan, kind: str, server_round: int, model: FedModel,
-                       policy: TransferPolicy, features: Features, source: RandomSource, name: str,
-                       outcome: Outcome) -> LedgerEntry | None:
+def _release_histogram(
+    guard: BudgetGuard,
+    plan: RunPlan,
+    kind: str,
+    server_round: int,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    source: RandomSource,
+    name: str,
+    outcome: Outcome,
+) -> LedgerEntry | None:
     counts = evaluation_histogram(model, policy, features)
     try:
         with guard.spend(plan, kind, server_round) as record:
@@ -314,9 +430,18 @@ def _release_histogram(guard: BudgetGuard, plan: RunPlan, kind: str, server_roun
     return entry
 
 
-def _personalise(guard: BudgetGuard, plan: RunPlan, session: SiteSession, model: FedModel, policy: TransferPolicy,
-                 features: Features, config: TrainConfig, instruction: RoundInstruction,
-                 source: RandomSource, outcome: Outcome) -> FedModel | None:
+def _personalise(
+    guard: BudgetGuard,
+    plan: RunPlan,
+    session: SiteSession,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    config: TrainConfig,
+    instruction: RoundInstruction,
+    source: RandomSource,
+    outcome: Outcome,
+) -> FedModel | None:
     """DP-SGD on the bias of a private copy's head, at the noise the run's plan reserved; None if refused."""
     step = plan.personalisation
     local = personalised_copy(model, bias_only=True)
@@ -327,23 +452,39 @@ def _personalise(guard: BudgetGuard, plan: RunPlan, session: SiteSession, model:
     try:
         with guard.spend(plan, PERSONALISE, instruction.server_round) as record:
             stats = dp_train(
-                local.head, x, features.train_y, config,
-                noise_multiplier=step.noise_multiplier, max_grad_norm=plan.settings.max_grad_norm,
-                sample_rate=step.sample_rate, steps=step.steps,
-                expected_batch_size=step.sample_rate * _declared_size(session), source=source,
+                local.head,
+                x,
+                features.train_y,
+                config,
+                noise_multiplier=step.noise_multiplier,
+                max_grad_norm=plan.settings.max_grad_norm,
+                sample_rate=step.sample_rate,
+                steps=step.steps,
+                expected_batch_size=step.sample_rate * _declared_size(session),
+                source=source,
             )
             entry = record(stats.steps, state_fingerprint({"head.bias": local.head.bias.detach()}))
     except BudgetExhausted as err:
         log.warning("site %s: no private personalisation: %s", session.site_id, err)
         return None
     outcome.spends.append(entry)
-    log.info("site %s personalised privately: epsilon %.3f of cap %.3f", session.site_id, entry.epsilon,
-             plan.settings.cap_epsilon)
+    log.info(
+        "site %s personalised privately: epsilon %.3f of cap %.3f",
+        session.site_id,
+        entry.epsilon,
+        plan.settings.cap_epsilon,
+    )
     return local
 
 
-def _evaluate_without_dp(dataset: DatasetIdentity, model: FedModel, policy: TransferPolicy, features: Features,
-                         declared: int, personalise: TrainConfig | None) -> Outcome:
+def _evaluate_without_dp(
+    dataset: DatasetIdentity,
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    declared: int,
+    personalise: TrainConfig | None,
+) -> Outcome:
     """Exact histograms of a dataset that has no DP guarantee any more (a non-private run its policy allowed)."""
     outcome = Outcome(STATUS_OK, privacy={"dp": False, "dataset-id": dataset.keyed, "declared-size": declared})
     counts = {"eval-counts": evaluation_histogram(model, policy, features)}
@@ -356,4 +497,3 @@ def _evaluate_without_dp(dataset: DatasetIdentity, model: FedModel, policy: Tran
         outcome.egress[name] = declaration(NOT_PRIVATE, "exact counts (the dataset was trained without DP)")
     outcome.public("num-examples", declared, "declared size (site policy declared_size)")
     return outcome
-

@@ -5,7 +5,7 @@ without a traceback, and exits with the family's status.
 
 | family | exit status | about |
 |---|---|---|
-| :class:`ConfigurationError` | 2 | settings, scenario files, site configuration, checkpoints and model cards, command-line use |
+| :class:`ConfigurationError` | 2 | settings, scenario files, site configuration, checkpoints, command-line use |
 | :class:`DataError` | 3 | a site's data files, downloads, malformed documents |
 | :class:`PrivacyError` | 4 | privacy policies, ledgers, budgets, accounting, the egress rule |
 | :class:`SecurityError` | 5 | keys, manifests, envelopes, signed reports and instructions |

@@ -25,11 +25,11 @@ from common.security.tensors import (
 )
 from common.settings import FEDERATED_EVALUATION
 
-ARRAYS = "arrays"          # ArrayRecord: the trainable weights
-CONFIG = "config"          # ConfigRecord: the round instruction
+ARRAYS = "arrays"  # ArrayRecord: the trainable weights
+CONFIG = "config"  # ConfigRecord: the round instruction
 BASE_MODEL = "base-model"  # ArrayRecord: the full base model, sent on first contact only
-BASE_CARD = "base-card"    # ConfigRecord: {"json": model card}, beside BASE_MODEL
-METRICS = "metrics"        # MetricRecord the coordinator hands to Flower's strategy (aggregation weight)
+BASE_CARD = "base-card"  # ConfigRecord: {"json": model card}, beside BASE_MODEL
+METRICS = "metrics"  # MetricRecord the coordinator hands to Flower's strategy (aggregation weight)
 
 STATUS_OK = "ok"
 STATUS_DECLINED = "declined"
@@ -68,7 +68,9 @@ class RoundInstruction:
 
     def __post_init__(self) -> None:
         if self.federated_evaluation not in FEDERATED_EVALUATION:
-            raise InstructionError(f"federated-evaluation {self.federated_evaluation!r} is not one of {FEDERATED_EVALUATION}")
+            raise InstructionError(
+                f"federated-evaluation {self.federated_evaluation!r} is not one of {FEDERATED_EVALUATION}"
+            )
 
     def evaluates(self, server_round: int) -> bool:
         """Whether the coordinator asks for a federated evaluation after ``server_round``."""
@@ -85,7 +87,7 @@ class RoundInstruction:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "RoundInstruction":
+    def from_config(cls, config: Mapping[str, Any]) -> RoundInstruction:
         values = {}
         for spec in fields(cls):
             key = spec.name.replace("_", "-")
@@ -104,7 +106,7 @@ class RoundInstruction:
 
 
 SIGNED_INSTRUCTION = "signed-instruction"  # key in CONFIG: the coordinator-signed instruction blob
-SEALED = "sealed"                           # ConfigRecord in replies: {"site-id": str, "envelope": bytes}
+SEALED = "sealed"  # ConfigRecord in replies: {"site-id": str, "envelope": bytes}
 INSTRUCTION_KINDS = {"train": "train-instruction", "evaluate": "evaluate-instruction"}
 REPLY_KINDS = {"train": "train-reply", "evaluate": "evaluate-reply"}
 
@@ -152,14 +154,21 @@ class SiteReply:
     def encode(self) -> bytes:
         """``FTR2`` | u32 header length | header (JSON) | safetensors of ``tensors``."""
         header = json.dumps(
-            {"site-id": self.site_id, "phase": self.phase, "status": self.status, "reason": self.reason,
-             "values": self.values, "report": self.report},
-            sort_keys=True, allow_nan=False,
+            {
+                "site-id": self.site_id,
+                "phase": self.phase,
+                "status": self.status,
+                "reason": self.reason,
+                "values": self.values,
+                "report": self.report,
+            },
+            sort_keys=True,
+            allow_nan=False,
         ).encode()
         return _REPLY_MAGIC + _REPLY_LEN.pack(len(header)) + header + tensors_to_bytes(self.tensors)
 
     @classmethod
-    def decode(cls, data: bytes) -> "SiteReply":
+    def decode(cls, data: bytes) -> SiteReply:
         if len(data) < len(_REPLY_MAGIC) + _REPLY_LEN.size or not data.startswith(_REPLY_MAGIC):
             raise ReplyFormatError("the reply does not start with the fedtransfer reply marker")
         (length,) = _REPLY_LEN.unpack_from(data, len(_REPLY_MAGIC))
@@ -176,6 +185,12 @@ class SiteReply:
         texts = [header[k] for k in ("site-id", "phase", "status", "reason", "report")]
         if not all(isinstance(v, str) for v in texts) or not isinstance(header["values"], dict):
             raise ReplyFormatError("the reply header has fields of the wrong type")
-        return cls(header["site-id"], header["phase"], header["status"], header["reason"], header["values"],
-                   header["report"], tensors)
-
+        return cls(
+            header["site-id"],
+            header["phase"],
+            header["status"],
+            header["reason"],
+            header["values"],
+            header["report"],
+            tensors,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ RUN_RECORD_FORMAT = 2
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -92,7 +92,9 @@ class RunRecord:
     finished: str = ""
     manifest: str = ""
     abandoned_rounds: list[RoundRecord] = field(default_factory=list)  # begun but not completed before a resume
-    site_nodes: dict[str, int] = field(default_factory=dict)  # the Flower node each site proved to be, kept across a resume
+    site_nodes: dict[str, int] = field(
+        default_factory=dict
+    )  # the Flower node each site proved to be, kept across a resume
     #: Filled by ``fedtransfer simulate`` only: the global model of each round evaluated directly on each simulated
     #: site's test split by the simulator, which holds every site's data ({round: {site: metrics}}). Nothing here
     #: came from a site; a deployed coordinator cannot compute it.
@@ -127,11 +129,13 @@ class RunRecord:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "RunRecord":
+    def load(cls, path: Path) -> RunRecord:
         raw = json.loads(Path(path).read_text())
         if raw.get("format") != RUN_RECORD_FORMAT:
-            raise ValueError(f"{path}: run record format {raw.get('format', 1)}, this version reads format "
-                             f"{RUN_RECORD_FORMAT}; read it with the fedtransfer version that wrote it")
+            raise ValueError(
+                f"{path}: run record format {raw.get('format', 1)}, this version reads format "
+                f"{RUN_RECORD_FORMAT}; read it with the fedtransfer version that wrote it"
+            )
 
         def reply(value: dict[str, Any] | None) -> Reply | None:
             return None if value is None else Reply(**value)

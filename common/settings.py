@@ -79,8 +79,12 @@ class RunSettings:
         if self.min_sites < 1:
             raise SettingsError("min-sites must be at least 1")
         numbers = {
-            "lr": self.lr, "proximal-mu": self.proximal_mu, "round-timeout": self.round_timeout,
-            "max-update-norm": self.max_update_norm, "target-epsilon": self.target_epsilon, "delta": self.delta,
+            "lr": self.lr,
+            "proximal-mu": self.proximal_mu,
+            "round-timeout": self.round_timeout,
+            "max-update-norm": self.max_update_norm,
+            "target-epsilon": self.target_epsilon,
+            "delta": self.delta,
             "max-grad-norm": self.max_grad_norm,
         }
         for key, value in numbers.items():
@@ -94,16 +98,27 @@ class RunSettings:
         if not (math.isfinite(self.personalise_lr) and self.personalise_lr >= 0):
             raise SettingsError(f"personalise-lr must be >= 0 (0: the run's lr), got {self.personalise_lr!r}")
         if self.local_steps < 0:
-            raise SettingsError(f"local-steps must be >= 0 (0 trains local-epochs whole epochs), got {self.local_steps}")
+            raise SettingsError(
+                f"local-steps must be >= 0 (0 trains local-epochs whole epochs), got {self.local_steps}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         self._check_server_optimiser()
         if self.per_site_scaling and self.dp:
-            raise SettingsError("per-site-scaling (FLamby's per-centre z-scoring from each site's own records) is for "
-                                "non-private reproduction runs only: it needs dp = false")
+            raise SettingsError(
+                "per-site-scaling (FLamby's per-centre z-scoring from each site's own records) is for "
+                "non-private reproduction runs only: it needs dp = false"
+            )
         if self.federated_evaluation not in FEDERATED_EVALUATION:
-            raise SettingsError(f"federated-evaluation {self.federated_evaluation!r} is not one of {', '.join(FEDERATED_EVALUATION)}")
-        if not self.round_timeout > 0 or not self.target_epsilon > 0 or not 0 < self.delta < 1 or not self.max_grad_norm > 0:
+            raise SettingsError(
+                f"federated-evaluation {self.federated_evaluation!r} is not one of {', '.join(FEDERATED_EVALUATION)}"
+            )
+        if (
+            not self.round_timeout > 0
+            or not self.target_epsilon > 0
+            or not 0 < self.delta < 1
+            or not self.max_grad_norm > 0
+        ):
             raise SettingsError("round-timeout, target-epsilon and max-grad-norm must be > 0 and delta in (0, 1)")
 
     def _check_server_optimiser(self) -> None:
@@ -116,12 +131,14 @@ class RunSettings:
             raise SettingsError(f"server-beta-2 must be in [0, 1), got {self.server_beta_2!r}")
         used = [key for key, value in chosen.items() if value > 0]
         if used and self.strategy not in SERVER_OPTIMISERS:
-            raise SettingsError(f"{', '.join(used)} only apply to {', '.join(SERVER_OPTIMISERS)}, not strategy {self.strategy!r}")
+            raise SettingsError(
+                f"{', '.join(used)} only apply to {', '.join(SERVER_OPTIMISERS)}, not strategy {self.strategy!r}"
+            )
         if self.server_beta_2 > 0 and self.strategy == "fedadagrad":
             raise SettingsError("server-beta-2 does not apply to fedadagrad (it sums squared updates)")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunSettings:
         """Build settings from a Flower run config; unknown keys are an error."""
         by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(run_config) - set(by_key))
@@ -142,20 +159,20 @@ class RunSettings:
                 raise SettingsError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}") from err
         return cls(**values)
 
-    def with_(self, **changes: Any) -> "RunSettings":
+    def with_(self, **changes: Any) -> RunSettings:
         return replace(self, **changes)
 
     def as_run_config(self) -> dict[str, Any]:
         """The settings as Flower run-config keys (``-`` for ``_``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
-    def with_run_config(self, run_config: Mapping[str, Any]) -> "RunSettings":
+    def with_run_config(self, run_config: Mapping[str, Any]) -> RunSettings:
         """These settings with some run-config keys changed; unknown keys and bad values are a SettingsError."""
         return RunSettings.from_run_config(self.as_run_config() | dict(run_config))
 
 
 def parse_assignments(texts: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs with TOML values (``local-steps=100``, ``optimizer="sgd-plain"``; a bare word is a string)."""
+    """``KEY=VALUE`` pairs with TOML values (``local-steps=100``, ``optimizer="sgd-plain"``; bare words are strings)."""
     parsed: dict[str, Any] = {}
     for text in texts:
         key, sep, value = text.partition("=")

@@ -72,14 +72,16 @@ class UpdateLimits:
 
     shapes: dict[str, torch.Size]
     dtypes: dict[str, torch.dtype]
-    max_norm: float = 0.0          # bound on ||update - global||; 0 means no bound
+    max_norm: float = 0.0  # bound on ||update - global||; 0 means no bound
     max_bytes: int = 64 * 2**20
 
 
 class CoordinatorChannel:
     """Signs every instruction of one run and opens every reply, against the signed manifest."""
 
-    def __init__(self, identity: Identity, manifest: Manifest, run_id: int, base_fingerprint: str, limits: UpdateLimits) -> None:
+    def __init__(
+        self, identity: Identity, manifest: Manifest, run_id: int, base_fingerprint: str, limits: UpdateLimits
+    ) -> None:
         self.identity = identity
         self.manifest = manifest
         self.run_id = run_id
@@ -97,7 +99,9 @@ class CoordinatorChannel:
     def open(self, msg: Message, phase: str, server_round: int, global_state: dict[str, torch.Tensor]) -> OpenedReply:
         """Verify, decrypt and validate one reply; ``ReplyRejected`` names the site and the reason."""
         if SEALED not in msg.content:
-            raise ReplyRejected(f"node-{msg.metadata.src_node_id}", "reply is not sealed (an unencrypted reply is never accepted)")
+            raise ReplyRejected(
+                f"node-{msg.metadata.src_node_id}", "reply is not sealed (an unencrypted reply is never accepted)"
+            )
         sealed = msg.content[SEALED]
         site_id = str(sealed.get("site-id", f"node-{msg.metadata.src_node_id}"))
         blob = sealed.get("envelope", b"")
@@ -109,8 +113,12 @@ class CoordinatorChannel:
             raise ReplyRejected(site_id[:64], "site id in the reply is not a valid site name") from None
         expected = EnvelopeContext(self.run_id, server_round, site_id, REPLY_KINDS[phase], self.base_fingerprint)
         try:
-            reply = SiteReply.decode(open_envelope(blob, expected, self.identity, self.manifest.sites, max_bytes=self.limits.max_bytes))
-            report = verify_report(reply.report, self.run_id, server_round, self.base_fingerprint, self.manifest.site(site_id))
+            reply = SiteReply.decode(
+                open_envelope(blob, expected, self.identity, self.manifest.sites, max_bytes=self.limits.max_bytes)
+            )
+            report = verify_report(
+                reply.report, self.run_id, server_round, self.base_fingerprint, self.manifest.site(site_id)
+            )
             if reply.site_id != site_id or reply.phase != phase:
                 raise ReplyFormatError(f"the sealed reply names site {reply.site_id!r}, phase {reply.phase!r}")
             check_reply(phase, reply.status, reply.values, bool(reply.tensors), report)
@@ -120,7 +128,9 @@ class CoordinatorChannel:
             self._check_weight(site_id, reply.values.get("num-examples"))
         if phase == "train" and reply.status == STATUS_OK:
             self._check_update(site_id, reply.tensors, global_state)
-        return OpenedReply(site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors)
+        return OpenedReply(
+            site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors
+        )
 
     @staticmethod
     def _check_weight(site_id: str, weight: object) -> None:
@@ -128,14 +138,23 @@ class CoordinatorChannel:
         if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
             raise ReplyRejected(site_id, f"aggregation weight {weight!r} is not a declared size in [{low}, {high}]")
 
-    def _check_update(self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> None:
+    def _check_update(
+        self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]
+    ) -> None:
         limits = self.limits
         if set(tensors) != set(limits.shapes):
-            raise ReplyRejected(site_id, f"update names {sorted(tensors)[:3]}... do not match the trainable part {sorted(limits.shapes)[:3]}...")
+            raise ReplyRejected(
+                site_id,
+                f"update names {sorted(tensors)[:3]}... do not match the trainable part {sorted(limits.shapes)[:3]}...",
+            )
         squared = 0.0
         for name, tensor in tensors.items():
             if tensor.shape != limits.shapes[name] or tensor.dtype != limits.dtypes[name]:
-                raise ReplyRejected(site_id, f"{name} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(limits.shapes[name])} {limits.dtypes[name]}")
+                raise ReplyRejected(
+                    site_id,
+                    f"{name} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(limits.shapes[name])} "
+                    f"{limits.dtypes[name]}",
+                )
             if not bool(torch.isfinite(tensor).all()):
                 raise ReplyRejected(site_id, f"{name} holds NaN or Inf")
             squared += float((tensor.double() - global_state[name].double()).pow(2).sum())

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
+from common.io import write_atomic
 from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from common.model.metrics import classification_metrics
 from common.model.pretraining import pretrain_source
@@ -58,8 +58,12 @@ class FederationFailed(DeploymentError):
 def _scenario(settings: RunSettings) -> Scenario | None:
     if not settings.scenario:
         return None
-    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None,
-                         private=not settings.per_site_scaling)
+    return load_scenario(
+        settings.scenario,
+        seed=settings.seed,
+        data_dir=Path(settings.data_dir) if settings.data_dir else None,
+        private=not settings.per_site_scaling,
+    )
 
 
 def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path) -> Path:
@@ -104,7 +108,11 @@ def resume_point(out: Path) -> ResumePoint:
     if not (out / RUN_RECORD_FILE).is_file():
         raise FederationFailed(f"nothing to resume in {out}: it holds no {RUN_RECORD_FILE}")
     record = RunRecord.load(out / RUN_RECORD_FILE)
-    saved = [r.server_round for r in record.rounds if r.aggregated_sites and (_round_dir(out, r.server_round) / STRATEGY_STATE_FILE).is_file()]
+    saved = [
+        r.server_round
+        for r in record.rounds
+        if r.aggregated_sites and (_round_dir(out, r.server_round) / STRATEGY_STATE_FILE).is_file()
+    ]
     if not saved:
         raise FederationFailed(f"the run in {out} completed no round; start it again instead of resuming")
     completed = max(saved)
@@ -120,9 +128,7 @@ def _round_dir(out: Path, server_round: int) -> Path:
 
 
 def _save_strategy_state(state: dict[str, np.ndarray], directory: Path) -> None:
-    tmp = directory / f".{STRATEGY_STATE_FILE}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
-    os.replace(tmp, directory / STRATEGY_STATE_FILE)
+    write_atomic(directory / STRATEGY_STATE_FILE, save({k: np.ascontiguousarray(v) for k, v in state.items()}))
 
 
 def with_trainable(model: FedModel, arrays: ArrayRecord) -> FedModel:
@@ -142,7 +148,9 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     resumed = resume_point(out) if settings.resume else None
     if resumed is not None:
         settings = RunSettings(**{**resumed.record.settings, "resume": True, "out": str(out)})
-        log.info("resuming run %s after round %d of %d", resumed.record.run_id, resumed.completed, settings.num_server_rounds)
+        log.info(
+            "resuming run %s after round %d of %d", resumed.record.run_id, resumed.completed, settings.num_server_rounds
+        )
     offset = resumed.last_round_begun if resumed else 0
     scenario = _scenario(settings)
     checkpoint = base_checkpoint(settings, scenario, out)
@@ -153,7 +161,11 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     if settings.sim_root and scenario is not None:
         sim_root = str(Path(settings.sim_root).expanduser().resolve())
         simulated = materialize_sites(
-            scenario, Path(sim_root), f"simulation-{run_id}", allow_non_private=not settings.dp, reuse_keys=resumed is not None
+            scenario,
+            Path(sim_root),
+            f"simulation-{run_id}",
+            allow_non_private=not settings.dp,
+            reuse_keys=resumed is not None,
         )
         identity, manifest = simulated.coordinator, simulated.manifest
     else:
@@ -182,16 +194,31 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         release_loss=int(settings.release_loss),
         reproducible_noise=int(settings.reproducible_noise),
     )
-    request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, settings.num_server_rounds,
-                             evaluations=instruction.evaluations, release_loss=settings.release_loss)
+    request = PrivacyRequest(
+        settings.target_epsilon,
+        settings.delta,
+        settings.max_grad_norm,
+        settings.num_server_rounds,
+        evaluations=instruction.evaluations,
+        release_loss=settings.release_loss,
+    )
     round_config = instruction.to_config() | request.to_config()
-    record = resumed.record if resumed else RunRecord(
-        run_id=run_id,
-        settings=settings.__dict__ | {"checkpoint": str(checkpoint)},
-        base_model={"path": str(checkpoint), "fingerprint": card.model_fingerprint, "weights_sha256": card.weights_sha256, "source": card.source_description},
-        policy=str(policy),
-        strategy=settings.strategy,
-        manifest=manifest.to_json(),
+    record = (
+        resumed.record
+        if resumed
+        else RunRecord(
+            run_id=run_id,
+            settings=settings.__dict__ | {"checkpoint": str(checkpoint)},
+            base_model={
+                "path": str(checkpoint),
+                "fingerprint": card.model_fingerprint,
+                "weights_sha256": card.weights_sha256,
+                "source": card.source_description,
+            },
+            policy=str(policy),
+            strategy=settings.strategy,
+            manifest=manifest.to_json(),
+        )
     )
     trainable = policy.trainable_state(model)
     initial = policy.trainable_state(resumed.model) if resumed else trainable
@@ -201,8 +228,12 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         max_norm=settings.max_update_norm,
     )
     strategy = SiteAwareStrategy(
-        flower_strategy(settings.strategy, settings.min_sites, settings.proximal_mu,
-                        server_optimiser_args(settings.server_lr, settings.server_tau, settings.server_beta_2)),
+        flower_strategy(
+            settings.strategy,
+            settings.min_sites,
+            settings.proximal_mu,
+            server_optimiser_args(settings.server_lr, settings.server_tau, settings.server_beta_2),
+        ),
         CoordinatorChannel(identity, manifest, run_id, card.model_fingerprint, limits),
         BasePayload(ArrayRecord(base_state), card.to_json()),
         record,
@@ -211,16 +242,28 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         round_offset=offset,
         expected_sites=settings.expected_sites,
         site_wait=settings.round_timeout,
-        evaluates=lambda server_round: instruction.evaluates(server_round) or (
-            server_round == settings.num_server_rounds and settings.personalise_epochs > 0
-            and (settings.personalise_fraction > 0 or not settings.dp)),
+        evaluates=lambda server_round: (
+            instruction.evaluates(server_round)
+            or (
+                server_round == settings.num_server_rounds
+                and settings.personalise_epochs > 0
+                and (settings.personalise_fraction > 0 or not settings.dp)
+            )
+        ),
     )
     if resumed is not None:
         strategy.load_state(resumed.strategy_state)
         strategy.latest_arrays = ArrayRecord(initial)
-    log.info("run %s: %s from %s, policy %s (%d of %d parameters travel), strategy %s",
-             run_id, settings.scenario or "deployment", checkpoint, policy,
-             sum(t.numel() for t in trainable.values()), sum(t.numel() for t in base_state.values()), settings.strategy)
+    log.info(
+        "run %s: %s from %s, policy %s (%d of %d parameters travel), strategy %s",
+        run_id,
+        settings.scenario or "deployment",
+        checkpoint,
+        policy,
+        sum(t.numel() for t in trainable.values()),
+        sum(t.numel() for t in base_state.values()),
+        settings.strategy,
+    )
 
     def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if flower_round == 0 and resumed is not None:
@@ -259,7 +302,9 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     if strategy.latest_arrays is None:
         record.finish("failed", record.stop_reason or "no round produced an aggregated update")
         record.save(out)
-        raise FederationFailed(f"run {run_id} produced no global model: {record.stop_reason}; see {out / 'run-record.json'}")
+        raise FederationFailed(
+            f"run {run_id} produced no global model: {record.stop_reason}; see {out / 'run-record.json'}"
+        )
     final = with_trainable(with_trainable(card.build(), ArrayRecord(base_state)), strategy.latest_arrays)
     completed = max((r.server_round for r in record.rounds if r.aggregated_sites), default=0)
     save_checkpoint(final, out / FINAL_MODEL_DIR, **_card_fields(card, record, completed))

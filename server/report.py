@@ -52,24 +52,39 @@ def round_table(record: RunRecord, metric: str = "roc-auc") -> list[str]:
 
 def released_table(record: RunRecord) -> list[str]:
     """What the sites released in their DP evaluations, as the coordinator derives it (noisy)."""
-    rows = [(r.server_round, site, s) for r in record.rounds for site, s in sorted(r.sites.items()) if s.metrics or s.personalised]
+    rows = [
+        (r.server_round, site, s)
+        for r in record.rounds
+        for site, s in sorted(r.sites.items())
+        if s.metrics or s.personalised
+    ]
     if not rows:
         return ["No site released an evaluation in this run (a site's policy decides; see docs/privacy.md)."]
     lines = ["| round | site | model | " + " | ".join(METRIC_NAMES) + " |", "|---" * (len(METRIC_NAMES) + 3) + "|"]
     for server_round, site, entry in rows:
         for label, values in (("global", entry.metrics), ("personalised", entry.personalised)):
             if values:
-                lines.append(f"| {server_round} | {site} | {label} | " + " | ".join(_fmt(values.get(m)) for m in METRIC_NAMES) + " |")
+                lines.append(
+                    f"| {server_round} | {site} | {label} | "
+                    + " | ".join(_fmt(values.get(m)) for m in METRIC_NAMES)
+                    + " |"
+                )
     return lines
 
 
 def privacy_lines(record: RunRecord) -> list[str]:
     """Cumulative epsilon per site per round (the max across sites, never a mean), and declines."""
     sites = record.site_ids()
-    reports = [reply.report for r in record.rounds for s in r.sites.values() for reply in (s.train, s.evaluate) if reply]
+    reports = [
+        reply.report for r in record.rounds for s in r.sites.values() for reply in (s.train, s.evaluate) if reply
+    ]
     if any(p.get("dp") is False for p in reports):
-        return ["## Privacy", "", "**NOT PRIVATE: sites trained without differential privacy in this run "
-                "(requested with --no-dp and allowed by their policies). No epsilon bound holds.**"]
+        return [
+            "## Privacy",
+            "",
+            "**NOT PRIVATE: sites trained without differential privacy in this run "
+            "(requested with --no-dp and allowed by their policies). No epsilon bound holds.**",
+        ]
     accountants = sorted({str(p.get("accountant")) for p in reports if "accountant" in p})
     deltas = sorted({p.get("delta") for p in reports if "delta" in p})
     lines = [
@@ -96,12 +111,21 @@ def privacy_lines(record: RunRecord) -> list[str]:
             else:
                 cells.append(_fmt(epsilon))
         lines.append(f"| {r.server_round} | " + " | ".join(cells) + f" | {_fmt(max(values)) if values else 'n/a'} |")
-    declined = sorted({f"{site} (round {r.server_round}: {s.reason})" for r in record.rounds for site, s in r.sites.items() if s.status == "declined"})
+    declined = sorted(
+        {
+            f"{site} (round {r.server_round}: {s.reason})"
+            for r in record.rounds
+            for site, s in r.sites.items()
+            if s.status == "declined"
+        }
+    )
     lines += ["", "Declined: " + ("; ".join(declined) if declined else "none")]
     return lines
 
 
-def plot_metrics(record: RunRecord, path: Path, metrics: tuple[str, ...] = ("roc-auc", "balanced-accuracy", "f1")) -> Path:
+def plot_metrics(
+    record: RunRecord, path: Path, metrics: tuple[str, ...] = ("roc-auc", "balanced-accuracy", "f1")
+) -> Path:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     for ax, metric in zip(axes, metrics):
         for site in record.site_ids():
@@ -131,20 +155,28 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
         f"# fedtransfer run {record.run_id}",
         "",
         f"- status: **{record.status}**" + (f" ({record.stop_reason})" if record.stop_reason else ""),
-        f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; transfer policy: {record.policy}",
+        f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; transfer "
+        f"policy: {record.policy}",
         f"- base model: {record.base_model['source']} (fingerprint {record.base_model['fingerprint'][:16]}...)",
         f"- final model: {record.final_checkpoint or 'none'}",
         *(
-            [f"- resumed after an interruption; round(s) {', '.join(str(r.server_round) for r in record.abandoned_rounds)} "
-             "began but never completed and were not reused (sites keep any spend they recorded for them)"]
-            if record.abandoned_rounds else []
+            [
+                "- resumed after an interruption; round(s) "
+                f"{', '.join(str(r.server_round) for r in record.abandoned_rounds)} "
+                "began but never completed and were not reused (sites keep any spend they recorded for them)"
+            ]
+            if record.abandoned_rounds
+            else []
         ),
         "",
         "## Test ROC AUC per round and site",
         "",
-        ("Measured by the simulator on each simulated site's test split (it holds every site's data; a deployed "
-         "coordinator cannot do this)." if record.simulator_evaluation else
-         "Derived from each site's DP-released evaluation histogram (noisy; blank where a site released none)."),
+        (
+            "Measured by the simulator on each simulated site's test split (it holds every site's data; a deployed "
+            "coordinator cannot do this)."
+            if record.simulator_evaluation
+            else "Derived from each site's DP-released evaluation histogram (noisy; blank where a site released none)."
+        ),
         "",
         *round_table(record),
         "",

@@ -68,8 +68,10 @@ def server_optimiser_args(server_lr: float, server_tau: float, server_beta_2: fl
     return {key: value for key, value in chosen.items() if value > 0}
 
 
-def flower_strategy(name: str, min_sites: int, proximal_mu: float, server_args: dict[str, float] | None = None) -> Strategy:
-    """One of Flower's own strategies; it waits for ``min_sites`` nodes (``SiteAwareStrategy`` bounds the wait for more).
+def flower_strategy(
+    name: str, min_sites: int, proximal_mu: float, server_args: dict[str, float] | None = None
+) -> Strategy:
+    """One of Flower's strategies, waiting for ``min_sites`` nodes (``SiteAwareStrategy`` bounds the wait for more).
 
     ``server_args`` (see ``server_optimiser_args``) go to FedAdam, FedYogi or FedAdagrad.
     """
@@ -124,13 +126,17 @@ class SiteAwareStrategy(Strategy):
         self.latest_arrays: ArrayRecord | None = None
         self._global: dict[str, torch.Tensor] = {}
         self._has_base: set[int] = set()
-        self._sites_by_node: dict[int, str] = {node: site for site, node in record.site_nodes.items()}  # a resumed run knows them
+        self._sites_by_node: dict[int, str] = {
+            node: site for site, node in record.site_nodes.items()
+        }  # a resumed run knows them
         self._sent: set[int] = set()
 
     def summary(self) -> None:
         self.inner.summary()
 
-    def _outgoing(self, messages: Iterable[Message], arrays: ArrayRecord, phase: str, server_round: int) -> list[Message]:
+    def _outgoing(
+        self, messages: Iterable[Message], arrays: ArrayRecord, phase: str, server_round: int
+    ) -> list[Message]:
         out = []
         self._sent = set()
         signed = None
@@ -159,14 +165,23 @@ class SiteAwareStrategy(Strategy):
             time.sleep(1.0)
             connected = len(list(grid.get_node_ids()))
         if connected < self.min_sites:
-            raise TooFewSites(f"round {server_round}: only {connected} site(s) connected within {self.site_wait:g} s, "
-                              f"fewer than min-sites={self.min_sites}")
+            raise TooFewSites(
+                f"round {server_round}: only {connected} site(s) connected within {self.site_wait:g} s, "
+                f"fewer than min-sites={self.min_sites}"
+            )
         if connected < self.expected_sites:
-            log.warning("round %d: %d of %d expected site(s) connected; going on without the rest", server_round, connected, self.expected_sites)
+            log.warning(
+                "round %d: %d of %d expected site(s) connected; going on without the rest",
+                server_round,
+                connected,
+                self.expected_sites,
+            )
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
-        # before the first round sites may still be starting: wait for all expected; later, a site that is gone is not waited for
+        # before the first round sites may still be starting: wait for all expected; later, not for a site that is gone
         self._await_sites(grid, server_round, self.expected_sites if not self._started else self.min_sites)
         self._started = True
         self._global = arrays.to_torch_state_dict()
@@ -175,13 +190,17 @@ class SiteAwareStrategy(Strategy):
         self.persist()  # durably note the round began: sites may spend budget on it from now on
         return self._outgoing(messages, arrays, "train", server_round)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         server_round += self.round_offset
         if not self.evaluates(server_round):
             self._sent = set()
             return []  # each federated evaluation is a DP release at the sites: ask only when the run plans one
         self._await_sites(grid, server_round, self.min_sites)
-        return self._outgoing(self.inner.configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate", server_round)
+        return self._outgoing(
+            self.inner.configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate", server_round
+        )
 
     def _learn_site(self, server_round: int, node: int, site_id: str) -> None:
         """Map a node to the site it proved to be; an earlier entry under its node id this round moves to the site."""
@@ -227,7 +246,9 @@ class SiteAwareStrategy(Strategy):
                 continue
             seen.add(opened.site_id)
             self._learn_site(server_round, node, opened.site_id)
-            if opened.reply.status != STATUS_ERROR:  # after an error the site may not hold the base model: send it again
+            if (
+                opened.reply.status != STATUS_ERROR
+            ):  # after an error the site may not hold the base model: send it again
                 self._has_base.add(node)
             site = self.record.site_round(server_round, opened.site_id)
             setattr(site, phase, opened.reply)
@@ -235,7 +256,9 @@ class SiteAwareStrategy(Strategy):
                 if phase == "train":
                     self._mark(server_round, opened.site_id, STATUS_DECLINED, f"{phase}: {opened.reply.reason}")
                 else:  # a site may release no evaluation (its policy's choice); the reply keeps the reason
-                    log.info("round %d: %s released no evaluation: %s", server_round, opened.site_id, opened.reply.reason)
+                    log.info(
+                        "round %d: %s released no evaluation: %s", server_round, opened.site_id, opened.reply.reason
+                    )
                 continue
             if opened.reply.status != STATUS_OK:
                 self._mark(server_round, opened.site_id, "failed", f"{phase}: {opened.reply.reason}")
@@ -252,14 +275,19 @@ class SiteAwareStrategy(Strategy):
         # Flower samples nodes in random order; a fixed order makes float sums, and so runs, reproducible.
         return sorted(good, key=lambda m: self._sites_by_node[m.metadata.src_node_id])
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         good = self._sort(server_round, replies, "train")
         if len(good) < self.min_sites:
             raise TooFewSites(
-                f"round {server_round}: only {len(good)} site(s) sent usable updates, fewer than min-sites={self.min_sites}"
+                f"round {server_round}: only {len(good)} site(s) sent usable updates, fewer than "
+                f"min-sites={self.min_sites}"
             )
-        self.record.round(server_round).aggregated_sites = sorted(self._sites_by_node[m.metadata.src_node_id] for m in good)
+        self.record.round(server_round).aggregated_sites = sorted(
+            self._sites_by_node[m.metadata.src_node_id] for m in good
+        )
         arrays, metrics = self.inner.aggregate_train(server_round, good)
         if arrays is not None:
             arrays = self._model_dtypes(arrays)
@@ -268,7 +296,9 @@ class SiteAwareStrategy(Strategy):
 
     def state(self) -> dict[str, np.ndarray]:
         """The inner strategy's own state (FedAdam/FedYogi moments), to checkpoint with the model."""
-        return {f"{attr}/{k}": v for attr in OPTIMIZER_STATE for k, v in (getattr(self.inner, attr, None) or {}).items()}
+        return {
+            f"{attr}/{k}": v for attr in OPTIMIZER_STATE for k, v in (getattr(self.inner, attr, None) or {}).items()
+        }
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for attr in OPTIMIZER_STATE:
@@ -282,7 +312,7 @@ class SiteAwareStrategy(Strategy):
         return ArrayRecord({name: tensor.to(dtypes[name]) for name, tensor in arrays.to_torch_state_dict().items()})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record each site's released evaluation; the run record holds them per site (no exact pooled metric exists)."""
+        """Record each site's released evaluation, per site in the run record (no exact pooled metric exists)."""
         self._sort(server_round + self.round_offset, replies, "evaluate")
         return None
 

@@ -28,7 +28,13 @@ class DirectGrid(Grid):
         self.run_id = run_id
         self.node_ids = list(range(101, 101 + num_nodes))
         self.contexts = {
-            node: Context(run_id=run_id, node_id=node, node_config={"partition-id": i, "num-partitions": num_nodes}, state=RecordDict(), run_config={})
+            node: Context(
+                run_id=run_id,
+                node_id=node,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
             for i, node in enumerate(self.node_ids)
         }
         self.on_instruction: Interceptor = lambda node, msg: msg
@@ -50,7 +56,10 @@ class DirectGrid(Grid):
             try:
                 reply = self.client_app(delivered, self.contexts[node])
             except Exception as err:  # noqa: BLE001 - like Flower, a ClientApp exception becomes an error reply
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=delivered)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                    reply_to=delivered,
+                )
             reply = self.on_reply(node, reply)
             if reply is not None:
                 replies.append(reply)

@@ -39,13 +39,17 @@ class SimulationFailed(DeploymentError):
 class SimulationResult:
     record: RunRecord
     out: Path
-    comparison: dict[str, dict[str, float]]   # {method: {site: accuracy}}
+    comparison: dict[str, dict[str, float]]  # {method: {site: accuracy}}
     metric: str = "accuracy"
 
 
 def _load(settings: RunSettings) -> Scenario:
-    return load_scenario(settings.scenario, seed=settings.seed, data_dir=Path(settings.data_dir) if settings.data_dir else None,
-                         private=not settings.per_site_scaling)
+    return load_scenario(
+        settings.scenario,
+        seed=settings.seed,
+        data_dir=Path(settings.data_dir) if settings.data_dir else None,
+        private=not settings.per_site_scaling,
+    )
 
 
 def _number(value: object) -> float:
@@ -60,13 +64,17 @@ def simulator_evaluation(record: RunRecord, out: Path, scenario: Scenario) -> No
     ``record.simulator_evaluation`` and labelled so in the report.
     """
     directories = {0: Path(record.base_model["path"])}
-    directories |= {r.server_round: out / ROUND_CHECKPOINT_DIR / f"round-{r.server_round}" for r in record.rounds if r.server_round}
+    directories |= {
+        r.server_round: out / ROUND_CHECKPOINT_DIR / f"round-{r.server_round}" for r in record.rounds if r.server_round
+    }
     for server_round, directory in sorted(directories.items()):
         if not (directory / "model.safetensors").is_file():
             continue
         model, _ = load_checkpoint(directory)
         record.simulator_evaluation[str(server_round)] = {
-            site.name: classification_metrics(site.test.y, predict_proba(model, as_tensors(site.test.x, site.test.y)[0]))
+            site.name: classification_metrics(
+                site.test.y, predict_proba(model, as_tensors(site.test.x, site.test.y)[0])
+            )
             for site in scenario.sites
         }
 
@@ -77,7 +85,9 @@ def comparison_table(record: RunRecord, baselines: Baselines, metric: str) -> di
     final = record.simulator_evaluation.get(str(max((r.server_round for r in record.rounds), default=0)), {})
     last = next((r for r in reversed(record.rounds) if any(s.personalised for s in r.sites.values())), None)
     personalised = {s: _number(e.personalised.get(metric)) for s, e in last.sites.items()} if last else {}
-    table = {m: {s: v[metric] for s, v in baselines.per_site[m].items()} for m in ("source as-is", "local-only", "pooled")}
+    table = {
+        m: {s: v[metric] for s, v in baselines.per_site[m].items()} for m in ("source as-is", "local-only", "pooled")
+    }
     table["federated"] = {site: _number(values.get(metric)) for site, values in final.items()}
     if any(not math.isnan(v) for v in personalised.values()):
         table["personalised"] = personalised
@@ -141,23 +151,36 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
             expected_sites=len(scenario.sites),
         )
     num_sites = len(scenario.sites)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: keep Ray from touching device variables
+    os.environ.setdefault(
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"
+    )  # CPU only: keep Ray from touching device variables
     run_simulation(
         server_app=make_server_app(bound),
         client_app=client_app,
         num_supernodes=num_sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
     )
     if not (out / RUN_RECORD_FILE).is_file():
-        raise SimulationFailed(f"the simulated run wrote no run record to {out}; see the log above for the ServerApp error")
+        raise SimulationFailed(
+            f"the simulated run wrote no run record to {out}; see the log above for the ServerApp error"
+        )
     record = RunRecord.load(out / RUN_RECORD_FILE)
     if record.status == "failed" or not record.final_checkpoint:
         raise SimulationFailed(f"the simulated run {record.status}: {record.stop_reason}")
     base, card = load_checkpoint(checkpoint)
     policy = TransferPolicy.parse(bound.policy or card.default_policy)
     # the centralised baselines train as much as one site does over the whole run
-    config = TrainConfig(epochs=bound.num_server_rounds * bound.local_epochs, steps=bound.num_server_rounds * bound.local_steps,
-                         batch_size=bound.batch_size, lr=bound.lr, optimizer=bound.optimizer, seed=bound.seed)
+    config = TrainConfig(
+        epochs=bound.num_server_rounds * bound.local_epochs,
+        steps=bound.num_server_rounds * bound.local_steps,
+        batch_size=bound.batch_size,
+        lr=bound.lr,
+        optimizer=bound.optimizer,
+        seed=bound.seed,
+    )
     simulator_evaluation(record, out, scenario)
     record.save(out)
     table = comparison_table(record, compute_baselines(scenario, base, policy, config), "accuracy")

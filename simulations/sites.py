@@ -43,7 +43,6 @@ class SimulatedFederation:
     manifest: Manifest
 
 
-
 def declared_size(records: int) -> int:
     """The size a simulated site declares publicly: its training records rounded to the nearest 10."""
     return max(10, int(round(records, -1)))
@@ -52,8 +51,14 @@ def declared_size(records: int) -> int:
 def simulated_policy(site: SiteData, scenario: Scenario, allow_non_private: bool) -> SitePolicy:
     """The privacy policy a simulated site starts with: a cumulative cap of 10 at delta 1e-5, its declared
     size, DP federated evaluation, and reproducible noise allowed only on built-in generated or bundled data."""
-    return SitePolicy(max_epsilon=10.0, delta=1e-5, declared_size=declared_size(len(site.train)), evaluation="dp",
-                      allow_non_private=allow_non_private, allow_reproducible_noise=scenario.public_data)
+    return SitePolicy(
+        max_epsilon=10.0,
+        delta=1e-5,
+        declared_size=declared_size(len(site.train)),
+        evaluation="dp",
+        allow_non_private=allow_non_private,
+        allow_reproducible_noise=scenario.public_data,
+    )
 
 
 def _site_identity(keys_dir: Path, name: str) -> Identity:
@@ -67,8 +72,9 @@ def _site_identity(keys_dir: Path, name: str) -> Identity:
         return identity
 
 
-def materialize_sites(scenario: Scenario, root: Path, federation: str, allow_non_private: bool,
-                      reuse_keys: bool = False) -> SimulatedFederation:
+def materialize_sites(
+    scenario: Scenario, root: Path, federation: str, allow_non_private: bool, reuse_keys: bool = False
+) -> SimulatedFederation:
     """Write every target site's data, keys, the signed manifest and ``site.toml`` under ``root``.
 
     A site's privacy policy is written only if the site has none yet: like a real site's,
@@ -80,16 +86,21 @@ def materialize_sites(scenario: Scenario, root: Path, federation: str, allow_non
     if reuse_keys and coordinator_dir.is_dir():
         coordinator = read_identity(coordinator_dir, COORDINATOR_NAME)
         manifest = read_manifest(coordinator_dir / MANIFEST_FILE, coordinator.public().fingerprint())
-        return SimulatedFederation([SiteConfig.load(site_dir(root, i) / SITE_CONFIG_FILE) for i in range(len(scenario.sites))], coordinator, manifest)
+        return SimulatedFederation(
+            [SiteConfig.load(site_dir(root, i) / SITE_CONFIG_FILE) for i in range(len(scenario.sites))],
+            coordinator,
+            manifest,
+        )
     coordinator = Identity.generate(COORDINATOR_NAME)
-    identities = [_site_identity(site_dir(root, index).resolve() / "keys", site.name)
-                  for index, site in enumerate(scenario.sites)]
+    identities = [
+        _site_identity(site_dir(root, index).resolve() / "keys", site.name) for index, site in enumerate(scenario.sites)
+    ]
     manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
     shutil.rmtree(coordinator_dir, ignore_errors=True)
     write_identity(coordinator, coordinator_dir)
     write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
     configs = []
-    for index, (site, identity) in enumerate(zip(scenario.sites, identities)):
+    for index, site in enumerate(scenario.sites):
         folder = site_dir(root, index).resolve()
         keys_dir = folder / "keys"
         config = SiteConfig(

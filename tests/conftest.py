@@ -1,4 +1,4 @@
-"""Shared fixtures: Flower's environment switches, a small shifted multi-site study, and the deployment tests' processes."""
+"""Shared fixtures: Flower's environment switches, a small shifted multi-site study, the deployment tests' processes."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def shifted_study(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator["Processes"]:
+def processes(tmp_path: Path) -> Iterator[Processes]:
     """Real Flower processes a deployment test starts; exactly those process groups are stopped afterwards."""
     from tests.deployment_harness import Processes
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from common.data.site_data import SiteData, write_site_data
@@ -41,11 +41,18 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen]] = []
 
     def env(self, flwr_home: Path) -> dict[str, str]:
-        return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return {
+            **os.environ,
+            **FLOWER_ENV,
+            "FLWR_HOME": str(flwr_home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
 
     def start(self, name: str, argv: list[str], flwr_home: Path) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(flwr_home), start_new_session=True, cwd=self.logs)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env(flwr_home), start_new_session=True, cwd=self.logs
+        )
         log.close()
         self.started.append((name, process))
         return process
@@ -93,11 +100,18 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -
 
 
 def flwr(args: list[str], processes: Processes, flwr_home: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=processes.env(flwr_home), capture_output=True, text=True, timeout=timeout, cwd=processes.logs)
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        env=processes.env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=processes.logs,
+    )
 
 
 def last_json(text: str) -> dict:
-    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+    return json.loads(text[text.index("{") : text.rindex("}") + 1])
 
 
 def run_status(run_id: int, federation: str, processes: Processes, flwr_home: Path) -> str:
@@ -134,15 +148,25 @@ def start_superlink(coordinator: Path, port: int, processes: Processes, name: st
 
 
 def register_sites(coordinator: Path, processes: Processes) -> None:
-    register = subprocess.run([str(coordinator / "register-supernodes.sh")], env=processes.env(coordinator / "flower-home"),
-                              capture_output=True, text=True, timeout=120)
+    register = subprocess.run(
+        [str(coordinator / "register-supernodes.sh")],
+        env=processes.env(coordinator / "flower-home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert register.returncode == 0, register.stdout + register.stderr
 
 
 def start_run(coordinator: Path, run_config: str, processes: Processes) -> int:
     """Start a run with the coordinator kit's ``run.sh``; return its Flower run id."""
-    started = subprocess.run([str(coordinator / "run.sh"), "--run-config", run_config, "--format", "json"],
-                             env=processes.env(coordinator / "flower-home"), capture_output=True, text=True, timeout=180)
+    started = subprocess.run(
+        [str(coordinator / "run.sh"), "--run-config", run_config, "--format", "json"],
+        env=processes.env(coordinator / "flower-home"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     return int(last_json(started.stdout)["run-id"])
 

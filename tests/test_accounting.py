@@ -51,15 +51,12 @@ def test_fresh_accountant_per_round_equals_single_accountant(accountant_cls, nam
 
 @pytest.mark.parametrize(
     "accountant,steps,expected",
-    [("rdp", 100, 1.214), ("rdp", 1000, 2.101), ("rdp", 10000, 6.713),
-     ("prv", 100, 0.728), ("prv", 1000, 1.838)],
+    [("rdp", 100, 1.214), ("rdp", 1000, 2.101), ("rdp", 10000, 6.713), ("prv", 100, 0.728), ("prv", 1000, 1.838)],
 )
 def test_reference_numbers(accountant, steps, expected):
     # DESIGN.md section 5: q=0.01, sigma=1.0, delta=1e-5. PRV at 10000 steps (6.198)
     # takes seconds and is left to the benchmarks.
-    assert compose_epsilon([Step(1.0, 0.01, steps)], DELTA, accountant) == pytest.approx(
-        expected, abs=2e-3
-    )
+    assert compose_epsilon([Step(1.0, 0.01, steps)], DELTA, accountant) == pytest.approx(expected, abs=2e-3)
 
 
 def test_empty_history_and_merging():
@@ -67,9 +64,7 @@ def test_empty_history_and_merging():
     assert compose_epsilon([Step(1.0, 0.01, 0)], DELTA, "rdp") == 0.0
     split = [Step(1.0, 0.01, 40), Step(1.2, 0.01, 10), Step(1.0, 0.01, 60)]
     merged = [Step(1.0, 0.01, 100), Step(1.2, 0.01, 10)]
-    assert compose_epsilon(split, DELTA, "prv") == pytest.approx(
-        compose_epsilon(merged, DELTA, "prv"), rel=1e-9
-    )
+    assert compose_epsilon(split, DELTA, "prv") == pytest.approx(compose_epsilon(merged, DELTA, "prv"), rel=1e-9)
 
 
 def test_reference_epsilon_is_the_other_accountant():

@@ -16,13 +16,13 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
+from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
+from common.privacy.report import sign_report
+from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION, SiteReply
 from common.security.envelope import EnvelopeContext, seal, sign_instruction
 from common.security.keys import Identity, read_identity
 from common.security.manifest import Manifest
-from common.privacy.report import sign_report
-from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION, SiteReply
 from common.settings import RunSettings
-from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 
@@ -62,15 +62,31 @@ class Campaign:
     def base_fingerprint(self, msg: Message) -> str:
         return str(msg.content[CONFIG]["base-fingerprint"])
 
-    def crafted(self, msg: Message, tensors: dict[str, torch.Tensor], site: Identity | None = None, run_shift: int = 0, recipient=None) -> bytes:
+    def crafted(
+        self,
+        msg: Message,
+        tensors: dict[str, torch.Tensor],
+        site: Identity | None = None,
+        run_shift: int = 0,
+        recipient=None,
+    ) -> bytes:
         """An update built by site 0 itself (a malicious but authenticated site) or by an impostor."""
         site = site or self.site_key()
         server_round = int(msg.content[CONFIG]["server-round"])
         base = self.base_fingerprint(msg)
         run_id = self.grid.run_id + run_shift
-        report = {"phase": "train", "status": "ok", "dp": False, "dataset-id": "a" * 64, "declared-size": 10,
-                  "egress": {"update": declaration(NOT_PRIVATE, "plain SGD"), "num-examples": declaration(PUBLIC, "declared"),
-                             "steps": declaration(PUBLIC, "planned")}}
+        report = {
+            "phase": "train",
+            "status": "ok",
+            "dp": False,
+            "dataset-id": "a" * 64,
+            "declared-size": 10,
+            "egress": {
+                "update": declaration(NOT_PRIVATE, "plain SGD"),
+                "num-examples": declaration(PUBLIC, "declared"),
+                "steps": declaration(PUBLIC, "planned"),
+            },
+        }
         signed = sign_report(report, run_id, server_round, base, site)
         reply = SiteReply(site.name, "train", "ok", "", {"num-examples": 10, "steps": 1}, signed, tensors)
         context = EnvelopeContext(run_id, server_round, site.name, "train-reply", base)
@@ -88,23 +104,64 @@ def _flip(blob: bytes, position: int) -> bytes:
 
 
 UPLINK_ATTACKS = {
-    "flipped-bit": ("MalformedEnvelope|BadSignature|DecryptionFailed", lambda c, msg, reply: _with_envelope(reply, _flip(_sealed(reply)["envelope"], len(_sealed(reply)["envelope"]) // 2))),
+    "flipped-bit": (
+        "MalformedEnvelope|BadSignature|DecryptionFailed",
+        lambda c, msg, reply: _with_envelope(
+            reply, _flip(_sealed(reply)["envelope"], len(_sealed(reply)["envelope"]) // 2)
+        ),
+    ),
     "truncated": ("MalformedEnvelope", lambda c, msg, reply: _with_envelope(reply, _sealed(reply)["envelope"][:-40])),
-    "replayed-round": ("ReplayedEnvelope", lambda c, msg, reply: _with_envelope(reply, _sealed(c.previous_reply)["envelope"])),
-    "other-run": ("ReplayedEnvelope", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), run_shift=1))),
-    "unknown-key": ("BadSignature", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), site=Identity.generate("site-0")))),
-    "relabelled": ("UnknownSigner", lambda c, msg, reply: _with_envelope(reply, _sealed(reply)["envelope"], site_id="site-1")),
-    "wrong-recipient": ("WrongRecipient|DecryptionFailed", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), recipient=Identity.generate("coordinator").public()))),
-    "nan-weights": ("NaN or Inf", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, {k: torch.full_like(v, float("nan")) for k, v in _honest_shapes(msg).items()}))),
-    "wrong-shapes": ("expected", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, {k: torch.zeros(*v.shape, 2) for k, v in _honest_shapes(msg).items()}))),
-    "huge-norm": ("exceeds the bound", lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, {k: v + 1e3 for k, v in _honest_shapes(msg).items()}))),
+    "replayed-round": (
+        "ReplayedEnvelope",
+        lambda c, msg, reply: _with_envelope(reply, _sealed(c.previous_reply)["envelope"]),
+    ),
+    "other-run": (
+        "ReplayedEnvelope",
+        lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), run_shift=1)),
+    ),
+    "unknown-key": (
+        "BadSignature",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, _honest_shapes(msg), site=Identity.generate("site-0"))
+        ),
+    ),
+    "relabelled": (
+        "UnknownSigner",
+        lambda c, msg, reply: _with_envelope(reply, _sealed(reply)["envelope"], site_id="site-1"),
+    ),
+    "wrong-recipient": (
+        "WrongRecipient|DecryptionFailed",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, _honest_shapes(msg), recipient=Identity.generate("coordinator").public())
+        ),
+    ),
+    "nan-weights": (
+        "NaN or Inf",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, {k: torch.full_like(v, float("nan")) for k, v in _honest_shapes(msg).items()})
+        ),
+    ),
+    "wrong-shapes": (
+        "expected",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, {k: torch.zeros(*v.shape, 2) for k, v in _honest_shapes(msg).items()})
+        ),
+    ),
+    "huge-norm": (
+        "exceeds the bound",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, {k: v + 1e3 for k, v in _honest_shapes(msg).items()})
+        ),
+    ),
     "oversized": ("PayloadTooLarge", lambda c, msg, reply: _with_envelope(reply, b"\0" * (64 * 2**20 + 1))),
 }
 
 
 def _forged_signature(c: Campaign, msg: Message) -> Message:
     config = dict(msg.content[CONFIG].items())
-    context = EnvelopeContext(c.grid.run_id, int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg))
+    context = EnvelopeContext(
+        c.grid.run_id, int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg)
+    )
     plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
     payload = json.dumps({"config": plain, "arrays": "0" * 64}, sort_keys=True).encode()
     config[SIGNED_INSTRUCTION] = sign_instruction(payload, context, Identity.generate("coordinator"))
@@ -169,8 +226,15 @@ def campaign(tmp_path_factory: pytest.TempPathFactory):
     grid.on_instruction = on_instruction
     grid.on_reply = on_reply
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=len(attacks) + 1, local_epochs=1, out=str(root / "out"),
-        sim_root=str(root / "sites"), min_sites=2, expected_sites=3, dp=False, max_update_norm=50.0,
+        scenario=str(study),
+        num_server_rounds=len(attacks) + 1,
+        local_epochs=1,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        min_sites=2,
+        expected_sites=3,
+        dp=False,
+        max_update_norm=50.0,
     )
     record = run_federation(grid, settings, grid.run_id)
     return record, schedule

@@ -40,8 +40,14 @@ def _site_folder(folder: Path, name: str) -> Path:
     keys = folder / "keys"
     write_identity(SITES[name], keys)
     write_manifest(MANIFEST, keys / MANIFEST_FILE)
-    config = SiteConfig(site_id=name, data_path=folder / "data", state_dir=folder / "state", keys_dir=keys,
-                        manifest=keys / MANIFEST_FILE, coordinator_fingerprint=COORDINATOR.public().fingerprint())
+    config = SiteConfig(
+        site_id=name,
+        data_path=folder / "data",
+        state_dir=folder / "state",
+        keys_dir=keys,
+        manifest=keys / MANIFEST_FILE,
+        coordinator_fingerprint=COORDINATOR.public().fingerprint(),
+    )
     (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
     config.state_dir.mkdir(parents=True)
     write_policy(_policy(), config.policy_path)
@@ -134,7 +140,9 @@ def test_tampered_ledger_fails_naming_the_entry(tmp_path: Path, make_site, edit,
     _rewrite_lines(state, edit)
     report = run_audit([state])
     assert not report.passed
-    assert any(expected in message and "ledger verification failed" in message for message in failures(report)), failures(report)
+    assert any(expected in message and "ledger verification failed" in message for message in failures(report)), (
+        failures(report)
+    )
 
 
 def test_deleted_last_entry_is_caught_by_the_head_anchor(tmp_path: Path, make_site) -> None:
@@ -147,10 +155,21 @@ def test_deleted_last_entry_is_caught_by_the_head_anchor(tmp_path: Path, make_si
 def _append(ledger: Ledger, server_round: int, epsilon: float, sigma: float = 1.0, noise: str = "csprng") -> None:
     with ledger.lock():
         ledger.append(
-            dataset_id=DATASET, run_id="7", server_round=server_round, noise_multiplier=sigma,
-            sample_rate=Q, steps=STEPS, max_grad_norm=1.0, delta=1e-5, epsilon=epsilon,
-            accountant="rdp", reference_epsilon=-1.0, reference_accountant="prv",
-            model_fingerprint="f" * 64, kind="train", noise=noise,
+            dataset_id=DATASET,
+            run_id="7",
+            server_round=server_round,
+            noise_multiplier=sigma,
+            sample_rate=Q,
+            steps=STEPS,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            epsilon=epsilon,
+            accountant="rdp",
+            reference_epsilon=-1.0,
+            reference_accountant="prv",
+            model_fingerprint="f" * 64,
+            kind="train",
+            noise=noise,
         )
 
 
@@ -192,17 +211,37 @@ def test_pld_on_an_rdp_ledger_flags_only_a_conservative_gap(tmp_path: Path, make
 
 def _run_dir(root: Path, state: Path, site: Identity) -> tuple[Path, RunRecord]:
     """A coordinator run record holding the site's signed train reports of every ledger entry."""
-    record = RunRecord(run_id=RUN_ID, settings={}, base_model={"fingerprint": BASE}, policy="head",
-                       strategy="fedavg", manifest=MANIFEST.to_json())
+    record = RunRecord(
+        run_id=RUN_ID,
+        settings={},
+        base_model={"fingerprint": BASE},
+        policy="head",
+        strategy="fedavg",
+        manifest=MANIFEST.to_json(),
+    )
     values = {"num-examples": 100, "steps": STEPS}
     for entry in Ledger(state).entries():
         report = {
-            "phase": "train", "status": "ok", "dp": True, "dataset-id": entry.dataset_id, "epsilon": entry.epsilon,
-            "delta": entry.delta, "accountant": entry.accountant, "reference-epsilon": entry.reference_epsilon,
-            "reference-accountant": entry.reference_accountant, "cap-epsilon": 8.0, "run-target-epsilon": 3.0,
-            "overridden": [], "noise": entry.noise, "declared-size": 100, "spends": [spend_summary(entry)],
-            "egress": {"update": declaration(UPDATE, "DP-SGD"), "num-examples": declaration(PUBLIC, "declared size"),
-                       "steps": declaration(PUBLIC, "planned steps")},
+            "phase": "train",
+            "status": "ok",
+            "dp": True,
+            "dataset-id": entry.dataset_id,
+            "epsilon": entry.epsilon,
+            "delta": entry.delta,
+            "accountant": entry.accountant,
+            "reference-epsilon": entry.reference_epsilon,
+            "reference-accountant": entry.reference_accountant,
+            "cap-epsilon": 8.0,
+            "run-target-epsilon": 3.0,
+            "overridden": [],
+            "noise": entry.noise,
+            "declared-size": 100,
+            "spends": [spend_summary(entry)],
+            "egress": {
+                "update": declaration(UPDATE, "DP-SGD"),
+                "num-examples": declaration(PUBLIC, "declared size"),
+                "steps": declaration(PUBLIC, "planned steps"),
+            },
         }
         signed = sign_report(report, RUN_ID, entry.server_round, BASE, site)
         record.site_round(entry.server_round, site.name).train = Reply("ok", "", values, report, signed)
@@ -286,8 +325,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_cli_json_and_exit_codes(tmp_path: Path, make_site, capsys) -> None:
     state = make_site()
-    args = _parser().parse_args(["audit", str(state), "--json", "--report", str(tmp_path / "r.md"),
-                                 "--plot", str(tmp_path / "r.png")])
+    args = _parser().parse_args(
+        ["audit", str(state), "--json", "--report", str(tmp_path / "r.md"), "--plot", str(tmp_path / "r.png")]
+    )
     assert args.func(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["passed"] is True
@@ -316,7 +356,9 @@ def test_a_consistent_rewrite_of_the_whole_ledger_fails_without_the_sites_key(tm
     assert any("signature does not verify" in m for m in failures(run_audit([state])))
 
 
-def test_every_epsilon_lowered_by_two_and_a_half_percent_fails_even_when_the_site_signs_it(tmp_path: Path, make_site) -> None:
+def test_every_epsilon_lowered_by_two_and_a_half_percent_fails_even_when_the_site_signs_it(
+    tmp_path: Path, make_site
+) -> None:
     state = make_site()
 
     def lower(record):

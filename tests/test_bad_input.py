@@ -29,6 +29,7 @@ import pytest
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from client.app import app as client_app
+from common.data.site_config import site_dir
 from common.model.checkpoint import (
     CARD_FILE,
     WEIGHTS_FILE,
@@ -43,7 +44,6 @@ from common.privacy.ledger import LEDGER_FILE, LOCK_FILE, Ledger
 from common.protocol import BASE_MODEL
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
-from common.data.site_config import site_dir
 from server.federation import SOURCE_MODEL_DIR, run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # the coordinator's checkpoint ---------------------------------------------------------------
+
 
 def _flip_a_byte(checkpoint: Path) -> None:
     weights = bytearray((checkpoint / WEIGHTS_FILE).read_bytes())
@@ -110,14 +111,24 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("checkpoint")
     study = write_shifted_study(root / "study", sites=2)
     grid = DirectGrid(client_app, num_nodes=2)
-    settings = RunSettings(scenario=str(study), num_server_rounds=1, local_epochs=1, dp=False, out=str(root / "out"),
-                           sim_root=str(root / "sites"), min_sites=2, expected_sites=2)
+    settings = RunSettings(
+        scenario=str(study),
+        num_server_rounds=1,
+        local_epochs=1,
+        dp=False,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        min_sites=2,
+        expected_sites=2,
+    )
     run_federation(grid, settings, grid.run_id)
     return study, root / "out" / SOURCE_MODEL_DIR
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
-def test_damaged_checkpoint_stops_the_run_with_its_error_and_loses_nothing(tmp_path: Path, pristine, damage: str) -> None:
+def test_damaged_checkpoint_stops_the_run_with_its_error_and_loses_nothing(
+    tmp_path: Path, pristine, damage: str
+) -> None:
     study, source = pristine
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(source, checkpoint)
@@ -128,15 +139,24 @@ def test_damaged_checkpoint_stops_the_run_with_its_error_and_loses_nothing(tmp_p
     out.mkdir()
     earlier = b'{"note": "the record of an earlier run in this directory"}'
     (out / RUN_RECORD_FILE).write_bytes(earlier)
-    settings = RunSettings(scenario=str(study), checkpoint=str(checkpoint), num_server_rounds=1, dp=False, out=str(out),
-                           sim_root=str(tmp_path / "sites"), min_sites=2)
+    settings = RunSettings(
+        scenario=str(study),
+        checkpoint=str(checkpoint),
+        num_server_rounds=1,
+        dp=False,
+        out=str(out),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+    )
     grid = DirectGrid(client_app, num_nodes=2)
     with pytest.raises(error, match=message) as raised:
         run_federation(grid, settings, grid.run_id)
     assert str(checkpoint) in str(raised.value)
     assert grid.delivered == []  # no site was contacted
     assert {name: (checkpoint / name).read_bytes() for name in damaged} == damaged  # left as found, for inspection
-    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD_FILE] and (out / RUN_RECORD_FILE).read_bytes() == earlier
+    assert (
+        sorted(p.name for p in out.iterdir()) == [RUN_RECORD_FILE] and (out / RUN_RECORD_FILE).read_bytes() == earlier
+    )
     load_checkpoint(source)  # the source it was copied from is still good
 
 
@@ -188,7 +208,10 @@ def _zero_rows(data: Path) -> None:
 DATA_FAULTS: dict[int, tuple[Callable[[Path], None], str]] = {
     2: (_wrong_columns, "MissingLabelColumn: {data}/train.csv: no label column 'label'"),
     3: (_nan_cell, "MissingValues: {data}/train.npz: row 3 (0-based), feature index 2 is NaN"),
-    4: (_one_class, "SingleClass: {data}/train.npz: every training row has label 0; training needs at least two classes"),
+    4: (
+        _one_class,
+        "SingleClass: {data}/train.npz: every training row has label 0; training needs at least two classes",
+    ),
     5: (_zero_rows, "TooFewRows: {data}/train.npz: the train split has 0 rows"),
 }
 POLICY_VICTIM, LOCK_VICTIM, DISK_VICTIM = 6, 1, 0
@@ -207,7 +230,9 @@ class LockHolder:
             "print('locked', flush=True)\n"
             "sys.stdin.read()\n"
         )
-        self.process = subprocess.Popen([sys.executable, "-c", script, str(lock_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", script, str(lock_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.process.stdout.readline().strip() == "locked"
 
     def release(self) -> None:
@@ -299,7 +324,9 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
                 for name, content in saved[site].items():
                     (data / name).write_bytes(content)
             elif site == POLICY_VICTIM:
-                (site_dir(sim_root, site) / "state" / "privacy-policy.toml").write_bytes(saved[site]["privacy-policy.toml"])
+                (site_dir(sim_root, site) / "state" / "privacy-policy.toml").write_bytes(
+                    saved[site]["privacy-policy.toml"]
+                )
             elif site == LOCK_VICTIM:
                 holder["pid"] = holder["process"].process.pid
                 holder.pop("process").release()
@@ -309,7 +336,9 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
 
         grid.on_instruction, grid.on_reply = on_instruction, on_reply
         try:
-            record = run_federation(grid, private_settings(study, root, rounds=BAD_ROUND, sites=SITES, min_sites=2), grid.run_id)
+            record = run_federation(
+                grid, private_settings(study, root, rounds=BAD_ROUND, sites=SITES, min_sites=2), grid.run_id
+            )
         finally:
             logging.getLogger("client").removeHandler(site_log)
     return sim_root, record, before, holder["pid"], disk.partial_writes, "\n".join(site_log.lines)
@@ -428,8 +457,12 @@ def test_sigterm_during_training_leaves_a_whole_ledger(tmp_path: Path) -> None:
         (tmp_path / mode).mkdir()
         with (tmp_path / mode / "stderr.txt").open("w") as errors:
             sites[mode] = subprocess.Popen(
-                [sys.executable, "-c", SITE_PROCESS, str(tmp_path / mode / "state"), mode], cwd=REPO,
-                stdout=subprocess.PIPE, stderr=errors, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                [sys.executable, "-c", SITE_PROCESS, str(tmp_path / mode / "state"), mode],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
             )
     for mode, site in sites.items():
         lines = []

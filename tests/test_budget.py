@@ -54,8 +54,7 @@ def test_plan_is_stable_across_restarts(tmp_path):
     plan = guard_at(tmp_path).plan_run("run-7", REQUEST, Q, STEPS)
     with guard_at(tmp_path).spend(plan, TRAIN, 1) as record:
         record(STEPS, "m" * 64)
-    other_request = PrivacyRequest(target_epsilon=0.5, delta=1e-5, max_grad_norm=1.0,
-                                   planned_rounds=9)
+    other_request = PrivacyRequest(target_epsilon=0.5, delta=1e-5, max_grad_norm=1.0, planned_rounds=9)
     again = guard_at(tmp_path).plan_run("run-7", other_request, Q, STEPS)
     assert again == plan
     assert (tmp_path / "plans" / "run-7.json").exists()
@@ -106,8 +105,9 @@ def test_cap_reached_refuses_with_reason_and_never_exceeds(tmp_path):
     tightened = guard_at(tmp_path, SitePolicy(max_epsilon=one, delta=1e-5, accountant="rdp"))
     assert not tightened.admit(plan, 3).admitted
     with pytest.raises(BudgetExhausted, match="already spent"):
-        tightened.plan_run("run-2", PrivacyRequest(target_epsilon=cap, delta=1e-5,
-                                                   max_grad_norm=1.0, planned_rounds=1), Q, STEPS)
+        tightened.plan_run(
+            "run-2", PrivacyRequest(target_epsilon=cap, delta=1e-5, max_grad_norm=1.0, planned_rounds=1), Q, STEPS
+        )
 
 
 def test_record_refuses_more_steps_than_planned(tmp_path):
@@ -136,8 +136,7 @@ def test_two_processes_race_for_the_last_round(tmp_path):
     cap = (one + two) / 2  # room for exactly one round
     ctx = multiprocessing.get_context("fork")
     barrier, queue = ctx.Barrier(2), ctx.Queue()
-    workers = [ctx.Process(target=_race, args=(tmp_path, cap, f"run-{i}", barrier, queue))
-               for i in range(2)]
+    workers = [ctx.Process(target=_race, args=(tmp_path, cap, f"run-{i}", barrier, queue)) for i in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:

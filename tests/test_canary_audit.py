@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from common.privacy.accounting import calibrate_noise
 from client.canary_audit import (
     CanaryAuditError,
     CanaryConfig,
@@ -15,6 +14,7 @@ from client.canary_audit import (
     p_value,
     run_canary_audit,
 )
+from common.privacy.accounting import calibrate_noise
 
 
 def test_p_value_without_delta_is_the_binomial_tail() -> None:

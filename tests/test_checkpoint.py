@@ -21,9 +21,9 @@ from common.model.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from common.model.transfer import state_fingerprint
 from common.model.zoo import FedModel, build_model
 from common.security.tensors import tensors_to_bytes
-from common.model.transfer import state_fingerprint
 
 LINEAGE = {"parent": "0" * 64, "rounds": 4, "sites": ["cleveland", "hungary"], "policy": "last:1"}
 
@@ -177,8 +177,10 @@ def test_card_that_is_not_a_json_object_is_invalid(saved):
         load_checkpoint(directory)
 
 
-@pytest.mark.parametrize("missing", ["arch", "arch_args", "input_shape", "class_names", "weights_sha256",
-                                     "model_fingerprint", "source_description"])
+@pytest.mark.parametrize(
+    "missing",
+    ["arch", "arch_args", "input_shape", "class_names", "weights_sha256", "model_fingerprint", "source_description"],
+)
 def test_card_missing_a_required_field_is_invalid(saved, missing):
     _, _, directory = saved
     raw = _read_card(directory)
@@ -218,8 +220,13 @@ def test_card_without_format_is_invalid(saved):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("input_shape", [0]), ("input_shape", "5"), ("input_shape", [5.0]), ("class_names", ["only"]),
-     ("class_names", "ab")],
+    [
+        ("input_shape", [0]),
+        ("input_shape", "5"),
+        ("input_shape", [5.0]),
+        ("class_names", ["only"]),
+        ("class_names", "ab"),
+    ],
 )
 def test_card_with_bad_shape_or_classes_is_invalid(saved, key, value):
     _, _, directory = saved

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from common.security.keys import read_public_identity, write_private_file
-from common.privacy.ledger import Ledger
-from common.security.manifest import read_manifest
-from common.privacy.report import verify_report
-from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
 from common.data.scenarios import load_scenario
+from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
+from common.privacy.ledger import Ledger
+from common.privacy.report import verify_report
 from common.run_record import RunRecord
+from common.security.keys import read_public_identity, write_private_file
+from common.security.manifest import read_manifest
 from tests.deployment_harness import (
     BIN,
     HAS_FLOWER,
@@ -47,8 +47,17 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     ports = {site: free_port() for site in SITES}
     fed = provision(ProvisionRequest("loopback", SITES, address, tmp_path / "kits", runtime_ports=ports))
     ca = tmp_path / "kits" / "ca"
-    foreign = provision(ProvisionRequest("elsewhere", ["stranger"], address, tmp_path / "foreign-kits", ca_cert=ca / "ca.pem", ca_key=ca / "ca.key",
-                                         runtime_ports={"stranger": free_port()}))
+    foreign = provision(
+        ProvisionRequest(
+            "elsewhere",
+            ["stranger"],
+            address,
+            tmp_path / "foreign-kits",
+            ca_cert=ca / "ca.pem",
+            ca_key=ca / "ca.key",
+            runtime_ports={"stranger": free_port()},
+        )
+    )
     scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
         give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
@@ -59,32 +68,75 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     start_superlink(coordinator, port, processes)
     register_sites(coordinator, processes)
     # the coordinator's mistake: it registers a SuperNode whose site kit belongs to another federation
-    stranger = flwr(["supernode", "register", str(foreign.coordinator_kit / "supernode-keys" / "stranger.pub"), "loopback"], processes, coordinator_home)
+    stranger = flwr(
+        ["supernode", "register", str(foreign.coordinator_kit / "supernode-keys" / "stranger.pub"), "loopback"],
+        processes,
+        coordinator_home,
+    )
     assert stranger.returncode == 0, stranger.stdout + stranger.stderr
     # a registered key used by a SuperNode that does not trust our CA
     no_ca_key = tmp_path / "no-ca" / "auth.key"
     private, public = supernode_auth_keypair()
     write_private_file(no_ca_key, private)
     (tmp_path / "no-ca" / "auth.pub").write_bytes(public)
-    registered = flwr(["supernode", "register", str(tmp_path / "no-ca" / "auth.pub"), "loopback"], processes, coordinator_home)
+    registered = flwr(
+        ["supernode", "register", str(tmp_path / "no-ca" / "auth.pub"), "loopback"], processes, coordinator_home
+    )
     assert registered.returncode == 0, registered.stdout + registered.stderr
 
     for site in SITES:
         kit = fed.site_kits[site]
         processes.start(site, [str(kit / "start-supernode.sh")], kit / "flower-home")
-    processes.start("stranger", [str(foreign.site_kits["stranger"] / "start-supernode.sh")], foreign.site_kits["stranger"] / "flower-home")
+    processes.start(
+        "stranger",
+        [str(foreign.site_kits["stranger"] / "start-supernode.sh")],
+        foreign.site_kits["stranger"] / "flower-home",
+    )
 
     unregistered_key = tmp_path / "unregistered" / "auth.key"
     write_private_file(unregistered_key, supernode_auth_keypair()[0])
     site_a = fed.site_kits["hospital-a"]
-    common_args = ["--superlink", f"127.0.0.1:{port}", "--node-config", f'site-config="{site_a / "site.toml"}"', "--max-retries", "2", "--max-wait-time", "20"]
-    unregistered = processes.start("unregistered", [str(BIN / "flower-supernode"), *common_args, "--root-certificates", str(site_a / "tls" / "ca.pem"),
-                                                    "--auth-supernode-private-key", str(unregistered_key), "--port", str(free_port())], tmp_path / "unregistered")
-    no_ca = processes.start("no-ca", [str(BIN / "flower-supernode"), *common_args, "--auth-supernode-private-key", str(no_ca_key), "--port", str(free_port())],
-                            tmp_path / "no-ca")
+    common_args = [
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--node-config",
+        f'site-config="{site_a / "site.toml"}"',
+        "--max-retries",
+        "2",
+        "--max-wait-time",
+        "20",
+    ]
+    unregistered = processes.start(
+        "unregistered",
+        [
+            str(BIN / "flower-supernode"),
+            *common_args,
+            "--root-certificates",
+            str(site_a / "tls" / "ca.pem"),
+            "--auth-supernode-private-key",
+            str(unregistered_key),
+            "--port",
+            str(free_port()),
+        ],
+        tmp_path / "unregistered",
+    )
+    no_ca = processes.start(
+        "no-ca",
+        [
+            str(BIN / "flower-supernode"),
+            *common_args,
+            "--auth-supernode-private-key",
+            str(no_ca_key),
+            "--port",
+            str(free_port()),
+        ],
+        tmp_path / "no-ca",
+    )
 
     out = tmp_path / "run-out"
-    run_id = start_run(coordinator, f'num-server-rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', processes)
+    run_id = start_run(
+        coordinator, f'num-server-rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', processes
+    )
 
     status = wait_until_finished(run_id, "loopback", processes, coordinator_home, RUN_TIMEOUT)
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]
@@ -107,14 +159,20 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     for site in SITES:
         entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == str(run_id)]
         assert sorted(e.server_round for e in entries) == [1, 2], site
-    assert not Ledger(foreign.site_kits["stranger"] / "state").entries(), "the stranger must not train for a coordinator it does not trust"
-    assert read_public_identity(fed.site_kits["hospital-a"] / "keys" / "hospital-a.pub.json") == manifest.site("hospital-a")
+    assert not Ledger(foreign.site_kits["stranger"] / "state").entries(), (
+        "the stranger must not train for a coordinator it does not trust"
+    )
+    assert read_public_identity(fed.site_kits["hospital-a"] / "keys" / "hospital-a.pub.json") == manifest.site(
+        "hospital-a"
+    )
 
     for name, process in (("unregistered", unregistered), ("no-ca", no_ca)):
         try:
             process.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the {name} SuperNode is still running: it should have been refused\n{processes.log(name)[-2000:]}")
+            pytest.fail(
+                f"the {name} SuperNode is still running: it should have been refused\n{processes.log(name)[-2000:]}"
+            )
         assert process.returncode != 0 and "Exit Code: 305" in processes.log(name), processes.log(name)[-2000:]
     assert "Failed to activate SuperNode" in processes.log("unregistered")
     assert "No SuperNode found with the given public key" in processes.log("superlink")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from common.privacy.ledger import Ledger
-from common.security.manifest import read_manifest
-from common.privacy.report import verify_report
-from common.deploy.provision import Endpoint, ProvisionRequest, provision
-from common.run_record import RunRecord
 from common.data.scenarios import load_scenario
+from common.deploy.provision import Endpoint, ProvisionRequest, provision
+from common.privacy.ledger import Ledger
+from common.privacy.report import verify_report
+from common.run_record import RunRecord
+from common.security.manifest import read_manifest
 from tests.deployment_harness import (
     HAS_FLOWER,
     Processes,
@@ -50,14 +50,23 @@ pytestmark = pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are
 def round_begun(out: Path, server_round: int) -> bool:
     """The coordinator durably noted that ``server_round`` began (sites may spend budget on it from then on)."""
     path = out / "run-record.json"
-    return path.is_file() and any(r.server_round == server_round and r.flower_run_id for r in RunRecord.load(path).rounds)
+    return path.is_file() and any(
+        r.server_round == server_round and r.flower_run_id for r in RunRecord.load(path).rounds
+    )
 
 
 def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Path, processes: Processes) -> None:
     began = time.monotonic()
     port = free_port()
-    fed = provision(ProvisionRequest(FEDERATION, SITES, [Endpoint("127.0.0.1", port)], tmp_path / "kits",
-                                     runtime_ports={site: free_port() for site in SITES}))
+    fed = provision(
+        ProvisionRequest(
+            FEDERATION,
+            SITES,
+            [Endpoint("127.0.0.1", port)],
+            tmp_path / "kits",
+            runtime_ports={site: free_port() for site in SITES},
+        )
+    )
     scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
         give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
@@ -78,13 +87,20 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
 
     resumed = start_run(coordinator, f'resume=true out="{out}"', processes)
     assert resumed != first
-    wait_for(lambda: f"[RUN {resumed}" in processes.log(DOOMED), 300, f"{DOOMED} to receive the resumed run's instruction", interval=0.3)
+    wait_for(
+        lambda: f"[RUN {resumed}" in processes.log(DOOMED),
+        300,
+        f"{DOOMED} to receive the resumed run's instruction",
+        interval=0.3,
+    )
     processes.kill(DOOMED)
     print(f"killed {DOOMED} at {time.monotonic() - began:.0f} s")
 
     status = wait_until_finished(resumed, FEDERATION, processes, home, 420)
     print(f"resumed run {status} at {time.monotonic() - began:.0f} s")
-    assert status == "finished:completed", f"run {resumed} is {status!r}\n" + processes.log("superlink-restarted")[-4000:]
+    assert status == "finished:completed", (
+        f"run {resumed} is {status!r}\n" + processes.log("superlink-restarted")[-4000:]
+    )
 
     assert run_status(first, FEDERATION, processes, home) == "finished:failed"
     record = RunRecord.load(out / "run-record.json")
@@ -100,8 +116,16 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
         for site in sites:
             entry = record.round(server_round).sites[site]
             signed = entry.train.report_signed
-            assert verify_report(signed, record.round(server_round).flower_run_id, server_round, record.base_model["fingerprint"],
-                                 manifest.site(site)) == entry.train.report
+            assert (
+                verify_report(
+                    signed,
+                    record.round(server_round).flower_run_id,
+                    server_round,
+                    record.base_model["fingerprint"],
+                    manifest.site(site),
+                )
+                == entry.train.report
+            )
 
     for site in SITES:
         ledger = Ledger(fed.site_kits[site] / "state")

@@ -28,8 +28,18 @@ CASES = [
 
 def _dp(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int):
     rate, steps = sample_rate_and_steps(len(y), config.batch_size, config.epochs)
-    return dp_train(module, x, y, config, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=rate, steps=steps,
-                    expected_batch_size=rate * len(y), source=SeededRandom(seed))
+    return dp_train(
+        module,
+        x,
+        y,
+        config,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=rate,
+        steps=steps,
+        expected_batch_size=rate * len(y),
+        source=SeededRandom(seed),
+    )
 
 
 def _data(input_shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +50,9 @@ def _data(input_shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.
 
 
 @pytest.mark.parametrize(("arch", "input_shape", "args", "policy_text", "mu"), CASES)
-def test_cached_features_give_the_uncached_weights(arch: str, input_shape: tuple[int, ...], args: dict, policy_text: str, mu: float) -> None:
+def test_cached_features_give_the_uncached_weights(
+    arch: str, input_shape: tuple[int, ...], args: dict, policy_text: str, mu: float
+) -> None:
     use_one_torch_thread()
     torch.manual_seed(3)
     base = build_model(arch, input_shape, 2, args)
@@ -64,7 +76,9 @@ def test_cached_features_give_the_uncached_weights(arch: str, input_shape: tuple
     trained = policy.trainable_names(base)
     for name in trained:
         torch.testing.assert_close(cached.state_dict()[name], uncached.state_dict()[name], rtol=0, atol=1e-5)
-    assert any(not torch.equal(cached.state_dict()[name], before[name]) for name in trained), "DP-SGD did not move the trainable weights"
+    assert any(not torch.equal(cached.state_dict()[name], before[name]) for name in trained), (
+        "DP-SGD did not move the trainable weights"
+    )
     for name in policy.frozen_state(base):
         assert torch.equal(uncached.state_dict()[name], before[name]), f"uncached path changed frozen {name}"
         assert torch.equal(cached.state_dict()[name], before[name]), f"cached path changed frozen {name}"

@@ -34,9 +34,9 @@ from common.privacy.noise import SecureRandom, SeededRandom
 from common.privacy.policy import SitePolicy, write_policy
 from common.privacy.releases import LOSS_BOUND, noisy_mean_loss
 from common.protocol import ARRAYS, CONFIG, SIGNED_INSTRUCTION, instruction_payload
+from common.run_record import RunRecord
 from common.security.envelope import BROADCAST, EnvelopeContext, sign_instruction
 from common.security.keys import COORDINATOR_NAME, read_identity
-from common.run_record import RunRecord
 from common.settings import RunSettings
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
@@ -58,8 +58,18 @@ def every_reply(tmp_path_factory: pytest.TempPathFactory):
     for site, cap in CAPS.items():
         path = site_dir(sim_root, site) / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=cap, delta=1e-5, accountant="rdp", declared_size=DECLARED[site],
-                                evaluation="dp", max_evaluations_per_run=2, allow_loss_release=True), path)
+        write_policy(
+            SitePolicy(
+                max_epsilon=cap,
+                delta=1e-5,
+                accountant="rdp",
+                declared_size=DECLARED[site],
+                evaluation="dp",
+                max_evaluations_per_run=2,
+                allow_loss_release=True,
+            ),
+            path,
+        )
     grid = DirectGrid(client_app, num_nodes=3)
     saved: dict[str, bytes] = {}
 
@@ -75,17 +85,31 @@ def every_reply(tmp_path_factory: pytest.TempPathFactory):
 
     grid.on_instruction = break_data
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=2, local_epochs=1, out=str(root / "out"), sim_root=str(sim_root),
-        min_sites=2, expected_sites=3, target_epsilon=2.0, federated_evaluation="every", release_loss=True,
-        personalise_epochs=3, personalise_fraction=0.3,
+        scenario=str(study),
+        num_server_rounds=2,
+        local_epochs=1,
+        out=str(root / "out"),
+        sim_root=str(sim_root),
+        min_sites=2,
+        expected_sites=3,
+        target_epsilon=2.0,
+        federated_evaluation="every",
+        release_loss=True,
+        personalise_epochs=3,
+        personalise_fraction=0.3,
     )
     record = run_federation(grid, settings, grid.run_id)
     return root, record
 
 
 def _replies(record):
-    return [(r.server_round, site, phase, reply) for r in record.rounds for site, s in sorted(r.sites.items())
-            for phase, reply in (("train", s.train), ("evaluate", s.evaluate)) if reply is not None]
+    return [
+        (r.server_round, site, phase, reply)
+        for r in record.rounds
+        for site, s in sorted(r.sites.items())
+        for phase, reply in (("train", s.train), ("evaluate", s.evaluate))
+        if reply is not None
+    ]
 
 
 def test_every_reply_kind_passes_the_egress_rule_and_declares_each_value(every_reply) -> None:
@@ -94,17 +118,23 @@ def test_every_reply_kind_passes_the_egress_rule_and_declares_each_value(every_r
     for _, _, phase, reply in _replies(record):
         check_reply(phase, reply.status, reply.values, phase == "train" and reply.status == "ok", reply.report)
         kinds.add((phase, reply.status, "personalised-eval-counts" in reply.values))
-        for name, value in reply.values.items():
+        for name in reply.values:
             assert name in VALUES and name in reply.report["egress"]
             if reply.report["egress"][name].startswith(RELEASE):
                 assert reply.report["releases"][name] in {s["ledger-index"] for s in reply.report["spends"]}
-    assert kinds >= {("train", "ok", False), ("train", "declined", False), ("evaluate", "ok", False),
-                     ("evaluate", "ok", True), ("evaluate", "declined", False), ("evaluate", "error", False)}, kinds
+    assert kinds >= {
+        ("train", "ok", False),
+        ("train", "declined", False),
+        ("evaluate", "ok", False),
+        ("evaluate", "ok", True),
+        ("evaluate", "declined", False),
+        ("evaluate", "error", False),
+    }, kinds
 
 
 def test_train_replies_carry_no_raw_loss_no_exact_count_and_a_public_sample_rate(every_reply) -> None:
     root, record = every_reply
-    for server_round, site, phase, reply in _replies(record):
+    for _, site, phase, reply in _replies(record):
         if phase != "train" or reply.status != "ok":
             continue
         index = int(site.split("-")[1])
@@ -148,8 +178,16 @@ def test_a_site_never_sends_a_value_it_did_not_declare(tmp_path: Path, monkeypat
         return outcome
 
     monkeypatch.setattr("client.app.train_round", leaky)
-    settings = RunSettings(scenario=str(study), num_server_rounds=1, local_epochs=1, out=str(tmp_path / "out"),
-                           sim_root=str(tmp_path / "sites"), min_sites=1, expected_sites=2, target_epsilon=1.0)
+    settings = RunSettings(
+        scenario=str(study),
+        num_server_rounds=1,
+        local_epochs=1,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=1,
+        expected_sites=2,
+        target_epsilon=1.0,
+    )
     grid = DirectGrid(client_app, num_nodes=2)
     with pytest.raises(Exception, match="no global model"):
         run_federation(grid, settings, grid.run_id)
@@ -158,21 +196,37 @@ def test_a_site_never_sends_a_value_it_did_not_declare(tmp_path: Path, monkeypat
 
 
 def test_the_egress_rule_rejects_undeclared_misdeclared_and_unaccounted_values() -> None:
-    report = {"phase": "train", "status": "ok", "dp": True,
-              "egress": {"update": "dp-update: x", "num-examples": "public: declared", "steps": "public: planned"}}
+    report = {
+        "phase": "train",
+        "status": "ok",
+        "dp": True,
+        "egress": {"update": "dp-update: x", "num-examples": "public: declared", "steps": "public: planned"},
+    }
     check_reply("train", "ok", {"num-examples": 10, "steps": 4}, True, report)
     with pytest.raises(EgressViolation, match="declares"):
         check_reply("train", "ok", {"num-examples": 10, "steps": 4, "train-loss": 0.3}, True, report)
     with pytest.raises(EgressViolation, match="declared 'public'"):
-        check_reply("train", "ok", {"num-examples": 10, "steps": 4, "train-loss": 0.3}, True,
-                    {**report, "egress": {**report["egress"], "train-loss": "public: the raw loss"}})
+        check_reply(
+            "train",
+            "ok",
+            {"num-examples": 10, "steps": 4, "train-loss": 0.3},
+            True,
+            {**report, "egress": {**report["egress"], "train-loss": "public: the raw loss"}},
+        )
     with pytest.raises(EgressViolation, match="names no ledger entry"):
-        check_reply("train", "ok", {"num-examples": 10, "steps": 4, "train-loss": 0.3}, True,
-                    {**report, "egress": {**report["egress"], "train-loss": "dp-release: trust me"}})
+        check_reply(
+            "train",
+            "ok",
+            {"num-examples": 10, "steps": 4, "train-loss": 0.3},
+            True,
+            {**report, "egress": {**report["egress"], "train-loss": "dp-release: trust me"}},
+        )
     with pytest.raises(EgressViolation, match="outside the egress rule"):
         check_reply("train", "ok", {"num-examples": 10, "steps": 4}, True, {**report, "dataset-sha256": "ab" * 32})
     with pytest.raises(EgressViolation, match="may not carry"):
-        check_reply("evaluate", "ok", {"steps": 4}, False, {**report, "phase": "evaluate", "egress": {"steps": "public: x"}})
+        check_reply(
+            "evaluate", "ok", {"steps": 4}, False, {**report, "phase": "evaluate", "egress": {"steps": "public: x"}}
+        )
 
 
 # the loss: not released by default; released only with accounted noise ---------------------------
@@ -245,8 +299,18 @@ def test_every_accounted_step_adds_noise_empty_batches_included() -> None:
     source = CountingSource()
     model = torch.nn.Linear(5, 2)
     before = copy.deepcopy(model.state_dict())
-    stats = dp_train(model, x, y, TrainConfig(epochs=1, batch_size=1, lr=0.1), noise_multiplier=1.0,
-                     max_grad_norm=1.0, sample_rate=1 / 40, steps=200, expected_batch_size=1.0, source=source)
+    stats = dp_train(
+        model,
+        x,
+        y,
+        TrainConfig(epochs=1, batch_size=1, lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=1 / 40,
+        steps=200,
+        expected_batch_size=1.0,
+        source=source,
+    )
     assert stats.steps - stats.updates > 30  # batch size 1: about 37% of the steps drew an empty batch
     assert source.normal_calls == 200 * 2  # one draw per parameter tensor (weight and bias) at every step
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -260,8 +324,18 @@ def test_two_identical_runs_on_real_data_give_different_updates() -> None:
         model = torch.nn.Linear(5, 2)
         torch.nn.init.zeros_(model.weight)
         torch.nn.init.zeros_(model.bias)
-        dp_train(model, x, y, TrainConfig(epochs=1, batch_size=8, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
-                 sample_rate=0.2, steps=5, expected_batch_size=8.0, source=SecureRandom())
+        dp_train(
+            model,
+            x,
+            y,
+            TrainConfig(epochs=1, batch_size=8, lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            sample_rate=0.2,
+            steps=5,
+            expected_batch_size=8.0,
+            source=SecureRandom(),
+        )
         weights.append(model.weight.detach().clone())
     assert not torch.equal(weights[0], weights[1])
 
@@ -283,7 +357,9 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
     for site in range(2):
         path = site_dir(sim_root, site) / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=120, evaluation="dp"), path)
+        write_policy(
+            SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=120, evaluation="dp"), path
+        )
     grid = DirectGrid(client_app, num_nodes=2)
 
     def craft(node: int, msg: Message) -> Message:
@@ -293,16 +369,31 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
         arrays = {name: torch.zeros_like(t) for name, t in msg.content[ARRAYS].to_torch_state_dict().items()}
         arrays["head.bias"] = torch.tensor([0.0, 1.0])  # logit 1 for everyone: every record in one bin
         plain = {k: v for k, v in msg.content[CONFIG].items() if k != SIGNED_INSTRUCTION}
-        context = EnvelopeContext(grid.run_id, int(plain["server-round"]), BROADCAST, "evaluate-instruction",
-                                  str(plain["base-fingerprint"]))
+        context = EnvelopeContext(
+            grid.run_id, int(plain["server-round"]), BROADCAST, "evaluate-instruction", str(plain["base-fingerprint"])
+        )
         signed = sign_instruction(instruction_payload(plain, state_fingerprint(arrays)), context, coordinator)
-        content = RecordDict({**dict(msg.content.items()), ARRAYS: ArrayRecord(arrays),
-                              CONFIG: ConfigRecord({**plain, SIGNED_INSTRUCTION: signed})})
+        content = RecordDict(
+            {
+                **dict(msg.content.items()),
+                ARRAYS: ArrayRecord(arrays),
+                CONFIG: ConfigRecord({**plain, SIGNED_INSTRUCTION: signed}),
+            }
+        )
         return Message(content=content, message_type="evaluate", dst_node_id=node)
 
     grid.on_instruction = craft
-    settings = RunSettings(scenario=str(study), num_server_rounds=1, local_epochs=1, out=str(tmp_path / "out"),
-                           sim_root=str(sim_root), min_sites=2, expected_sites=2, target_epsilon=2.0, policy="head")
+    settings = RunSettings(
+        scenario=str(study),
+        num_server_rounds=1,
+        local_epochs=1,
+        out=str(tmp_path / "out"),
+        sim_root=str(sim_root),
+        min_sites=2,
+        expected_sites=2,
+        target_epsilon=2.0,
+        policy="head",
+    )
     record = run_federation(grid, settings, grid.run_id)
     for site in range(2):
         reply = record.round(1).sites[f"site-{site}"].evaluate

@@ -12,7 +12,6 @@ from common.security import envelope
 from common.security.envelope import (
     PROTOCOL_VERSION,
     BadSignature,
-    WrongBaseModel,
     DecryptionFailed,
     EnvelopeContext,
     EnvelopeError,
@@ -20,6 +19,7 @@ from common.security.envelope import (
     PayloadTooLarge,
     ReplayedEnvelope,
     UnknownSigner,
+    WrongBaseModel,
     WrongKind,
     WrongRecipient,
     envelope_overhead,
@@ -38,20 +38,23 @@ OTHER_COORDINATOR = Identity.generate("coordinator")
 CLEVELAND = Identity.generate("cleveland")
 HUNGARY = Identity.generate("hungary")
 ROGUE = Identity.generate("rogue")
-MANIFEST_SITES: dict[str, PublicIdentity] = {
-    site.name: site.public() for site in (CLEVELAND, HUNGARY)
-}
+MANIFEST_SITES: dict[str, PublicIdentity] = {site.name: site.public() for site in (CLEVELAND, HUNGARY)}
 PAYLOAD = b"adapter weights \x00\x01\x02 and a privacy report"
 PREFIX = struct.Struct(">4sBBH")
 
 
-def ctx(site: str = "cleveland", run_id: int = 7, rnd: int = 3, kind: str = "train-reply",
-        base_model: str = BASE_MODEL) -> EnvelopeContext:
+def ctx(
+    site: str = "cleveland", run_id: int = 7, rnd: int = 3, kind: str = "train-reply", base_model: str = BASE_MODEL
+) -> EnvelopeContext:
     return EnvelopeContext(run_id, rnd, site, kind, base_model)
 
 
-def sealed(payload: bytes = PAYLOAD, context: EnvelopeContext | None = None,
-           sender: Identity = CLEVELAND, recipient: Identity = COORDINATOR) -> bytes:
+def sealed(
+    payload: bytes = PAYLOAD,
+    context: EnvelopeContext | None = None,
+    sender: Identity = CLEVELAND,
+    recipient: Identity = COORDINATOR,
+) -> bytes:
     return seal(payload, context or ctx(sender.name), sender, recipient.public())
 
 
@@ -65,10 +68,10 @@ SEALED = sealed()
 def reframe(blob: bytes, change_header, signer: Identity | None = None) -> bytes:
     """Rewrite a blob's header as an attacker would, optionally re-signing it."""
     magic, version, kind, header_len = PREFIX.unpack_from(blob)
-    header = json.loads(blob[PREFIX.size:PREFIX.size + header_len])
+    header = json.loads(blob[PREFIX.size : PREFIX.size + header_len])
     change_header(header)
     new_header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    rest = blob[PREFIX.size + header_len:-64]
+    rest = blob[PREFIX.size + header_len : -64]
     unsigned = PREFIX.pack(magic, version, kind, len(new_header)) + new_header + rest
     if signer is None:
         return unsigned + blob[-64:]
@@ -168,9 +171,9 @@ def test_oversized_header_is_rejected_before_reading_it() -> None:
 
 def test_non_canonical_header_is_rejected() -> None:
     magic, version, kind, header_len = PREFIX.unpack_from(SEALED)
-    header = json.loads(SEALED[PREFIX.size:PREFIX.size + header_len])
+    header = json.loads(SEALED[PREFIX.size : PREFIX.size + header_len])
     spaced = json.dumps(header, sort_keys=True).encode()
-    rest = SEALED[PREFIX.size + header_len:]
+    rest = SEALED[PREFIX.size + header_len :]
     blob = PREFIX.pack(magic, version, kind, len(spaced)) + spaced + rest
     with pytest.raises(MalformedEnvelope, match="canonical"):
         open_(blob)
@@ -325,8 +328,11 @@ def test_instruction_asking_for_more_epsilon_signed_by_a_non_coordinator_key() -
 
 def test_impostor_coordinator_claiming_the_real_fingerprint() -> None:
     real = COORDINATOR.public().fingerprint()
-    forged = reframe(sign_instruction(EPSILON_50, ictx(), OTHER_COORDINATOR),
-                     lambda h: h.__setitem__("signer", real), signer=OTHER_COORDINATOR)
+    forged = reframe(
+        sign_instruction(EPSILON_50, ictx(), OTHER_COORDINATOR),
+        lambda h: h.__setitem__("signer", real),
+        signer=OTHER_COORDINATOR,
+    )
     with pytest.raises(BadSignature, match="does not verify with coordinator"):
         verify(forged)
 
@@ -349,8 +355,18 @@ def test_instruction_size_limit_and_type_confusion() -> None:
 
 # --- properties --------------------------------------------------------------------
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
-           torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
 
 
 @st.composite
@@ -392,9 +408,7 @@ def test_property_seal_open_round_trips_tensors(update: dict, context: EnvelopeC
     sender = Identity.generate(context.site_id)
     blob = seal(tensors_to_bytes(update), context, sender, COORDINATOR.public())
     assert len(blob) - len(tensors_to_bytes(update)) == envelope_overhead(0, context)
-    opened = tensors_from_bytes(
-        open_envelope(blob, context, COORDINATOR, {context.site_id: sender.public()})
-    )
+    opened = tensors_from_bytes(open_envelope(blob, context, COORDINATOR, {context.site_id: sender.public()}))
     assert opened.keys() == update.keys()
     for name, tensor in update.items():
         assert opened[name].dtype == tensor.dtype
@@ -430,7 +444,7 @@ def _mutate(blob: bytes, mutation: tuple) -> bytes:
     if action == "truncate":
         return blob[:where]
     mask = 1 << what if action == "flip" else what
-    return blob[:where] + bytes([blob[where] ^ mask]) + blob[where + 1:]
+    return blob[:where] + bytes([blob[where] ^ mask]) + blob[where + 1 :]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

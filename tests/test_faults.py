@@ -28,19 +28,18 @@ from flwr.simulation import run_simulation
 
 import client.private_round
 from client.app import app as client_app
+from common.data.site_config import site_dir
 from common.model.checkpoint import load_checkpoint
-from common.security.envelope import EnvelopeContext, seal
-from common.security.keys import read_identity
+from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
 from common.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger
-from common.security.manifest import Manifest
+from common.privacy.policy import SitePolicy, write_policy
 from common.privacy.report import sign_report
 from common.protocol import ARRAYS, CONFIG, SEALED, SiteReply
 from common.run_record import RUN_RECORD_FILE, RunRecord
+from common.security.envelope import EnvelopeContext, seal
+from common.security.keys import read_identity
+from common.security.manifest import MANIFEST_FILE, Manifest
 from common.settings import RunSettings
-from common.data.site_config import site_dir
-from common.security.manifest import MANIFEST_FILE
-from common.privacy.policy import SitePolicy, write_policy
-from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
 from simulations.benchmarks import BENCHMARKS
 from simulations.inprocess import DirectGrid
@@ -51,6 +50,7 @@ SHIFTED_STUDY_TRAIN_ROWS = 120  # each site of write_shifted_study: 160 rows, a 
 
 
 # helpers shared with test_bad_input ---------------------------------------------------------
+
 
 def node_of(site: int) -> int:
     return FIRST_NODE + site
@@ -68,7 +68,9 @@ def write_rdp_policies(sim_root: Path, sites: int) -> None:
     for index in range(sites):
         path = site_dir(sim_root, index) / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=SHIFTED_STUDY_TRAIN_ROWS), path)
+        write_policy(
+            SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=SHIFTED_STUDY_TRAIN_ROWS), path
+        )
 
 
 def site_ledger(sim_root: Path, site: int) -> Ledger:
@@ -87,26 +89,53 @@ def ledger_rounds(sim_root: Path, site: int) -> list[int]:
 
 def private_settings(study: Path, root: Path, rounds: int, sites: int, min_sites: int) -> RunSettings:
     return RunSettings(
-        scenario=str(study), num_server_rounds=rounds, local_epochs=1, out=str(root / "out"),
-        sim_root=str(root / "sites"), min_sites=min_sites, expected_sites=sites,
-        target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0,
+        scenario=str(study),
+        num_server_rounds=rounds,
+        local_epochs=1,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        min_sites=min_sites,
+        expected_sites=sites,
+        target_epsilon=3.0,
+        delta=1e-5,
+        max_grad_norm=1.0,
     )
 
 
-def forged_update(sim_root: Path, instruction: Message, run_id: int, tensors: dict[str, torch.Tensor], num_examples: int) -> Message:
+def forged_update(
+    sim_root: Path, instruction: Message, run_id: int, tensors: dict[str, torch.Tensor], num_examples: int
+) -> Message:
     """A reply site-0 itself built and signed: authentic, but with whatever weights it likes."""
     keys = site_dir(sim_root, 0) / "keys"
     site = read_identity(keys, "site-0")
     coordinator = Manifest.from_json((keys / MANIFEST_FILE).read_text(), None).coordinator
     server_round = int(instruction.content[CONFIG]["server-round"])
     base = str(instruction.content[CONFIG]["base-fingerprint"])
-    report = {"phase": "train", "status": "ok", "dp": False, "dataset-id": "a" * 64, "declared-size": num_examples,
-              "egress": {"update": declaration(NOT_PRIVATE, "plain SGD"), "num-examples": declaration(PUBLIC, "declared"),
-                         "steps": declaration(PUBLIC, "planned")}}
-    reply = SiteReply("site-0", "train", "ok", "", {"num-examples": num_examples, "steps": 1},
-                      sign_report(report, run_id, server_round, base, site), tensors)
+    report = {
+        "phase": "train",
+        "status": "ok",
+        "dp": False,
+        "dataset-id": "a" * 64,
+        "declared-size": num_examples,
+        "egress": {
+            "update": declaration(NOT_PRIVATE, "plain SGD"),
+            "num-examples": declaration(PUBLIC, "declared"),
+            "steps": declaration(PUBLIC, "planned"),
+        },
+    }
+    reply = SiteReply(
+        "site-0",
+        "train",
+        "ok",
+        "",
+        {"num-examples": num_examples, "steps": 1},
+        sign_report(report, run_id, server_round, base, site),
+        tensors,
+    )
     blob = seal(reply.encode(), EnvelopeContext(run_id, server_round, "site-0", "train-reply", base), site, coordinator)
-    return Message(content=RecordDict({SEALED: ConfigRecord({"site-id": "site-0", "envelope": blob})}), reply_to=instruction)
+    return Message(
+        content=RecordDict({SEALED: ConfigRecord({"site-id": "site-0", "envelope": blob})}), reply_to=instruction
+    )
 
 
 def instruction_to(grid: DirectGrid, node: int) -> Message:
@@ -165,9 +194,16 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunReco
             fault["now"] = None
 
     grid = DirectGrid(faulty, num_nodes=DROPOUT_SITES)
-    grid.on_reply = lambda node, reply: None if DROPOUTS.get(node - FIRST_NODE) == "never-answers" and train_round_of(instruction_to(grid, node)) == FAULT_ROUND else reply
+    grid.on_reply = lambda node, reply: (
+        None
+        if DROPOUTS.get(node - FIRST_NODE) == "never-answers"
+        and train_round_of(instruction_to(grid, node)) == FAULT_ROUND
+        else reply
+    )
     with diverging_training(lambda: fault["now"] == "diverges-to-nan"):
-        record = run_federation(grid, private_settings(study, root, rounds=2, sites=DROPOUT_SITES, min_sites=2), grid.run_id)
+        record = run_federation(
+            grid, private_settings(study, root, rounds=2, sites=DROPOUT_SITES, min_sites=2), grid.run_id
+        )
     return root / "sites", record
 
 
@@ -180,7 +216,9 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunReco
         (3, "failed", "crashed before training"),
     ],
 )
-def test_failed_site_is_dropped_with_its_reason_and_the_round_completes(dropout_run, site: int, status: str, reason: str) -> None:
+def test_failed_site_is_dropped_with_its_reason_and_the_round_completes(
+    dropout_run, site: int, status: str, reason: str
+) -> None:
     _, record = dropout_run
     faulty = record.round(FAULT_ROUND)
     assert faulty.sites[f"site-{site}"].status == status
@@ -214,8 +252,14 @@ def test_too_few_sites_stops_cleanly_with_a_saved_checkpoint(tmp_path: Path) -> 
 
     grid = DirectGrid(crash_late, num_nodes=3)
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=3, local_epochs=1, dp=False, out=str(tmp_path / "out"),
-        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3,
+        scenario=str(study),
+        num_server_rounds=3,
+        local_epochs=1,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+        expected_sites=3,
     )
     record = run_federation(grid, settings, grid.run_id)
     assert record.status == "stopped"
@@ -241,8 +285,15 @@ def test_a_site_gone_for_good_is_not_waited_for_and_the_rest_complete(tmp_path: 
 
     grid.on_instruction = vanish_after_round_one
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=3, local_epochs=1, dp=False, out=str(tmp_path / "out"),
-        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3, round_timeout=600.0,
+        scenario=str(study),
+        num_server_rounds=3,
+        local_epochs=1,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+        expected_sites=3,
+        round_timeout=600.0,
     )
     start = time.monotonic()
     record = run_federation(grid, settings, grid.run_id)
@@ -257,8 +308,15 @@ def test_too_few_sites_online_stops_after_the_wait_with_a_clear_reason(tmp_path:
     grid = DirectGrid(client_app, num_nodes=3)
     grid.node_ids = grid.node_ids[:1]  # two hospitals never start their SuperNode
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=2, local_epochs=1, dp=False, out=str(tmp_path / "out"),
-        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3, round_timeout=2.0,
+        scenario=str(study),
+        num_server_rounds=2,
+        local_epochs=1,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+        expected_sites=3,
+        round_timeout=2.0,
     )
     with pytest.raises(FederationFailed, match="only 1 site\\(s\\) connected within 2 s, fewer than min-sites=2"):
         run_federation(grid, settings, grid.run_id)
@@ -276,8 +334,16 @@ def robust_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 4-site study and its source model, pretrained once for every robust-aggregation run."""
     root = tmp_path_factory.mktemp("robust")
     study = write_shifted_study(root / "study", sites=ROBUST_SITES)
-    settings = RunSettings(scenario=str(study), num_server_rounds=1, local_epochs=1, dp=False, out=str(root / "seed-run"),
-                           sim_root=str(root / "seed-sites"), min_sites=2, expected_sites=ROBUST_SITES)
+    settings = RunSettings(
+        scenario=str(study),
+        num_server_rounds=1,
+        local_epochs=1,
+        dp=False,
+        out=str(root / "seed-run"),
+        sim_root=str(root / "seed-sites"),
+        min_sites=2,
+        expected_sites=ROBUST_SITES,
+    )
     grid = DirectGrid(client_app, num_nodes=ROBUST_SITES)
     run_federation(grid, settings, grid.run_id)
     return study, root / "seed-run" / SOURCE_MODEL_DIR
@@ -286,7 +352,9 @@ def robust_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 Attack = Callable[[DirectGrid, Path, Message], Message | None]
 
 
-def federate_with_site0(tmp_path: Path, robust_study: tuple[Path, Path], strategy: str, attack: Attack, bound: float) -> tuple[RunRecord, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def federate_with_site0(
+    tmp_path: Path, robust_study: tuple[Path, Path], strategy: str, attack: Attack, bound: float
+) -> tuple[RunRecord, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One non-private round of 4 sites where ``attack`` replaces site-0's train reply.
 
     Returns the run record, the global trainable weights before the round and the final model's state.
@@ -305,8 +373,16 @@ def federate_with_site0(tmp_path: Path, robust_study: tuple[Path, Path], strateg
 
     grid.on_reply = on_reply
     settings = RunSettings(
-        scenario=str(study), checkpoint=str(checkpoint), num_server_rounds=1, local_epochs=1, dp=False, strategy=strategy,
-        out=str(tmp_path / f"out-{strategy}"), sim_root=str(sim_root), min_sites=2, expected_sites=ROBUST_SITES,
+        scenario=str(study),
+        checkpoint=str(checkpoint),
+        num_server_rounds=1,
+        local_epochs=1,
+        dp=False,
+        strategy=strategy,
+        out=str(tmp_path / f"out-{strategy}"),
+        sim_root=str(sim_root),
+        min_sites=2,
+        expected_sites=ROBUST_SITES,
         max_update_norm=bound,
     )
     record = run_federation(grid, settings, grid.run_id)
@@ -339,12 +415,19 @@ BOUND = 10.0  # honest first-round updates have norms of about 5
 
 # Krum with 3 replies scores each by its nearest neighbour, so the two closest sites tie and
 # float rounding in Flower's distance matrix picks one of them: there only the bound is compared.
-@pytest.mark.parametrize("strategy, same_as_honest_only", [("fedmedian", True), ("fedtrimmedavg", True), ("krum", False)])
-def test_huge_norm_update_cannot_move_a_robust_strategy(tmp_path: Path, robust_study, strategy: str, same_as_honest_only: bool) -> None:
+@pytest.mark.parametrize(
+    "strategy, same_as_honest_only", [("fedmedian", True), ("fedtrimmedavg", True), ("krum", False)]
+)
+def test_huge_norm_update_cannot_move_a_robust_strategy(
+    tmp_path: Path, robust_study, strategy: str, same_as_honest_only: bool
+) -> None:
     attacked, before, final = federate_with_site0(tmp_path / "attacked", robust_study, strategy, shifted_by(1e4), BOUND)
     # the rejected first reply is filed under site-0 once site 0's evaluation reply proves which node it is
     victim = attacked.round(1).sites["site-0"]
-    assert victim.status == "rejected" and f"(claims to be site-0): update norm 1e+04 exceeds the bound {BOUND:.3g}" in victim.reason, victim
+    assert (
+        victim.status == "rejected"
+        and f"(claims to be site-0): update norm 1e+04 exceeds the bound {BOUND:.3g}" in victim.reason
+    ), victim
     assert attacked.round(1).aggregated_sites == ["site-1", "site-2", "site-3"]
     assert distance(final, before, list(before)) <= BOUND
     if same_as_honest_only:
@@ -358,7 +441,9 @@ def test_median_moves_far_less_than_fedavg_under_a_large_in_bound_update(tmp_pat
     push = 0.95 * bound
     shift = {}
     for strategy in ("fedavg", "fedmedian"):
-        attacked, before, final = federate_with_site0(tmp_path / "attacked", robust_study, strategy, shifted_by(push), bound)
+        attacked, before, final = federate_with_site0(
+            tmp_path / "attacked", robust_study, strategy, shifted_by(push), bound
+        )
         _, _, honest_final = federate_with_site0(tmp_path / "honest", robust_study, strategy, silent, bound)
         assert attacked.round(1).aggregated_sites == ["site-0", "site-1", "site-2", "site-3"]
         shift[strategy] = distance(final, honest_final, list(before))
@@ -383,7 +468,10 @@ def sleepy_client(partition: int, server_round: int, seconds: float) -> ClientAp
 
     @sleepy.train()
     def train(msg: Message, context: Context) -> Message:
-        if context.node_config["partition-id"] == partition and int(msg.content[CONFIG]["server-round"]) == server_round:
+        if (
+            context.node_config["partition-id"] == partition
+            and int(msg.content[CONFIG]["server-round"]) == server_round
+        ):
             time.sleep(seconds)
         return client_app(msg, context)
 
@@ -409,7 +497,9 @@ def warmed_server_app(settings: RunSettings, nodes: int) -> ServerApp:
     @warmed.main()
     def main(grid: Grid, context: Context) -> None:
         node_ids, _ = sample_nodes(grid, nodes, nodes)  # Flower's own wait for the nodes to connect
-        replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids])
+        replies = grid.send_and_receive(
+            [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+        )
         assert not any(reply.has_error() for reply in replies)
         run_federation(grid, settings, context.run_id)
 
@@ -419,15 +509,25 @@ def warmed_server_app(settings: RunSettings, nodes: int) -> ServerApp:
 def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path) -> None:
     study = write_shifted_study(tmp_path / "study", sites=3)
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=2, local_epochs=1, dp=False, out=str(tmp_path / "out"),
-        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=3, round_timeout=ROUND_TIMEOUT,
+        scenario=str(study),
+        num_server_rounds=2,
+        local_epochs=1,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+        expected_sites=3,
+        round_timeout=ROUND_TIMEOUT,
     )
     started = time.monotonic()
     run_simulation(
         server_app=warmed_server_app(settings, nodes=3),
         client_app=sleepy_client(partition=0, server_round=2, seconds=ROUND_TIMEOUT + 3),
         num_supernodes=3,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
     )
     assert time.monotonic() - started > ROUND_TIMEOUT  # the round really waited for the sleeping site
     record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
@@ -442,6 +542,7 @@ def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path
 
 # the dropout benchmark, quick -------------------------------------------------------------------
 
+
 def test_dropout_benchmark_smoke(tmp_path: Path) -> None:
     result = BENCHMARKS["dropouts"](tmp_path, quick=True, seed=0)
     assert json.loads((tmp_path / "dropouts.json").read_text()) == json.loads(json.dumps(result))
@@ -452,4 +553,7 @@ def test_dropout_benchmark_smoke(tmp_path: Path) -> None:
     assert cases[(2, 3)]["status"] == "stopped" and "fewer than min-sites=3" in cases[(2, 3)]["stop_reason"]
     assert all(0.5 < c["accuracy_all"] <= 1.0 for c in cases.values())
     markdown = (tmp_path / "dropouts.md").read_text()
-    assert "fedtransfer bench dropouts --quick --seed 0" in markdown and "| 2 | hospital-c, hospital-d | 3 | 1/2 | stopped |" in markdown
+    assert (
+        "fedtransfer bench dropouts --quick --seed 0" in markdown
+        and "| 2 | hospital-c, hospital-d | 3 | 1/2 | stopped |" in markdown
+    )

@@ -25,8 +25,11 @@ VECTORS = Path(__file__).parent / "golden" / "known-answers.json"
 
 
 def _identity(name: str, seed: int) -> Identity:
-    return Identity(name, X25519PrivateKey.from_private_bytes(bytes([seed] * 32)),
-                    Ed25519PrivateKey.from_private_bytes(bytes([seed + 1] * 32)))
+    return Identity(
+        name,
+        X25519PrivateKey.from_private_bytes(bytes([seed] * 32)),
+        Ed25519PrivateKey.from_private_bytes(bytes([seed + 1] * 32)),
+    )
 
 
 COORDINATOR, SITE = _identity("coordinator", 1), _identity("hospital-a", 3)
@@ -34,18 +37,39 @@ CONTEXT = EnvelopeContext(run_id=42, server_round=3, site_id="hospital-a", kind=
 
 
 def vectors() -> dict[str, str]:
-    sealed = _seal_with(X25519PrivateKey.from_private_bytes(bytes([7] * 32)), bytes(range(12)), b"payload",
-                        CONTEXT, SITE, COORDINATOR.public())
-    instruction = sign_instruction(b'{"config":{},"arrays":"00"}', EnvelopeContext(42, 3, "*", "train-instruction", "ab" * 32),
-                                   COORDINATOR)
+    sealed = _seal_with(
+        X25519PrivateKey.from_private_bytes(bytes([7] * 32)),
+        bytes(range(12)),
+        b"payload",
+        CONTEXT,
+        SITE,
+        COORDINATOR.public(),
+    )
+    instruction = sign_instruction(
+        b'{"config":{},"arrays":"00"}', EnvelopeContext(42, 3, "*", "train-instruction", "ab" * 32), COORDINATOR
+    )
     manifest = _sign_manifest_at("kat-federation", COORDINATOR, [SITE.public()], "2026-01-01T00:00:00+00:00")
     with tempfile.TemporaryDirectory() as folder:
         ledger = Ledger(Path(folder), signer=SITE)
         with ledger.lock():
-            ledger.append(dataset_id="cd" * 32, run_id="42", server_round=3, noise_multiplier=1.5, sample_rate=0.25,
-                          steps=8, max_grad_norm=1.0, delta=1e-5, epsilon=1.25, accountant="prv", reference_epsilon=1.5,
-                          reference_accountant="rdp", model_fingerprint="ef" * 32, kind="train", noise="csprng",
-                          time="2026-01-01T00:00:00+00:00")
+            ledger.append(
+                dataset_id="cd" * 32,
+                run_id="42",
+                server_round=3,
+                noise_multiplier=1.5,
+                sample_rate=0.25,
+                steps=8,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                epsilon=1.25,
+                accountant="prv",
+                reference_epsilon=1.5,
+                reference_accountant="rdp",
+                model_fingerprint="ef" * 32,
+                kind="train",
+                noise="csprng",
+                time="2026-01-01T00:00:00+00:00",
+            )
         line, head = (Path(folder) / LEDGER_FILE).read_text(), (Path(folder) / HEAD_FILE).read_text()
     return {
         "sealed-update-sha256": hashlib.sha256(sealed).hexdigest(),
@@ -63,12 +87,23 @@ def test_fixed_keys_nonces_and_times_give_the_recorded_bytes() -> None:
 
 def test_the_recorded_bytes_still_open_and_verify() -> None:
     recorded = json.loads(VECTORS.read_text())
-    sealed = _seal_with(X25519PrivateKey.from_private_bytes(bytes([7] * 32)), bytes(range(12)), b"payload",
-                        CONTEXT, SITE, COORDINATOR.public())
+    sealed = _seal_with(
+        X25519PrivateKey.from_private_bytes(bytes([7] * 32)),
+        bytes(range(12)),
+        b"payload",
+        CONTEXT,
+        SITE,
+        COORDINATOR.public(),
+    )
     assert open_envelope(sealed, CONTEXT, COORDINATOR, {"hospital-a": SITE.public()}) == b"payload"
-    assert verify_instruction(bytes.fromhex(recorded["signed-instruction-hex"]),
-                              EnvelopeContext(42, 3, "hospital-a", "train-instruction", "ab" * 32),
-                              COORDINATOR.public()) == b'{"config":{},"arrays":"00"}'
+    assert (
+        verify_instruction(
+            bytes.fromhex(recorded["signed-instruction-hex"]),
+            EnvelopeContext(42, 3, "hospital-a", "train-instruction", "ab" * 32),
+            COORDINATOR.public(),
+        )
+        == b'{"config":{},"arrays":"00"}'
+    )
     manifest = Manifest.from_json(recorded["manifest-json"], COORDINATOR.public().fingerprint())
     assert manifest.site("hospital-a") == SITE.public()
     with tempfile.TemporaryDirectory() as folder:

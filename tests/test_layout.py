@@ -28,13 +28,18 @@ def _modules(package: str) -> list[Path]:
     return sorted((REPO / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [
-    ("client", ("server", "simulations")),
-    ("server", ("client",)),
-])
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("client", ("server", "simulations")),
+        ("server", ("client",)),
+    ],
+)
 def test_client_and_server_never_import_each_other(package: str, forbidden: tuple[str, ...]) -> None:
-    offenders = {str(p.relative_to(REPO)): sorted(n for n in _imports(p) if n.split(".")[0] in forbidden)
-                 for p in _modules(package)}
+    offenders = {
+        str(p.relative_to(REPO)): sorted(n for n in _imports(p) if n.split(".")[0] in forbidden)
+        for p in _modules(package)
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -55,10 +60,22 @@ def test_a_deployed_site_loads_no_scenario_or_downloader() -> None:
         "print('\\n'.join(sorted(m for m in sys.modules if m.startswith(('common', 'client', 'server', "
         "'simulations', 'sklearn.datasets')))))\n"
     )
-    loaded = set(subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.split())
-    unused = {"common.data.scenarios", "common.data.scenario", "common.data.study", "common.data.wdbc",
-              "common.data.heart_disease", "common.data.synthetic_imaging", "sklearn.datasets",
-              "common.model.pretraining", "common.deploy", "common.cli"}
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    unused = {
+        "common.data.scenarios",
+        "common.data.scenario",
+        "common.data.study",
+        "common.data.wdbc",
+        "common.data.heart_disease",
+        "common.data.synthetic_imaging",
+        "sklearn.datasets",
+        "common.model.pretraining",
+        "common.deploy",
+        "common.cli",
+    }
     assert not {m for m in loaded if m in unused or m.split(".")[0] in ("server", "simulations")}
     assert {"client.app", "common.privacy.egress", "common.privacy.ledger"} <= loaded

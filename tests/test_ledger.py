@@ -31,10 +31,21 @@ OTHER = Identity.generate("site-a")  # same name, another key: what a forger wit
 
 def fields(server_round: int, dataset_id: str = "d" * 64) -> dict:
     return dict(
-        dataset_id=dataset_id, run_id="run-1", server_round=server_round,
-        noise_multiplier=1.1, sample_rate=0.02, steps=50, max_grad_norm=1.0, delta=1e-5,
-        epsilon=0.5 * server_round, accountant="prv", reference_epsilon=0.7 * server_round,
-        reference_accountant="rdp", model_fingerprint="f" * 64, kind="train", noise="csprng",
+        dataset_id=dataset_id,
+        run_id="run-1",
+        server_round=server_round,
+        noise_multiplier=1.1,
+        sample_rate=0.02,
+        steps=50,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        epsilon=0.5 * server_round,
+        accountant="prv",
+        reference_epsilon=0.7 * server_round,
+        reference_accountant="rdp",
+        model_fingerprint="f" * 64,
+        kind="train",
+        noise="csprng",
     )
 
 

@@ -59,8 +59,20 @@ def test_plain_sgd_has_no_momentum_and_sgd_has_momentum() -> None:
 
 def test_round_config_carries_local_steps_but_personalisation_trains_epochs() -> None:
     instruction = RoundInstruction(
-        server_round=1, num_rounds=2, policy="full", base_fingerprint="a", frozen_fingerprint="b", local_epochs=2,
-        batch_size=4, lr=0.01, optimizer="sgd-plain", proximal_mu=0.0, seed=0, personalise_epochs=3, dp=0, run_key="1",
+        server_round=1,
+        num_rounds=2,
+        policy="full",
+        base_fingerprint="a",
+        frozen_fingerprint="b",
+        local_epochs=2,
+        batch_size=4,
+        lr=0.01,
+        optimizer="sgd-plain",
+        proximal_mu=0.0,
+        seed=0,
+        personalise_epochs=3,
+        dp=0,
+        run_key="1",
         local_steps=100,
     )
     assert train_config(instruction).steps == 100
@@ -78,8 +90,18 @@ def test_dp_training_takes_exactly_local_steps(steps: int) -> None:
     use_one_torch_thread()
     x, y = _data()
     config = TrainConfig(epochs=1, batch_size=4, lr=0.01, steps=steps)
-    stats = dp_train(nn.Linear(5, 2), x, y, config, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / 8,
-                     steps=steps, expected_batch_size=30 / 8, source=SecureRandom())
+    stats = dp_train(
+        nn.Linear(5, 2),
+        x,
+        y,
+        config,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=1 / 8,
+        steps=steps,
+        expected_batch_size=30 / 8,
+        source=SecureRandom(),
+    )
     assert stats.steps == steps
     assert stats.updates <= steps
     assert stats.sample_rate == pytest.approx(1 / 8)
@@ -89,8 +111,8 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
     """Through the real apps: each site's ledger and privacy report count local-steps per round, at 1 / batches."""
     from client.app import app as client_app
     from common.privacy.ledger import Ledger
-    from common.settings import RunSettings
     from common.privacy.policy import SitePolicy, write_policy
+    from common.settings import RunSettings
     from server.federation import run_federation
     from simulations.inprocess import DirectGrid
     from tests.conftest import write_shifted_study
@@ -100,10 +122,21 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
     for site in range(2):
         policy = tmp_path / "sites" / f"site-{site}" / "state" / "privacy-policy.toml"
         policy.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120), policy)
+        write_policy(
+            SitePolicy(max_epsilon=10.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120), policy
+        )
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=2, local_epochs=3, local_steps=7, batch_size=16, out=str(tmp_path / "out"),
-        sim_root=str(tmp_path / "sites"), min_sites=2, expected_sites=2, target_epsilon=3.0, personalise_epochs=0,
+        scenario=str(study),
+        num_server_rounds=2,
+        local_epochs=3,
+        local_steps=7,
+        batch_size=16,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+        expected_sites=2,
+        target_epsilon=3.0,
+        personalise_epochs=0,
     )
     record = run_federation(DirectGrid(client_app, num_nodes=2, run_id=9001), settings, 9001)
     for site in range(2):

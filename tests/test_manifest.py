@@ -52,16 +52,12 @@ def test_round_trip_through_file(manifest: Manifest, coordinator: Identity, tmp_
     assert (path.stat().st_mode & 0o777) == 0o644
 
 
-def test_fingerprint_comparison_ignores_case_and_whitespace(
-    manifest: Manifest, coordinator: Identity
-) -> None:
+def test_fingerprint_comparison_ignores_case_and_whitespace(manifest: Manifest, coordinator: Identity) -> None:
     fp = coordinator.public().fingerprint()
     assert Manifest.from_json(manifest.to_json(), f"  {fp.upper()}\n") == manifest
 
 
-def test_no_expected_fingerprint_accepts_but_warns(
-    manifest: Manifest, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_no_expected_fingerprint_accepts_but_warns(manifest: Manifest, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="common.security.manifest"):
         Manifest.from_json(manifest.to_json(), None)
     assert "without checking the coordinator fingerprint" in caplog.text

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.model.zoo import ARCHITECTURES, FedModel, UnknownArchitecture, build_model
 from common.model.training import TrainConfig, compute_features, predict_proba, train_plain
 from common.model.transfer import PolicyParseError, TransferPolicy, state_fingerprint
+from common.model.zoo import ARCHITECTURES, FedModel, UnknownArchitecture, build_model
 
 NUM_CLASSES = 3
 INPUT_SHAPES = {"logreg": (6,), "mlp": (6,), "cnn": (2, 8, 8)}
@@ -259,7 +259,9 @@ def test_fingerprint_is_deterministic_and_sha256_hex():
 
 
 def test_fingerprint_differs_between_differently_initialised_models():
-    assert state_fingerprint(_model("mlp", seed=1).state_dict()) != state_fingerprint(_model("mlp", seed=2).state_dict())
+    assert state_fingerprint(_model("mlp", seed=1).state_dict()) != state_fingerprint(
+        _model("mlp", seed=2).state_dict()
+    )
 
 
 @pytest.mark.parametrize("arch", sorted(INPUT_SHAPES))

@@ -14,11 +14,10 @@ import pytest
 
 from client.app import app as client_app
 from common.privacy.ledger import Ledger
-from common.settings import RunSettings
 from common.privacy.policy import SitePolicy, write_policy
+from common.settings import RunSettings
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
-
 
 CAPS = {0: 10.0, 1: 10.0, 2: 1.0}
 
@@ -32,14 +31,23 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory):
     for site, cap in CAPS.items():  # RDP keeps this test quick; PRV, the default, runs in test_simulation
         policy = root / "sites" / f"site-{site}" / "state" / "privacy-policy.toml"
         policy.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=cap, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120), policy)
+        write_policy(
+            SitePolicy(max_epsilon=cap, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120), policy
+        )
     records = []
     for run_id in (7001, 7002):
         grid = DirectGrid(client_app, num_nodes=3, run_id=run_id)
         settings = RunSettings(
-            scenario=str(study), num_server_rounds=2, local_epochs=1, out=str(root / f"out-{run_id}"),
-            sim_root=str(root / "sites"), min_sites=2, expected_sites=3,
-            target_epsilon=3.0, delta=1e-5, max_grad_norm=5.0,
+            scenario=str(study),
+            num_server_rounds=2,
+            local_epochs=1,
+            out=str(root / f"out-{run_id}"),
+            sim_root=str(root / "sites"),
+            min_sites=2,
+            expected_sites=3,
+            target_epsilon=3.0,
+            delta=1e-5,
+            max_grad_norm=5.0,
         )
         records.append(run_federation(grid, settings, run_id))
     return root, records

@@ -1,4 +1,4 @@
-"""Private personalisation (``personalise-fraction``): planned in the run budget, recorded before its metrics leave, audited."""
+"""Private personalisation (``personalise-fraction``): planned in the budget, recorded before its release, audited."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from simulations.inprocess import DirectGrid
 
 DATASET = "d" * 64
 SITE = Identity.generate("site-a")
-#: Personalised results leave a site only as a DP evaluation release, so only a site that releases evaluations personalises.
+#: Personalised results leave a site only as a DP evaluation release: only sites that release evaluations personalise.
 POLICY = SitePolicy(max_epsilon=2.0, delta=1e-5, accountant="rdp", evaluation="dp")
 REQUEST = PrivacyRequest(target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=3)
 Q, STEPS = 0.1, 30
@@ -52,7 +52,9 @@ def test_plan_reserves_the_personalisation_within_the_run_target(tmp_path: Path)
     assert plan.to_dict()["personalise_steps"] == 10
     release = Step(plan.release_noise_multiplier, 1.0, plan.release_counts[PERSONALISED_EVALUATE])
     total = compose_epsilon([Step(plan.noise_multiplier, Q, 3 * STEPS), release, step], 1e-5, "rdp")
-    assert 0.99 < total <= 1.0  # composed, not summed: rounds, the copy's evaluation and personalisation reach the target
+    assert (
+        0.99 < total <= 1.0
+    )  # composed, not summed: rounds, the copy's evaluation and personalisation reach the target
 
 
 def test_personalisation_spend_is_recorded_once_and_stays_within_target(tmp_path: Path) -> None:
@@ -103,10 +105,23 @@ def test_a_site_that_releases_no_evaluation_reserves_no_personalisation(tmp_path
 
 
 def _instruction(dp: int, fraction: float, epochs: int) -> RoundInstruction:
-    return RoundInstruction(server_round=1, num_rounds=3, policy="head", base_fingerprint="b" * 64,
-                            frozen_fingerprint="f" * 64, local_epochs=1, batch_size=8, lr=0.1, optimizer="sgd",
-                            proximal_mu=0.0, seed=0, personalise_epochs=epochs, dp=dp, run_key="r",
-                            personalise_fraction=fraction)
+    return RoundInstruction(
+        server_round=1,
+        num_rounds=3,
+        policy="head",
+        base_fingerprint="b" * 64,
+        frozen_fingerprint="f" * 64,
+        local_epochs=1,
+        batch_size=8,
+        lr=0.1,
+        optimizer="sgd",
+        proximal_mu=0.0,
+        seed=0,
+        personalise_epochs=epochs,
+        dp=dp,
+        run_key="r",
+        personalise_fraction=fraction,
+    )
 
 
 def test_reservation_only_for_private_runs_and_settings_validate() -> None:
@@ -129,21 +144,41 @@ def personalised_run(tmp_path_factory: pytest.TempPathFactory):
     for site in range(3):
         policy = root / "sites" / f"site-{site}" / "state" / "privacy-policy.toml"
         policy.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=2.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120,
-                                evaluation="dp"), policy)
+        write_policy(
+            SitePolicy(
+                max_epsilon=2.0, delta=1e-5, max_grad_norm=1.0, accountant="rdp", declared_size=120, evaluation="dp"
+            ),
+            policy,
+        )
     seen: list[int] = []
     original = private_round.noisy_counts
 
     def spy(counts, noise_multiplier, source):  # every release: a personalised copy's only after its spend is on disk
         ledgers = [root / "sites" / f"site-{i}" / "state" / LEDGER_FILE for i in range(3)]  # read raw: the lock is held
-        seen.append(sum(json.loads(line)["kind"] == PERSONALISE for path in ledgers if path.exists()
-                        for line in path.read_text().splitlines()))
+        seen.append(
+            sum(
+                json.loads(line)["kind"] == PERSONALISE
+                for path in ledgers
+                if path.exists()
+                for line in path.read_text().splitlines()
+            )
+        )
         return original(counts, noise_multiplier, source)
 
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=2, local_epochs=1, out=str(root / "out"), sim_root=str(root / "sites"),
-        min_sites=3, expected_sites=3, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0,
-        personalise_epochs=5, personalise_fraction=0.4, personalise_lr=0.5,
+        scenario=str(study),
+        num_server_rounds=2,
+        local_epochs=1,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        min_sites=3,
+        expected_sites=3,
+        target_epsilon=1.0,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        personalise_epochs=5,
+        personalise_fraction=0.4,
+        personalise_lr=0.5,
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(private_round, "noisy_counts", spy)
@@ -163,11 +198,20 @@ def test_private_run_reports_personalised_metrics_after_recording_the_spend(pers
         assert "accuracy" in last.sites[site].personalised  # derived by the coordinator from the site's noisy release
         assert "personalised-eval-counts" in last.sites[site].evaluate.values
         assert record.round(1).sites[site].evaluate is None  # the run asks for one evaluation, after its last round
-    assert seen[1::2] == [1, 2, 3]  # the n-th personalised copy was released only after n personalisation entries existed
+    assert seen[1::2] == [
+        1,
+        2,
+        3,
+    ]  # the n-th personalised copy was released only after n personalisation entries existed
     for site in range(3):
         entries = _ledger(root, site).entries()
         assert [(e.kind, e.server_round) for e in entries] == [
-            (TRAIN, 1), (TRAIN, 2), (EVALUATE, 2), (PERSONALISE, 2), (PERSONALISED_EVALUATE, 2)]
+            (TRAIN, 1),
+            (TRAIN, 2),
+            (EVALUATE, 2),
+            (PERSONALISE, 2),
+            (PERSONALISED_EVALUATE, 2),
+        ]
         assert entries[-1].epsilon <= 1.0 and entries[-1].epsilon > entries[1].epsilon
         assert last.sites[f"site-{site}"].evaluate.report["epsilon"] == pytest.approx(entries[-1].epsilon)
         # what the coordinator shows as spent is the ledger's total, personalisation included, not the rounds' alone
@@ -191,9 +235,25 @@ def test_audit_fails_a_second_personalisation_of_one_run(personalised_run, tmp_p
     shutil.copytree(root / "sites" / "site-0" / "state", state)
     ledger = Ledger(state, signer=read_identity(root / "sites" / "site-0" / "keys", "site-0"))
     last = next(e for e in reversed(ledger.entries()) if e.kind == PERSONALISE)
-    fields = {k: getattr(last, k) for k in (
-        "dataset_id", "run_id", "server_round", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta",
-        "accountant", "reference_epsilon", "reference_accountant", "model_fingerprint", "kind", "noise")}
+    fields = {
+        k: getattr(last, k)
+        for k in (
+            "dataset_id",
+            "run_id",
+            "server_round",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "max_grad_norm",
+            "delta",
+            "accountant",
+            "reference_epsilon",
+            "reference_accountant",
+            "model_fingerprint",
+            "kind",
+            "noise",
+        )
+    }
     history = [*ledger.history(last.dataset_id), last.to_step()]
     with ledger.lock():
         ledger.append(**fields, epsilon=compose_epsilon(history, last.delta, "rdp"))

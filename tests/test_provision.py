@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import ipaddress
 import os
 import stat
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,17 +16,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from common.cli import deploy as cli_deploy
-from common.security.manifest import read_manifest
+from common.data.site_config import SiteConfig
 from common.deploy.provision import Endpoint, KitInfo, ProvisionError, ProvisionRequest, provision
 from common.deploy.site_check import ERROR, check_kit, has_errors
-from common.data.site_config import SiteConfig
 from common.privacy.policy import load_policy, write_policy
+from common.security.manifest import read_manifest
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
 
 def _provision(out: Path, federation: str = "demo", sites: list[str] = SITES, **kw) -> object:
-    return provision(ProvisionRequest(federation, sites, [Endpoint.parse("coord.example.org:8000"), Endpoint.parse("10.0.0.5:8000")], out, **kw))
+    return provision(
+        ProvisionRequest(
+            federation, sites, [Endpoint.parse("coord.example.org:8000"), Endpoint.parse("10.0.0.5:8000")], out, **kw
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,14 @@ def test_layout_and_private_material_is_separated(kits) -> None:
     assert sorted(p.name for p in (coordinator / "supernode-keys").iterdir()) == [f"{s}.pub" for s in SITES]
     for site, kit in kits.site_kits.items():
         assert _private_files(kit) == {f"keys/{site}.enc.key", f"keys/{site}.sign.key", "flower/supernode-auth.key"}
-        for name in ("site.toml", "manifest.json", "tls/ca.pem", "state/privacy-policy.toml", "start-supernode.sh", "kit.json"):
+        for name in (
+            "site.toml",
+            "manifest.json",
+            "tls/ca.pem",
+            "state/privacy-policy.toml",
+            "start-supernode.sh",
+            "kit.json",
+        ):
             assert (kit / name).is_file(), name
         assert not (kit / "tls" / "superlink.key").exists()
     assert (kits.ca_dir / "ca.key").is_file() and kits.ca_dir.parent == coordinator.parent
@@ -59,7 +70,9 @@ def test_superlink_certificate_names_every_address_and_loopback(kits) -> None:
     cert.verify_directly_issued_by(ca)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"coord.example.org", "localhost"}
-    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")
+    }
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
@@ -79,14 +92,20 @@ def test_site_config_scripts_and_flower_connection(kits) -> None:
     manifest = read_manifest(config.manifest, config.coordinator_fingerprint)
     assert sorted(manifest.sites) == SITES
     script = (kit / "start-supernode.sh").read_text()
-    assert f"site-config=\"{kit.resolve() / 'site.toml'}\"" in script
+    assert f'site-config="{kit.resolve() / "site.toml"}"' in script
     assert "--root-certificates" in script and "--port 9095" in script and "coord.example.org:8000" in script
     assert os.access(kit / "start-supernode.sh", os.X_OK)
     connection = tomllib.loads((kits.coordinator_kit / "flower-home" / "config.toml").read_text())
     assert connection["superlink"]["default"] == "demo"
-    assert connection["superlink"]["demo"]["root-certificates"] == str(kits.coordinator_kit.resolve() / "tls" / "ca.pem")
+    assert connection["superlink"]["demo"]["root-certificates"] == str(
+        kits.coordinator_kit.resolve() / "tls" / "ca.pem"
+    )
     superlink = (kits.coordinator_kit / "start-superlink.sh").read_text()
-    assert "--enable-supernode-auth" in superlink and "--host 0.0.0.0 --port 8000" in superlink and "--database" in superlink
+    assert (
+        "--enable-supernode-auth" in superlink
+        and "--host 0.0.0.0 --port 8000" in superlink
+        and "--database" in superlink
+    )
     assert "expected-sites=3" in (kits.coordinator_kit / "run.sh").read_text()
 
 
@@ -121,11 +140,19 @@ def test_existing_ca_is_reused_and_sites_can_be_added(tmp_path: Path, kits) -> N
     assert (other.site_kits["x"] / "tls" / "ca.pem").read_bytes() == (ca / "ca.pem").read_bytes()
 
     first = _provision(tmp_path / "fed", sites=["a", "b"])
-    before = {p: p.read_bytes() for p in (tmp_path / "fed").rglob("*") if p.is_file() and "manifest" not in p.name and p.suffix != ".sh"}
+    before = {
+        p: p.read_bytes()
+        for p in (tmp_path / "fed").rglob("*")
+        if p.is_file() and "manifest" not in p.name and p.suffix != ".sh"
+    }
     added = _provision(tmp_path / "fed", sites=["c"])
     assert added.extended and added.coordinator_fingerprint == first.coordinator_fingerprint
     assert all(p.read_bytes() == content for p, content in before.items())
-    assert sorted(read_manifest(added.coordinator_kit / "manifest.json", first.coordinator_fingerprint).sites) == ["a", "b", "c"]
+    assert sorted(read_manifest(added.coordinator_kit / "manifest.json", first.coordinator_fingerprint).sites) == [
+        "a",
+        "b",
+        "c",
+    ]
     assert "supernode-keys/c.pub" in (added.coordinator_kit / "register-supernodes.sh").read_text()
     _write_csv(first.site_kits["a"] / "data", 2)
     _declare(first.site_kits["a"])
@@ -184,7 +211,15 @@ def test_check_validates_data_against_the_model_card(tmp_path: Path) -> None:
     _write_csv(kit / "data", 2)
     card_dir = tmp_path / "ckpt"
     model = build_model("logreg", [3], 2, {})
-    save_checkpoint(model, card_dir, arch="logreg", arch_args={}, input_shape=[3], class_names=["no", "yes"], source_description="test")
+    save_checkpoint(
+        model,
+        card_dir,
+        arch="logreg",
+        arch_args={},
+        input_shape=[3],
+        class_names=["no", "yes"],
+        source_description="test",
+    )
     assert "train.csv" in _messages(kit, model_card=card_dir)
     _write_csv(kit / "data", 3)
     _declare(kit)
@@ -195,7 +230,21 @@ def test_cli_provision_and_check(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     cli_deploy.add_commands(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "kits"
-    args = parser.parse_args(["provision", "--federation", "demo", "--sites", "a,b", "--superlink-address", "127.0.0.1:9000", "--out", str(out), "--runtime-port", "9500"])
+    args = parser.parse_args(
+        [
+            "provision",
+            "--federation",
+            "demo",
+            "--sites",
+            "a,b",
+            "--superlink-address",
+            "127.0.0.1:9000",
+            "--out",
+            str(out),
+            "--runtime-port",
+            "9500",
+        ]
+    )
     assert args.func(args) == 0
     assert KitInfo.load(out / "sites" / "b").runtime_port == 9501
     assert "--host 127.0.0.1 --port 9000" in (out / "coordinator" / "start-superlink.sh").read_text()
@@ -205,5 +254,17 @@ def test_cli_provision_and_check(tmp_path: Path) -> None:
     assert check.func(check) == 0
     os.chmod(out / "sites" / "a" / "flower" / "supernode-auth.key", 0o640)
     assert check.func(check) == 1
-    again = parser.parse_args(["provision", "--federation", "other", "--sites", "c", "--superlink-address", "127.0.0.1:9000", "--out", str(out)])
+    again = parser.parse_args(
+        [
+            "provision",
+            "--federation",
+            "other",
+            "--sites",
+            "c",
+            "--superlink-address",
+            "127.0.0.1:9000",
+            "--out",
+            str(out),
+        ]
+    )
     assert again.func(again) == 1

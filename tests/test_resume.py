@@ -10,8 +10,8 @@ from flwr.app import Message
 
 from client.app import app as client_app
 from common.privacy.ledger import Ledger
-from common.settings import RunSettings
 from common.privacy.policy import SitePolicy, write_policy
+from common.settings import RunSettings
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
@@ -25,9 +25,17 @@ def _settings(study: Path, root: Path, out: str, **changes) -> RunSettings:
     """Reproducible noise (synthetic data, allowed by the policies below): the same seed gives the same model.
     Every round asks for an evaluation, so each round is a train and an evaluate message per site."""
     return RunSettings(
-        scenario=str(study), num_server_rounds=4, local_epochs=1, strategy="fedadam", out=str(root / out),
-        sim_root=str(root / f"sites-{out}"), min_sites=2, expected_sites=3, reproducible_noise=True,
-        federated_evaluation="every", **changes,
+        scenario=str(study),
+        num_server_rounds=4,
+        local_epochs=1,
+        strategy="fedadam",
+        out=str(root / out),
+        sim_root=str(root / f"sites-{out}"),
+        min_sites=2,
+        expected_sites=3,
+        reproducible_noise=True,
+        federated_evaluation="every",
+        **changes,
     )
 
 
@@ -35,8 +43,12 @@ def _rdp_policies(sim_root: Path) -> None:
     for site in range(3):
         path = sim_root / f"site-{site}" / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True)
-        write_policy(SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=120,
-                                allow_reproducible_noise=True), path)
+        write_policy(
+            SitePolicy(
+                max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=120, allow_reproducible_noise=True
+            ),
+            path,
+        )
 
 
 class CrashingGrid(DirectGrid):
@@ -56,7 +68,10 @@ class CrashingGrid(DirectGrid):
 def _crash_after_sites_answered(grid: DirectGrid, server_round: int) -> None:
     def crash(node: int, reply: Message) -> Message:
         instruction = next(m for n, m in reversed(grid.delivered) if n == node)
-        if reply.metadata.message_type == "train" and int(instruction.content["config"]["server-round"]) == server_round:
+        if (
+            reply.metadata.message_type == "train"
+            and int(instruction.content["config"]["server-round"]) == server_round
+        ):
             raise CoordinatorCrash(f"coordinator lost during round {server_round}")
         return reply
 
@@ -111,6 +126,9 @@ def test_a_round_interrupted_after_sites_spent_is_never_reused(runs: Path) -> No
     assert [r["server_round"] for r in record["abandoned_rounds"]] == [3]
     assert [r["server_round"] for r in record["rounds"]] == [0, 1, 2, 4]
     assert record["status"] == "completed"
-    spent = {site: [e.server_round for e in Ledger(runs / "sites-midround" / f"site-{site}" / "state").entries()] for site in range(3)}
+    spent = {
+        site: [e.server_round for e in Ledger(runs / "sites-midround" / f"site-{site}" / "state").entries()]
+        for site in range(3)
+    }
     # Flower samples sites in random order: the first one asked answered round 3 before the crash
     assert sorted(spent.values()) == [[1, 2, 3, 4], [1, 2, 4], [1, 2, 4]]

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from client.app import app as client_app
@@ -33,18 +32,38 @@ SITES = 4
 
 def summary(root: Path) -> dict[str, Any]:
     """What the fixed run did, in a form that does not depend on file layout or field order."""
-    settings = RunSettings(scenario="wdbc", num_server_rounds=2, local_epochs=1, seed=0, out=str(root / "out"),
-                           sim_root=str(root / "sites"), min_sites=SITES, expected_sites=SITES, reproducible_noise=True)
+    settings = RunSettings(
+        scenario="wdbc",
+        num_server_rounds=2,
+        local_epochs=1,
+        seed=0,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        min_sites=SITES,
+        expected_sites=SITES,
+        reproducible_noise=True,
+    )
     grid = DirectGrid(client_app, num_nodes=SITES, run_id=777)
     record = run_federation(grid, settings, grid.run_id)
     model, _ = load_checkpoint(root / "out" / FINAL_MODEL_DIR)
     state = model.state_dict()
     return {
         "status": record.status,
-        "rounds": [{"round": r.server_round, "aggregated": r.aggregated_sites,
-                    "sites": {name: s.status for name, s in sorted(r.sites.items())}} for r in record.rounds],
-        "ledgers": [[(e.kind, e.server_round, round(e.noise_multiplier, 6), e.sample_rate, e.steps, round(e.epsilon, 6))
-                     for e in Ledger(site_dir(root / "sites", i) / "state").entries()] for i in range(SITES)],
+        "rounds": [
+            {
+                "round": r.server_round,
+                "aggregated": r.aggregated_sites,
+                "sites": {name: s.status for name, s in sorted(r.sites.items())},
+            }
+            for r in record.rounds
+        ],
+        "ledgers": [
+            [
+                (e.kind, e.server_round, round(e.noise_multiplier, 6), e.sample_rate, e.steps, round(e.epsilon, 6))
+                for e in Ledger(site_dir(root / "sites", i) / "state").entries()
+            ]
+            for i in range(SITES)
+        ],
         "head": {name: state[name].flatten().tolist() for name in sorted(state) if name.startswith("head.")},
     }
 

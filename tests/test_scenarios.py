@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import os
+import re
 import runpy
 import urllib.error
 import urllib.request
@@ -18,10 +18,14 @@ from common.data import heart_disease
 from common.data.scenarios import Scenario, ScenarioError, load_scenario, scenario_names
 from common.data.site_data import DataError, DataFileNotFound, MissingValues
 
-HEART_DIR = Path(os.environ.get("FEDTRANSFER_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "fed-heart-disease")
+HEART_DIR = Path(
+    os.environ.get("FEDTRANSFER_DATA_DIR")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "fed-heart-disease"
+)
 SHARED = HEART_DIR.parent
 needs_heart = pytest.mark.skipif(
-    not HEART_DIR.is_dir(), reason=f"Fed-Heart-Disease files not available at {HEART_DIR} (no network downloads in tests)"
+    not HEART_DIR.is_dir(),
+    reason=f"Fed-Heart-Disease files not available at {HEART_DIR} (no network downloads in tests)",
 )
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 
@@ -109,13 +113,16 @@ def test_synthetic_imaging_shapes_and_shift() -> None:
 
 # --- heart disease ------------------------------------------------------------------
 
+
 @needs_heart
 def test_flamby_split_matches_reference_rows() -> None:
     reference = list(csv.DictReader((HEART_DIR / "flamby_split_seed43.csv").open()))
     expected_counts = [(199, 104), (172, 89), (30, 16), (85, 45)]
     for number, (rows, counts) in enumerate(zip(heart_disease.read_centres(SHARED), expected_counts)):
         assert (int(rows.is_train.sum()), int((~rows.is_train).sum())) == counts
-        theirs = [(int(r["line_index"]), r["set"], int(r["label_binary"])) for r in reference if int(r["center"]) == number]
+        theirs = [
+            (int(r["line_index"]), r["set"], int(r["label_binary"])) for r in reference if int(r["center"]) == number
+        ]
         mine = [(int(i), "train" if t else "test", int(y)) for i, t, y in zip(rows.line_index, rows.is_train, rows.y)]
         assert mine == theirs
 
@@ -208,6 +215,7 @@ def test_heart_modified_local_file_rejected(tmp_path: Path) -> None:
 
 
 # --- bring your own -----------------------------------------------------------------
+
 
 def _build_docs_example(root: Path) -> Path:
     blocks = re.findall(r"```\w+ file=(\S+)\n(.*?)```", DOCS.read_text(), flags=re.S)

@@ -4,9 +4,9 @@ from dataclasses import MISSING, asdict, fields
 import numpy as np
 import pytest
 
+from common.cli import main as cli
 from common.model.metrics import METRIC_NAMES, classification_metrics, evaluation_counts, metrics_from_counts
 from common.protocol import InstructionError, RoundInstruction
-from common.cli import main as cli
 from common.settings import RunSettings, SettingsError, parse_assignments
 
 # --- RunSettings.from_run_config -------------------------------------------------------------
@@ -123,10 +123,16 @@ def test_impossible_values_are_rejected(key, value):
 
 
 def test_local_steps_and_server_optimiser_settings_are_read():
-    settings = RunSettings.from_run_config({
-        "local-steps": 100, "optimizer": "sgd-plain", "strategy": "fedyogi",
-        "server-lr": 0.01, "server-tau": 1e-8, "server-beta-2": 0.999,
-    })
+    settings = RunSettings.from_run_config(
+        {
+            "local-steps": 100,
+            "optimizer": "sgd-plain",
+            "strategy": "fedyogi",
+            "server-lr": 0.01,
+            "server-tau": 1e-8,
+            "server-beta-2": 0.999,
+        }
+    )
     assert (settings.local_steps, settings.optimizer) == (100, "sgd-plain")
     assert (settings.server_lr, settings.server_tau, settings.server_beta_2) == (0.01, 1e-8, 0.999)
 
@@ -283,7 +289,9 @@ def test_metrics_from_exact_counts_equal_the_exact_metrics_but_binned_auc():
     multi = rng.dirichlet([1, 1, 1], 50)
     labels = rng.integers(0, 3, 50)
     for name in ("balanced-accuracy", "f1", "accuracy"):
-        assert metrics_from_counts(evaluation_counts(labels, multi))[name] == pytest.approx(classification_metrics(labels, multi)[name])
+        assert metrics_from_counts(evaluation_counts(labels, multi))[name] == pytest.approx(
+            classification_metrics(labels, multi)[name]
+        )
 
 
 def test_multiclass_metrics_match_hand_computed_values():
@@ -318,10 +326,24 @@ def test_single_class_labels_give_nan_roc_auc_and_finite_rest():
 
 
 def test_assignments_override_settings_with_typed_values() -> None:
-    changes = parse_assignments(["local-steps=100", 'optimizer="sgd-plain"', "strategy=fedyogi", "server-lr=0.03", "dp=false"])
-    assert changes == {"local-steps": 100, "optimizer": "sgd-plain", "strategy": "fedyogi", "server-lr": 0.03, "dp": False}
+    changes = parse_assignments(
+        ["local-steps=100", 'optimizer="sgd-plain"', "strategy=fedyogi", "server-lr=0.03", "dp=false"]
+    )
+    assert changes == {
+        "local-steps": 100,
+        "optimizer": "sgd-plain",
+        "strategy": "fedyogi",
+        "server-lr": 0.03,
+        "dp": False,
+    }
     settings = RunSettings(num_server_rounds=4).with_run_config(changes)
-    assert (settings.local_steps, settings.optimizer, settings.strategy, settings.server_lr, settings.dp) == (100, "sgd-plain", "fedyogi", 0.03, False)
+    assert (settings.local_steps, settings.optimizer, settings.strategy, settings.server_lr, settings.dp) == (
+        100,
+        "sgd-plain",
+        "fedyogi",
+        0.03,
+        False,
+    )
     assert settings.num_server_rounds == 4
     with pytest.raises(SettingsError, match="not KEY=VALUE"):
         parse_assignments(["local-steps"])
@@ -333,7 +355,9 @@ def test_assignments_override_settings_with_typed_values() -> None:
 
 def test_cli_prints_a_bad_setting_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["simulate", "--rounds", "0"]) == 2
-    assert cli.main(["simulate", "--set", "server-lr=0.1"]) == 2  # the default strategy, fedavg, has no server optimiser
+    assert (
+        cli.main(["simulate", "--set", "server-lr=0.1"]) == 2
+    )  # the default strategy, fedavg, has no server optimiser
     out = capsys.readouterr().out
     assert "SettingsError" in out and "num-server-rounds must be at least 1" in out
     assert "server-lr only apply to fedadam, fedyogi, fedadagrad" in out

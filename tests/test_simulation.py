@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 
 from common.model.checkpoint import load_checkpoint
-from common.settings import RunSettings
 from common.model.transfer import TransferPolicy
+from common.settings import RunSettings
 from simulations.simulate import simulate
 
 
 def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = simulate(RunSettings(scenario=str(shifted_study), num_server_rounds=2, local_epochs=3, lr=0.2, out=str(out)))
+    result = simulate(
+        RunSettings(scenario=str(shifted_study), num_server_rounds=2, local_epochs=3, lr=0.2, out=str(out))
+    )
 
     record = result.record
     assert record.status == "completed"
@@ -35,7 +37,10 @@ def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Pat
             assert torch.equal(tensor, final.state_dict()[name]), f"frozen {name} changed"
     assert card.lineage["rounds"] == 2
     assert card.lineage["sites"] == ["site-0", "site-1", "site-2"]
-    assert card.lineage["base_model_fingerprint"] == json.loads((out / "source-model" / "model-card.json").read_text())["model_fingerprint"]
+    assert (
+        card.lineage["base_model_fingerprint"]
+        == json.loads((out / "source-model" / "model-card.json").read_text())["model_fingerprint"]
+    )
 
     table = result.comparison
     mean = {m: sum(v.values()) / len(v) for m, v in table.items()}

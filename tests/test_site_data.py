@@ -121,6 +121,7 @@ def test_fingerprint_of_single_file_is_its_sha256(tmp_path: Path) -> None:
 
 # --- validation errors ---------------------------------------------------------------
 
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataFileNotFound, match="nope.csv"):
         load_site_data(tmp_path / "nope.csv", (3,), 2)
@@ -270,6 +271,15 @@ def test_text_npz_refused(tmp_path: Path) -> None:
 
 
 def test_all_errors_are_data_errors() -> None:
-    for kind in (DataFileNotFound, UnsupportedFormat, MissingLabelColumn, NonNumericValue, MissingValues,
-                 ShapeMismatch, SingleClass, TooFewRows, BadLabel):
+    for kind in (
+        DataFileNotFound,
+        UnsupportedFormat,
+        MissingLabelColumn,
+        NonNumericValue,
+        MissingValues,
+        ShapeMismatch,
+        SingleClass,
+        TooFewRows,
+        BadLabel,
+    ):
         assert issubclass(kind, DataError)

@@ -19,8 +19,14 @@ from common.privacy.policy import (
 
 
 def test_write_then_load_round_trips(tmp_path):
-    policy = SitePolicy(max_epsilon=6.5, delta=1e-6, accountant="rdp", min_noise_multiplier=0.8,
-                        max_grad_norm=2.0, max_rounds_per_run=20)
+    policy = SitePolicy(
+        max_epsilon=6.5,
+        delta=1e-6,
+        accountant="rdp",
+        min_noise_multiplier=0.8,
+        max_grad_norm=2.0,
+        max_rounds_per_run=20,
+    )
     path = tmp_path / "policy.toml"
     write_policy(policy, path)
     assert "# Cumulative epsilon cap" in path.read_text()
@@ -38,7 +44,7 @@ def test_write_then_load_round_trips(tmp_path):
         ("[privacy]\nmax_epsilon = nan\ndelta = 1e-5\n", "max_epsilon"),
         ("[privacy]\nmax_epsilon = 8.0\ndelta = 0.5\n", "delta"),
         ("[privacy]\nmax_epsilon = 8.0\n", "delta"),
-        ("[privacy]\nmax_epsilon = 8.0\ndelta = 1e-5\naccountant = \"gdp\"\n", "accountant"),
+        ('[privacy]\nmax_epsilon = 8.0\ndelta = 1e-5\naccountant = "gdp"\n', "accountant"),
         ("[privacy]\nmax_epsilon = 8.0\ndelta = 1e-5\nmax_rounds_per_run = 0\n", "max_rounds_per_run"),
         ("[privacy]\nmax_epsilon = true\ndelta = 1e-5\n", "max_epsilon"),
         ("[privacy]\nmax_epsilon = 8.0\ndelta = 1e-5\nmin_noise_multiplier = -0.1\n", "min_noise_multiplier"),
@@ -63,10 +69,15 @@ def test_missing_file(tmp_path):
 def test_request_config_round_trip_and_garbage():
     request = PrivacyRequest(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=5)
     assert PrivacyRequest.from_config({**request.to_config(), "lr": 0.1}) == request
-    for key, bad in [("dp-target-epsilon", math.nan), ("dp-target-epsilon", -1.0),
-                     ("dp-delta", 1.5), ("dp-max-grad-norm", math.inf),
-                     ("dp-planned-rounds", 2.5), ("dp-planned-rounds", True),
-                     ("dp-delta", "1e-5")]:
+    for key, bad in [
+        ("dp-target-epsilon", math.nan),
+        ("dp-target-epsilon", -1.0),
+        ("dp-delta", 1.5),
+        ("dp-max-grad-norm", math.inf),
+        ("dp-planned-rounds", 2.5),
+        ("dp-planned-rounds", True),
+        ("dp-delta", "1e-5"),
+    ]:
         with pytest.raises(PolicyError, match=key):
             PrivacyRequest.from_config({**request.to_config(), key: bad})
     config = request.to_config()

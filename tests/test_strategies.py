@@ -11,8 +11,8 @@ from client.app import app as client_app
 from common.model.checkpoint import load_checkpoint
 from common.settings import STRATEGIES, RunSettings
 from server.federation import run_federation
-from tests.conftest import write_shifted_study
 from simulations.inprocess import DirectGrid
+from tests.conftest import write_shifted_study
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -20,8 +20,15 @@ def test_strategy_completes_and_moves_only_the_trainable_part(strategy: str, tmp
     study = write_shifted_study(tmp_path / "study", sites=4)
     grid = DirectGrid(client_app, num_nodes=4)
     settings = RunSettings(
-        scenario=str(study), num_server_rounds=2, local_epochs=1, strategy=strategy, dp=False,
-        out=str(tmp_path / "out"), sim_root=str(tmp_path / "sites"), min_sites=3, expected_sites=4,
+        scenario=str(study),
+        num_server_rounds=2,
+        local_epochs=1,
+        strategy=strategy,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=3,
+        expected_sites=4,
     )
     record = run_federation(grid, settings, grid.run_id)
     assert record.status == "completed"

@@ -31,7 +31,9 @@ _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title)
     for column in header:
-        table.add_column(column, justify="left" if column in ("site", "dataset", "status", "run", "verdict") else "right")
+        table.add_column(
+            column, justify="left" if column in ("site", "dataset", "status", "run", "verdict") else "right"
+        )
     for row in rows:
         table.add_row(*row)
     return table
@@ -39,15 +41,27 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
 
 def _print(report: AuditReport) -> None:
     if report.budgets:
-        console.print(_table("Privacy budget per site and dataset (cumulative over all runs)", BUDGET_HEADER, budget_rows(report)))
+        console.print(
+            _table("Privacy budget per site and dataset (cumulative over all runs)", BUDGET_HEADER, budget_rows(report))
+        )
     if report.empirical:
-        console.print(_table("Empirical one-run canary audit (Steinke, Nasr, Jagielski 2023)", EMPIRICAL_HEADER, empirical_rows(report)))
+        console.print(
+            _table(
+                "Empirical one-run canary audit (Steinke, Nasr, Jagielski 2023)",
+                EMPIRICAL_HEADER,
+                empirical_rows(report),
+            )
+        )
     for finding in report.findings:
         style = _STYLE[finding.severity]
-        console.print(f"[{style}]{finding.severity.upper()}[/{style}] {finding.where}: {finding.message}", highlight=False)
+        console.print(
+            f"[{style}]{finding.severity.upper()}[/{style}] {finding.where}: {finding.message}", highlight=False
+        )
     recomputed = len(report.recomputed)
-    console.print(f"{recomputed} epsilon value(s) recomputed independently ({report.method}); a claim may lie at most "
-                  f"{report.tolerance:g} below (the accountant's documented error).")
+    console.print(
+        f"{recomputed} epsilon value(s) recomputed independently ({report.method}); a claim may lie at most "
+        f"{report.tolerance:g} below (the accountant's documented error)."
+    )
     if report.passed:
         console.print("[bold green]AUDIT PASSED[/bold green]")
     else:
@@ -59,7 +73,9 @@ def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
 
     config = CanaryConfig(canaries=args.canaries, seed=args.seed, target_epsilon=args.audit_epsilon)
     if not args.json:
-        console.print(f"Empirical audit: training a twin model twice with {config.canaries} canaries through the site's DP-SGD code...")
+        console.print(
+            f"Empirical audit: training a twin model twice with {config.canaries} canaries through the site's DP-SGD code..."
+        )
     audit = run_canary_audit(config)
     for run in (audit.honest, audit.control):
         report.empirical.append(run.to_dict())
@@ -68,17 +84,25 @@ def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     if not args.paths and not args.empirical:
-        console.print("[red]fedtransfer audit: give site state directories and/or coordinator run directories, or --empirical[/red]")
+        console.print(
+            "[red]fedtransfer audit: give site state directories and/or coordinator run directories, or --empirical[/red]"
+        )
         return EXIT_USAGE
     if args.report and Path(args.report).suffix.lower() not in (".md", ".html", ".htm"):
         console.print(f"[red]--report {args.report}: the report must end in .md or .html[/red]")
         return EXIT_USAGE
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
     try:
-        report = run_audit(
-            [Path(p) for p in args.paths], tolerance=args.tolerance, method=args.method,
-            coordinator_fingerprint=args.coordinator_fingerprint,
-        ) if args.paths else AuditReport(inputs=[], tolerance=args.tolerance, method=args.method or "matching")
+        report = (
+            run_audit(
+                [Path(p) for p in args.paths],
+                tolerance=args.tolerance,
+                method=args.method,
+                coordinator_fingerprint=args.coordinator_fingerprint,
+            )
+            if args.paths
+            else AuditReport(inputs=[], tolerance=args.tolerance, method=args.method or "matching")
+        )
     except (AuditInputError, ValueError) as exc:
         console.print(f"[red]fedtransfer audit: {exc}[/red]")
         return EXIT_USAGE
@@ -115,15 +139,46 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
             "and dataset. Exit status 1 if anything fails verification or exceeds a cap."
         ),
     )
-    audit.add_argument("paths", nargs="*", help="site state directories (or site folders holding state/) and coordinator run directories (or their run-record.json)")
+    audit.add_argument(
+        "paths",
+        nargs="*",
+        help="site state directories (or site folders holding state/) and coordinator run directories (or their run-record.json)",
+    )
     audit.add_argument("--json", action="store_true", help="print the audit as JSON instead of tables")
     audit.add_argument("--report", default="", help="also write a report: PATH.md (Markdown) or PATH.html")
-    audit.add_argument("--plot", default="", help="also write PATH.png: cumulative epsilon per site over rounds and runs, caps dashed")
-    audit.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error (default: %(default)s)")
-    audit.add_argument("--method", choices=("pld", "rdp"), default=None, help="independent accountant; default: PLD for PRV ledgers, RDP for RDP ledgers")
-    audit.add_argument("--coordinator-fingerprint", default=None, help="the coordinator's key fingerprint, received out of band, to authenticate run manifests")
-    audit.add_argument("--empirical", action="store_true", help="also run the one-run canary audit of the DP training code, with a noise-off control")
-    audit.add_argument("--canaries", type=int, default=1000, help="canaries in the empirical audit (default: %(default)s)")
-    audit.add_argument("--audit-epsilon", type=float, default=2.0, help="epsilon the empirical audit's twin run is calibrated to (default: %(default)s)")
+    audit.add_argument(
+        "--plot", default="", help="also write PATH.png: cumulative epsilon per site over rounds and runs, caps dashed"
+    )
+    audit.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error (default: %(default)s)",
+    )
+    audit.add_argument(
+        "--method",
+        choices=("pld", "rdp"),
+        default=None,
+        help="independent accountant; default: PLD for PRV ledgers, RDP for RDP ledgers",
+    )
+    audit.add_argument(
+        "--coordinator-fingerprint",
+        default=None,
+        help="the coordinator's key fingerprint, received out of band, to authenticate run manifests",
+    )
+    audit.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also run the one-run canary audit of the DP training code, with a noise-off control",
+    )
+    audit.add_argument(
+        "--canaries", type=int, default=1000, help="canaries in the empirical audit (default: %(default)s)"
+    )
+    audit.add_argument(
+        "--audit-epsilon",
+        type=float,
+        default=2.0,
+        help="epsilon the empirical audit's twin run is calibrated to (default: %(default)s)",
+    )
     audit.add_argument("--seed", type=int, default=0, help="seed of the empirical audit's twin (default: %(default)s)")
     audit.set_defaults(func=_cmd_audit)

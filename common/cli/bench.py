@@ -40,6 +40,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark: %(choices)s")
     bench.add_argument("--out", default=DEFAULT_OUT, help="directory for NAME.json and NAME.md (default: %(default)s)")
-    bench.add_argument("--quick", action="store_true", help="a fast smoke variant (few repetitions; for tests, not for quoting)")
+    bench.add_argument(
+        "--quick", action="store_true", help="a fast smoke variant (few repetitions; for tests, not for quoting)"
+    )
     bench.add_argument("--seed", type=int, default=0, help="seed for data, models and DP noise (default: %(default)s)")
     bench.set_defaults(func=_cmd_bench)

@@ -58,17 +58,29 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     table.add_column("machine")
     table.add_column("kit")
     table.add_column("start with")
-    table.add_row("coordinator (SuperLink + ServerApp)", str(result.coordinator_kit), f"{SUPERLINK_SCRIPT}, then {REGISTER_SCRIPT}, then {RUN_SCRIPT}")
+    table.add_row(
+        "coordinator (SuperLink + ServerApp)",
+        str(result.coordinator_kit),
+        f"{SUPERLINK_SCRIPT}, then {REGISTER_SCRIPT}, then {RUN_SCRIPT}",
+    )
     for site, kit in sorted(result.site_kits.items()):
         table.add_row(f"site {site}", str(kit), SUPERNODE_SCRIPT)
     console.print(table)
     if result.ca_dir is not None:
-        console.print(f"The CA's private key is in {result.ca_dir / 'ca.key'}: keep it offline, on no federation machine.")
+        console.print(
+            f"The CA's private key is in {result.ca_dir / 'ca.key'}: keep it offline, on no federation machine."
+        )
     if result.extended:
-        console.print(f"Added {', '.join(result.added_sites)}; copy the coordinator kit's new manifest.json and {REGISTER_SCRIPT} to the coordinator, then register the new keys.")
-    console.print("Copy each kit to its machine only. Tell every site, by phone or in person, the coordinator fingerprint:")
+        console.print(
+            f"Added {', '.join(result.added_sites)}; copy the coordinator kit's new manifest.json and {REGISTER_SCRIPT} to the coordinator, then register the new keys."
+        )
+    console.print(
+        "Copy each kit to its machine only. Tell every site, by phone or in person, the coordinator fingerprint:"
+    )
     console.print(f"  [bold]{result.coordinator_fingerprint}[/bold]")
-    console.print("Each site puts its data in the kit's data/ folder (or edits data-path in site.toml), then runs: fedtransfer site check --kit KIT")
+    console.print(
+        "Each site puts its data in the kit's data/ folder (or edits data-path in site.toml), then runs: fedtransfer site check --kit KIT"
+    )
     return 0
 
 
@@ -93,49 +105,86 @@ def _cmd_sign_ledger(args: argparse.Namespace) -> int:
     config = SiteConfig.load(config_path)
     identity = read_identity(config.keys_dir, config.site_id, passphrase_from_env())
     entries = Ledger(config.state_dir, signer=identity).sign_head()
-    console.print(f"Signed the head of {config.state_dir / LEDGER_FILE} ({entries} entries) with site "
-                  f"{config.site_id}'s key {identity.public().fingerprint()[:16]}...; the site trains again.")
+    console.print(
+        f"Signed the head of {config.state_dir / LEDGER_FILE} ({entries} entries) with site "
+        f"{config.site_id}'s key {identity.public().fingerprint()[:16]}...; the site trains again."
+    )
     return 0
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     prov = commands.add_parser(
-        "provision", help="make the kits of a deployed federation",
+        "provision",
+        help="make the kits of a deployed federation",
         description="Write a kit for the coordinator and one per site: TLS CA and SuperLink certificate, Flower SuperNode "
-                    "authentication keys, fedtransfer keys and signed manifest, site configuration, privacy policy and launch "
-                    "scripts. Run it again on the same --out to add sites.",
+        "authentication keys, fedtransfer keys and signed manifest, site configuration, privacy policy and launch "
+        "scripts. Run it again on the same --out to add sites.",
     )
     prov.add_argument("--federation", required=True, help="federation name (letters, digits, . _ -)")
     prov.add_argument("--sites", required=True, help="comma-separated site ids, e.g. hospital-a,hospital-b")
-    prov.add_argument("--superlink-address", required=True, action="append",
-                      help="HOST:PORT the sites dial; repeat (or separate by commas) for more names of the same SuperLink")
+    prov.add_argument(
+        "--superlink-address",
+        required=True,
+        action="append",
+        help="HOST:PORT the sites dial; repeat (or separate by commas) for more names of the same SuperLink",
+    )
     prov.add_argument("--out", required=True, help="directory for the kits (new, or an existing one to add sites)")
     prov.add_argument("--ca-cert", default="", help="use this existing CA certificate (PEM) instead of making a CA")
     prov.add_argument("--ca-key", default="", help="the existing CA's private key (PEM, unencrypted)")
-    prov.add_argument("--install-root", default="", help="where kits will live on their machines: ROOT/coordinator and ROOT/SITE (default: where they are written)")
-    prov.add_argument("--runtime-port", type=int, default=0, help=f"first local runtime port of the SuperNodes, one per site (default: {DEFAULT_RUNTIME_PORT}, {DEFAULT_RUNTIME_PORT + 1}, ...)")
-    prov.add_argument("--app-dir", default="", help="the fedtransfer checkout on the coordinator machine (default: this one)")
-    prov.add_argument("--max-epsilon", type=float, default=10.0, help="cumulative epsilon cap in each site's initial privacy policy (default: %(default)s)")
-    prov.add_argument("--delta", type=float, default=1e-5, help="delta in each site's initial privacy policy (default: %(default)s)")
-    prov.add_argument("--min-sites", type=int, default=0, help="fewest sites a round may aggregate (default: 2, or 1 for one site)")
+    prov.add_argument(
+        "--install-root",
+        default="",
+        help="where kits will live on their machines: ROOT/coordinator and ROOT/SITE (default: where they are written)",
+    )
+    prov.add_argument(
+        "--runtime-port",
+        type=int,
+        default=0,
+        help=f"first local runtime port of the SuperNodes, one per site (default: {DEFAULT_RUNTIME_PORT}, {DEFAULT_RUNTIME_PORT + 1}, ...)",
+    )
+    prov.add_argument(
+        "--app-dir", default="", help="the fedtransfer checkout on the coordinator machine (default: this one)"
+    )
+    prov.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=10.0,
+        help="cumulative epsilon cap in each site's initial privacy policy (default: %(default)s)",
+    )
+    prov.add_argument(
+        "--delta", type=float, default=1e-5, help="delta in each site's initial privacy policy (default: %(default)s)"
+    )
+    prov.add_argument(
+        "--min-sites", type=int, default=0, help="fewest sites a round may aggregate (default: 2, or 1 for one site)"
+    )
     prov.set_defaults(func=_cmd_provision)
 
-    site = commands.add_parser("site", help="site operator commands", description="Commands for a data site's operator.")
+    site = commands.add_parser(
+        "site", help="site operator commands", description="Commands for a data site's operator."
+    )
     sub = site.add_subparsers(dest="site_command", required=True)
     check = sub.add_parser(
-        "check", help="check a kit before its machine joins",
+        "check",
+        help="check a kit before its machine joins",
         description="Check a site (or coordinator) kit: files, permissions, keys and manifest, certificate dates and names, "
-                    "data against the model card, privacy policy, ledger. Exit status 1 if anything must be fixed.",
+        "data against the model card, privacy policy, ledger. Exit status 1 if anything must be fixed.",
     )
     check.add_argument("--kit", required=True, help="the kit directory")
-    check.add_argument("--model-card", default="", help="model-card.json or checkpoint directory to check the data against (default: KIT/model-card.json if present)")
-    check.add_argument("--probe", action="store_true", help="also connect to the SuperLink and verify its TLS certificate")
+    check.add_argument(
+        "--model-card",
+        default="",
+        help="model-card.json or checkpoint directory to check the data against (default: KIT/model-card.json if present)",
+    )
+    check.add_argument(
+        "--probe", action="store_true", help="also connect to the SuperLink and verify its TLS certificate"
+    )
     check.set_defaults(func=_cmd_site_check)
     sign = sub.add_parser(
-        "sign-ledger", help="sign the head of a ledger written before heads were signed (once, after an audit)",
+        "sign-ledger",
+        help="sign the head of a ledger written before heads were signed (once, after an audit)",
         description="A privacy ledger written by an older fedtransfer has an unsigned head, which the site's budget guard "
-                    "refuses. After checking it with `fedtransfer audit`, the privacy officer signs its current head with "
-                    "the site's key, once; from then on every append is signed.",
+        "refuses. After checking it with `fedtransfer audit`, the privacy officer signs its current head with "
+        "the site's key, once; from then on every append is signed.",
     )
     sign.add_argument("site", help="the site folder (holding site.toml) or its site.toml")
     sign.set_defaults(func=_cmd_sign_ledger)

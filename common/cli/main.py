@@ -55,7 +55,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     scenario = str(Path(args.scenario).resolve()) if args.scenario.endswith(".toml") else args.scenario
     if args.resume:
         settings = RunSettings(out=args.resume, resume=True)
-        console.print(f"[bold]fedtransfer simulate[/bold]: resuming the run in {args.resume} with the settings it started with")
+        console.print(
+            f"[bold]fedtransfer simulate[/bold]: resuming the run in {args.resume} with the settings it started with"
+        )
         return _report_simulation(simulate(settings))
     settings = RunSettings(
         scenario=scenario,
@@ -71,15 +73,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         target_epsilon=args.epsilon,
         delta=args.delta,
     ).with_run_config(parse_assignments(args.set))
-    console.print(f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {settings.num_server_rounds} rounds, strategy {settings.strategy}, seed {settings.seed}")
+    console.print(
+        f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {settings.num_server_rounds} rounds, strategy {settings.strategy}, seed {settings.seed}"
+    )
     if settings.dp:
-        console.print(f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta {settings.delta:g}; each site's own policy caps its cumulative spend")
+        console.print(
+            f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta {settings.delta:g}; each site's own policy caps its cumulative spend"
+        )
     else:
-        console.print("[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose policy allows it will; nothing protects their records.[/bold red]")
+        console.print(
+            "[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose policy allows it will; nothing protects their records.[/bold red]"
+        )
     return _report_simulation(simulate(settings, Path(args.state_dir) if args.state_dir else None))
 
 
-def _report_simulation(result: "SimulationResult") -> int:
+def _report_simulation(result: SimulationResult) -> int:
     from simulations.simulate import fmt, row_mean
 
     table = Table(title=f"Test accuracy per target site ({result.record.status}, run {result.record.run_id})")
@@ -93,14 +101,16 @@ def _report_simulation(result: "SimulationResult") -> int:
     console.print(table)
     console.print("Baselines are trained without DP on the same base model; pooled is the upper bound.")
     if "personalised" not in result.comparison:
-        console.print("Personalised results: non-private runs (--no-dp), or private runs that keep part of their budget "
-                      "for it (--set personalise-fraction=0.5).")
+        console.print(
+            "Personalised results: non-private runs (--no-dp), or private runs that keep part of their budget "
+            "for it (--set personalise-fraction=0.5)."
+        )
     console.print(_privacy_table(result.record))
     console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, final-model/")
     return 0
 
 
-def _privacy_table(record: "RunRecord") -> Table | str:
+def _privacy_table(record: RunRecord) -> Table | str:
     last: dict[str, dict] = {}
     spent: dict[str, float] = {}
     declined: dict[str, int] = {}
@@ -116,12 +126,21 @@ def _privacy_table(record: "RunRecord") -> Table | str:
                 declined[site] = declined.get(site, 0) + 1
     if any(not p.get("dp", True) for p in last.values()):
         return "[bold red]NOT PRIVATE: these sites trained without differential privacy; no epsilon bound holds.[/bold red]"
-    table = Table(title="Privacy spent per site dataset (cumulative over all runs, private personalisation included; max across sites last)")
+    table = Table(
+        title="Privacy spent per site dataset (cumulative over all runs, private personalisation included; max across sites last)"
+    )
     for column in ("site", "epsilon", "cap", "delta", "accountant", "declined rounds"):
         table.add_column(column, justify="left" if column in ("site", "accountant") else "right")
     for site in sorted(last):
         p = last[site]
-        table.add_row(site, f"{spent.get(site, math.nan):.3f}", f"{p.get('cap-epsilon', math.nan):g}", f"{p.get('delta', math.nan):g}", str(p.get("accountant", "?")), str(declined.get(site, 0)))
+        table.add_row(
+            site,
+            f"{spent.get(site, math.nan):.3f}",
+            f"{p.get('cap-epsilon', math.nan):g}",
+            f"{p.get('delta', math.nan):g}",
+            str(p.get("accountant", "?")),
+            str(declined.get(site, 0)),
+        )
     values = list(spent.values())
     if values:
         table.add_row("max", f"{max(values):.3f}", "", "", "", "")
@@ -134,7 +153,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario, seed=args.seed, data_dir=Path(args.data_dir) if args.data_dir else None)
     card = pretrain_source(scenario, Path(args.out), seed=args.seed)
-    console.print(f"Wrote {args.out}: {card.arch} on {card.source_description} (weights sha256 {card.weights_sha256[:16]}...)")
+    console.print(
+        f"Wrote {args.out}: {card.arch} on {card.source_description} (weights sha256 {card.weights_sha256[:16]}...)"
+    )
     return 0
 
 
@@ -157,40 +178,102 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtransfer", description="Federated, differentially private transfer learning for hospitals.")
+    parser = argparse.ArgumentParser(
+        prog="fedtransfer", description="Federated, differentially private transfer learning for hospitals."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
     commands = parser.add_subparsers(dest="command", required=True)
 
     defaults = RunSettings()
-    sim = commands.add_parser("simulate", help="run a federated transfer scenario on this machine", description="Pretrain (or load) a source model, fine-tune it across simulated sites with Flower's simulation engine, and compare with source-only, local-only and pooled baselines.")
-    sim.add_argument("--scenario", default=defaults.scenario, help="built-in scenario name or path to a scenario.toml (default: %(default)s, offline)")
-    sim.add_argument("--rounds", type=int, default=defaults.num_server_rounds, help="federated rounds (default: %(default)s)")
-    sim.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="local epochs per round (default: %(default)s)")
-    sim.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy, help="Flower aggregation strategy (default: %(default)s)")
+    sim = commands.add_parser(
+        "simulate",
+        help="run a federated transfer scenario on this machine",
+        description="Pretrain (or load) a source model, fine-tune it across simulated sites with Flower's simulation engine, and compare with source-only, local-only and pooled baselines.",
+    )
+    sim.add_argument(
+        "--scenario",
+        default=defaults.scenario,
+        help="built-in scenario name or path to a scenario.toml (default: %(default)s, offline)",
+    )
+    sim.add_argument(
+        "--rounds", type=int, default=defaults.num_server_rounds, help="federated rounds (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--local-epochs", type=int, default=defaults.local_epochs, help="local epochs per round (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=defaults.strategy,
+        help="Flower aggregation strategy (default: %(default)s)",
+    )
     sim.add_argument("--policy", default="", help="transfer policy: head, last:K or full (default: the scenario's)")
     sim.add_argument("--checkpoint", default="", help="start from this checkpoint directory instead of pretraining")
-    sim.add_argument("--seed", type=int, default=defaults.seed, help="seed for data splits and training (default: %(default)s)")
+    sim.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed for data splits and training (default: %(default)s)"
+    )
     sim.add_argument("--out", default="", help="output directory (default: fedtransfer-runs/<date-time>)")
-    sim.add_argument("--state-dir", default="", help="where the simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend across runs (default: OUT/sites)")
-    sim.add_argument("--epsilon", type=float, default=defaults.target_epsilon, help="epsilon the coordinator requests for this run; sites cap it by their own policy (default: %(default)s)")
-    sim.add_argument("--delta", type=float, default=defaults.delta, help="delta the coordinator requests (default: %(default)s)")
-    sim.add_argument("--no-dp", action="store_true", help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: simulated sites created by such a run do)")
-    sim.add_argument("--resume", default="", metavar="DIR", help="continue the interrupted run in DIR (its --out) from its last completed round, with its own settings")
-    sim.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="any other run setting of pyproject.toml's [tool.flwr.app.config], repeatable, "
-                          "e.g. --set local-steps=100 --set optimizer=sgd-plain --set personalise-fraction=0.5")
+    sim.add_argument(
+        "--state-dir",
+        default="",
+        help="where the simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend across runs (default: OUT/sites)",
+    )
+    sim.add_argument(
+        "--epsilon",
+        type=float,
+        default=defaults.target_epsilon,
+        help="epsilon the coordinator requests for this run; sites cap it by their own policy (default: %(default)s)",
+    )
+    sim.add_argument(
+        "--delta", type=float, default=defaults.delta, help="delta the coordinator requests (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--no-dp",
+        action="store_true",
+        help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: simulated sites created by such a run do)",
+    )
+    sim.add_argument(
+        "--resume",
+        default="",
+        metavar="DIR",
+        help="continue the interrupted run in DIR (its --out) from its last completed round, with its own settings",
+    )
+    sim.add_argument(
+        "--data-dir",
+        default=os.environ.get("FEDTRANSFER_DATA_DIR", ""),
+        help="folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)",
+    )
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run setting of pyproject.toml's [tool.flwr.app.config], repeatable, "
+        "e.g. --set local-steps=100 --set optimizer=sgd-plain --set personalise-fraction=0.5",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
-    pre = commands.add_parser("pretrain", help="train a scenario's source model and write a checkpoint", description="Train the scenario's model on its source domain and write model.safetensors + model-card.json.")
-    pre.add_argument("--scenario", default=defaults.scenario, help="scenario name or scenario.toml (default: %(default)s)")
+    pre = commands.add_parser(
+        "pretrain",
+        help="train a scenario's source model and write a checkpoint",
+        description="Train the scenario's model on its source domain and write model.safetensors + model-card.json.",
+    )
+    pre.add_argument(
+        "--scenario", default=defaults.scenario, help="scenario name or scenario.toml (default: %(default)s)"
+    )
     pre.add_argument("--out", required=True, help="checkpoint directory to write")
     pre.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    pre.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files")
+    pre.add_argument(
+        "--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files"
+    )
     pre.set_defaults(func=_cmd_pretrain)
 
-    scn = commands.add_parser("scenarios", help="list the built-in scenarios", description="List the built-in scenarios and their sites.")
-    scn.add_argument("--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files")
+    scn = commands.add_parser(
+        "scenarios", help="list the built-in scenarios", description="List the built-in scenarios and their sites."
+    )
+    scn.add_argument(
+        "--data-dir", default=os.environ.get("FEDTRANSFER_DATA_DIR", ""), help="folder with the heart-disease files"
+    )
     scn.set_defaults(func=_cmd_scenarios)
 
     for module in (cli_keys, cli_deploy, cli_audit, cli_bench):

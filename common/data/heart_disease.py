@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from sklearn.model_selection import train_test_split
 
 from common.data.scenario import ModelSpec, Scenario
 from common.data.site_data import DataError, DataFileNotFound, SiteData, Split
+from common.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,19 @@ TRAIN_FRACTION = 0.66
 SPLIT_RANDOM_STATE = 43
 STD_EPSILON = 1e-9
 FEATURE_NAMES = (
-    "age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
-    "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2",
+    "age",
+    "sex",
+    "trestbps",
+    "chol",
+    "fbs",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "cp_2",
+    "cp_3",
+    "cp_4",
+    "restecg_1",
+    "restecg_2",
 )
 CLASS_NAMES = ("no disease", "disease")
 _DROPPED_COLUMNS = (10, 11, 12)
@@ -61,18 +72,34 @@ class Centre:
 
 
 CENTRES = (
-    Centre("cleveland", "Cleveland", "processed.cleveland.data",
-           "2d91a8ff69cfd9616aa47b59d6f843db",
-           "a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8"),
-    Centre("hungarian", "Hungary", "processed.hungarian.data",
-           "22e96bee155b5973568101c93b3705f6",
-           "d1ad108f785768cd3d7e82dc522e6f5a61eea93cccfb3a46ee8076f73fc3d796"),
-    Centre("switzerland", "Switzerland", "processed.switzerland.data",
-           "9a87f7577310b3917730d06ba9349e20",
-           "834a405ccf5b66ab4056bb77794adc8df0b7125186454c0a1d002d33c6c3b314"),
-    Centre("va", "VA", "processed.va.data",
-           "4249d03ca7711e84f4444768c9426170",
-           "e7c93d8d0d2acdadfa4c5e8de768e2191e7f618b952e29623f1f0d5949ff6b8f"),
+    Centre(
+        "cleveland",
+        "Cleveland",
+        "processed.cleveland.data",
+        "2d91a8ff69cfd9616aa47b59d6f843db",
+        "a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8",
+    ),
+    Centre(
+        "hungarian",
+        "Hungary",
+        "processed.hungarian.data",
+        "22e96bee155b5973568101c93b3705f6",
+        "d1ad108f785768cd3d7e82dc522e6f5a61eea93cccfb3a46ee8076f73fc3d796",
+    ),
+    Centre(
+        "switzerland",
+        "Switzerland",
+        "processed.switzerland.data",
+        "9a87f7577310b3917730d06ba9349e20",
+        "834a405ccf5b66ab4056bb77794adc8df0b7125186454c0a1d002d33c6c3b314",
+    ),
+    Centre(
+        "va",
+        "VA",
+        "processed.va.data",
+        "4249d03ca7711e84f4444768c9426170",
+        "e7c93d8d0d2acdadfa4c5e8de768e2191e7f618b952e29623f1f0d5949ff6b8f",
+    ),
 )
 
 
@@ -136,10 +163,7 @@ def download(directory: Path, base_url: str = UCI_BASE_URL, timeout: float = 30.
                 f"{url}: downloaded file has {problem}; it was not kept. Retry later or pass verified files "
                 f"with --data-dir / {DATA_DIR_ENV}"
             )
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{centre.file_name}.")
-        with os.fdopen(handle, "wb") as out:
-            out.write(content)
-        os.replace(temporary, target)
+        write_atomic(target, content, mode=0o644)
     return directory
 
 
@@ -162,9 +186,7 @@ def _read_centre(path: Path, centre: Centre) -> tuple[np.ndarray, np.ndarray, np
     content = path.read_bytes()
     problem = _checksum_problem(content, centre)
     if problem is not None:
-        raise DataError(
-            f"{path}: file has {problem}; it is not the UCI original. Replace it with the original file"
-        )
+        raise DataError(f"{path}: file has {problem}; it is not the UCI original. Replace it with the original file")
     lines, rows = [], []
     for number, line in enumerate(content.decode("ascii").splitlines()):
         cells = line.strip().split(",")
@@ -232,8 +254,19 @@ def _standardised(rows: CentreRows) -> SiteData:
 #: mg/dl, maximum heart rate in beats per minute, ST depression in mm); binary and one-hot features
 #: are centred at 0.5. No centre's data went into them.
 REFERENCE_SCALING = (
-    (55.0, 10.0), (0.5, 0.5), (130.0, 20.0), (220.0, 60.0), (0.5, 0.5), (140.0, 25.0), (0.5, 0.5), (1.0, 1.2),
-    (0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5),
+    (55.0, 10.0),
+    (0.5, 0.5),
+    (130.0, 20.0),
+    (220.0, 60.0),
+    (0.5, 0.5),
+    (140.0, 25.0),
+    (0.5, 0.5),
+    (1.0, 1.2),
+    (0.5, 0.5),
+    (0.5, 0.5),
+    (0.5, 0.5),
+    (0.5, 0.5),
+    (0.5, 0.5),
 )
 SCALINGS = ("per-centre", "source", "reference")
 
@@ -260,8 +293,11 @@ def load_heart_disease(data_dir: Path | None = None, scaling: str = "per-centre"
 
 def _scaled(rows: CentreRows, mean: np.ndarray, std: np.ndarray) -> SiteData:
     x = (_one_hot(rows.raw) - mean) / std
-    return SiteData(rows.centre.name, Split(x[rows.is_train], rows.y[rows.is_train]),
-                    Split(x[~rows.is_train], rows.y[~rows.is_train]))
+    return SiteData(
+        rows.centre.name,
+        Split(x[rows.is_train], rows.y[rows.is_train]),
+        Split(x[~rows.is_train], rows.y[~rows.is_train]),
+    )
 
 
 def pooled_train_split(data_dir: Path | None = None) -> Split:
@@ -279,14 +315,15 @@ _COMMON_STEPS = (
 )
 PREPROCESSING = {
     "per-centre": _COMMON_STEPS + "each centre z-scored with its own train mean and unbiased std (+1e-9), "
-                  "FLamby's choice: statistics of private records, used in NON-PRIVATE runs only",
+    "FLamby's choice: statistics of private records, used in NON-PRIVATE runs only",
     "source": _COMMON_STEPS + "every centre z-scored with Cleveland's (the source's) train mean and unbiased std "
-              "(public to the coordinator; no target centre's data used)",
+    "(public to the coordinator; no target centre's data used)",
     "reference": _COMMON_STEPS + "every centre scaled with fixed clinical reference values (no centre's data used)",
 }
 
 
 # --- scenarios ----------------------------------------------------------------------
+
 
 def heart_disease_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenario:
     scaling = "source" if private else "per-centre"

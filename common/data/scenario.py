@@ -54,7 +54,5 @@ def standardise(site: SiteData, mean: np.ndarray, std: np.ndarray) -> SiteData:
 
 
 def stratified(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> SiteData:
-    train, test = train_test_split(
-        np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
-    )
+    train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)
     return SiteData(name, Split(x[train], y[train]), Split(x[test], y[test]))

@@ -51,6 +51,10 @@ def load_scenario(name_or_path: str, seed: int = 0, data_dir: Path | None = None
         raise ScenarioError(
             f"unknown scenario {text!r}; use one of {scenario_names()} or a path to a scenario .toml file"
         )
-    logger.debug("scenario %s: %d sites, source %s", scenario.name, len(scenario.sites),
-                "none" if scenario.source is None else len(scenario.source.train))
+    logger.debug(
+        "scenario %s: %d sites, source %s",
+        scenario.name,
+        len(scenario.sites),
+        "none" if scenario.source is None else len(scenario.source.train),
+    )
     return scenario

@@ -50,13 +50,15 @@ class SiteConfig:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any], origin: str) -> "SiteConfig":
+    def from_mapping(cls, raw: dict[str, Any], origin: str) -> SiteConfig:
         missing = [k for k in _REQUIRED if k not in raw]
         if missing:
             raise SiteConfigError(f"{origin} is missing {', '.join(missing)}")
         unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL) - {"partition-id", "num-partitions", "site-config"})
         if unknown:
-            raise SiteConfigError(f"{origin} has unknown keys {unknown}; known keys: {', '.join(_REQUIRED + _OPTIONAL)}")
+            raise SiteConfigError(
+                f"{origin} has unknown keys {unknown}; known keys: {', '.join(_REQUIRED + _OPTIONAL)}"
+            )
 
         def path(key: str) -> Path:
             return Path(str(raw[key])).expanduser()
@@ -73,7 +75,7 @@ class SiteConfig:
         )
 
     @classmethod
-    def load(cls, path: Path) -> "SiteConfig":
+    def load(cls, path: Path) -> SiteConfig:
         if not path.is_file():
             raise SiteConfigError(f"site configuration {path} does not exist")
         try:

@@ -20,8 +20,6 @@ import hashlib
 import io
 import logging
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from common.errors import DataError as FamilyDataError
+from common.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +113,7 @@ def _split_file_name(path: Path, stem: str) -> Path:
             "train.csv|train.npz and test.csv|test.npz (or pass a single .csv/.npz file to split)"
         )
     if len(found) > 1:
-        raise UnsupportedFormat(
-            f"{path}: both {found[0].name} and {found[1].name} exist; keep exactly one {stem} file"
-        )
+        raise UnsupportedFormat(f"{path}: both {found[0].name} and {found[1].name} exist; keep exactly one {stem} file")
     return found[0]
 
 
@@ -129,7 +126,8 @@ def site_files(path: Path) -> list[Path]:
         raise DataFileNotFound(f"{path}: file or directory not found; check the path in your configuration")
     if path.suffix.lower() not in FORMATS:
         raise UnsupportedFormat(
-            f"{path}: unsupported file type {path.suffix!r}; use a .csv (header + label column) or an .npz (arrays x, y)"
+            f"{path}: unsupported file type {path.suffix!r}; use a .csv (header + label column) or an .npz (arrays x, "
+            "y)"
         )
     return [path]
 
@@ -217,9 +215,13 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise UnsupportedFormat(f"{path}: not an .npz archive; save it with numpy.savez(path, x=..., y=...)")
         with archive:
             if "y" not in archive.files:
-                raise MissingLabelColumn(f"{path}: no array 'y' (the labels); save with numpy.savez(path, x=..., y=...)")
+                raise MissingLabelColumn(
+                    f"{path}: no array 'y' (the labels); save with numpy.savez(path, x=..., y=...)"
+                )
             if "x" not in archive.files:
-                raise UnsupportedFormat(f"{path}: no array 'x' (the features); save with numpy.savez(path, x=..., y=...)")
+                raise UnsupportedFormat(
+                    f"{path}: no array 'x' (the features); save with numpy.savez(path, x=..., y=...)"
+                )
             x, y = archive["x"], archive["y"]
     except ValueError as err:
         raise UnsupportedFormat(
@@ -232,9 +234,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise NonNumericValue(f"{path}: array {key!r} has dtype {array.dtype}, not numbers; convert it to numbers")
     if y.ndim != 1 or len(y) != len(x):
-        raise ShapeMismatch(
-            f"{path}: 'y' has shape {y.shape} but needs one label per row of 'x' (shape ({len(x)},))"
-        )
+        raise ShapeMismatch(f"{path}: 'y' has shape {y.shape} but needs one label per row of 'x' (shape ({len(x)},))")
     return x.astype(np.float64), y.astype(np.float64)
 
 
@@ -363,12 +363,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _write_if_changed(target: Path, content: bytes) -> None:
-    if target.is_file() and target.read_bytes() == content:
-        return
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(handle, "wb") as out:
-        out.write(content)
-    os.replace(temporary, target)
+    if not (target.is_file() and target.read_bytes() == content):
+        write_atomic(target, content, mode=0o644)
 
 
 def write_site_data(site: SiteData, directory: Path, feature_names: Sequence[str] | None = None) -> None:

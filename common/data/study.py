@@ -95,9 +95,7 @@ def load_study(file: Path, seed: int) -> Scenario:
     shape = tuple(head["input_shape"]) if "input_shape" in head else infer_input_shape(first, label_column)
     _check_shape(model.arch, shape, file)
     first_file = site_files(first)[0]
-    feature_names = (
-        tuple(csv_feature_names(first_file, label_column)) if first_file.suffix.lower() == ".csv" else None
-    )
+    feature_names = tuple(csv_feature_names(first_file, label_column)) if first_file.suffix.lower() == ".csv" else None
 
     def load(path: Path, site_name: str) -> SiteData:
         return load_site_data(path, shape, len(class_names), label_column=label_column, name=site_name, seed=seed)

@@ -77,7 +77,7 @@ def wdbc_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenario:
     n_source_malignant = int(round(WDBC_SOURCE_MALIGNANT_RATE * n_source))
     pools = {label: rng.permutation(np.flatnonzero(y == label)) for label in (0, 1)}
     source_rows = np.concatenate([pools[1][:n_source_malignant], pools[0][: n_source - n_source_malignant]])
-    pools = {1: pools[1][n_source_malignant:], 0: pools[0][n_source - n_source_malignant:]}
+    pools = {1: pools[1][n_source_malignant:], 0: pools[0][n_source - n_source_malignant :]}
 
     rates = np.array([site.malignant_rate for site in WDBC_SITES])
     per_site = int(min(len(pools[1]) / rates.sum(), len(pools[0]) / (1 - rates).sum()))

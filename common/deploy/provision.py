@@ -35,7 +35,7 @@ import logging
 import os
 import shlex
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -106,7 +106,7 @@ class Endpoint:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> "Endpoint":
+    def parse(cls, text: str) -> Endpoint:
         host, sep, port = text.strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ProvisionError(f"SuperLink address {text!r} must be HOST:PORT, e.g. coordinator.example.org:8000")
@@ -145,7 +145,7 @@ class KitInfo:
         write_public_file(directory / KIT_FILE, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "KitInfo":
+    def load(cls, directory: Path) -> KitInfo:
         path = Path(directory) / KIT_FILE
         if not path.is_file():
             raise ProvisionError(f"{directory} is not a fedtransfer kit: {KIT_FILE} is missing")
@@ -167,13 +167,15 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def generate(cls, federation: str, days: int = CA_DAYS) -> "CertificateAuthority":
+    def generate(cls, federation: str, days: int = CA_DAYS) -> CertificateAuthority:
         key = ec.generate_private_key(ec.SECP384R1())
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtransfer"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"fedtransfer CA for federation {federation}"),
-        ])
-        now = datetime.now(timezone.utc)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtransfer"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"fedtransfer CA for federation {federation}"),
+            ]
+        )
+        now = datetime.now(UTC)
         certificate = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -184,9 +186,17 @@ class CertificateAuthority:
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
-                x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                              encipher_only=False, decipher_only=False),
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -195,14 +205,16 @@ class CertificateAuthority:
         return cls(certificate, key)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> "CertificateAuthority":
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
         try:
             certificate = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
             key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
         except FileNotFoundError as err:
             raise ProvisionError(f"CA file {err.filename} not found") from err
         except (ValueError, TypeError) as err:
-            raise ProvisionError(f"cannot use the CA {cert_path} / {key_path}: {err} (an unencrypted PEM EC key is needed)") from err
+            raise ProvisionError(
+                f"cannot use the CA {cert_path} / {key_path}: {err} (an unencrypted PEM EC key is needed)"
+            ) from err
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ProvisionError(f"CA key {key_path} is not an EC key")
         if certificate.public_key().public_numbers() != key.public_key().public_numbers():
@@ -214,7 +226,9 @@ class CertificateAuthority:
             raise ProvisionError(f"{cert_path} is not a CA certificate (no BasicConstraints)") from None
         return cls(certificate, key)
 
-    def issue_server_certificate(self, endpoints: list[Endpoint], days: int = SERVER_CERT_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def issue_server_certificate(
+        self, endpoints: list[Endpoint], days: int = SERVER_CERT_DAYS
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         """A TLS server certificate with a SAN for every address the SuperLink is dialled at.
 
         Loopback names are always included: the SuperLink's own SuperExec (which starts the
@@ -227,7 +241,7 @@ class CertificateAuthority:
             entry: x509.GeneralName = x509.IPAddress(endpoint.ip) if endpoint.ip else x509.DNSName(endpoint.host)
             if entry not in names:
                 names.append(entry)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         not_after = min(now + timedelta(days=days), self.certificate.not_valid_after_utc)
         certificate = (
             x509.CertificateBuilder()
@@ -241,9 +255,17 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                              encipher_only=False, decipher_only=False),
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -258,13 +280,17 @@ def certificate_pem(certificate: x509.Certificate) -> str:
 
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def supernode_auth_keypair() -> tuple[bytes, bytes]:
     """A SuperNode authentication key pair (EC P-384) in OpenSSH format: (private, public)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + b"\n"
 
@@ -345,7 +371,9 @@ def _validate(request: ProvisionRequest) -> None:
     if len(set(request.sites)) != len(request.sites):
         raise ProvisionError("a site is listed twice in --sites")
     if not request.superlink_addresses:
-        raise ProvisionError("give the SuperLink address the sites dial, e.g. --superlink-address coordinator.example.org:8000")
+        raise ProvisionError(
+            "give the SuperLink address the sites dial, e.g. --superlink-address coordinator.example.org:8000"
+        )
     if (request.ca_cert is None) != (request.ca_key is None):
         raise ProvisionError("give both --ca-cert and --ca-key, or neither")
 
@@ -362,7 +390,9 @@ def provision(request: ProvisionRequest) -> ProvisionResult:
     if (coordinator_dir / KIT_FILE).exists():
         return _add_sites(request, coordinator_dir)
     if out.exists() and any(out.iterdir()):
-        raise ProvisionError(f"{out} exists and is not empty; choose a new directory (or an existing kit directory to add sites)")
+        raise ProvisionError(
+            f"{out} exists and is not empty; choose a new directory (or an existing kit directory to add sites)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     ca_dir: Path | None = None
     if request.ca_cert is not None and request.ca_key is not None:
@@ -377,8 +407,15 @@ def provision(request: ProvisionRequest) -> ProvisionResult:
     _write_coordinator_kit(request, coordinator_dir, ca, coordinator)
     site_kits, manifest = _write_sites(request, out, ca.certificate, coordinator, [], request.sites)
     _finish_coordinator_kit(request, coordinator_dir, manifest)
-    logger.info("provisioned federation %s: coordinator kit %s, %d site kits", request.federation, coordinator_dir, len(site_kits))
-    return ProvisionResult(request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), ca_dir, list(request.sites))
+    logger.info(
+        "provisioned federation %s: coordinator kit %s, %d site kits",
+        request.federation,
+        coordinator_dir,
+        len(site_kits),
+    )
+    return ProvisionResult(
+        request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), ca_dir, list(request.sites)
+    )
 
 
 def _add_sites(request: ProvisionRequest, coordinator_dir: Path) -> ProvisionResult:
@@ -396,13 +433,25 @@ def _add_sites(request: ProvisionRequest, coordinator_dir: Path) -> ProvisionRes
             "revoke it first (see docs/deployment.md)"
         )
     ca_certificate = x509.load_pem_x509_certificate((coordinator_dir / "tls" / CA_CERT).read_bytes())
-    site_kits, new_manifest = _write_sites(request, Path(request.out), ca_certificate, coordinator, list(manifest.sites.values()), request.sites)
+    site_kits, new_manifest = _write_sites(
+        request, Path(request.out), ca_certificate, coordinator, list(manifest.sites.values()), request.sites
+    )
     _finish_coordinator_kit(request, coordinator_dir, new_manifest)
     logger.info("added %s to federation %s", ", ".join(request.sites), request.federation)
-    return ProvisionResult(request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), None, list(request.sites), extended=True)
+    return ProvisionResult(
+        request.federation,
+        coordinator_dir,
+        site_kits,
+        coordinator.public().fingerprint(),
+        None,
+        list(request.sites),
+        extended=True,
+    )
 
 
-def _write_coordinator_kit(request: ProvisionRequest, kit: Path, ca: CertificateAuthority, coordinator: Identity) -> None:
+def _write_coordinator_kit(
+    request: ProvisionRequest, kit: Path, ca: CertificateAuthority, coordinator: Identity
+) -> None:
     install = _install_dir(request, kit, COORDINATOR_KIT)
     tls = kit / "tls"
     tls.mkdir(parents=True, mode=0o700)
@@ -415,25 +464,39 @@ def _write_coordinator_kit(request: ProvisionRequest, kit: Path, ca: Certificate
     (kit / "runs").mkdir(mode=0o700)
     (kit / FLOWER_HOME).mkdir(mode=0o700)
     address = request.superlink_addresses[0]
-    write_public_file(kit / FLOWER_HOME / "config.toml", flower_connection_toml(request.federation, address, install / "tls" / CA_CERT))
+    write_public_file(
+        kit / FLOWER_HOME / "config.toml",
+        flower_connection_toml(request.federation, address, install / "tls" / CA_CERT),
+    )
     listen = "127.0.0.1" if address.ip is not None and address.ip.is_loopback else "0.0.0.0"
     flower_home = install / FLOWER_HOME
-    _write_script(kit / SUPERLINK_SCRIPT, [
-        f"# SuperLink of fedtransfer federation {request.federation}: TLS, SuperNode authentication, state on disk.",
-        f"# Sites dial {address}; open TCP port {address.port} to them (and only that port).",
-        "set -eu",
-        *_flower_env_lines(flower_home),
-        "exec flower-superlink \\",
-        f"  --ssl-ca-certfile {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
-        f"  --ssl-certfile {shlex.quote(str(install / 'tls' / SUPERLINK_CERT))} \\",
-        f"  --ssl-keyfile {shlex.quote(str(install / 'tls' / SUPERLINK_KEY))} \\",
-        "  --enable-supernode-auth \\",
-        f"  --database {shlex.quote(str(install / 'state' / 'superlink.db'))} \\",
-        "  --disable-runtime-dependency-installation \\",
-        f"  --host {listen} --port {address.port}",
-    ])
-    KitInfo(request.federation, "coordinator", COORDINATOR_NAME, str(install), str(address),
-            coordinator.public().fingerprint(), created=_now()).write(kit)
+    _write_script(
+        kit / SUPERLINK_SCRIPT,
+        [
+            f"# SuperLink of fedtransfer federation {request.federation}: TLS, SuperNode authentication, state on "
+            "disk.",
+            f"# Sites dial {address}; open TCP port {address.port} to them (and only that port).",
+            "set -eu",
+            *_flower_env_lines(flower_home),
+            "exec flower-superlink \\",
+            f"  --ssl-ca-certfile {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
+            f"  --ssl-certfile {shlex.quote(str(install / 'tls' / SUPERLINK_CERT))} \\",
+            f"  --ssl-keyfile {shlex.quote(str(install / 'tls' / SUPERLINK_KEY))} \\",
+            "  --enable-supernode-auth \\",
+            f"  --database {shlex.quote(str(install / 'state' / 'superlink.db'))} \\",
+            "  --disable-runtime-dependency-installation \\",
+            f"  --host {listen} --port {address.port}",
+        ],
+    )
+    KitInfo(
+        request.federation,
+        "coordinator",
+        COORDINATOR_NAME,
+        str(install),
+        str(address),
+        coordinator.public().fingerprint(),
+        created=_now(),
+    ).write(kit)
 
 
 def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Manifest) -> None:
@@ -443,42 +506,63 @@ def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Mani
     write_manifest(manifest, kit / MANIFEST_FILE)
     flower_home = install / FLOWER_HOME
     register = [
-        f"# Register the sites' SuperNode keys with the SuperLink of federation {request.federation} (run once, SuperLink up).",
+        f"# Register the sites' SuperNode keys with the SuperLink of federation {request.federation} (run once, "
+        "SuperLink up).",
         "# flwr supernode ls shows them; flwr supernode unregister NODE_ID revokes one.",
         "set -eu",
         *_flower_env_lines(flower_home),
     ]
     for site in sorted(manifest.sites):
         key = install / "supernode-keys" / f"{site}.pub"
-        register.append(f"flwr supernode register {shlex.quote(str(key))} {shlex.quote(request.federation)} --name {shlex.quote(site)} \"$@\"")
+        register.append(
+            f"flwr supernode register {shlex.quote(str(key))} {shlex.quote(request.federation)} --name "
+            f'{shlex.quote(site)} "$@"'
+        )
     _write_script(kit / REGISTER_SCRIPT, register)
     sites = len(manifest.sites)
     min_sites = request.min_sites or min(2, sites)
     app = request.app_dir or default_app_dir()
-    app_line = f"APP=${{FEDTRANSFER_APP:-{shlex.quote(str(app))}}}" if app else 'APP=${FEDTRANSFER_APP:?set FEDTRANSFER_APP to the fedtransfer checkout (the Flower App)}'
-    run_config = " ".join([
-        f"coordinator-keys={json.dumps(str(install / 'keys'))}",
-        f"manifest={json.dumps(str(install / MANIFEST_FILE))}",
-        'sim-root=""',
-        f"expected-sites={sites}",
-        f"min-sites={min_sites}",
-    ])
-    _write_script(kit / RUN_SCRIPT, [
-        f"# Start a run of federation {request.federation} on its {sites} sites; the ServerApp runs on the SuperLink machine.",
-        "# Extra arguments go to flwr run, e.g. --run-config 'num-server-rounds=5 checkpoint=\"/srv/models/base\"'.",
-        "# flwr run exits 0 even when the run fails: check flwr ls --run-id ID --format json.",
-        "set -eu",
-        *_flower_env_lines(flower_home),
-        app_line,
-        f"OUT={shlex.quote(str(install / 'runs'))}/$(date -u +%Y%m%dT%H%M%SZ)",
-        f"exec flwr run \"$APP\" {shlex.quote(request.federation)} \\",
-        f"  --run-config {shlex.quote(run_config)} \\",
-        "  --run-config \"out=\\\"$OUT\\\"\" \"$@\"",
-    ])
+    app_line = (
+        f"APP=${{FEDTRANSFER_APP:-{shlex.quote(str(app))}}}"
+        if app
+        else "APP=${FEDTRANSFER_APP:?set FEDTRANSFER_APP to the fedtransfer checkout (the Flower App)}"
+    )
+    run_config = " ".join(
+        [
+            f"coordinator-keys={json.dumps(str(install / 'keys'))}",
+            f"manifest={json.dumps(str(install / MANIFEST_FILE))}",
+            'sim-root=""',
+            f"expected-sites={sites}",
+            f"min-sites={min_sites}",
+        ]
+    )
+    _write_script(
+        kit / RUN_SCRIPT,
+        [
+            f"# Start a run of federation {request.federation} on its {sites} sites; the ServerApp runs on the "
+            "SuperLink machine.",
+            "# Extra arguments go to flwr run, e.g. --run-config 'num-server-rounds=5 "
+            'checkpoint="/srv/models/base"\'.',
+            "# flwr run exits 0 even when the run fails: check flwr ls --run-id ID --format json.",
+            "set -eu",
+            *_flower_env_lines(flower_home),
+            app_line,
+            f"OUT={shlex.quote(str(install / 'runs'))}/$(date -u +%Y%m%dT%H%M%SZ)",
+            f'exec flwr run "$APP" {shlex.quote(request.federation)} \\',
+            f"  --run-config {shlex.quote(run_config)} \\",
+            '  --run-config "out=\\"$OUT\\"" "$@"',
+        ],
+    )
 
 
-def _write_sites(request: ProvisionRequest, out: Path, ca_certificate: x509.Certificate, coordinator: Identity,
-                 existing: list[PublicIdentity], new_sites: list[str]) -> tuple[dict[str, Path], Manifest]:
+def _write_sites(
+    request: ProvisionRequest,
+    out: Path,
+    ca_certificate: x509.Certificate,
+    coordinator: Identity,
+    existing: list[PublicIdentity],
+    new_sites: list[str],
+) -> tuple[dict[str, Path], Manifest]:
     identities = {site: Identity.generate(site) for site in new_sites}
     manifest = sign_manifest(request.federation, coordinator, existing + [i.public() for i in identities.values()])
     coordinator_dir = out / COORDINATOR_KIT
@@ -515,20 +599,32 @@ def _write_sites(request: ProvisionRequest, out: Path, ca_certificate: x509.Cert
         write_policy(request.policy, kit / "state" / POLICY_FILE)
         write_public_file(kit / SITE_CONFIG_FILE, config.to_toml())
         node_config = f"site-config={json.dumps(str(install / SITE_CONFIG_FILE))}"
-        _write_script(kit / SUPERNODE_SCRIPT, [
-            f"# SuperNode of site {site} in fedtransfer federation {request.federation}.",
-            f"# It dials the SuperLink at {address} (outbound HTTPS only); its local runtime port {port} stays on 127.0.0.1.",
-            "set -eu",
-            *_flower_env_lines(install / FLOWER_HOME),
-            "exec flower-supernode \\",
-            f"  --superlink {shlex.quote(str(address))} \\",
-            f"  --root-certificates {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
-            f"  --auth-supernode-private-key {shlex.quote(str(install / 'flower' / AUTH_KEY))} \\",
-            f"  --node-config {shlex.quote(node_config)} \\",
-            f"  --port {port}",
-        ])
-        KitInfo(request.federation, "site", site, str(install), str(address),
-                coordinator.public().fingerprint(), runtime_port=port, created=_now()).write(kit)
+        _write_script(
+            kit / SUPERNODE_SCRIPT,
+            [
+                f"# SuperNode of site {site} in fedtransfer federation {request.federation}.",
+                f"# It dials the SuperLink at {address} (outbound HTTPS only); its local runtime port {port} stays on "
+                "127.0.0.1.",
+                "set -eu",
+                *_flower_env_lines(install / FLOWER_HOME),
+                "exec flower-supernode \\",
+                f"  --superlink {shlex.quote(str(address))} \\",
+                f"  --root-certificates {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
+                f"  --auth-supernode-private-key {shlex.quote(str(install / 'flower' / AUTH_KEY))} \\",
+                f"  --node-config {shlex.quote(node_config)} \\",
+                f"  --port {port}",
+            ],
+        )
+        KitInfo(
+            request.federation,
+            "site",
+            site,
+            str(install),
+            str(address),
+            coordinator.public().fingerprint(),
+            runtime_port=port,
+            created=_now(),
+        ).write(kit)
         kits[site] = kit
     return kits, manifest
 
@@ -539,5 +635,4 @@ def write_public_file_in(directory: Path, name: str, text: str) -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
+    return datetime.now(UTC).replace(microsecond=0).isoformat()

@@ -14,7 +14,7 @@ import ssl
 import stat
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -88,8 +88,12 @@ def check_kit(kit: Path, model_card: Path | None = None, probe: bool = False) ->
         found.add(ERROR, "kit", str(err))
         return list(found)
     if Path(info.install_dir) != kit:
-        found.add(ERROR, "location", f"this kit was made to live at {info.install_dir} but is at {kit}; "
-                  "move it there (its scripts and site.toml name that path) or provision again with --install-root")
+        found.add(
+            ERROR,
+            "location",
+            f"this kit was made to live at {info.install_dir} but is at {kit}; "
+            "move it there (its scripts and site.toml name that path) or provision again with --install-root",
+        )
     else:
         found.add(OK, "location", f"{info.role} kit of federation {info.federation!r} at its install path")
     if info.role == "site":
@@ -105,7 +109,9 @@ def _private_file(path: Path, what: str, found: _Findings) -> bool:
         return False
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        found.add(ERROR, "permissions", f"{what} {path} can be read by other users (mode {mode:04o}); run: chmod 600 {path}")
+        found.add(
+            ERROR, "permissions", f"{what} {path} can be read by other users (mode {mode:04o}); run: chmod 600 {path}"
+        )
         return False
     return True
 
@@ -119,11 +125,20 @@ def _certificate(path: Path, what: str, found: _Findings) -> x509.Certificate | 
     except ValueError:
         found.add(ERROR, "tls", f"{what} {path} is not a PEM certificate; copy it again from the coordinator")
         return None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if now < certificate.not_valid_before_utc:
-        found.add(ERROR, "tls", f"{what} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock")
+        found.add(
+            ERROR,
+            "tls",
+            f"{what} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's "
+            "clock",
+        )
     elif now > certificate.not_valid_after_utc:
-        found.add(ERROR, "tls", f"{what} expired on {certificate.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for new certificates")
+        found.add(
+            ERROR,
+            "tls",
+            f"{what} expired on {certificate.not_valid_after_utc:%Y-%m-%d}; ask the coordinator for new certificates",
+        )
     elif certificate.not_valid_after_utc - now < EXPIRY_WARNING:
         found.add(WARNING, "tls", f"{what} expires on {certificate.not_valid_after_utc:%Y-%m-%d}; plan a renewal")
     else:
@@ -164,10 +179,18 @@ def _check_site(kit: Path, info: KitInfo, model_card: Path | None, probe: bool, 
         found.add(ERROR, "site config", str(err))
         return
     if site.site_id != info.name:
-        found.add(ERROR, "site config", f"{kit / SITE_CONFIG_FILE} names site {site.site_id!r} but the kit is for {info.name!r}")
+        found.add(
+            ERROR,
+            "site config",
+            f"{kit / SITE_CONFIG_FILE} names site {site.site_id!r} but the kit is for {info.name!r}",
+        )
     relative = [str(p) for p in (site.data_path, site.state_dir, site.keys_dir, site.manifest) if not p.is_absolute()]
     if relative:
-        found.add(ERROR, "site config", f"paths in {SITE_CONFIG_FILE} must be absolute (the ClientApp runs elsewhere): {', '.join(relative)}")
+        found.add(
+            ERROR,
+            "site config",
+            f"paths in {SITE_CONFIG_FILE} must be absolute (the ClientApp runs elsewhere): {', '.join(relative)}",
+        )
     _check_site_keys(site, info, found)
     bundled = kit / CARD_FILE
     _check_data(site, model_card or (bundled if bundled.is_file() else None), found)
@@ -180,8 +203,12 @@ def _check_site_keys(site: SiteConfig, info: KitInfo, found: _Findings) -> None:
     for suffix in ("enc.key", "sign.key"):
         _private_file(site.keys_dir / f"{site.site_id}.{suffix}", "site private key", found)
     if site.coordinator_fingerprint != info.coordinator_fingerprint:
-        found.add(ERROR, "manifest", "the coordinator fingerprint in site.toml differs from the one this kit was made with; "
-                  "confirm the right one with the coordinator by phone")
+        found.add(
+            ERROR,
+            "manifest",
+            "the coordinator fingerprint in site.toml differs from the one this kit was made with; "
+            "confirm the right one with the coordinator by phone",
+        )
     try:
         identity = read_identity(site.keys_dir, site.site_id, passphrase_from_env())
         manifest = read_manifest(site.manifest, site.coordinator_fingerprint)
@@ -189,15 +216,31 @@ def _check_site_keys(site: SiteConfig, info: KitInfo, found: _Findings) -> None:
         found.add(ERROR, "keys", str(err))
         return
     if site.site_id not in manifest.sites:
-        found.add(ERROR, "manifest", f"site {site.site_id!r} is not in the manifest of federation {manifest.federation!r}; "
-                  "ask the coordinator for the current manifest")
+        found.add(
+            ERROR,
+            "manifest",
+            f"site {site.site_id!r} is not in the manifest of federation {manifest.federation!r}; "
+            "ask the coordinator for the current manifest",
+        )
     elif manifest.sites[site.site_id].fingerprint() != identity.public().fingerprint():
-        found.add(ERROR, "manifest", f"the manifest lists other keys for site {site.site_id!r} than the ones in {site.keys_dir}; "
-                  "the kit is mixed up with another one: ask the coordinator for a fresh kit")
+        found.add(
+            ERROR,
+            "manifest",
+            f"the manifest lists other keys for site {site.site_id!r} than the ones in {site.keys_dir}; "
+            "the kit is mixed up with another one: ask the coordinator for a fresh kit",
+        )
     elif manifest.federation != info.federation:
-        found.add(ERROR, "manifest", f"the manifest is for federation {manifest.federation!r}, the kit for {info.federation!r}")
+        found.add(
+            ERROR,
+            "manifest",
+            f"the manifest is for federation {manifest.federation!r}, the kit for {info.federation!r}",
+        )
     else:
-        found.add(OK, "keys", f"site keys match the manifest of federation {manifest.federation!r}, signed by the expected coordinator")
+        found.add(
+            OK,
+            "keys",
+            f"site keys match the manifest of federation {manifest.federation!r}, signed by the expected coordinator",
+        )
 
 
 def _card(model_card: Path | None) -> ModelCard | None:
@@ -218,16 +261,30 @@ def _check_data(site: SiteConfig, model_card: Path | None, found: _Findings) -> 
     try:
         if card is None:
             shape = infer_input_shape(site.data_path, site.label_column)
-            found.add(WARNING, "data", f"{site.data_path}: {shape[0] if len(shape) == 1 else shape} features per row; "
-                      "not checked against the model (pass --model-card to check it)")
+            found.add(
+                WARNING,
+                "data",
+                f"{site.data_path}: {shape[0] if len(shape) == 1 else shape} features per row; "
+                "not checked against the model (pass --model-card to check it)",
+            )
             return
-        data = load_site_data(site.data_path, card.input_shape, card.num_classes, label_column=site.label_column,
-                              name=site.site_id, require_two_train_classes=False)
+        data = load_site_data(
+            site.data_path,
+            card.input_shape,
+            card.num_classes,
+            label_column=site.label_column,
+            name=site.site_id,
+            require_two_train_classes=False,
+        )
     except DataError as err:
         found.add(ERROR, "data", str(err))
         return
-    found.add(OK, "data", f"{site.data_path}: {len(data.train)} train and {len(data.test)} test rows fit the model "
-              f"({card.arch}, input {card.input_shape}, {card.num_classes} classes)")
+    found.add(
+        OK,
+        "data",
+        f"{site.data_path}: {len(data.train)} train and {len(data.test)} test rows fit the model "
+        f"({card.arch}, input {card.input_shape}, {card.num_classes} classes)",
+    )
 
 
 def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
@@ -236,11 +293,19 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
     except PolicyError as err:
         found.add(ERROR, "privacy policy", str(err))
     else:
-        found.add(OK, "privacy policy", f"cap epsilon {policy.max_epsilon:g} at delta {policy.delta:g} per dataset, at most "
-                  f"{policy.run_limit:g} per run ({site.policy_path})")
+        found.add(
+            OK,
+            "privacy policy",
+            f"cap epsilon {policy.max_epsilon:g} at delta {policy.delta:g} per dataset, at most "
+            f"{policy.run_limit:g} per run ({site.policy_path})",
+        )
         if policy.declared_size is None:
-            found.add(ERROR, "privacy policy", f"{site.policy_path}: declared_size is missing; declare the public, rounded "
-                      "number of training records (the site cannot train without it)")
+            found.add(
+                ERROR,
+                "privacy policy",
+                f"{site.policy_path}: declared_size is missing; declare the public, rounded "
+                "number of training records (the site cannot train without it)",
+            )
     state = site.state_dir
     if not state.is_dir():
         found.add(ERROR, "ledger", f"state directory {state} does not exist; create it (mkdir -m 700 {state})")
@@ -249,7 +314,11 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
         with tempfile.TemporaryFile(dir=state):
             pass
     except OSError as err:
-        found.add(ERROR, "ledger", f"cannot write in the state directory {state} ({err.strerror}); the privacy ledger lives there")
+        found.add(
+            ERROR,
+            "ledger",
+            f"cannot write in the state directory {state} ({err.strerror}); the privacy ledger lives there",
+        )
         return
     try:
         site_key = read_identity(site.keys_dir, site.site_id, passphrase_from_env()).public()
@@ -264,7 +333,6 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
     found.add(OK, "ledger", f"privacy ledger in {state} is writable and intact ({signed}{entries} entries)")
 
 
-
 def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeout: float = 5.0) -> None:
     context = ssl.create_default_context(cafile=str(ca_path))
     try:
@@ -272,9 +340,17 @@ def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeou
             with context.wrap_socket(raw, server_hostname=endpoint.host):
                 pass
     except ssl.SSLCertVerificationError as err:
-        found.add(ERROR, "superlink", f"the SuperLink at {endpoint} presents a certificate this kit's CA does not accept: {err.verify_message}")
+        found.add(
+            ERROR,
+            "superlink",
+            f"the SuperLink at {endpoint} presents a certificate this kit's CA does not accept: {err.verify_message}",
+        )
     except OSError as err:
-        found.add(ERROR, "superlink", f"cannot reach the SuperLink at {endpoint}: {err}; check the address, the firewall and that it runs")
+        found.add(
+            ERROR,
+            "superlink",
+            f"cannot reach the SuperLink at {endpoint}: {err}; check the address, the firewall and that it runs",
+        )
     else:
         found.add(OK, "superlink", f"TLS connection to {endpoint} verified with the kit's CA")
 
@@ -296,7 +372,11 @@ def _check_coordinator(kit: Path, info: KitInfo, found: _Findings) -> None:
         if san_matches(server, endpoint):
             found.add(OK, "tls", f"SuperLink certificate names {endpoint.host}, the address sites dial")
         else:
-            found.add(ERROR, "tls", f"the SuperLink certificate has no SAN for {endpoint.host}; sites dialling {endpoint} will refuse it")
+            found.add(
+                ERROR,
+                "tls",
+                f"the SuperLink certificate has no SAN for {endpoint.host}; sites dialling {endpoint} will refuse it",
+            )
     for suffix in ("enc.key", "sign.key"):
         _private_file(kit / "keys" / f"{COORDINATOR_NAME}.{suffix}", "coordinator private key", found)
     try:
@@ -311,9 +391,21 @@ def _check_coordinator(kit: Path, info: KitInfo, found: _Findings) -> None:
     missing = [s for s in sorted(manifest.sites) if not (kit / "supernode-keys" / f"{s}.pub").is_file()]
     if missing:
         found.add(ERROR, "flower", f"no SuperNode key to register for {', '.join(missing)} in {kit / 'supernode-keys'}")
-    allowed = {Path("keys") / f"{COORDINATOR_NAME}.enc.key", Path("keys") / f"{COORDINATOR_NAME}.sign.key", Path("tls") / SUPERLINK_KEY}
+    allowed = {
+        Path("keys") / f"{COORDINATOR_NAME}.enc.key",
+        Path("keys") / f"{COORDINATOR_NAME}.sign.key",
+        Path("tls") / SUPERLINK_KEY,
+    }
     stray = sorted(str(p.relative_to(kit)) for p in kit.rglob("*.key") if p.relative_to(kit) not in allowed)
     if stray:
-        found.add(ERROR, "separation", f"private keys that do not belong on the coordinator machine are in its kit: {', '.join(stray)}; "
-                  "move them off this machine")
-    found.add(OK, "keys", f"coordinator keys sign the manifest of {len(manifest.sites)} sites: {', '.join(sorted(manifest.sites))}")
+        found.add(
+            ERROR,
+            "separation",
+            f"private keys that do not belong on the coordinator machine are in its kit: {', '.join(stray)}; "
+            "move them off this machine",
+        )
+    found.add(
+        OK,
+        "keys",
+        f"coordinator keys sign the manifest of {len(manifest.sites)} sites: {', '.join(sorted(manifest.sites))}",
+    )

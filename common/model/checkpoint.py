@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ class ModelCard:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, origin: str = "model card") -> "ModelCard":
+    def from_json(cls, text: str, origin: str = "model card") -> ModelCard:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
@@ -116,7 +116,7 @@ class ModelCard:
 
 def make_card(model: FedModel, weights: bytes, **fields: Any) -> ModelCard:
     """A card for ``model`` whose weights file holds ``weights``."""
-    fields.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    fields.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
     return ModelCard(
         weights_sha256=hashlib.sha256(weights).hexdigest(),
         model_fingerprint=state_fingerprint(model.state_dict()),
@@ -138,7 +138,9 @@ def save_checkpoint(model: FedModel, directory: Path, **card_fields: Any) -> Mod
 def load_card(directory: Path) -> ModelCard:
     path = Path(directory) / CARD_FILE
     if not path.is_file():
-        raise CheckpointNotFound(f"no model card at {path}: a checkpoint directory holds {CARD_FILE} and {WEIGHTS_FILE}")
+        raise CheckpointNotFound(
+            f"no model card at {path}: a checkpoint directory holds {CARD_FILE} and {WEIGHTS_FILE}"
+        )
     return ModelCard.from_json(path.read_text(), origin=str(path))
 
 

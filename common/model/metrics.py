@@ -78,7 +78,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
             values["balanced-accuracy"] = values["sensitivity"] if y_true[0] == 1 else values["specificity"]
     else:
         values = {
-            "balanced-accuracy": float(balanced_accuracy_score(y_true, predicted)) if present > 1
+            "balanced-accuracy": float(balanced_accuracy_score(y_true, predicted))
+            if present > 1
             else float(accuracy_score(y_true, predicted)),
             "f1": float(f1_score(y_true, predicted, average="macro", labels=labels, zero_division=0)),
             "sensitivity": math.nan,

@@ -39,7 +39,12 @@ def pretrain_source(scenario: Scenario, out_dir: Path, seed: int = 0) -> ModelCa
         metrics = classification_metrics(scenario.source.test.y, predict_proba(model, xt))
         lineage.update(train_examples=stats.examples, epochs=config.epochs, source_test=metrics)
         description = scenario.source_description
-        log.info("pretrained %s on %d source rows: source test accuracy %.3f", scenario.model.arch, stats.examples, metrics["accuracy"])
+        log.info(
+            "pretrained %s on %d source rows: source test accuracy %.3f",
+            scenario.model.arch,
+            stats.examples,
+            metrics["accuracy"],
+        )
     return save_checkpoint(
         model,
         out_dir,

@@ -31,7 +31,7 @@ class TransferPolicy:
     blocks: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "TransferPolicy":
+    def parse(cls, text: str) -> TransferPolicy:
         text = text.strip()
         if text in ("head", "full"):
             return cls(text)

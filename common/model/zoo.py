@@ -76,9 +76,7 @@ def build_model(
 ) -> FedModel:
     """Build a freshly initialised model of architecture ``arch``."""
     if arch not in ARCHITECTURES:
-        raise UnknownArchitecture(
-            f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}"
-        )
+        raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}")
     try:
         return ARCHITECTURES[arch](tuple(input_shape), num_classes, **dict(args or {}))
     except (TypeError, ValueError) as err:

@@ -89,9 +89,7 @@ class Step:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise ValueError(
-                f"noise_multiplier must be a positive finite number, got {self.noise_multiplier!r}"
-            )
+            raise ValueError(f"noise_multiplier must be a positive finite number, got {self.noise_multiplier!r}")
         if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -137,9 +135,7 @@ def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> fl
     return 2 * half_width / mesh
 
 
-def _compose(
-    history: Sequence[Step], delta: float, accountant: Accountant, max_grid_points: float
-) -> float:
+def _compose(history: Sequence[Step], delta: float, accountant: Accountant, max_grid_points: float) -> float:
     _check_delta(delta)
     _check_accountant(accountant)
     return _compose_phases(tuple(sorted(_merged(history))), delta, accountant, max_grid_points)
@@ -169,7 +165,7 @@ def _compose_phases(
                     f"the PRV accountant cannot evaluate this history reliably: it would need "
                     f"{points:.3g} grid points (limit {max_grid_points:.3g}) for "
                     f"{sum(n for *_, n in phases)} steps in {len(phases)} phase(s); this happens "
-                    "for very large epsilons or very many steps. Use accountant = \"rdp\"."
+                    'for very large epsilons or very many steps. Use accountant = "rdp".'
                 )
             prv = PRVAccountant()
             prv.history = copy.deepcopy(phases)
@@ -177,12 +173,10 @@ def _compose_phases(
                 epsilon = float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
             except (ArithmeticError, ValueError, RuntimeError, MemoryError) as exc:
                 raise AccountingError(
-                    f"the PRV accountant failed on this history ({exc!r}); use accountant = \"rdp\"."
+                    f'the PRV accountant failed on this history ({exc!r}); use accountant = "rdp".'
                 ) from exc
     if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise AccountingError(
-            f"the {accountant} accountant returned an invalid epsilon {epsilon!r} for this history"
-        )
+        raise AccountingError(f"the {accountant} accountant returned an invalid epsilon {epsilon!r} for this history")
     return epsilon
 
 
@@ -195,18 +189,14 @@ def compose_epsilon(history: Sequence[Step], delta: float, accountant: Accountan
     return _compose(history, delta, accountant, PRV_MAX_GRID_POINTS)
 
 
-def reference_epsilon(
-    history: Sequence[Step], delta: float, accountant: Accountant
-) -> tuple[str, float]:
+def reference_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> tuple[str, float]:
     """The epsilon of ``history`` under the *other* accountant, as ``(name, epsilon)``."""
     _check_accountant(accountant)
     other: Accountant = "rdp" if accountant == "prv" else "prv"
     return other, compose_epsilon(history, delta, other)
 
 
-def independent_epsilon(
-    history: Sequence[Step], delta: float, method: Literal["pld", "rdp"] = "pld"
-) -> float:
+def independent_epsilon(history: Sequence[Step], delta: float, method: Literal["pld", "rdp"] = "pld") -> float:
     """Epsilon of ``history`` computed by Google's dp-accounting, independently of Opacus.
 
     ``"pld"`` uses privacy loss distributions (comparable to Opacus PRV); ``"rdp"`` uses
@@ -238,17 +228,14 @@ def independent_epsilon(
     return float(acc.get_epsilon(delta))
 
 
-def _rdp_solver(
-    prior: list[Step], sample_rate: float, planned_steps: int, delta: float
-) -> Callable[[float], float]:
+def _rdp_solver(prior: list[Step], sample_rate: float, planned_steps: int, delta: float) -> Callable[[float], float]:
     """Epsilon of prior + planned phase as a function of sigma, by Opacus's RDP analysis.
 
     The prior's RDP curve is computed once; it is the same sum RDPAccountant forms.
     """
     orders = RDPAccountant.DEFAULT_ALPHAS
     prior_rdp = sum(
-        (rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)
-         for s, q, n in _merged(prior)),
+        (rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in _merged(prior)),
         np.zeros(len(orders)),
     )
 
@@ -421,9 +408,7 @@ def calibrate_noise(
         # evaluated with PRV if the search ends there.
         if rdp_epsilon(SIGMA_CEILING) <= target_epsilon:
             rdp_lo = lo if rdp_epsilon(lo) > target_epsilon else SIGMA_FLOOR / 2
-            rdp_sigma, rdp_slope = _solve(
-                rdp_epsilon, target_epsilon, rdp_lo, SIGMA_CEILING, start, -1.5
-            )
+            rdp_sigma, rdp_slope = _solve(rdp_epsilon, target_epsilon, rdp_lo, SIGMA_CEILING, start, -1.5)
         else:
             rdp_sigma, rdp_slope = SIGMA_CEILING / 2, -1.5
         sigma, _ = _solve(prv_epsilon, target_epsilon, lo, SIGMA_CEILING, rdp_sigma, rdp_slope)
@@ -432,6 +417,11 @@ def calibrate_noise(
         raise exhausted
     log.debug(
         "calibrated sigma=%.6g for %d steps at q=%g to epsilon<=%g (%s, prior spend %.4f)",
-        sigma, planned_steps, sample_rate, target_epsilon, accountant, spent,
+        sigma,
+        planned_steps,
+        sample_rate,
+        target_epsilon,
+        accountant,
+        spent,
     )
     return float(sigma)

@@ -48,17 +48,33 @@ class Rule:
 
 #: The values a reply may carry (``update`` is the tensors; the rest are numbers or lists of numbers).
 VALUES: dict[str, Rule] = {
-    "update": Rule(UPDATE, ("train",), "the trainable weights after local DP-SGD (Opacus: per-record clipping, "
-                   "Gaussian noise at every step, empty batches included, Poisson sampling)"),
-    "num-examples": Rule(PUBLIC, ("train", "evaluate"), "the site's declared size (policy `declared_size`), "
-                         "its aggregation weight; never the exact count"),
+    "update": Rule(
+        UPDATE,
+        ("train",),
+        "the trainable weights after local DP-SGD (Opacus: per-record clipping, "
+        "Gaussian noise at every step, empty batches included, Poisson sampling)",
+    ),
+    "num-examples": Rule(
+        PUBLIC,
+        ("train", "evaluate"),
+        "the site's declared size (policy `declared_size`), its aggregation weight; never the exact count",
+    ),
     "steps": Rule(PUBLIC, ("train",), "DP-SGD steps of the round: planned from the instruction and the declared size"),
-    "train-loss": Rule(RELEASE, ("train",), "mean training loss after the round: per-record loss clipped to [0, 5], "
-                       "summed, Gaussian noise, divided by the declared size (only if asked and the policy allows)"),
-    "eval-counts": Rule(RELEASE, ("evaluate",), "histogram of the test split by true class and class-1 logit bin "
-                        "(two classes) or predicted class, Gaussian noise in every cell"),
-    "personalised-eval-counts": Rule(RELEASE, ("evaluate",), "the same histogram for the site's privately "
-                                     "personalised copy (which never leaves)"),
+    "train-loss": Rule(
+        RELEASE,
+        ("train",),
+        "mean training loss after the round: per-record loss clipped to [0, 5], "
+        "summed, Gaussian noise, divided by the declared size (only if asked and the policy allows)",
+    ),
+    "eval-counts": Rule(
+        RELEASE,
+        ("evaluate",),
+        "histogram of the test split by true class and class-1 logit bin "
+        "(two classes) or predicted class, Gaussian noise in every cell",
+    ),
+    "personalised-eval-counts": Rule(
+        RELEASE, ("evaluate",), "the same histogram for the site's privately personalised copy (which never leaves)"
+    ),
 }
 
 #: Every field of the signed privacy report: all public (data-independent, or the site's declarations).
@@ -78,7 +94,7 @@ REPORT_FIELDS: dict[str, str] = {
     "noise": "csprng, or seeded (reproducible: NOT private)",
     "declared-size": "the site's declared size",
     "spends": "every ledger entry this reply caused: kind, index, hash, noise multiplier, sample rate, steps, "
-              "clipping norm or sensitivity (all planned from public values)",
+    "clipping norm or sensitivity (all planned from public values)",
     "releases": "for each DP-released value, the index of the ledger entry that recorded it",
     "egress": "this declaration: each value of the reply with its kind and mechanism",
 }
@@ -101,7 +117,9 @@ def _numbers(value: Any) -> bool:
     return False
 
 
-def check_reply(phase: str, status: str, values: Mapping[str, Any], has_update: bool, report: Mapping[str, Any]) -> None:
+def check_reply(
+    phase: str, status: str, values: Mapping[str, Any], has_update: bool, report: Mapping[str, Any]
+) -> None:
     """Raise :class:`EgressViolation` unless every value of the reply is allowed and declared.
 
     ``values`` are the reply's values (``update`` excluded, ``has_update`` says whether
@@ -141,6 +159,10 @@ def check_reply(phase: str, status: str, values: Mapping[str, Any], has_update: 
         if kind == RELEASE:
             index = releases.get(name) if isinstance(releases, dict) else None
             spend = spends.get(index) if isinstance(index, int) else None
-            if not (spend and spend.get("kind") in RELEASE_KINDS and _numbers(spend.get("noise-multiplier"))
-                    and spend["noise-multiplier"] > 0):
+            if not (
+                spend
+                and spend.get("kind") in RELEASE_KINDS
+                and _numbers(spend.get("noise-multiplier"))
+                and spend["noise-multiplier"] > 0
+            ):
                 raise EgressViolation(f"DP release {name!r} names no ledger entry of a release with its noise")

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,25 @@ class LedgerEntry:
 
 
 _TYPES: dict[str, type] = {
-    "dataset_id": str, "run_id": str, "server_round": int, "noise_multiplier": float,
-    "sample_rate": float, "steps": int, "max_grad_norm": float, "delta": float,
-    "epsilon": float, "accountant": str, "reference_epsilon": float,
-    "reference_accountant": str, "model_fingerprint": str, "kind": str, "time": str,
-    "index": int, "prev_hash": str, "hash": str, "noise": str,
+    "dataset_id": str,
+    "run_id": str,
+    "server_round": int,
+    "noise_multiplier": float,
+    "sample_rate": float,
+    "steps": int,
+    "max_grad_norm": float,
+    "delta": float,
+    "epsilon": float,
+    "accountant": str,
+    "reference_epsilon": float,
+    "reference_accountant": str,
+    "model_fingerprint": str,
+    "kind": str,
+    "time": str,
+    "index": int,
+    "prev_hash": str,
+    "hash": str,
+    "noise": str,
 }
 _FIELD_NAMES = tuple(f.name for f in fields(LedgerEntry))
 #: Entries written before the random source was recorded lack ``noise``; they still verify.
@@ -158,7 +172,12 @@ def _head_statement(index: int, hash_: str, site: str) -> bytes:
 def signed_head(index: int, hash_: str, signer: Identity) -> bytes:
     """The head anchor for entry ``index`` (-1: none yet) with ``hash_``, signed by the site."""
     signature = signer.signing_key.sign(_head_statement(index, hash_, signer.name))
-    head = {"index": index, "hash": hash_, "site": signer.name, "signature": base64.b64encode(signature).decode("ascii")}
+    head = {
+        "index": index,
+        "hash": hash_,
+        "site": signer.name,
+        "signature": base64.b64encode(signature).decode("ascii"),
+    }
     return canonical_json(head) + b"\n"
 
 
@@ -351,8 +370,7 @@ class Ledger:
                 if sorted(indices) == list(range(len(records))):
                     what = f"reordered: it holds index {record['index']}"
                 elif record["index"] > position:
-                    what = (f"holds index {record['index']}, so entry {position} "
-                            "was deleted")
+                    what = f"holds index {record['index']}, so entry {position} was deleted"
                 else:
                     what = f"holds index {record['index']}: duplicated or reordered"
                 raise self._tampered(where, what)
@@ -360,9 +378,7 @@ class Ledger:
                 raise self._tampered(where, "bad hash, its content was edited")
             expected_prev = records[position - 1]["hash"] if position else GENESIS_HASH
             if record["prev_hash"] != expected_prev:
-                raise self._tampered(
-                    where, "broken chain, prev_hash does not match the previous entry"
-                )
+                raise self._tampered(where, "broken chain, prev_hash does not match the previous entry")
         count = len(records)
         if head is None:
             if count:
@@ -389,23 +405,21 @@ class Ledger:
                     f"deleted: the head anchor records entries up to index {last}",
                 )
             if records[last]["hash"] != head["hash"]:
-                raise self._tampered(
-                    f"entry {last} (line {last + 1})", "does not match the head anchor"
-                )
+                raise self._tampered(f"entry {last} (line {last + 1})", "does not match the head anchor")
             if last < count - 2:
-                raise self._tampered(
-                    f"entries {last + 1}..{count - 1}", "appended past the head anchor"
-                )
+                raise self._tampered(f"entries {last + 1}..{count - 1}", "appended past the head anchor")
             if last == count - 2:
                 log.warning(
                     "%s: the last entry was written but the head anchor was not updated "
                     "(interrupted append); the entry counts and the anchor is repaired on "
-                    "the next append", self.path,
+                    "the next append",
+                    self.path,
                 )
         if torn:
             log.warning(
                 "%s: ignoring an incomplete last line of %d bytes (interrupted write)",
-                self.path, len(torn),
+                self.path,
+                len(torn),
             )
         return _Chain([LedgerEntry(**r) for r in records], good_size, head_raw)
 
@@ -432,7 +446,10 @@ class Ledger:
             finally:
                 self.site_key = checking
             last = chain.entries[-1] if chain.entries else None
-            write_atomic(self.head_path, signed_head(last.index if last else -1, last.hash if last else GENESIS_HASH, self.signer))
+            write_atomic(
+                self.head_path,
+                signed_head(last.index if last else -1, last.hash if last else GENESIS_HASH, self.signer),
+            )
             return len(chain.entries)
 
     def verify(self) -> int:
@@ -466,13 +483,9 @@ class Ledger:
         unknown = sorted(set(fields_) - set(_CALLER_FIELDS) - {"time"})
         missing = sorted(set(_CALLER_FIELDS) - set(fields_))
         if unknown or missing:
-            raise LedgerError(
-                f"ledger entry fields: unknown {unknown or 'none'}, missing {missing or 'none'}"
-            )
+            raise LedgerError(f"ledger entry fields: unknown {unknown or 'none'}, missing {missing or 'none'}")
         data = {name: _coerce(name, fields_[name]) for name in _CALLER_FIELDS}
-        data["time"] = _coerce(
-            "time", fields_.get("time") or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        )
+        data["time"] = _coerce("time", fields_.get("time") or datetime.now(UTC).isoformat(timespec="seconds"))
         chain = self._load()
         data["index"] = len(chain.entries)
         data["prev_hash"] = chain.entries[-1].hash if chain.entries else GENESIS_HASH
@@ -503,7 +516,10 @@ class Ledger:
             os.close(fd)
         log.info(
             "privacy ledger: recorded entry %d (dataset %s, run %s, round %d, epsilon %.4f)",
-            data["index"], data["dataset_id"][:12], data["run_id"], data["server_round"],
+            data["index"],
+            data["dataset_id"][:12],
+            data["run_id"],
+            data["server_round"],
             data["epsilon"],
         )
         return LedgerEntry(**data)

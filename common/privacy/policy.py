@@ -65,13 +65,14 @@ _POLICY_KEYS = {
     "max_evaluations_per_run": "an integer in [0, 1000] (optional, default 1): DP evaluations one run may ask for",
     "release_share": "a number in (0, 0.5] (optional, default 0.1): share of a run's epsilon for DP releases",
     "allow_loss_release": "true or false (optional, default false): release a DP training loss when asked",
-    "allow_non_private": "true or false (optional, default false): whether the coordinator may ask for training without DP",
-    "allow_reproducible_noise": "true or false (optional, default false): seeded, NOT private noise for built-in public data",
+    "allow_non_private": "true or false (optional, default false): may the coordinator ask for training without DP",
+    "allow_reproducible_noise": "true or false (optional, default false): seeded, NOT private noise (public data)",
 }
 
 
-def _number(source: str, key: str, value: Any, low: float, high: float, *, low_open: bool,
-            high_open: bool = False) -> float:
+def _number(
+    source: str, key: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool = False
+) -> float:
     """A finite real in the given interval, else PolicyError naming source and key."""
     left, right = "(" if low_open else "[", ")" if high_open else "]"
     allowed = f"a number in {left}{low:g}, {high:g}{right}"
@@ -87,9 +88,7 @@ def _number(source: str, key: str, value: Any, low: float, high: float, *, low_o
 
 def _integer(source: str, key: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise PolicyError(
-            f"{source}: {key} must be an integer in [{low}, {high}], got {value!r}"
-        )
+        raise PolicyError(f"{source}: {key} must be an integer in [{low}, {high}], got {value!r}")
     return value
 
 
@@ -173,8 +172,7 @@ def load_policy(path: Path) -> SitePolicy:
     extra_tables = sorted(set(document) - {"privacy"})
     if extra_tables:
         raise PolicyError(
-            f"{path}: unknown top-level key(s) {', '.join(extra_tables)}; "
-            "the policy file holds only a [privacy] table"
+            f"{path}: unknown top-level key(s) {', '.join(extra_tables)}; the policy file holds only a [privacy] table"
         )
     table = document.get("privacy")
     if not isinstance(table, dict):
@@ -182,14 +180,11 @@ def load_policy(path: Path) -> SitePolicy:
     unknown = sorted(set(table) - set(_POLICY_KEYS))
     if unknown:
         raise PolicyError(
-            f"{path}: unknown key(s) in [privacy]: {', '.join(unknown)}; "
-            f"allowed keys: {', '.join(_POLICY_KEYS)}"
+            f"{path}: unknown key(s) in [privacy]: {', '.join(unknown)}; allowed keys: {', '.join(_POLICY_KEYS)}"
         )
     for required in ("max_epsilon", "delta"):
         if required not in table:
-            raise PolicyError(
-                f"{path}: [privacy] {required} is required ({_POLICY_KEYS[required]})"
-            )
+            raise PolicyError(f"{path}: [privacy] {required} is required ({_POLICY_KEYS[required]})")
     source = f"{path}: [privacy]"
     values = {key: _CHECKS[key](source, key, value) for key, value in table.items()}
     try:
@@ -208,6 +203,7 @@ def _toml(value: Any) -> str:
 
 def write_policy(policy: SitePolicy, path: Path) -> None:
     """Write ``policy`` as a commented TOML file that :func:`load_policy` reads back."""
+
     def optional(key: str, example: str) -> str:
         value = getattr(policy, key)
         return f"{key} = {_toml(value)}" if value is not None else f"# {key} = {example}"
@@ -300,9 +296,7 @@ class PrivacyRequest:
     release_loss: bool = False
 
     def __post_init__(self) -> None:
-        _validate_request(
-            {field: getattr(self, field) for field in _REQUEST_KEYS}, "coordinator request"
-        )
+        _validate_request({field: getattr(self, field) for field in _REQUEST_KEYS}, "coordinator request")
 
     def to_config(self) -> dict[str, float | int]:
         """Flat dict for a Flower ConfigRecord; keys are ``dp-target-epsilon`` etc."""
@@ -313,9 +307,7 @@ class PrivacyRequest:
         """Parse and validate the request keys of a received config (other keys are ignored)."""
         missing = [key for key in _REQUEST_KEYS.values() if key not in cfg]
         if missing:
-            raise PolicyError(
-                f"coordinator request: missing key(s) {', '.join(missing)} in the training config"
-            )
+            raise PolicyError(f"coordinator request: missing key(s) {', '.join(missing)} in the training config")
         values = {field: cfg[key] for field, key in _REQUEST_KEYS.items()}
         _validate_request(values, "coordinator request")
         return cls(
@@ -330,12 +322,9 @@ class PrivacyRequest:
 
 def _validate_request(values: Mapping[str, Any], source: str) -> None:
     keys = _REQUEST_KEYS
-    _number(source, keys["target_epsilon"], values["target_epsilon"], *REQUEST_EPSILON_RANGE,
-            low_open=True)
-    _number(source, keys["delta"], values["delta"], *REQUEST_DELTA_RANGE, low_open=True,
-            high_open=True)
-    _number(source, keys["max_grad_norm"], values["max_grad_norm"], *GRAD_NORM_RANGE,
-            low_open=True)
+    _number(source, keys["target_epsilon"], values["target_epsilon"], *REQUEST_EPSILON_RANGE, low_open=True)
+    _number(source, keys["delta"], values["delta"], *REQUEST_DELTA_RANGE, low_open=True, high_open=True)
+    _number(source, keys["max_grad_norm"], values["max_grad_norm"], *GRAD_NORM_RANGE, low_open=True)
     _integer(source, keys["planned_rounds"], values["planned_rounds"], *ROUNDS_RANGE)
     _integer(source, keys["evaluations"], values["evaluations"], 0, ROUNDS_RANGE[1])
     _boolean(source, keys["release_loss"], values["release_loss"])

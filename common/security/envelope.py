@@ -148,17 +148,13 @@ class EnvelopeContext:
         if type(self.run_id) is not int or not 0 <= self.run_id <= _MAX_RUN_ID:
             raise ValueError(f"run_id must be an int in 0..2**64-1, got {self.run_id!r}")
         if type(self.server_round) is not int or not 0 <= self.server_round <= _MAX_ROUND:
-            raise ValueError(
-                f"server_round must be an int in 0..2**32-1, got {self.server_round!r}"
-            )
+            raise ValueError(f"server_round must be an int in 0..2**32-1, got {self.server_round!r}")
         if self.site_id != BROADCAST:
             validate_name(self.site_id)
         if not isinstance(self.kind, str) or _KIND_RE.fullmatch(self.kind) is None:
             raise ValueError(f"kind must be 1-32 characters of a-z 0-9 -, got {self.kind!r}")
         if not isinstance(self.base_model, str) or _HEX64_RE.fullmatch(self.base_model) is None:
-            raise ValueError(
-                f"base_model must be a lowercase SHA-256 hex digest, got {self.base_model!r}"
-            )
+            raise ValueError(f"base_model must be a lowercase SHA-256 hex digest, got {self.base_model!r}")
 
     def _header_fields(self) -> dict[str, Any]:
         return {
@@ -298,9 +294,7 @@ def _derive_key(shared: bytes, ephemeral_public: bytes, recipient_public: bytes)
     ).derive(shared)
 
 
-def seal(
-    payload: bytes, context: EnvelopeContext, sender: Identity, recipient: PublicIdentity
-) -> bytes:
+def seal(payload: bytes, context: EnvelopeContext, sender: Identity, recipient: PublicIdentity) -> bytes:
     """Encrypt ``payload`` to ``recipient`` and sign it as ``sender``.
 
     ``context.site_id`` must be the sender's name: a site can only seal as itself.
@@ -310,19 +304,19 @@ def seal(
 
 
 def _seal_with(
-    ephemeral: X25519PrivateKey, nonce: bytes, payload: bytes, context: EnvelopeContext, sender: Identity,
+    ephemeral: X25519PrivateKey,
+    nonce: bytes,
+    payload: bytes,
+    context: EnvelopeContext,
+    sender: Identity,
     recipient: PublicIdentity,
 ) -> bytes:
     """:func:`seal` with a given ephemeral key and nonce: the seam known-answer tests use; never reuse either."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     if context.site_id != sender.name:
-        raise ValueError(
-            f"site {sender.name!r} cannot seal an update labelled as site {context.site_id!r}"
-        )
-    ephemeral_public = ephemeral.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+        raise ValueError(f"site {sender.name!r} cannot seal an update labelled as site {context.site_id!r}")
+    ephemeral_public = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     key = _derive_key(
         ephemeral.exchange(recipient.encryption_public_key()),
         ephemeral_public,
@@ -398,16 +392,12 @@ def open_envelope(
         key = _derive_key(shared, ephemeral_public, recipient.public().encryption_key)
         payload = AESGCM(key).decrypt(nonce, parsed.body, parsed.associated)
     except (InvalidTag, ValueError):
-        raise DecryptionFailed(
-            site, "the ciphertext does not decrypt with this coordinator's key"
-        ) from None
+        raise DecryptionFailed(site, "the ciphertext does not decrypt with this coordinator's key") from None
     _check_context(parsed.context, expected, site, instruction=False)
     return payload
 
 
-def _check_context(
-    got: EnvelopeContext, expected: EnvelopeContext, site: str, *, instruction: bool
-) -> None:
+def _check_context(got: EnvelopeContext, expected: EnvelopeContext, site: str, *, instruction: bool) -> None:
     if got.run_id != expected.run_id:
         raise ReplayedEnvelope(
             site,
@@ -417,8 +407,7 @@ def _check_context(
     if instruction and got.server_round < expected.server_round:
         raise ReplayedEnvelope(
             site,
-            f"it is for round {got.server_round}, older than round "
-            f"{expected.server_round} already accepted",
+            f"it is for round {got.server_round}, older than round {expected.server_round} already accepted",
             instruction=True,
         )
     if not instruction and got.server_round != expected.server_round:
@@ -483,14 +472,11 @@ def verify_instruction(
     if parsed.header["signer"] != own:
         raise BadSignature(
             site,
-            f"it is signed by key {parsed.header['signer']}, not by the coordinator "
-            f"{coordinator.name!r} ({own})",
+            f"it is signed by key {parsed.header['signer']}, not by the coordinator {coordinator.name!r} ({own})",
             instruction=True,
         )
     try:
-        coordinator.signing_public_key().verify(
-            parsed.signature, _SIGN_DOMAIN[_TYPE_INSTRUCTION] + parsed.signed
-        )
+        coordinator.signing_public_key().verify(parsed.signature, _SIGN_DOMAIN[_TYPE_INSTRUCTION] + parsed.signed)
     except InvalidSignature:
         raise BadSignature(
             site,
@@ -500,9 +486,7 @@ def verify_instruction(
         ) from None
     addressee = parsed.context.site_id
     if addressee not in (BROADCAST, site):
-        raise WrongRecipient(
-            site, f"it is addressed to site {addressee!r}", instruction=True
-        )
+        raise WrongRecipient(site, f"it is addressed to site {addressee!r}", instruction=True)
     _check_context(parsed.context, expected, site, instruction=True)
     return parsed.body
 

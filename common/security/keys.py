@@ -101,9 +101,7 @@ class PublicIdentity:
         validate_name(self.name)
         for what, key in (("encryption", self.encryption_key), ("signing", self.signing_key)):
             if not isinstance(key, bytes) or len(key) != RAW_KEY_LEN:
-                raise ValueError(
-                    f"identity {self.name!r}: {what} key must be {RAW_KEY_LEN} raw bytes"
-                )
+                raise ValueError(f"identity {self.name!r}: {what} key must be {RAW_KEY_LEN} raw bytes")
 
     def fingerprint(self) -> str:
         """SHA-256 hex over a domain tag, the X25519 key and the Ed25519 key.
@@ -143,9 +141,7 @@ class PublicIdentity:
             signing_key=_unb64(data["signing_key"], "signing_key"),
         )
         if data["fingerprint"] != identity.fingerprint():
-            raise ValueError(
-                f"identity {identity.name!r}: stated fingerprint does not match its keys"
-            )
+            raise ValueError(f"identity {identity.name!r}: stated fingerprint does not match its keys")
         return identity
 
 
@@ -228,15 +224,11 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
                 "away first if you really mean to replace this identity."
             )
     encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase is not None
-        else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(passphrase) if passphrase is not None else serialization.NoEncryption()
     )
 
     def pem(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-        )
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
     write_private_file(enc_path, pem(identity.encryption_key))
     try:
@@ -261,8 +253,7 @@ def _read_private_key(path: Path, passphrase: bytes | None) -> object:
         st = path.stat()
     except FileNotFoundError as exc:
         raise KeyFileError(
-            f"private key {path} not found; create it with `fedtransfer provision` "
-            "or check the key directory"
+            f"private key {path} not found; create it with `fedtransfer provision` or check the key directory"
         ) from exc
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"private key {path} is not a regular file")
@@ -282,17 +273,12 @@ def _read_private_key(path: Path, passphrase: bytes | None) -> object:
                 f"{PASSPHRASE_ENV_VAR} or enter the passphrase when prompted"
             ) from exc
         raise KeyFileError(
-            f"private key {path} is not encrypted but a passphrase was given; "
-            f"unset {PASSPHRASE_ENV_VAR} for this key"
+            f"private key {path} is not encrypted but a passphrase was given; unset {PASSPHRASE_ENV_VAR} for this key"
         ) from exc
     except ValueError as exc:
         if passphrase is not None and b"ENCRYPTED PRIVATE KEY" in data:
-            raise KeyFileError(
-                f"cannot decrypt private key {path}: wrong passphrase (or a corrupted file)"
-            ) from exc
-        raise KeyFileError(
-            f"private key {path} is not a PKCS8 PEM private key; restore it from backup"
-        ) from exc
+            raise KeyFileError(f"cannot decrypt private key {path}: wrong passphrase (or a corrupted file)") from exc
+        raise KeyFileError(f"private key {path} is not a PKCS8 PEM private key; restore it from backup") from exc
 
 
 def read_identity(out_dir: Path, name: str, passphrase: bytes | None = None) -> Identity:

@@ -14,7 +14,7 @@ import binascii
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,7 @@ def _check_distinct_keys(coordinator: PublicIdentity, sites: list[PublicIdentity
         owner = seen.setdefault(site.fingerprint(), f"site {site.name!r}")
         if owner != f"site {site.name!r}":
             raise ManifestFormatError(
-                f"site {site.name!r} uses the same keys as {owner}; every participant "
-                "needs its own key pair"
+                f"site {site.name!r} uses the same keys as {owner}; every participant needs its own key pair"
             )
 
 
@@ -121,9 +120,7 @@ class Manifest:
         """
         manifest = _parse(text)
         try:
-            manifest.coordinator.signing_public_key().verify(
-                manifest.signature, manifest._content_bytes()
-            )
+            manifest.coordinator.signing_public_key().verify(manifest.signature, manifest._content_bytes())
         except InvalidSignature:
             raise ManifestSignatureInvalid(
                 f"manifest of federation {manifest.federation!r} has an invalid "
@@ -159,13 +156,9 @@ def _parse(text: str) -> Manifest:
             f"manifest version {data.get('version')!r} is not supported; this "
             f"fedtransfer reads version {MANIFEST_VERSION}"
         )
-    expected_keys = {
-        "format", "version", "federation", "created", "coordinator", "sites", "signature"
-    }
+    expected_keys = {"format", "version", "federation", "created", "coordinator", "sites", "signature"}
     if set(data) != expected_keys:
-        raise ManifestFormatError(
-            f"manifest fields {sorted(data)} differ from the expected {sorted(expected_keys)}"
-        )
+        raise ManifestFormatError(f"manifest fields {sorted(data)} differ from the expected {sorted(expected_keys)}")
     federation, created, raw_sites = data["federation"], data["created"], data["sites"]
     if not isinstance(federation, str) or not federation:
         raise ManifestFormatError("manifest field 'federation' must be a non-empty string")
@@ -180,9 +173,7 @@ def _parse(text: str) -> Manifest:
         raise ManifestFormatError(f"manifest entry is invalid: {exc}") from exc
     for site_id, identity in sites.items():
         if identity.name != site_id:
-            raise ManifestFormatError(
-                f"manifest lists identity {identity.name!r} under site id {site_id!r}"
-            )
+            raise ManifestFormatError(f"manifest lists identity {identity.name!r} under site id {site_id!r}")
     _check_distinct_keys(coordinator, list(sites.values()))
     return Manifest(federation, coordinator, sites, created, signature)
 
@@ -191,16 +182,14 @@ def _check_created(created: Any) -> None:
     try:
         moment = datetime.fromisoformat(created)
     except (TypeError, ValueError) as exc:
-        raise ManifestFormatError(
-            f"manifest field 'created' is not an ISO 8601 time: {created!r}"
-        ) from exc
+        raise ManifestFormatError(f"manifest field 'created' is not an ISO 8601 time: {created!r}") from exc
     if moment.utcoffset() is None or moment.utcoffset().total_seconds() != 0:
         raise ManifestFormatError(f"manifest field 'created' must be in UTC: {created!r}")
 
 
 def sign_manifest(federation: str, coordinator: Identity, sites: list[PublicIdentity]) -> Manifest:
     """Create a manifest listing ``sites``, signed by ``coordinator`` now."""
-    return _sign_manifest_at(federation, coordinator, sites, datetime.now(timezone.utc).replace(microsecond=0).isoformat())
+    return _sign_manifest_at(federation, coordinator, sites, datetime.now(UTC).replace(microsecond=0).isoformat())
 
 
 def _sign_manifest_at(federation: str, coordinator: Identity, sites: list[PublicIdentity], created: str) -> Manifest:
@@ -218,9 +207,7 @@ def _sign_manifest_at(federation: str, coordinator: Identity, sites: list[Public
 def write_manifest(m: Manifest, path: Path) -> None:
     """Write the manifest as JSON (mode 0644; it holds only public keys)."""
     write_public_file(Path(path), m.to_json())
-    logger.debug(
-        "wrote manifest of federation %r with %d sites to %s", m.federation, len(m.sites), path
-    )
+    logger.debug("wrote manifest of federation %r with %d sites to %s", m.federation, len(m.sites), path)
 
 
 def read_manifest(path: Path, expected_coordinator_fingerprint: str | None) -> Manifest:
@@ -229,9 +216,7 @@ def read_manifest(path: Path, expected_coordinator_fingerprint: str | None) -> M
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ManifestError(
-            f"manifest {path} not found; ask the coordinator for the federation manifest"
-        ) from exc
+        raise ManifestError(f"manifest {path} not found; ask the coordinator for the federation manifest") from exc
     except UnicodeDecodeError as exc:
         raise ManifestFormatError(f"manifest {path} is not UTF-8 text") from exc
     return Manifest.from_json(text, expected_coordinator_fingerprint)

@@ -24,9 +24,7 @@ def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor")
         if tensor.layout != torch.strided:
-            raise TypeError(
-                f"{name!r} is a {tensor.layout} tensor; only dense tensors are supported"
-            )
+            raise TypeError(f"{name!r} is a {tensor.layout} tensor; only dense tensors are supported")
         prepared[name] = tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
     return save(prepared)
 

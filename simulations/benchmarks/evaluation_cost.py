@@ -25,7 +25,10 @@ error of each release against the exact metrics of the model it evaluated. The A
 histogram is binned even without noise, so the binning's own error is reported apart.
 
 The sites draw their noise from the operating system's CSPRNG, as real sites do, so the
-figures vary from one invocation to the next. Nothing is timed against a target.
+figures vary from one invocation to the next. Nothing is timed against a target. Noise
+calibration (``calibrate_noise``, a pure function of its arguments and most of a run's time)
+is memoised in process while the benchmark runs, so the sites, variants and seeds that plan the
+same phases calibrate them once; no figure changes.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import client.budget
 from client.budget import PLANS_DIR, RunPlan
 from common.data.scenarios import Scenario, load_scenario
 from common.data.site_config import site_dir
@@ -171,6 +176,26 @@ class Cell:
 
 
 # --- budget arithmetic -------------------------------------------------------------------
+
+@contextmanager
+def memoised_calibration() -> Iterator[None]:
+    """Memoise the sites' noise calibration (``client.budget.calibrate_noise``, pure) for the block."""
+    original = client.budget.calibrate_noise
+    found: dict[tuple[Any, ...], float] = {}
+
+    def calibrate(prior: Sequence[Step], sample_rate: float, planned_steps: int, target_epsilon: float, delta: float,
+                  accountant: Accountant, min_noise: float = 0.0) -> float:
+        key = (tuple(prior), sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise)
+        if key not in found:
+            found[key] = original(prior, sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise)
+        return found[key]
+
+    client.budget.calibrate_noise = calibrate
+    try:
+        yield
+    finally:
+        client.budget.calibrate_noise = original
+
 
 def _repeated(run: Sequence[Step], times: int) -> list[Step]:
     return [Step(s.noise_multiplier, s.sample_rate, s.steps * times) for s in run]
@@ -473,7 +498,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     test_rows: dict[str, dict[str, int]] = {}
     skipped = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"fedtransfer-{NAME}-") as work:
+    with tempfile.TemporaryDirectory(prefix=f"fedtransfer-{NAME}-") as work, memoised_calibration():
         for name in SCENARIOS:
             reason = _skip_reason(name)
             if reason is not None:

@@ -57,8 +57,18 @@ from common.privacy.audit.runs import (
 )
 
 __all__ = [
-    "BUDGET_HEADER", "DEFAULT_TOLERANCE", "EMPIRICAL_HEADER", "AuditInputError", "AuditReport", "budget_rows",
-    "empirical_rows", "run_audit", "write_html", "write_markdown", "write_plot", "write_report",
+    "BUDGET_HEADER",
+    "DEFAULT_TOLERANCE",
+    "EMPIRICAL_HEADER",
+    "AuditInputError",
+    "AuditReport",
+    "budget_rows",
+    "empirical_rows",
+    "run_audit",
+    "write_html",
+    "write_markdown",
+    "write_plot",
+    "write_report",
 ]
 
 
@@ -75,13 +85,15 @@ def run_audit(
     ("pld" or "rdp"). Raises AuditInputError for paths that are neither kind of input.
     """
     if not (math.isfinite(tolerance) and 0 <= tolerance <= DEFAULT_TOLERANCE):
-        raise ValueError(f"tolerance must be in [0, {DEFAULT_TOLERANCE:g}] (the accountant's documented error), "
-                         f"got {tolerance!r}")
+        raise ValueError(
+            f"tolerance must be in [0, {DEFAULT_TOLERANCE:g}] (the accountant's documented error), got {tolerance!r}"
+        )
     if method not in (None, "pld", "rdp"):
         raise ValueError(f"method must be 'pld' or 'rdp', got {method!r}")
     site_inputs, run_paths = classify_inputs(paths)
-    report = AuditReport(inputs=[str(p) for p in paths], tolerance=tolerance,
-                         method=method or "matching (prv->pld, rdp->rdp)")
+    report = AuditReport(
+        inputs=[str(p) for p in paths], tolerance=tolerance, method=method or "matching (prv->pld, rdp->rdp)"
+    )
     accounting = Accounting()
     ledgers = [audit_ledger(site, report) for site in site_inputs]
     report.sites = [s.site.site_id for s in ledgers]

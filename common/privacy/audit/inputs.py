@@ -35,7 +35,9 @@ class SiteInput:
 
 def _site_key(config: SiteConfig) -> tuple[PublicIdentity | None, str]:
     try:
-        return read_manifest(config.manifest, config.coordinator_fingerprint).site(config.site_id), f"manifest {config.manifest}"
+        return read_manifest(config.manifest, config.coordinator_fingerprint).site(
+            config.site_id
+        ), f"manifest {config.manifest}"
     except (ManifestError, OSError) as exc:
         problem = f"manifest {config.manifest}: {exc}"
     public = config.keys_dir / f"{config.site_id}.pub.json"
@@ -58,8 +60,13 @@ def site_input(state_dir: Path) -> SiteInput:
                 key, source = _site_key(config)
                 return SiteInput(config.site_id, state_dir, config.policy_path, key, source)
     name = state_dir.parent.name if state_dir.name == "state" else state_dir.name
-    return SiteInput(name, state_dir, state_dir / "privacy-policy.toml", None,
-                     f"no {SITE_CONFIG_FILE} beside {state_dir} names the site's manifest or keys")
+    return SiteInput(
+        name,
+        state_dir,
+        state_dir / "privacy-policy.toml",
+        None,
+        f"no {SITE_CONFIG_FILE} beside {state_dir} names the site's manifest or keys",
+    )
 
 
 def classify_inputs(paths: Sequence[Path]) -> tuple[list[SiteInput], list[Path]]:

@@ -112,8 +112,12 @@ def audit_ledger(site: SiteInput, report: AuditReport) -> SiteLedger:
     if not (site.state_dir / LEDGER_FILE).exists() and not (site.state_dir / STATE_IN_USE_FILE).exists():
         return SiteLedger(site, [], policy, True, {})
     if site.site_key is None:
-        report.add("fail", where, "the ledger head's signature cannot be checked: no site key found "
-                   f"({site.key_source}); audit the site folder that holds site.toml, keys/ and the manifest")
+        report.add(
+            "fail",
+            where,
+            "the ledger head's signature cannot be checked: no site key found "
+            f"({site.key_source}); audit the site folder that holds site.toml, keys/ and the manifest",
+        )
     ledger = Ledger(site.state_dir, site_key=site.site_key)
     try:
         count = ledger.verify()
@@ -122,7 +126,9 @@ def audit_ledger(site: SiteInput, report: AuditReport) -> SiteLedger:
         report.add("fail", where, f"ledger verification failed: {exc}")
         return SiteLedger(site, [], policy, False, {})
     signed = " and its head's signature" if ledger.head_signature_checked else ""
-    report.add("info", where, f"ledger hash chain, head anchor{signed} verify ({count} entries; key from {site.key_source})")
+    report.add(
+        "info", where, f"ledger hash chain, head anchor{signed} verify ({count} entries; key from {site.key_source})"
+    )
     result = SiteLedger(site, entries, policy, True, _dataset_map(site, entries))
     seen: dict[tuple[str, str, int, str], int] = {}
     last_epsilon: dict[str, tuple[int, float]] = {}
@@ -137,13 +143,20 @@ def audit_ledger(site: SiteInput, report: AuditReport) -> SiteLedger:
         key = (dataset, entry.run_id, 0 if entry.kind == PERSONALISE else entry.server_round, entry.kind)
         if key in seen:
             what = "its personalisation" if entry.kind == PERSONALISE else f"{entry.kind} of round {entry.server_round}"
-            report.add("fail", entry_where, f"run {entry.run_id} {what} on dataset {dataset[:12]} is recorded twice "
-                                            f"(also entry {seen[key]})")
+            report.add(
+                "fail",
+                entry_where,
+                f"run {entry.run_id} {what} on dataset {dataset[:12]} is recorded twice (also entry {seen[key]})",
+            )
         seen[key] = entry.index
         previous = last_epsilon.get(dataset)
         if previous and entry.epsilon < previous[1]:
-            report.add("fail", entry_where, f"epsilon {entry.epsilon:.4f} is below the {previous[1]:.4f} of entry "
-                                            f"{previous[0]} for the same dataset: a cumulative spend cannot go down")
+            report.add(
+                "fail",
+                entry_where,
+                f"epsilon {entry.epsilon:.4f} is below the {previous[1]:.4f} of entry "
+                f"{previous[0]} for the same dataset: a cumulative spend cannot go down",
+            )
         last_epsilon[dataset] = (entry.index, entry.epsilon)
     return result
 
@@ -159,27 +172,48 @@ def recompute_ledger(site: SiteLedger, report: AuditReport, accounting: Accounti
         recomputed = accounting.independent(history, entry.delta, chosen)
         outcome = verdict(entry.epsilon, recomputed, report.tolerance)
         gap = report.tolerance if outcome == "under-reported" else over_gap(recomputed)
-        report.recomputed.append(Recomputed(
-            site.site.site_id, dataset, "ledger", entry.index, entry.run_id,
-            entry.server_round, entry.delta, entry.epsilon, recomputed, chosen, gap, outcome,
-        ))
+        report.recomputed.append(
+            Recomputed(
+                site.site.site_id,
+                dataset,
+                "ledger",
+                entry.index,
+                entry.run_id,
+                entry.server_round,
+                entry.delta,
+                entry.epsilon,
+                recomputed,
+                chosen,
+                gap,
+                outcome,
+            )
+        )
         where = f"site {site.site.site_id}: ledger entry {entry.index}"
         matching = chosen == MATCHING_METHOD[entry.accountant]
         if outcome == "under-reported" and (matching or chosen == "pld"):
             report.add(
-                "fail", where,
+                "fail",
+                where,
                 f"the ledger claims epsilon {entry.epsilon:.4f} for dataset {dataset[:12]} after run "
                 f"{entry.run_id} round {entry.server_round}, but its history composes to {recomputed:.4f} "
                 f"({chosen}, dp-accounting, delta={entry.delta:g}), more than the accountant's error of "
                 f"{report.tolerance:g} below: the ledger under-reports the spend",
             )
         elif outcome == "under-reported":
-            report.add("warn", where, f"the ledger's {entry.accountant} claim {entry.epsilon:.4f} is below "
-                                      f"dp-accounting's {chosen} {recomputed:.4f}, the looser bound; not conclusive: "
-                                      "use --method pld")
+            report.add(
+                "warn",
+                where,
+                f"the ledger's {entry.accountant} claim {entry.epsilon:.4f} is below "
+                f"dp-accounting's {chosen} {recomputed:.4f}, the looser bound; not conclusive: "
+                "use --method pld",
+            )
         elif outcome == "over-reported":
-            report.add("warn", where, f"the ledger claims epsilon {entry.epsilon:.4f} but its history composes to "
-                                      f"{recomputed:.4f} ({chosen}); the claim is the more conservative")
+            report.add(
+                "warn",
+                where,
+                f"the ledger claims epsilon {entry.epsilon:.4f} but its history composes to "
+                f"{recomputed:.4f} ({chosen}); the claim is the more conservative",
+            )
 
 
 def ledger_budgets(site: SiteLedger, report: AuditReport, accounting: Accounting) -> None:
@@ -195,8 +229,14 @@ def ledger_budgets(site: SiteLedger, report: AuditReport, accounting: Accounting
         )
 
 
-def _one_budget(site: SiteLedger, dataset_id: str, entries: list[LedgerEntry], non_private: bool,
-                report: AuditReport, accounting: Accounting) -> DatasetBudget:
+def _one_budget(
+    site: SiteLedger,
+    dataset_id: str,
+    entries: list[LedgerEntry],
+    non_private: bool,
+    report: AuditReport,
+    accounting: Accounting,
+) -> DatasetBudget:
     policy = site.policy
     where = f"site {site.site.site_id}: dataset {dataset_id[:12]}"
     history = [e.to_step() for e in entries]
@@ -207,38 +247,80 @@ def _one_budget(site: SiteLedger, dataset_id: str, entries: list[LedgerEntry], n
     cap = policy.max_epsilon if policy else None
     rounds = [e for e in entries if e.kind == TRAIN]
     common = dict(
-        site=site.site.site_id, dataset_id=dataset_id, source="ledger", rounds=len(rounds),
-        runs=len({e.run_id for e in entries}), spent_claimed=claimed, spent_recomputed=recomputed, delta=delta,
-        accountant=accountant, curve=[CurvePoint(e.run_id, e.server_round, e.epsilon) for e in entries],
+        site=site.site.site_id,
+        dataset_id=dataset_id,
+        source="ledger",
+        rounds=len(rounds),
+        runs=len({e.run_id for e in entries}),
+        spent_claimed=claimed,
+        spent_recomputed=recomputed,
+        delta=delta,
+        accountant=accountant,
+        curve=[CurvePoint(e.run_id, e.server_round, e.epsilon) for e in entries],
         noise_multiplier=rounds[-1].noise_multiplier if rounds else (entries[-1].noise_multiplier if entries else None),
         releases=len(entries) - len(rounds) - sum(e.kind == PERSONALISE for e in entries),
     )
     seeded = [e.index for e in entries if e.noise == "seeded"]
     if non_private or seeded:
-        why = (f"was trained WITHOUT differential privacy at this site (marker {NON_PRIVATE_DIR}/...); its policy "
-               "allowed allow_non_private" if non_private else
-               f"has ledger entries {seeded} drawn with reproducible (seeded) noise, which anyone who knows the "
-               "seed can replay: reproducible noise, NOT private (its policy allowed allow_reproducible_noise)")
-        report.add("fail", where, f"{why}; no epsilon bound holds for it. A new copy of the files gets a new budget, "
-                                  "this one never does")
-        return DatasetBudget(**common, cap=cap, remaining=None, rounds_left=0, rounds_left_at_least=False,
-                             private=False, status="not-private")
+        why = (
+            f"was trained WITHOUT differential privacy at this site (marker {NON_PRIVATE_DIR}/...); its policy "
+            "allowed allow_non_private"
+            if non_private
+            else f"has ledger entries {seeded} drawn with reproducible (seeded) noise, which anyone who knows the "
+            "seed can replay: reproducible noise, NOT private (its policy allowed allow_reproducible_noise)"
+        )
+        report.add(
+            "fail",
+            where,
+            f"{why}; no epsilon bound holds for it. A new copy of the files gets a new budget, this one never does",
+        )
+        return DatasetBudget(
+            **common,
+            cap=cap,
+            remaining=None,
+            rounds_left=0,
+            rounds_left_at_least=False,
+            private=False,
+            status="not-private",
+        )
     unrecorded = [e.index for e in entries if e.noise == NOISE_UNRECORDED]
     if unrecorded:
-        report.add("warn", where, f"ledger entries {unrecorded} were written before the noise source was recorded: "
-                                  "a simulated site then drew seeded noise, a deployed one the operating system's")
+        report.add(
+            "warn",
+            where,
+            f"ledger entries {unrecorded} were written before the noise source was recorded: "
+            "a simulated site then drew seeded noise, a deployed one the operating system's",
+        )
     if cap is None or delta is None:
-        return DatasetBudget(**common, cap=None, remaining=None, rounds_left=None, rounds_left_at_least=False,
-                             private=True, status="unknown-cap")
+        return DatasetBudget(
+            **common,
+            cap=None,
+            remaining=None,
+            rounds_left=None,
+            rounds_left_at_least=False,
+            private=True,
+            status="unknown-cap",
+        )
     spent = max(claimed, recomputed)
     status = "ok"
     if claimed > cap or recomputed > cap + report.tolerance:
         status = "over-cap"
-        report.add("fail", where, f"spent epsilon {spent:.4f} (claimed {claimed:.4f}, recomputed {recomputed:.4f}) "
-                                  f"is over the site's cap of {cap:g}")
+        report.add(
+            "fail",
+            where,
+            f"spent epsilon {spent:.4f} (claimed {claimed:.4f}, recomputed {recomputed:.4f}) "
+            f"is over the site's cap of {cap:g}",
+        )
     rounds_left: int | None = None
     at_least = False
     if rounds and status == "ok":
         rounds_left, at_least = accounting.rounds_left(history, rounds[-1].to_step(), delta, accountant, cap)
-    return DatasetBudget(**common, cap=cap, remaining=cap - spent, rounds_left=rounds_left,
-                         rounds_left_at_least=at_least, private=True, status=status)
+    return DatasetBudget(
+        **common,
+        cap=cap,
+        remaining=cap - spent,
+        rounds_left=rounds_left,
+        rounds_left_at_least=at_least,
+        private=True,
+        status=status,
+    )

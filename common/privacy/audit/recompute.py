@@ -97,12 +97,18 @@ def rdp_rounds_left(history: Sequence[Step], step: Step, delta: float, cap: floa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = sum(
-            (rdp_analysis.compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier,
-                                      steps=s.steps, orders=orders) for s in history if s.steps),
+            (
+                rdp_analysis.compute_rdp(
+                    q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=orders
+                )
+                for s in history
+                if s.steps
+            ),
             np.zeros(len(orders)),
         )
-        per_round = rdp_analysis.compute_rdp(q=step.sample_rate, noise_multiplier=step.noise_multiplier,
-                                             steps=step.steps, orders=orders)
+        per_round = rdp_analysis.compute_rdp(
+            q=step.sample_rate, noise_multiplier=step.noise_multiplier, steps=step.steps, orders=orders
+        )
 
     def fits(n: int) -> bool:
         with warnings.catch_warnings():
@@ -122,4 +128,3 @@ def rdp_rounds_left(history: Sequence[Step], step: Step, delta: float, cap: floa
         else:
             high = middle
     return low, False
-

@@ -26,37 +26,86 @@ def rounds_left_text(budget: DatasetBudget) -> str:
 def budget_rows(report: AuditReport) -> list[list[str]]:
     """Rows of the budget table (see :data:`BUDGET_HEADER`)."""
     return [
-        [b.site, b.dataset_id[:12], str(b.rounds), str(b.releases), str(b.runs), _fmt(b.spent_claimed),
-         _fmt(b.spent_recomputed), "n/a" if b.delta is None else f"{b.delta:g}", _fmt(b.cap, 2), _fmt(b.remaining),
-         rounds_left_text(b), b.status]
+        [
+            b.site,
+            b.dataset_id[:12],
+            str(b.rounds),
+            str(b.releases),
+            str(b.runs),
+            _fmt(b.spent_claimed),
+            _fmt(b.spent_recomputed),
+            "n/a" if b.delta is None else f"{b.delta:g}",
+            _fmt(b.cap, 2),
+            _fmt(b.remaining),
+            rounds_left_text(b),
+            b.status,
+        ]
         for b in report.budgets
     ]
 
 
-BUDGET_HEADER = ["site", "dataset", "rounds", "releases", "runs", "epsilon spent", "recomputed", "delta", "cap",
-                 "remaining", "rounds left", "status"]
-RECOMPUTED_HEADER = ["site", "source", "entry", "run", "round", "claimed", "recomputed",
-                     "method", "allowed gap", "verdict"]
+BUDGET_HEADER = [
+    "site",
+    "dataset",
+    "rounds",
+    "releases",
+    "runs",
+    "epsilon spent",
+    "recomputed",
+    "delta",
+    "cap",
+    "remaining",
+    "rounds left",
+    "status",
+]
+RECOMPUTED_HEADER = [
+    "site",
+    "source",
+    "entry",
+    "run",
+    "round",
+    "claimed",
+    "recomputed",
+    "method",
+    "allowed gap",
+    "verdict",
+]
 
 
 def recomputed_rows(report: AuditReport) -> list[list[str]]:
     return [
-        [r.site, r.source, str(r.index), r.run_id, str(r.server_round), _fmt(r.claimed, 4),
-         _fmt(r.recomputed, 4), r.method, _fmt(r.allowed_gap, 4), r.verdict]
+        [
+            r.site,
+            r.source,
+            str(r.index),
+            r.run_id,
+            str(r.server_round),
+            _fmt(r.claimed, 4),
+            _fmt(r.recomputed, 4),
+            r.method,
+            _fmt(r.allowed_gap, 4),
+            r.verdict,
+        ]
         for r in report.recomputed
     ]
 
 
 def empirical_rows(report: AuditReport) -> list[list[str]]:
     return [
-        [e["label"], str(e["canaries"]), _fmt(e["noise_multiplier"], 4), _fmt(e["accounted_epsilon"]),
-         _fmt(e["lower_bound"]), f"{e['correct']}/{e['guesses']}", e["verdict"]]
+        [
+            e["label"],
+            str(e["canaries"]),
+            _fmt(e["noise_multiplier"], 4),
+            _fmt(e["accounted_epsilon"]),
+            _fmt(e["lower_bound"]),
+            f"{e['correct']}/{e['guesses']}",
+            e["verdict"],
+        ]
         for e in report.empirical
     ]
 
 
-EMPIRICAL_HEADER = ["run", "canaries", "noise", "accounted epsilon", "lower bound (95%)",
-                    "correct guesses", "verdict"]
+EMPIRICAL_HEADER = ["run", "canaries", "noise", "accounted epsilon", "lower bound (95%)", "correct guesses", "verdict"]
 
 
 def _intro(report: AuditReport) -> list[str]:
@@ -74,13 +123,24 @@ def write_markdown(report: AuditReport, path: Path) -> Path:
     """Write the audit as a Markdown report."""
 
     def table(header: list[str], rows: list[list[str]]) -> list[str]:
-        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                *("| " + " | ".join(row) + " |" for row in rows), ""]
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows),
+            "",
+        ]
 
-    lines = ["# fedtransfer privacy audit", "", *(f"- {line}" for line in _intro(report)), "",
-             "## Budget per site and dataset", "",
-             *table(BUDGET_HEADER, budget_rows(report)),
-             "## Findings", ""]
+    lines = [
+        "# fedtransfer privacy audit",
+        "",
+        *(f"- {line}" for line in _intro(report)),
+        "",
+        "## Budget per site and dataset",
+        "",
+        *table(BUDGET_HEADER, budget_rows(report)),
+        "## Findings",
+        "",
+    ]
     lines += [f"- **{f.severity}** {f.where}: {f.message}" for f in report.findings] or ["- none"]
     lines += ["", "## Epsilon recomputed independently", "", *table(RECOMPUTED_HEADER, recomputed_rows(report))]
     if report.empirical:
@@ -99,19 +159,27 @@ def write_html(report: AuditReport, path: Path) -> Path:
         body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-    findings = "".join(
-        f'<li class="{f.severity}"><b>{e(f.severity)}</b> {e(f.where)}: {e(f.message)}</li>'
-        for f in report.findings
-    ) or "<li>none</li>"
+    findings = (
+        "".join(
+            f'<li class="{f.severity}"><b>{e(f.severity)}</b> {e(f.where)}: {e(f.message)}</li>'
+            for f in report.findings
+        )
+        or "<li>none</li>"
+    )
     parts = [
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>fedtransfer privacy audit</title>",
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>fedtransfer privacy audit</title>',
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #999;padding:3px 8px}li.fail{color:#b00}li.warn{color:#a60}</style>",
         "</head><body><h1>fedtransfer privacy audit</h1><ul>",
-        "".join(f"<li>{e(line)}</li>" for line in _intro(report)), "</ul>",
-        "<h2>Budget per site and dataset</h2>", table(BUDGET_HEADER, budget_rows(report)),
-        "<h2>Findings</h2><ul>", findings, "</ul>",
-        "<h2>Epsilon recomputed independently</h2>", table(RECOMPUTED_HEADER, recomputed_rows(report)),
+        "".join(f"<li>{e(line)}</li>" for line in _intro(report)),
+        "</ul>",
+        "<h2>Budget per site and dataset</h2>",
+        table(BUDGET_HEADER, budget_rows(report)),
+        "<h2>Findings</h2><ul>",
+        findings,
+        "</ul>",
+        "<h2>Epsilon recomputed independently</h2>",
+        table(RECOMPUTED_HEADER, recomputed_rows(report)),
     ]
     if report.empirical:
         parts += ["<h2>Empirical one-run canary audit</h2>", table(EMPIRICAL_HEADER, empirical_rows(report))]
@@ -151,7 +219,9 @@ def write_plot(report: AuditReport, path: Path) -> Path:
         for x in starts:
             ax.axvline(x - 0.5, color=colour, linestyle=":", linewidth=0.8)
         if budget.cap is not None:
-            ax.axhline(budget.cap, color=colour, linestyle="--", linewidth=1, label=f"cap {budget.site} = {budget.cap:g}")
+            ax.axhline(
+                budget.cap, color=colour, linestyle="--", linewidth=1, label=f"cap {budget.site} = {budget.cap:g}"
+            )
     ax.set_xlabel("rounds trained on the dataset, all runs in ledger order (dotted: a new run)")
     ax.set_ylabel("cumulative epsilon")
     ax.set_title("Privacy spent per site dataset")

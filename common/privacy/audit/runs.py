@@ -27,13 +27,22 @@ from common.security.manifest import Manifest, ManifestError
 
 #: Spend fields of a report compared with the ledger entry they name: report key -> entry attribute.
 _SPEND_FIELDS = {
-    "kind": "kind", "ledger-hash": "hash", "noise-multiplier": "noise_multiplier", "sample-rate": "sample_rate",
-    "steps": "steps", "clip": "max_grad_norm",
+    "kind": "kind",
+    "ledger-hash": "hash",
+    "noise-multiplier": "noise_multiplier",
+    "sample-rate": "sample_rate",
+    "steps": "steps",
+    "clip": "max_grad_norm",
 }
 #: Report fields compared with the last entry the reply caused.
 _REPORT_FIELDS = {
-    "dataset-id": "dataset_id", "epsilon": "epsilon", "delta": "delta", "accountant": "accountant",
-    "reference-epsilon": "reference_epsilon", "reference-accountant": "reference_accountant", "noise": "noise",
+    "dataset-id": "dataset_id",
+    "epsilon": "epsilon",
+    "delta": "delta",
+    "accountant": "accountant",
+    "reference-epsilon": "reference_epsilon",
+    "reference-accountant": "reference_accountant",
+    "noise": "noise",
 }
 
 
@@ -72,7 +81,8 @@ def audit_run(path: Path, report: AuditReport, fingerprint: str | None) -> tuple
         return run_id, []
     if fingerprint is None:
         report.add(
-            "warn", where,
+            "warn",
+            where,
             f"manifest signature checked against its own coordinator key {manifest.coordinator.fingerprint()[:16]}...; "
             "pass --coordinator-fingerprint (received out of band) to prove it is your coordinator's",
         )
@@ -85,8 +95,13 @@ def audit_run(path: Path, report: AuditReport, fingerprint: str | None) -> tuple
                 if reply is None:
                     continue
                 try:
-                    signed = verify_report(reply.report_signed, rnd.flower_run_id or record.run_id, rnd.server_round,
-                                           base, manifest.site(site_id))
+                    signed = verify_report(
+                        reply.report_signed,
+                        rnd.flower_run_id or record.run_id,
+                        rnd.server_round,
+                        base,
+                        manifest.site(site_id),
+                    )
                     check_reply(phase, reply.status, reply.values, phase == "train" and reply.status == "ok", signed)
                 except (ReportInvalid, ManifestError) as exc:
                     report.add("fail", site_where, f"the privacy report's signature does not verify: {exc}")
@@ -95,10 +110,16 @@ def audit_run(path: Path, report: AuditReport, fingerprint: str | None) -> tuple
                     report.add("fail", site_where, f"the recorded reply breaks the egress rule: {exc}")
                     continue
                 if _normalise(signed) != _normalise(reply.report):
-                    report.add("fail", site_where, "the run record's copy of the report differs from the one the site "
-                                                   "signed; the signed report is used")
+                    report.add(
+                        "fail",
+                        site_where,
+                        "the run record's copy of the report differs from the one the site "
+                        "signed; the signed report is used",
+                    )
                 if signed.get("dp") is False:
-                    report.add("fail", site_where, "the site trained WITHOUT differential privacy; no epsilon bound holds")
+                    report.add(
+                        "fail", site_where, "the site trained WITHOUT differential privacy; no epsilon bound holds"
+                    )
                 elif signed.get("noise") == "seeded":
                     report.add("fail", site_where, "the site drew reproducible (seeded) noise: NOT private")
                 reported.append(Reported(site_id, run_id, rnd.server_round, phase, reply.status, signed))
@@ -125,48 +146,80 @@ def cross_check(ledgers: list[SiteLedger], runs: dict[str, list[Reported]], repo
                 index = spend.get("ledger-index")
                 entry = site.entries[index] if isinstance(index, int) and 0 <= index < len(site.entries) else None
                 if entry is None or entry.hash != spend.get("ledger-hash"):
-                    report.add("fail", where, f"the signed report names ledger entry {index} with hash "
-                                              f"{str(spend.get('ledger-hash'))[:16]}..., which the site's ledger at "
-                                              f"{site.site.state_dir} does not hold: the ledger and the coordinator disagree")
+                    report.add(
+                        "fail",
+                        where,
+                        f"the signed report names ledger entry {index} with hash "
+                        f"{str(spend.get('ledger-hash'))[:16]}..., which the site's ledger at "
+                        f"{site.site.state_dir} does not hold: the ledger and the coordinator disagree",
+                    )
                     continue
                 reported_entries.setdefault(rep.site, set()).add(entry.index)
-                differing = [key for key, attr in _SPEND_FIELDS.items()
-                             if key in spend and _normalise(spend[key]) != _normalise(getattr(entry, attr))]
+                differing = [
+                    key
+                    for key, attr in _SPEND_FIELDS.items()
+                    if key in spend and _normalise(spend[key]) != _normalise(getattr(entry, attr))
+                ]
                 if entry.run_id != run_id or entry.server_round != rep.server_round:
                     differing.append("run/round")
                 if differing:
-                    report.add("fail", where, f"ledger entry {entry.index} differs from the signed report in "
-                                              f"{', '.join(differing)}")
+                    report.add(
+                        "fail",
+                        where,
+                        f"ledger entry {entry.index} differs from the signed report in {', '.join(differing)}",
+                    )
             if spends:
                 last = max(spends, key=lambda s: s.get("ledger-index", -1))
                 index = last.get("ledger-index")
                 if isinstance(index, int) and 0 <= index < len(site.entries):
                     entry = site.entries[index]
-                    differing = [key for key, attr in _REPORT_FIELDS.items()
-                                 if key in rep.report and _normalise(rep.report[key]) != _normalise(getattr(entry, attr))]
+                    differing = [
+                        key
+                        for key, attr in _REPORT_FIELDS.items()
+                        if key in rep.report and _normalise(rep.report[key]) != _normalise(getattr(entry, attr))
+                    ]
                     if differing:
-                        report.add("fail", where, f"the report's {', '.join(differing)} differ from its last ledger "
-                                                  f"entry {index}")
+                        report.add(
+                            "fail",
+                            where,
+                            f"the report's {', '.join(differing)} differ from its last ledger entry {index}",
+                        )
     for site in by_site.values():
         for entry in site.entries:
             if entry.run_id not in runs or entry.index in reported_entries.get(site.site.site_id, set()):
                 continue
             where = f"site {site.site.site_id}: ledger entry {entry.index}"
             if entry.kind == PERSONALISE:
-                report.add("warn", where, f"run {entry.run_id}: a private personalisation the coordinator recorded no "
-                                          "report of (the evaluation after it may not have arrived); it counts all the same")
+                report.add(
+                    "warn",
+                    where,
+                    f"run {entry.run_id}: a private personalisation the coordinator recorded no "
+                    "report of (the evaluation after it may not have arrived); it counts all the same",
+                )
             else:
-                report.add("warn", where, f"run {entry.run_id} round {entry.server_round}: {entry.kind} spent at the site "
-                                          "but the coordinator recorded no report of it (the reply may not have "
-                                          "arrived); the spend counts all the same")
+                report.add(
+                    "warn",
+                    where,
+                    f"run {entry.run_id} round {entry.server_round}: {entry.kind} spent at the site "
+                    "but the coordinator recorded no report of it (the reply may not have "
+                    "arrived); the spend counts all the same",
+                )
     unaudited = sorted({e.run_id for s in by_site.values() for e in s.entries} - set(runs))
     if runs and unaudited:
-        report.add("info", "cross-check", "runs in the ledgers without a run record among the inputs (not "
-                                          f"cross-checked): {', '.join(unaudited)}")
+        report.add(
+            "info",
+            "cross-check",
+            f"runs in the ledgers without a run record among the inputs (not cross-checked): {', '.join(unaudited)}",
+        )
 
 
-def report_only_checks(ledger_sites: set[str], runs: dict[str, list[Reported]], report: AuditReport,
-                       accounting: Accounting, method: Method | None) -> None:
+def report_only_checks(
+    ledger_sites: set[str],
+    runs: dict[str, list[Reported]],
+    report: AuditReport,
+    accounting: Accounting,
+    method: Method | None,
+) -> None:
     """For sites without a ledger among the inputs: recompute from the spends their reports name."""
     by_dataset: dict[tuple[str, str], list[Reported]] = {}
     for reports in runs.values():
@@ -182,7 +235,9 @@ def report_only_checks(ledger_sites: set[str], runs: dict[str, list[Reported]], 
         for rep in reps:
             p = rep.report
             try:
-                history += [Step(float(s["noise-multiplier"]), float(s["sample-rate"]), int(s["steps"])) for s in _spends(rep)]
+                history += [
+                    Step(float(s["noise-multiplier"]), float(s["sample-rate"]), int(s["steps"])) for s in _spends(rep)
+                ]
                 claimed, delta, accountant = float(p["epsilon"]), float(p["delta"]), str(p["accountant"])
                 chosen = method or MATCHING_METHOD[accountant]
             except (KeyError, TypeError, ValueError) as exc:  # KeyError also for an unknown accountant
@@ -191,13 +246,30 @@ def report_only_checks(ledger_sites: set[str], runs: dict[str, list[Reported]], 
             recomputed = accounting.independent(history, delta, chosen)
             outcome = "under-reported" if claimed < recomputed - report.tolerance else "ok"
             index = max(s["ledger-index"] for s in _spends(rep))
-            report.recomputed.append(Recomputed(site_id, dataset_id, "reports", index, rep.run_id, rep.server_round,
-                                                delta, claimed, recomputed, chosen, report.tolerance, outcome))
+            report.recomputed.append(
+                Recomputed(
+                    site_id,
+                    dataset_id,
+                    "reports",
+                    index,
+                    rep.run_id,
+                    rep.server_round,
+                    delta,
+                    claimed,
+                    recomputed,
+                    chosen,
+                    report.tolerance,
+                    outcome,
+                )
+            )
             curve.append(CurvePoint(rep.run_id, rep.server_round, claimed))
             if outcome == "under-reported":
-                report.add("fail" if chosen in ("pld", MATCHING_METHOD.get(accountant)) else "warn", where,
-                           f"run {rep.run_id} round {rep.server_round} reports epsilon {claimed:.4f}, but the reported "
-                           f"spends alone compose to {recomputed:.4f} ({chosen}): under-reported")
+                report.add(
+                    "fail" if chosen in ("pld", MATCHING_METHOD.get(accountant)) else "warn",
+                    where,
+                    f"run {rep.run_id} round {rep.server_round} reports epsilon {claimed:.4f}, but the reported "
+                    f"spends alone compose to {recomputed:.4f} ({chosen}): under-reported",
+                )
         if not curve:
             continue
         last = reps[len(curve) - 1].report
@@ -206,14 +278,30 @@ def report_only_checks(ledger_sites: set[str], runs: dict[str, list[Reported]], 
         status = "over-cap" if cap is not None and claimed > cap else "ok"
         if status == "over-cap":
             report.add("fail", where, f"reported epsilon {claimed:.4f} is over the reported cap {cap:g}")
-        report.budgets.append(DatasetBudget(
-            site=site_id, dataset_id=dataset_id, source="reports", rounds=sum(r.phase == "train" for r in reps),
-            runs=len({c.run_id for c in curve}), spent_claimed=claimed,
-            spent_recomputed=report.recomputed[-1].recomputed, cap=cap,
-            remaining=cap - claimed if cap is not None else None, rounds_left=None,
-            rounds_left_at_least=False, noise_multiplier=history[-1].noise_multiplier,
-            delta=float(last["delta"]), accountant=str(last["accountant"]), private=True,
-            status=status, curve=curve,
-        ))
-        report.add("info", where, "no site ledger among the inputs: only the spends the audited runs reported were "
-                                  "recomputed, and rounds left are unknown")
+        report.budgets.append(
+            DatasetBudget(
+                site=site_id,
+                dataset_id=dataset_id,
+                source="reports",
+                rounds=sum(r.phase == "train" for r in reps),
+                runs=len({c.run_id for c in curve}),
+                spent_claimed=claimed,
+                spent_recomputed=report.recomputed[-1].recomputed,
+                cap=cap,
+                remaining=cap - claimed if cap is not None else None,
+                rounds_left=None,
+                rounds_left_at_least=False,
+                noise_multiplier=history[-1].noise_multiplier,
+                delta=float(last["delta"]),
+                accountant=str(last["accountant"]),
+                private=True,
+                status=status,
+                curve=curve,
+            )
+        )
+        report.add(
+            "info",
+            where,
+            "no site ledger among the inputs: only the spends the audited runs reported were "
+            "recomputed, and rounds left are unknown",
+        )
