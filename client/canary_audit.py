@@ -49,7 +49,7 @@ from torch import nn
 from client.dp_training import dp_train
 from common.errors import PrivacyError
 from common.model.training import TrainConfig
-from common.privacy.accounting import Accountant, Step, calibrate_noise, compose_epsilon
+from common.privacy.accounting import DEFAULT_ACCOUNTANT, Accountant, Step, calibrate_noise, compose_epsilon
 from common.privacy.noise import SeededRandom
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class CanaryConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     lr: float = 0.1
-    accountant: Accountant = "prv"
+    accountant: Accountant = DEFAULT_ACCOUNTANT
     confidence: float = 0.95
     seed: int = 0
 

@@ -1,7 +1,8 @@
-"""Smoke runs of the flamby, transfer-privacy, speed and scale benchmarks: files, keys, finite figures.
+"""Smoke runs of the flamby, transfer-privacy, evaluation-cost, speed and scale benchmarks: files, keys, figures.
 
 Quick mode only (1 seed, 1-2 rounds, few configurations, 2 sites for scale); the figures are
-never compared with targets here, only checked to exist and be finite.
+never compared with targets here, only checked to exist and be finite, and the budget plans
+to be ordered as the release share makes them.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from typing import Any
 import pytest
 
 from common.data.heart_disease import DATA_DIR_ENV
+from common.privacy.accounting import Step, compose_epsilon
 from simulations.benchmarks import BENCHMARKS
 from simulations.benchmarks.communication import heart_data_dir
+from simulations.benchmarks.evaluation_cost import _skip_reason, runs_within_cap
 from simulations.benchmarks.harness import Stopwatch
 from tests.conftest import numbers_in
 
-SUITE = ("flamby", "transfer-privacy", "speed", "scale")
+SUITE = ("flamby", "transfer-privacy", "evaluation-cost", "speed", "scale")
 NEEDS_HEART_DATA = {"flamby", "transfer-privacy"}
 PLOTS = {
     "flamby": "flamby-accuracy.png",
     "transfer-privacy": "transfer-privacy-epsilon.png",
+    "evaluation-cost": "evaluation-cost.png",
     "speed": "speed-rounds.png",
     "scale": "scale-rounds.png",
 }
@@ -70,6 +74,10 @@ def test_figure_keys(figures: tuple[str, Path, dict[str, Any]]) -> None:
             if cell["epsilon"] is not None:  # spent epsilon, from the ledgers, within what was asked (RDP)
                 assert 0 < cell["epsilon_spent_max"] <= cell["epsilon"] + 1e-6
         assert {"federated_transfer", "local_only_no_dp", "met"} <= set(result["goal"])
+        released = {c["method"]: c["released_mean"] for c in result["cells"] if c["epsilon"] == 1.0}
+        assert released["federated transfer"] is not None  # the default DP evaluation after the last round
+    elif name == "evaluation-cost":
+        _check_evaluation_cost(result)
     elif name == "speed":
         assert len(result["ours"]["round_seconds"]) == len(result["peer"]["round_seconds"]) == result["config"]["rounds"]
         assert result["ratio_median"] > 0 and result["not_instrumented"] == []
@@ -80,6 +88,43 @@ def test_figure_keys(figures: tuple[str, Path, dict[str, Any]]) -> None:
         (point,) = result["points"]
         assert point["sites"] == 2 and len(point["round_seconds"]) == result["rounds"]
         assert point["peak_rss_mb"] > 0 and point["driver_peak_rss_mb"] > 0
+
+
+def _check_evaluation_cost(result: dict[str, Any]) -> None:
+    cells = {c["variant"]: c for c in result["cells"]}
+    assert set(cells) == {"none", "last", "every"} and result["scenarios"] == ["wdbc"]
+    none, last, every = cells["none"], cells["last"], cells["every"]
+    rounds, sites = result["recipe"]["rounds"], len(result["test_rows"]["wdbc"])
+    assert (none["evaluations"], last["evaluations"], every["evaluations"]) == (0, 1, rounds)
+    assert (none["releases"], last["releases"], every["releases"]) == (0, sites, sites * rounds)
+    # the release share costs the rounds noise; more releases in the same share cost each release noise
+    assert last["rounds_noise"] == every["rounds_noise"] > none["rounds_noise"]
+    assert none["release_noise"] is None and every["release_noise"] > last["release_noise"] > 0
+    for cell in result["cells"]:
+        assert 0 < cell["epsilon_spent_max"] <= cell["epsilon"] + 1e-6
+        assert cell["more_runs_min"] >= 0 and cell["more_rounds_min"] >= 0
+    for cell in (last, every):
+        assert all(0 <= cell["error"][m] <= 1 for m in ("roc-auc", "balanced-accuracy", "f1"))
+    assert {r["versus"] for r in result["ratios"]} == {"b/a", "c/a"}
+    assert all(r["rounds_noise"] > 1 for r in result["ratios"])
+
+
+def test_evaluation_cost_skips_heart_disease_without_its_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "absent"))
+    assert _skip_reason("wdbc") is None
+    assert str(tmp_path / "absent") in (_skip_reason("heart-disease") or "")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_runs_within_cap_is_the_largest_composition_within_the_cap(accountant: str) -> None:
+    run = (Step(1.5, 0.25, 24), Step(4.0, 1.0, 1))
+    runs = runs_within_cap(run, 1e-5, accountant, 10.0)
+
+    def composed(times: int) -> float:
+        repeated = [Step(s.noise_multiplier, s.sample_rate, s.steps * times) for s in run]
+        return compose_epsilon(repeated, 1e-5, accountant)
+
+    assert runs >= 1 and composed(runs) <= 10.0 < composed(runs + 1)
 
 
 def test_stopwatch_counts_nested_time_once() -> None:

@@ -47,7 +47,7 @@ def test_spend_survives_restart_and_next_run_has_less_room(tmp_path):
     assert guard_at(tmp_path).spent() <= POLICY.max_epsilon
     entries = Ledger(tmp_path, site_key=SITE.public()).entries(DATASET)
     assert [e.epsilon for e in entries] == sorted(e.epsilon for e in entries)
-    assert entries[-1].reference_accountant == "prv"
+    assert entries[-1].reference_accountant == "pld"
 
 
 def test_plan_is_stable_across_restarts(tmp_path):

@@ -157,9 +157,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     audit.add_argument(
         "--method",
-        choices=("pld", "rdp"),
+        choices=("pld", "rdp", "prv"),
         default=None,
-        help="independent accountant; default: PLD for PRV ledgers, RDP for RDP ledgers",
+        help="independent accountant; default: Opacus PRV for PLD ledgers, dp-accounting PLD for PRV ledgers, "
+        "dp-accounting RDP for RDP ledgers",
     )
     audit.add_argument(
         "--coordinator-fingerprint",

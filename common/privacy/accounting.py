@@ -1,27 +1,29 @@
 """Privacy accounting over a DP-SGD history: pure functions, no state.
 
-A *history* is the list of DP-SGD phases that touched one dataset, one
-:class:`Step` per training round: ``(noise_multiplier, sample_rate, steps)``, the
-same triple Opacus keeps in ``accountant.history``. Epsilon is always obtained by
-composing the whole history in a fresh Opacus accountant; per-round epsilons are
+A *history* is the list of DP phases that touched one dataset, one :class:`Step` per
+ledger entry: ``(noise_multiplier, sample_rate, steps)``, the triple Opacus keeps in
+``accountant.history`` (a DP release is one Gaussian mechanism: one step at sample rate
+1). Epsilon is always obtained by composing the whole history; per-round epsilons are
 never added (adding them overstates the spend and hides the real composition).
 
-Two accountants are supported, named as Opacus names them:
+Three accountants, as a site's policy names them:
 
-- ``"prv"``: numerical composition of privacy random variables (Gopi et al. 2021),
-  Opacus's default and the tightest; it reports an upper bound that includes its
-  own discretisation error (``eps_error`` = 0.01), so epsilons below about 0.02
-  cannot be certified with it.
-- ``"rdp"``: Renyi DP (Mironov 2017); cheap and looser.
+- ``"pld"`` (the default): privacy loss distributions with Google's ``dp-accounting``
+  (Koskela et al.; Doroshenko et al. 2022), discretised at ``PLD_INTERVAL`` with the
+  pessimistic rounding, so the value is an upper bound; tight, and fast enough to account
+  a round in tens of milliseconds and to calibrate a run's noise in a fraction of a second.
+- ``"prv"``: Opacus's privacy random variables (Gopi et al. 2021); tight too, its upper
+  bound includes its own discretisation error (``eps_error`` = 0.01), and ten times slower.
+- ``"rdp"``: Opacus's Renyi DP (Mironov 2017); looser.
 
-PRV needs a discretisation grid whose size grows with the epsilon of the history
-and with the number of steps. When that grid would be too large to evaluate
-reliably in memory and time, :func:`compose_epsilon` raises
-:class:`AccountingError` rather than returning a number it could not compute; the
-site can then switch its policy to ``"rdp"``.
+PRV needs a discretisation grid whose size grows with the epsilon of the history and
+with the number of steps. When that grid would be too large to evaluate reliably,
+:func:`compose_epsilon` raises :class:`AccountingError` rather than returning a number it
+could not compute; the site can then switch its policy to another accountant.
 
-:func:`independent_epsilon` recomputes epsilon with Google's ``dp-accounting``
-package, a code base independent of Opacus, for audits and tests.
+:func:`independent_epsilon` recomputes epsilon with a code base other than the one the
+ledger used, for audits and tests: dp-accounting's PLD or RDP for Opacus ledgers, and
+Opacus's PRV estimate for ``pld`` ledgers.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import dp_accounting
 import numpy as np
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import (
@@ -47,8 +52,14 @@ from common.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
-Accountant = Literal["prv", "rdp"]
-ACCOUNTANTS: tuple[Accountant, ...] = ("prv", "rdp")
+Accountant = Literal["pld", "prv", "rdp"]
+ACCOUNTANTS: tuple[Accountant, ...] = ("pld", "prv", "rdp")
+DEFAULT_ACCOUNTANT: Accountant = "pld"
+#: dp-accounting's discretisation of the privacy loss for ``pld``: with the pessimistic rounding
+#: the epsilon is an upper bound, within 1e-3 of the finest grid's for our histories.
+PLD_INTERVAL = 1e-3
+#: The reference column of the ledger shows each history under another, cheap accountant.
+REFERENCE: dict[str, Accountant] = {"pld": "rdp", "prv": "rdp", "rdp": "pld"}
 
 #: Absolute epsilon error PRV is asked for (Opacus's default); the reported value
 #: is an upper bound that already includes it.
@@ -158,6 +169,8 @@ def _compose_phases(
             rdp = RDPAccountant()
             rdp.history = copy.deepcopy(phases)
             epsilon = float(rdp.get_epsilon(delta))
+        elif accountant == "pld":
+            epsilon = _pld_epsilon(phases, delta, PLD_INTERVAL)
         else:
             points = _prv_grid_points(phases, delta)
             if points > max_grid_points:
@@ -180,36 +193,8 @@ def _compose_phases(
     return epsilon
 
 
-def compose_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> float:
-    """Epsilon of the whole history at ``delta``, composed in a fresh Opacus accountant.
-
-    An empty history (or one with only zero-step phases) spends 0.0.
-    Raises :class:`AccountingError` if the accountant cannot produce a trustworthy value.
-    """
-    return _compose(history, delta, accountant, PRV_MAX_GRID_POINTS)
-
-
-def reference_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> tuple[str, float]:
-    """The epsilon of ``history`` under the *other* accountant, as ``(name, epsilon)``."""
-    _check_accountant(accountant)
-    other: Accountant = "rdp" if accountant == "prv" else "prv"
-    return other, compose_epsilon(history, delta, other)
-
-
-def independent_epsilon(history: Sequence[Step], delta: float, method: Literal["pld", "rdp"] = "pld") -> float:
-    """Epsilon of ``history`` computed by Google's dp-accounting, independently of Opacus.
-
-    ``"pld"`` uses privacy loss distributions (comparable to Opacus PRV); ``"rdp"`` uses
-    dp-accounting's RDP accountant (comparable to Opacus RDP, with a finer order grid).
-    """
-    import dp_accounting
-    from dp_accounting.pld import PLDAccountant
-    from dp_accounting.rdp import RdpAccountant
-
-    _check_delta(delta)
-    phases = _merged(history)
-    if not phases:
-        return 0.0
+def _pld_epsilon(phases: list[tuple[float, float, int]], delta: float, interval: float) -> float:
+    """dp-accounting's PLD epsilon of merged phases, pessimistic (an upper bound)."""
     event = dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(
@@ -218,22 +203,76 @@ def independent_epsilon(history: Sequence[Step], delta: float, method: Literal["
             for sigma, q, n in phases
         ]
     )
-    if method == "pld":
-        acc: dp_accounting.PrivacyAccountant = PLDAccountant()
-    elif method == "rdp":
-        acc = RdpAccountant()
-    else:
-        raise ValueError(f"method must be 'pld' or 'rdp', got {method!r}")
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    accountant = PLDAccountant(value_discretization_interval=interval)
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
 
 
-def _rdp_solver(prior: list[Step], sample_rate: float, planned_steps: int, delta: float) -> Callable[[float], float]:
-    """Epsilon of prior + planned phase as a function of sigma, by Opacus's RDP analysis.
+def compose_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> float:
+    """Epsilon of the whole history at ``delta``, composed afresh by ``accountant``.
 
-    The prior's RDP curve is computed once; it is the same sum RDPAccountant forms.
+    An empty history (or one with only zero-step phases) spends 0.0.
+    Raises :class:`AccountingError` if the accountant cannot produce a trustworthy value.
     """
-    orders = RDPAccountant.DEFAULT_ALPHAS
+    return _compose(history, delta, accountant, PRV_MAX_GRID_POINTS)
+
+
+def reference_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> tuple[str, float]:
+    """The epsilon of ``history`` under the ledger's reference accountant (:data:`REFERENCE`): ``(name, epsilon)``."""
+    _check_accountant(accountant)
+    other = REFERENCE[accountant]
+    return other, compose_epsilon(history, delta, other)
+
+
+IndependentMethod = Literal["pld", "rdp", "prv"]
+
+
+def independent_epsilon(history: Sequence[Step], delta: float, method: IndependentMethod = "pld") -> float:
+    """Epsilon of ``history`` recomputed for an audit by a code base the ledger did not use.
+
+    ``"pld"``: dp-accounting's privacy loss distributions at its default (finest) grid, for
+    Opacus PRV ledgers; ``"rdp"``: dp-accounting's RDP (a finer order grid than Opacus's), for
+    RDP ledgers; ``"prv"``: Opacus's PRV central estimate (within its 0.01 error of the
+    true value), for ``pld`` ledgers, which dp-accounting wrote.
+    """
+    _check_delta(delta)
+    phases = _merged(history)
+    if not phases:
+        return 0.0
+    if method == "prv":
+        prv = PRVAccountant()
+        prv.history = copy.deepcopy(phases)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR)) - PRV_EPS_ERROR  # its bound, unpadded
+    if method == "pld":
+        return _pld_epsilon(phases, delta, 1e-4)
+    if method != "rdp":
+        raise ValueError(f"method must be 'pld', 'rdp' or 'prv', got {method!r}")
+    event = dp_accounting.ComposedDpEvent(
+        [
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
+            )
+            for sigma, q, n in phases
+        ]
+    )
+    accountant = RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))
+
+
+#: RDP orders for a calibration's starting guess: integers only, whose RDP has a closed form (fast).
+GUESS_ORDERS = (*range(2, 64), 80, 96, 128, 192, 256)
+
+
+def _rdp_solver(
+    prior: list[Step], sample_rate: float, planned_steps: int, delta: float, orders: Sequence[float]
+) -> Callable[[float], float]:
+    """Epsilon of prior + planned phase as a function of sigma, by Opacus's RDP analysis at ``orders``.
+
+    The prior's RDP curve is computed once; with Opacus's default orders it is the same sum RDPAccountant forms.
+    """
     prior_rdp = sum(
         (rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in _merged(prior)),
         np.zeros(len(orders)),
@@ -348,8 +387,10 @@ def calibrate_noise(
     returned value itself. Sigma lies on a grid of ``SIGMA_DECIMALS`` decimals
     (candidates are rounded up) and the search stops when it is within a relative
     ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit, so it is at most about
-    0.2 % above the smallest fitting value. For PRV the search starts from the cheap
-    RDP calibration. Typical cost: a few RDP and three to five PRV evaluations.
+    0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
+    RDP calibration at integer orders. Typical cost: a few RDP and three to five PLD (or
+    PRV) evaluations. Results are memoised: sites that share (prior, q, steps, target)
+    calibrate once per process.
 
     Raises :class:`BudgetExhausted` if the prior history alone already reaches the
     target, or if even sigma = ``SIGMA_CEILING`` does not fit.
@@ -364,7 +405,23 @@ def calibrate_noise(
         raise ValueError(f"min_noise must be in [0, {SIGMA_CEILING}], got {min_noise!r}")
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    prior = list(prior)
+    phases = tuple(sorted(_merged(prior)))
+    return _calibrate(
+        phases, float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(
+    phases: tuple[tuple[float, float, int], ...],
+    sample_rate: float,
+    planned_steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: Accountant,
+    min_noise: float,
+) -> float:
+    prior = [Step(sigma, q, n) for sigma, q, n in phases]
     spent = compose_epsilon(prior, delta, accountant)
     if spent >= target_epsilon:
         raise BudgetExhausted(
@@ -379,16 +436,18 @@ def calibrate_noise(
     )
     computed: dict[float, float] = {}
 
-    def prv_epsilon(sigma: float) -> float:
+    def numeric_epsilon(sigma: float) -> float:
+        """PLD or PRV epsilon of prior + the planned phase at ``sigma`` (inf where PRV cannot evaluate it)."""
         if sigma not in computed:
             history = [*prior, Step(sigma, sample_rate, planned_steps)]
             try:
-                computed[sigma] = _compose(history, delta, "prv", PRV_CALIBRATION_GRID_POINTS)
+                computed[sigma] = _compose(history, delta, accountant, PRV_CALIBRATION_GRID_POINTS)
             except AccountingError:
                 computed[sigma] = math.inf
         return computed[sigma]
 
-    rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps, delta)
+    orders = RDPAccountant.DEFAULT_ALPHAS if accountant == "rdp" else GUESS_ORDERS
+    rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps, delta, orders)
     lo = max(min_noise, SIGMA_FLOOR)
     start = min(max(1.0, lo * 1.5), SIGMA_CEILING / 2)
     if accountant == "rdp":
@@ -399,20 +458,20 @@ def calibrate_noise(
         sigma, _ = _solve(rdp_epsilon, target_epsilon, lo, SIGMA_CEILING, start, -1.5)
         verified = compose_epsilon([*prior, Step(sigma, sample_rate, planned_steps)], delta, "rdp")
     else:
-        # The floor is only tried with PRV when RDP says it is plausible; skipping it can
+        # The floor is only tried numerically when RDP says it is plausible; skipping it can
         # only end the search a grid step above the floor, never below a fitting sigma.
-        if rdp_epsilon(lo) <= 2 * target_epsilon and prv_epsilon(lo) <= target_epsilon:
+        if rdp_epsilon(lo) <= 2 * target_epsilon and numeric_epsilon(lo) <= target_epsilon:
             return float(lo)
-        # RDP is cheap and, being looser, its sigma is close to and usually above the PRV
-        # one: start the PRV search there, with RDP's local slope. The ceiling is only
-        # evaluated with PRV if the search ends there.
+        # RDP is cheap and, being looser, its sigma is close to and usually above the PLD or
+        # PRV one: start the search there, with RDP's local slope. The ceiling is only
+        # evaluated numerically if the search ends there.
         if rdp_epsilon(SIGMA_CEILING) <= target_epsilon:
             rdp_lo = lo if rdp_epsilon(lo) > target_epsilon else SIGMA_FLOOR / 2
             rdp_sigma, rdp_slope = _solve(rdp_epsilon, target_epsilon, rdp_lo, SIGMA_CEILING, start, -1.5)
         else:
             rdp_sigma, rdp_slope = SIGMA_CEILING / 2, -1.5
-        sigma, _ = _solve(prv_epsilon, target_epsilon, lo, SIGMA_CEILING, rdp_sigma, rdp_slope)
-        verified = prv_epsilon(sigma)
+        sigma, _ = _solve(numeric_epsilon, target_epsilon, lo, SIGMA_CEILING, rdp_sigma, rdp_slope)
+        verified = numeric_epsilon(sigma)
     if verified > target_epsilon:
         raise exhausted
     log.debug(

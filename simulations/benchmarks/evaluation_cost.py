@@ -39,11 +39,16 @@ import logging
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 import client.budget
 from client.budget import PLANS_DIR, RunPlan
@@ -63,12 +68,20 @@ from common.settings import RunSettings
 from server.federation import ROUND_CHECKPOINT_DIR
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import bar_plot, fmt, mean_sd, prewrite_policies, run_inprocess
-from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.benchmarks.report import (
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 
 logger = logging.getLogger(__name__)
 
 NAME = "evaluation-cost"
 SCENARIOS = ("wdbc", "heart-disease")
+QUICK_SCENARIOS = ("wdbc",)
 NEEDS_DATA = {"heart-disease"}
 EPSILONS = (1.0, 3.0, 8.0)
 QUICK_EPSILONS = (3.0,)
@@ -126,7 +139,7 @@ class SiteCost:
 
 @dataclass(frozen=True)
 class Release:
-    """One DP evaluation a site released: the coordinator's metrics, the exact ones, and those of the exact histogram."""
+    """One DP evaluation a site released: the coordinator's metrics, the exact ones, those of the exact histogram."""
 
     server_round: int
     site: str
@@ -142,6 +155,7 @@ class RunResult:
     seed: int
     final_exact: dict[str, dict[str, float]]
     costs: list[SiteCost]
+    unplanned: list[str]
     releases: list[Release]
     seconds: float
 
@@ -172,6 +186,7 @@ class Cell:
     auc_binning_error: float | None
     releases: int
     undefined_releases: int
+    unplanned_sites: int
     seconds: float
 
 
@@ -216,27 +231,49 @@ def _largest(fits: Callable[[int], bool], low: int) -> int:
     return low
 
 
-@functools.lru_cache(maxsize=None)
+def _rdp_runs_within_cap(run: Sequence[Step], delta: float, cap: float) -> int:
+    """Runs within ``cap`` under Opacus's RDP analysis: RDP is additive, so n runs are n times one run's curve."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        curve = sum((rdp_analysis.compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps,
+                                              orders=orders) for s in run), np.zeros(len(orders)))
+
+    def fits(times: int) -> bool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            epsilon, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=times * curve, delta=delta)
+        return bool(math.isfinite(epsilon) and epsilon <= cap)
+
+    return _largest(fits, 0)
+
+
+@functools.cache
 def runs_within_cap(run: tuple[Step, ...], delta: float, accountant: Accountant, cap: float) -> int:
     """How many runs with exactly the history ``run`` compose to at most ``cap`` on a fresh dataset.
 
-    RDP first (cheap, and never above PRV's answer), then the site's own accountant upward from there.
+    RDP first (cheap, and never above PRV's answer), then a PRV site's own accountant upward from there.
     """
-    def fits(times: int, by: Accountant) -> bool:
+    low = _rdp_runs_within_cap(run, delta, cap)
+    if accountant == "rdp":
+        return low
+
+    def fits(times: int) -> bool:
         try:
-            return compose_epsilon(_repeated(run, times), delta, by) <= cap
+            return compose_epsilon(_repeated(run, times), delta, accountant) <= cap
         except AccountingError:
             return False
 
-    low = _largest(lambda n: fits(n, "rdp"), 0)
-    if accountant == "rdp":
-        return low
-    return _largest(lambda n: fits(n, accountant), low if low and fits(low, accountant) else 0)
+    return _largest(fits, low if low and fits(low) else 0)
 
 
-def _site_cost(state: Path, site: str, accounting: Accounting) -> SiteCost:
-    """One site's plan, ledger and budget left after the run (its state directory holds exactly one run)."""
-    (plan_file,) = sorted((state / PLANS_DIR).glob("*.json"))
+def _site_cost(state: Path, site: str, accounting: Accounting) -> SiteCost | None:
+    """One site's plan, ledger and budget left after the run (its state directory holds at most one run's plan);
+    None if the site planned nothing (it declined the run)."""
+    plan_files = sorted((state / PLANS_DIR).glob("*.json"))
+    if not plan_files:
+        return None
+    (plan_file,) = plan_files
     plan = RunPlan.from_dict(json.loads(plan_file.read_text(encoding="utf-8")))
     entries = Ledger(state).entries()
     history = tuple(e.to_step() for e in entries)
@@ -294,11 +331,13 @@ def _run(scenario: Scenario, checkpoint: Path, recipe: Recipe, epsilon: float, v
     record = run_inprocess(settings, sites)
     seconds = time.perf_counter() - start
     final, _ = load_checkpoint(Path(record.final_checkpoint))
+    costs = {site.name: _site_cost(site_dir(root / "sites", index) / "state", site.name, accounting)
+             for index, site in enumerate(scenario.sites)}
     return RunResult(
         seed=seed,
         final_exact={site.name: _exact_and_binned(final, site)[0] for site in scenario.sites},
-        costs=[_site_cost(site_dir(root / "sites", index) / "state", site.name, accounting)
-               for index, site in enumerate(scenario.sites)],
+        costs=[cost for cost in costs.values() if cost is not None],
+        unplanned=[name for name, cost in costs.items() if cost is None],
         releases=_releases(record, root / "out", scenario),
         seconds=seconds,
     )
@@ -340,7 +379,7 @@ def _cell(scenario: str, epsilon: float, variant: Variant, runs: list[RunResult]
         error={m: _optional(mean_sd([abs(r.released.get(m, math.nan) - r.exact[m]) for r in releases])[0])
                for m in METRICS},
         auc_binning_error=_optional(mean_sd([abs(r.binned["roc-auc"] - r.exact["roc-auc"]) for r in releases])[0]),
-        releases=len(releases), undefined_releases=undefined,
+        releases=len(releases), undefined_releases=undefined, unplanned_sites=sum(len(run.unplanned) for run in runs),
         seconds=sum(run.seconds for run in runs),
     )
 
@@ -381,7 +420,8 @@ def _scenario_cells(name: str, seeds: list[int], epsilons: tuple[float, ...], re
                 result = _run(scenario, checkpoint, recipe, epsilon, variant, seed, root, accounting)
                 runs.setdefault((epsilon, variant.setting), []).append(result)
                 logger.info("%s %s epsilon %g seed %d: %.1f s", NAME, name, epsilon, seed, result.seconds)
-    cells = [_cell(name, epsilon, variant, runs[(epsilon, variant.setting)]) for epsilon in epsilons for variant in VARIANTS]
+    cells = [_cell(name, epsilon, variant, runs[(epsilon, variant.setting)])
+             for epsilon in epsilons for variant in VARIANTS]
     return cells, test_rows
 
 
@@ -436,8 +476,9 @@ def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, 
                       for name, rows_by_site in result["test_rows"].items())
     lines = [
         machine_text,
-        f"Scenarios {', '.join(f'`{s}`' for s in result['scenarios'])}; {len(result['seeds'])} seed(s) {result['seeds']}; "
-        f"FedAvg, {recipe['rounds']} rounds of {recipe['local_epochs']} local epochs, batch 16, SGD lr 0.05, the "
+        f"Scenarios {', '.join(f'`{s}`' for s in result['scenarios'])}; "
+        f"{len(result['seeds'])} seed(s) {result['seeds']}; "
+        f"FedAvg, {recipe['rounds']} rounds of {recipe['local_epochs']} local epoch(s), batch 16, SGD lr 0.05, the "
         "scenario's default model and policy, DP-SGD (clipping 1, Poisson sampling) at every site. Site policies: the "
         f"simulated ones (lifetime cap {CAP:g}, delta {DELTA:g}, minimum noise 0.5, release share 0.1, "
         f"`evaluation = \"dp\"`) with the **{recipe['accountant'].upper()}** accountant, `max_epsilon_per_run` set to "
@@ -462,14 +503,18 @@ def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, 
         "evaluated round (mean over sites and seeds); |released - exact| is the mean absolute error of every release "
         "against the exact metrics of the model it evaluated at that site (each round's for variant c); 'AUC binning' "
         "the error of the noise-free histogram's AUC (8 logit bins), the part of the AUC error that no budget removes. "
-        f"Releases (undefined): how many, and how many gave an undefined metric (a noisy count clipped to 0). Test rows "
-        f"per site: {sizes}.",
+        "Releases (undefined): how many, and how many gave an undefined metric (a noisy count clipped to 0). "
+        f"Test rows per site: {sizes}.",
         "",
         markdown_table(["scenario", "epsilon", "variant", *[f"exact {SHORT[m]} (sd)" for m in METRICS],
-                        *[f"released {SHORT[m]}" for m in METRICS], *[f"\\|released - exact\\| {SHORT[m]}" for m in METRICS],
+                        *[f"released {SHORT[m]}" for m in METRICS],
+                        *[f"|released - exact| {SHORT[m]}" for m in METRICS],
                         "AUC binning", "releases (undefined)"],
                        _utility_rows(cells)),
     ]
+    lines += [f"\n{c.scenario} at epsilon {c.epsilon:g}, variant {c.letter}: {c.unplanned_sites} site-run(s) "
+              "declined the run (no noise within the site's limits); they are left out of the cost columns."
+              for c in cells if c.unplanned_sites]
     lines += [f"\nSkipped {s['scenario']}: {s['reason']}." for s in result["skipped"]]
     lines += ["", f"![exact and released AUC per variant]({PLOT})"]
     return "\n".join(lines)
@@ -491,6 +536,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     machine = this_machine()
     out_dir = Path(out_dir)
     seeds = [seed] if quick else list(range(seed, seed + SEEDS))
+    scenarios = QUICK_SCENARIOS if quick else SCENARIOS
     epsilons = QUICK_EPSILONS if quick else EPSILONS
     recipe = QUICK_RECIPE if quick else RECIPE
     accounting = Accounting()
@@ -499,7 +545,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     skipped = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"fedtransfer-{NAME}-") as work, memoised_calibration():
-        for name in SCENARIOS:
+        for name in scenarios:
             reason = _skip_reason(name)
             if reason is not None:
                 logger.warning("%s: skipping %s: %s", NAME, name, reason)
@@ -515,7 +561,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "seeds": seeds,
         "machine": machine_record(machine),
         "command": bench_command(NAME, quick, seed),
-        "scenarios": [name for name in SCENARIOS if name in test_rows],
+        "scenarios": [name for name in scenarios if name in test_rows],
         "skipped": skipped,
         "epsilons": list(epsilons),
         "cap": CAP,

@@ -29,12 +29,16 @@ Every run, with DP or without, sees the same data: each centre z-scored with Cle
 train statistics (FLamby's per-centre z-scoring, from each centre's own records, is used only
 by the FLamby reproduction benchmark, through the run setting ``per-site-scaling``).
 
-Sites release no exact metrics, and the runs ask for no federated evaluation: the benchmark
-scores every global model itself on each target's test split. A personalised copy never
-leaves its site; the benchmark observes in process the exact evaluation histogram the site
-computes for its copy before any noise (a measurement only a simulator can make) and also
-reports the copy's accuracy as released (with DP: from the noisy histogram the coordinator
-receives).
+Every federated run asks for the default federated evaluation (``federated-evaluation =
+"last"``): after the last round each site releases a DP histogram of its test predictions, and
+its run plan keeps ``release_share`` (0.1) of the run's epsilon for that release, so the
+rounds train on the rest; the epsilon asked covers both. Sites release no exact metrics, so the
+benchmark scores every global model itself on each target's test split (it holds them) and
+also reports the accuracy the coordinator derives from the released histograms. A
+personalised copy never leaves its site; the benchmark observes in process the exact
+evaluation histogram the site computes for its copy before any noise (a measurement only a
+simulator can make) and also reports the copy's accuracy as released (with DP: from the noisy
+histogram the coordinator receives).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from common.model.transfer import TransferPolicy
 from common.model.zoo import FedModel
 from common.privacy.accounting import Step, calibrate_noise, compose_epsilon
 from common.privacy.noise import SeededRandom
+from common.run_record import RunRecord
 from common.settings import RunSettings
 from simulations.baselines import compute_baselines
 from simulations.benchmarks.communication import heart_data_dir
@@ -92,6 +97,8 @@ QUICK_EPSILONS = (1.0,)
 GOAL_EPSILON = 1.0
 SEEDS = 5
 PRIVATE_PERSONALISED = "federated transfer + private personalisation"
+#: The run setting ``federated-evaluation`` of every federated run: the default, one DP evaluation after the last round.
+FEDERATED_EVALUATION = "last"
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,9 @@ QUICK_RECIPE = Recipe(rounds=1, local_epochs=1, personalise_epochs=1, private_pe
 class Cell:
     """One method at one epsilon (``None``: no DP) over the seeds: target accuracy and the epsilon spent.
 
-    ``released_mean`` (personalised rows only): the targets' mean accuracy of the personalised
-    copies as the sites released it (DP-noisy in a private run), over the seeds that have one.
+    ``released_mean`` (federated rows): the targets' mean accuracy of the row's models (the global
+    model, or the personalised copies) as the coordinator derives it from the sites' released
+    evaluation histograms (DP-noisy in a private run), over the seeds that have one.
     """
 
     method: str
@@ -142,10 +150,12 @@ _MISSING = Cell("", None, {}, math.nan, math.nan, None, None, 0.0)
 
 @dataclass(frozen=True)
 class RunScores:
-    """What one federated run gives: the global model's accuracy, the personalised copies' accuracy as
-    observed exactly in process and as released, and each site's ledger epsilon (private runs)."""
+    """What one federated run gives: the global model's accuracy (exact, and as released after the last
+    round), the personalised copies' accuracy as observed exactly in process and as released, and each
+    site's ledger epsilon (private runs)."""
 
     global_model: dict[str, float]
+    global_released: dict[str, float]
     personalised: dict[str, float]
     personalised_released: dict[str, float]
     spent: list[float]
@@ -229,17 +239,31 @@ def _federated(scenario: Scenario, checkpoint: Path, recipe: Recipe, epsilon: fl
         scenario=SCENARIO, data_dir=str(heart_data_dir()), checkpoint=str(checkpoint), num_server_rounds=recipe.rounds,
         local_epochs=recipe.local_epochs, batch_size=recipe.batch_size, lr=recipe.lr, optimizer="sgd", strategy="fedavg",
         dp=private, target_epsilon=epsilon if private else 3.0, delta=DELTA, max_grad_norm=recipe.max_grad_norm, seed=seed,
-        **personalise, federated_evaluation="none", out=str(root / "out"), sim_root=str(root / "sites"),
+        **personalise, federated_evaluation=FEDERATED_EVALUATION, out=str(root / "out"), sim_root=str(root / "sites"),
         min_sites=1 if private_personalisation else sites, expected_sites=sites,
     )
     with personalised_histograms() as histograms:
         record = run_inprocess(settings, sites)
     return RunScores(
         global_model=final_model_scores(record, scenario.sites),
+        global_released=released_global(record),
         personalised={site: metrics_from_counts(counts)["accuracy"] for site, counts in histograms.items()},
         personalised_released=released_personalised(record),
         spent=ledger_epsilons(root / "sites", sites) if private else [],
     )
+
+
+def released_global(record: RunRecord, metric: str = "accuracy") -> dict[str, float]:
+    """``{site: metric}`` of the global model as the sites released it (the last round that has any release).
+
+    Derived by the coordinator from each site's released evaluation histogram: DP-noisy in a
+    private run, exact in a run without DP.
+    """
+    for current in reversed(record.rounds):
+        values = {site: r.metrics[metric] for site, r in current.sites.items() if metric in r.metrics}
+        if values:
+            return values
+    return {}
 
 
 def _finite_mean(values: list[float]) -> float | None:
@@ -294,6 +318,7 @@ def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], re
                 result = _federated(scenario, checkpoint, recipe, epsilon, seed,
                                     work / f"{label.split()[-1]}-{tag}-{seed}")
                 add((label, epsilon), result.global_model, result.spent, time.perf_counter() - start)
+                released.setdefault((label, epsilon), []).append(result.global_released)
                 if epsilon is None and label == "federated transfer":
                     add(("personalised", None), result.personalised, [], 0.0)
                     released.setdefault(("personalised", None), []).append(result.personalised_released)
@@ -339,13 +364,17 @@ def _markdown(result: dict[str, Any], cells: list[Cell], machine_text: str) -> s
         "for its own noise. Noise: the federated runs' sites draw it from the operating system's CSPRNG, as real sites do "
         "(heart disease is patient data: no reproducible noise), so their DP rows vary from one invocation to the next; "
         "local-only DP uses seeded noise (reproducible, NOT private: what it measures is the accuracy at that noise). "
-        "Accuracy: on each target's test split, mean over seeds; 'mean' is the targets' mean (sd over seeds). The sites "
-        "release no exact metrics and are asked for no federated evaluation, so the benchmark scores every global model "
-        "itself (it holds the test splits). A personalised copy never leaves its site: its accuracy here is read from "
-        "the exact evaluation histogram the site computes for it, observed in process before the site adds any noise "
-        "(only a simulator can see it); 'as released' is the same accuracy from the histogram the site sends the "
-        "coordinator (with DP: Gaussian noise in every cell, at the noise of the run's release share; on test splits "
-        "of 16 to 89 rows it says little).",
+        "Accuracy: on each target's test split, mean over seeds; 'mean' is the targets' mean (sd over seeds). "
+        "**Federated evaluation inside the budget:** every federated run asks for `federated-evaluation = "
+        f"\"{FEDERATED_EVALUATION}\"` (the default): after the last round each site releases a DP histogram of its "
+        "test predictions, and its plan keeps the policy's `release_share` (0.1) of the run's epsilon for its "
+        "releases, so the rounds train on 0.9 of it; 'epsilon spent' includes the release. The sites release no exact "
+        "metrics, so the benchmark scores every global model itself (it holds the test splits). A personalised copy "
+        "never leaves its site: its accuracy here is read from the exact evaluation histogram the site computes for "
+        "it, observed in process before the site adds any noise (only a simulator can see it). 'As released' is the "
+        "row's accuracy (the global model's, or the personalised copies') as the coordinator derives it from the "
+        "histograms the sites send (with DP: Gaussian noise in every cell, at the noise of the run's release share; "
+        "on test splits of 16 to 89 rows it says little; without DP: exact counts).",
         "",
         markdown_table(["method", "epsilon asked", "epsilon spent", *names, "mean", "sd", "as released", "seconds"], rows),
         "",
@@ -359,8 +388,8 @@ def _markdown(result: dict[str, Any], cells: list[Cell], machine_text: str) -> s
         f"(difference {goal['private_personalised_difference']:+.3f}). Its recipe (budget share "
         f"{recipe['personalise_fraction']:g}, {recipe['private_personalise_epochs']} full-batch DP-SGD steps on the head's bias, "
         f"lr {recipe['personalise_lr']:g}) was chosen on these seeds' test splits at epsilon 1: read it as an optimistic figure. "
-        "Its epsilon spent is the sites' ledgers' total (rounds, personalisation and the DP release of the copy's "
-        "evaluation composed in one history). "
+        "Its epsilon spent is the sites' ledgers' total (rounds, personalisation and the DP releases of the global "
+        "model's and the copy's evaluations composed in one history). "
         "A site whose share for the rounds only allows a noise multiplier above 20 declines the rounds, as every site "
         "does, and the run goes on without it; it still personalises the global model with its reserved share.",
         "",

@@ -15,7 +15,8 @@ directories (each holding ``run-record.json`` with the sites' signed privacy rep
    parameters); every ledger entry of an audited run was reported (unreported ones count;
    they are flagged).
 4. **Recomputation** (:mod:`.recompute`): the epsilon after each ledger entry, from the raw
-   history, with Google's ``dp-accounting`` (PLD for PRV ledgers, RDP for RDP ledgers); a claim
+   history by a code base the ledger did not use (Opacus PRV for ``pld`` ledgers, which
+   dp-accounting wrote; dp-accounting's PLD for PRV ledgers and its RDP for RDP ledgers); a claim
    below it by more than the accountant's documented error fails.
 5. **Budget**: per site and dataset, spent, cap, remaining and rounds left; a dataset over its
    cap, trained without DP, or with reproducible noise, fails.
@@ -88,11 +89,11 @@ def run_audit(
         raise ValueError(
             f"tolerance must be in [0, {DEFAULT_TOLERANCE:g}] (the accountant's documented error), got {tolerance!r}"
         )
-    if method not in (None, "pld", "rdp"):
+    if method not in (None, "pld", "rdp", "prv"):
         raise ValueError(f"method must be 'pld' or 'rdp', got {method!r}")
     site_inputs, run_paths = classify_inputs(paths)
     report = AuditReport(
-        inputs=[str(p) for p in paths], tolerance=tolerance, method=method or "matching (prv->pld, rdp->rdp)"
+        inputs=[str(p) for p in paths], tolerance=tolerance, method=method or "matching (pld->prv, prv->pld, rdp->rdp)"
     )
     accounting = Accounting()
     ledgers = [audit_ledger(site, report) for site in site_inputs]

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from common.privacy.accounting import ACCOUNTANTS
+from common.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from common.privacy.audit.inputs import SiteInput
 from common.privacy.audit.model import (
     MATCHING_METHOD,
@@ -242,7 +242,7 @@ def _one_budget(
     history = [e.to_step() for e in entries]
     claimed = entries[-1].epsilon if entries else 0.0
     delta = policy.delta if policy else (entries[-1].delta if entries else None)
-    accountant = policy.accountant if policy else (entries[-1].accountant if entries else "prv")
+    accountant = policy.accountant if policy else (entries[-1].accountant if entries else DEFAULT_ACCOUNTANT)
     recomputed = accounting.independent(history, delta, MATCHING_METHOD[accountant]) if history and delta else 0.0
     cap = policy.max_epsilon if policy else None
     rounds = [e for e in entries if e.kind == TRAIN]

@@ -12,7 +12,7 @@ from common.privacy.accounting import PRV_EPS_ERROR
 
 log = logging.getLogger(__name__)
 
-Method = Literal["pld", "rdp"]
+Method = Literal["pld", "rdp", "prv"]
 Severity = Literal["fail", "warn", "info"]
 
 #: The largest gap allowed below the recomputed epsilon before a claim fails as under-reported:
@@ -25,7 +25,7 @@ OVER_REPORT_TOLERANCE = 0.03
 #: Rounds-left searches stop here and report "at least" this many.
 MAX_ROUNDS_LEFT = 10_000
 #: The independent method matching each ledger accountant.
-MATCHING_METHOD: dict[str, Method] = {"prv": "pld", "rdp": "rdp"}
+MATCHING_METHOD: dict[str, Method] = {"pld": "prv", "prv": "pld", "rdp": "rdp"}
 
 
 class AuditInputError(ConfigurationError):
