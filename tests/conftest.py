@@ -19,6 +19,14 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
 os.environ.update(FLOWER_ENV)
+TIERS = ("federation", "deployment", "slow")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test without a tier marker is a unit test: ``pytest -m unit`` is the fast tier."""
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 def _write_csv(path: Path, x: np.ndarray, y: np.ndarray) -> None:
@@ -88,3 +96,4 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield running
     finally:
         running.stop_all()
+        assert not running.alive(), f"processes this test started still run: {running.alive()}"

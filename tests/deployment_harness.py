@@ -7,6 +7,8 @@ started are ever stopped (by pid).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -33,12 +35,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """{pid: (parent pid, start time in clock ticks, state)} of every process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[19]), fields[0])
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> dict[int, int]:
+    """{pid: start time} of every live (not zombie) process below ``root``."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if table[pid][2] != "Z":
+            found[pid] = table[pid][1]
+        todo += children.get(pid, [])
+    return found
+
+
+def become_subreaper() -> None:
+    """Adopt the orphans of the processes this test starts (Flower's SuperExec leaves its parent's session and
+    outlives it), so that stopping them can find them as descendants of this process (Linux PR_SET_CHILD_SUBREAPER)."""
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+
+
 class Processes:
-    """Processes this test started, each the leader of its own session; stops exactly those groups."""
+    """Processes this test started, each the leader of its own session, and everything they started in turn.
+
+    :meth:`stop_all` stops exactly those, by pid (checked against each process's start time, so a
+    reused pid is never touched): the session leaders' groups first, then any descendant this test's
+    process adopted, whether the test passed or failed.
+    """
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.started: list[tuple[str, subprocess.Popen]] = []
+        become_subreaper()
+        self.before = set(_descendants(os.getpid(), _process_table()))
 
     def env(self, flwr_home: Path) -> dict[str, str]:
         return {
@@ -68,6 +109,9 @@ class Processes:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
+        ours = {
+            pid: start for pid, start in _descendants(os.getpid(), _process_table()).items() if pid not in self.before
+        }
         for _, process in reversed(self.started):
             try:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -84,6 +128,26 @@ class Processes:
             except ProcessLookupError:
                 pass
             process.wait()
+        self._stop_adopted(ours)
+
+    def _stop_adopted(self, ours: dict[int, int]) -> None:
+        """SIGKILL what is left of the processes this test started (by pid and start time), and reap them."""
+        table = _process_table()
+        ours |= self._ours(table)
+        for pid, start in ours.items():
+            if pid in table and table[pid][1] == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for pid in ours:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    def _ours(self, table: dict[int, tuple[int, int, str]]) -> dict[int, int]:
+        return {pid: start for pid, start in _descendants(os.getpid(), table).items() if pid not in self.before}
+
+    def alive(self) -> list[int]:
+        """Pids this test started that still run (none after :meth:`stop_all`)."""
+        return sorted(self._ours(_process_table()))
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:

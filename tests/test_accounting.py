@@ -106,7 +106,9 @@ def test_cross_check_with_dp_accounting(history):
     # Our PLD (dp-accounting, coarse pessimistic grid) against Opacus's PRV estimate, the audit's
     # independent check of PLD ledgers: never more than PRV's own error below it.
     ours = compose_epsilon(history, DELTA, "pld")
-    assert independent_epsilon(history, DELTA, "prv") - 0.01 <= ours <= independent_epsilon(history, DELTA, "prv") + 0.02
+    assert (
+        independent_epsilon(history, DELTA, "prv") - 0.01 <= ours <= independent_epsilon(history, DELTA, "prv") + 0.02
+    )
 
 
 def test_prv_refuses_histories_it_cannot_evaluate():

@@ -26,6 +26,8 @@ from common.settings import RunSettings
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 
+pytestmark = pytest.mark.federation
+
 ATTACKER = 101  # node id of site 0
 
 

@@ -125,6 +125,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return study, root / "out" / SOURCE_MODEL_DIR
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
 def test_damaged_checkpoint_stops_the_run_with_its_error_and_loses_nothing(
     tmp_path: Path, pristine, damage: str
@@ -355,6 +356,7 @@ def _victim(record: RunRecord, site: int, kind: str) -> str:
     return result.reason
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("site", list(DATA_FAULTS))
 def test_bad_data_at_a_site_fails_its_reply_with_the_problem_and_the_round_goes_on(bad_input_run, site: int) -> None:
     sim_root, record, before, _, _, site_log = bad_input_run
@@ -365,6 +367,7 @@ def test_bad_data_at_a_site_fails_its_reply_with_the_problem_and_the_round_goes_
     assert ledger_rounds(sim_root, site) == [1]
 
 
+@pytest.mark.federation
 def test_invalid_policy_at_a_site_fails_its_reply_and_the_round_goes_on(bad_input_run) -> None:
     sim_root, record, before, _, _, site_log = bad_input_run
     reason = _victim(record, POLICY_VICTIM, "PolicyError")
@@ -373,6 +376,7 @@ def test_invalid_policy_at_a_site_fails_its_reply_and_the_round_goes_on(bad_inpu
     assert ledger_files(sim_root, POLICY_VICTIM)[0] == before[POLICY_VICTIM][0] is None  # nothing was spent
 
 
+@pytest.mark.federation
 def test_ledger_locked_by_another_process_fails_the_reply_and_leaves_the_ledger(bad_input_run) -> None:
     sim_root, record, before, holder_pid, _, site_log = bad_input_run
     _victim(record, LOCK_VICTIM, "LedgerLocked")
@@ -381,6 +385,7 @@ def test_ledger_locked_by_another_process_fails_the_reply_and_leaves_the_ledger(
     assert ledger_rounds(sim_root, LOCK_VICTIM) == [1]
 
 
+@pytest.mark.federation
 def test_full_disk_while_recording_sends_no_update_and_leaves_the_ledger(bad_input_run) -> None:
     sim_root, record, before, _, partial_writes, site_log = bad_input_run
     assert partial_writes == 1  # the fault really hit the append, halfway through its line
@@ -391,6 +396,7 @@ def test_full_disk_while_recording_sends_no_update_and_leaves_the_ledger(bad_inp
     assert site_ledger(sim_root, DISK_VICTIM).verify() == 1
 
 
+@pytest.mark.federation
 def test_base_model_not_matching_its_card_is_refused_at_the_site(bad_input_run) -> None:
     sim_root, record, _, _, _, site_log = bad_input_run
     first = record.round(1)
@@ -402,6 +408,7 @@ def test_base_model_not_matching_its_card_is_refused_at_the_site(bad_input_run) 
     assert ledger_files(sim_root, CARD_VICTIM)[0] is None  # nothing spent (a new state gets its signed genesis head)
 
 
+@pytest.mark.federation
 def test_every_ledger_verifies_after_the_bad_round(bad_input_run) -> None:
     sim_root, record, _, _, _, _ = bad_input_run
     assert record.status == "completed"
@@ -451,6 +458,7 @@ for server_round in range(1, 21):
 EXIT_CODES = {"default": -signal.SIGTERM, "graceful": 143}  # killed outright; or a handler exits, unwinding the lock
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_leaves_a_whole_ledger(tmp_path: Path) -> None:
     sites = {}
     for mode in EXIT_CODES:  # both site processes run at once: most of their time is importing torch

@@ -38,7 +38,10 @@ from tests.deployment_harness import (
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 RUN_TIMEOUT = 420.0
 
-pytestmark = pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are not installed next to this Python")
+pytestmark = [
+    pytest.mark.deployment,
+    pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are not installed next to this Python"),
+]
 
 
 def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, processes: Processes) -> None:

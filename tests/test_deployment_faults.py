@@ -44,7 +44,10 @@ SITES = ["hospital-a", "hospital-b", "hospital-c"]
 DOOMED = "hospital-c"
 FEDERATION = "loopback"
 
-pytestmark = pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are not installed next to this Python")
+pytestmark = [
+    pytest.mark.deployment,
+    pytest.mark.skipif(not HAS_FLOWER, reason="Flower's executables are not installed next to this Python"),
+]
 
 
 def round_begun(out: Path, server_round: int) -> bool:

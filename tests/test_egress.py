@@ -112,6 +112,7 @@ def _replies(record):
     ]
 
 
+@pytest.mark.federation
 def test_every_reply_kind_passes_the_egress_rule_and_declares_each_value(every_reply) -> None:
     _, record = every_reply
     kinds = set()
@@ -132,6 +133,7 @@ def test_every_reply_kind_passes_the_egress_rule_and_declares_each_value(every_r
     }, kinds
 
 
+@pytest.mark.federation
 def test_train_replies_carry_no_raw_loss_no_exact_count_and_a_public_sample_rate(every_reply) -> None:
     root, record = every_reply
     for _, site, phase, reply in _replies(record):
@@ -149,6 +151,7 @@ def test_train_replies_carry_no_raw_loss_no_exact_count_and_a_public_sample_rate
     assert kinds.count("train-loss") == 2 and kinds.count(EVALUATE) == 2
 
 
+@pytest.mark.federation
 def test_errors_say_only_what_kind_of_problem_it_was(every_reply) -> None:
     _, record = every_reply
     error = record.round(BROKEN_ROUND).sites[f"site-{BROKEN_SITE}"].evaluate
@@ -156,6 +159,7 @@ def test_errors_say_only_what_kind_of_problem_it_was(every_reply) -> None:
     assert "UnsupportedFormat" in error.reason and "npz" not in error.reason.replace("UnsupportedFormat", "")
 
 
+@pytest.mark.federation
 def test_the_run_record_holds_only_declared_values(every_reply) -> None:
     root, _ = every_reply
     raw = json.loads((root / "out" / "run-record.json").read_text())
@@ -168,6 +172,7 @@ def test_the_run_record_holds_only_declared_values(every_reply) -> None:
                     assert set(reply["values"]) <= set(reply["report"]["egress"])
 
 
+@pytest.mark.federation
 def test_a_site_never_sends_a_value_it_did_not_declare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = write_shifted_study(tmp_path / "study", sites=2)
     original = private_round.train_round
@@ -271,6 +276,7 @@ def test_the_dataset_identity_is_not_a_function_of_the_content(tmp_path: Path) -
     assert (tmp_path / "site-a" / "dataset-id.key").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.federation
 def test_reports_and_ledgers_carry_the_keyed_identity_only(every_reply) -> None:
     root, record = every_reply
     for index in (0, 1):  # site 2 never trained
@@ -340,6 +346,7 @@ def test_two_identical_runs_on_real_data_give_different_updates() -> None:
     assert not torch.equal(weights[0], weights[1])
 
 
+@pytest.mark.federation
 def test_the_run_uses_the_csprng_unless_reproducible_noise_is_asked_for_and_allowed(every_reply) -> None:
     root, _ = every_reply
     for index in (0, 1):
@@ -349,6 +356,7 @@ def test_the_run_uses_the_csprng_unless_reproducible_noise_is_asked_for_and_allo
 # the crafted evaluation head --------------------------------------------------------------------
 
 
+@pytest.mark.federation
 def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> None:
     """The coordinator signs a head that puts every record in one bin: the exact counts would give the
     number of positive test rows at every site. It gets noisy counts, recorded in the ledger first."""
@@ -408,6 +416,7 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
         assert entry.kind == EVALUATE and reply.report["releases"]["eval-counts"] == entry.index
 
 
+@pytest.mark.federation
 def test_personalisation_spends_are_reported_with_the_release(every_reply) -> None:
     _, record = every_reply
     reply = record.round(2).sites["site-0"].evaluate

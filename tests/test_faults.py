@@ -45,6 +45,8 @@ from simulations.benchmarks import BENCHMARKS
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
 
+pytestmark = pytest.mark.federation
+
 FIRST_NODE = 101  # DirectGrid's node id of site-0; site i is node 101 + i
 SHIFTED_STUDY_TRAIN_ROWS = 120  # each site of write_shifted_study: 160 rows, a quarter kept for testing
 
@@ -506,6 +508,7 @@ def warmed_server_app(settings: RunSettings, nodes: int) -> ServerApp:
     return warmed
 
 
+@pytest.mark.slow
 def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path) -> None:
     study = write_shifted_study(tmp_path / "study", sites=3)
     settings = RunSettings(

@@ -107,6 +107,7 @@ def test_dp_training_takes_exactly_local_steps(steps: int) -> None:
     assert stats.sample_rate == pytest.approx(1 / 8)
 
 
+@pytest.mark.federation
 def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> None:
     """Through the real apps: each site's ledger and privacy report count local-steps per round, at 1 / batches."""
     from client.app import app as client_app

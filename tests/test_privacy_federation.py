@@ -19,6 +19,8 @@ from common.settings import RunSettings
 from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 
+pytestmark = pytest.mark.federation
+
 CAPS = {0: 10.0, 1: 10.0, 2: 1.0}
 
 

@@ -190,6 +190,7 @@ def _ledger(root: Path, site: int) -> Ledger:
     return Ledger(root / "sites" / f"site-{site}" / "state")
 
 
+@pytest.mark.federation
 def test_private_run_reports_personalised_metrics_after_recording_the_spend(personalised_run) -> None:
     root, record, seen = personalised_run
     assert record.status == "completed"
@@ -219,6 +220,7 @@ def test_private_run_reports_personalised_metrics_after_recording_the_spend(pers
         assert f"{entries[-1].epsilon:.3f}" in (root / "out" / "report.md").read_text()
 
 
+@pytest.mark.federation
 def test_audit_passes_on_a_run_with_private_personalisation(personalised_run) -> None:
     root, _, _ = personalised_run
     report = run_audit([root / "sites" / f"site-{i}" for i in range(3)] + [root / "out"])
@@ -227,6 +229,7 @@ def test_audit_passes_on_a_run_with_private_personalisation(personalised_run) ->
     assert not any("no report" in f.message for f in report.findings)  # the personalisation's spend was reported too
 
 
+@pytest.mark.federation
 def test_audit_fails_a_second_personalisation_of_one_run(personalised_run, tmp_path: Path) -> None:
     import shutil
 

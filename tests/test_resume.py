@@ -16,6 +16,8 @@ from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
 
+pytestmark = pytest.mark.federation
+
 
 class CoordinatorCrash(RuntimeError):
     pass

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from client.app import app as client_app
@@ -25,6 +26,8 @@ from common.privacy.ledger import Ledger
 from common.settings import RunSettings
 from server.federation import FINAL_MODEL_DIR, run_federation
 from simulations.inprocess import DirectGrid
+
+pytestmark = pytest.mark.federation
 
 GOLDEN = Path(__file__).parent / "golden" / "wdbc-seed0.json"
 SITES = 4

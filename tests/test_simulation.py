@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from common.model.checkpoint import load_checkpoint
 from common.model.transfer import TransferPolicy
 from common.settings import RunSettings
 from simulations.simulate import simulate
+
+pytestmark = pytest.mark.slow
 
 
 def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Path, tmp_path: Path) -> None:

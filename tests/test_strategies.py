@@ -14,6 +14,8 @@ from server.federation import run_federation
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
 
+pytestmark = pytest.mark.federation
+
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_completes_and_moves_only_the_trainable_part(strategy: str, tmp_path: Path) -> None:
