@@ -15,16 +15,48 @@ from common.cli import bench as cli_bench
 from simulations.benchmarks import _MODULES, BENCHMARKS
 from tests.conftest import numbers_in
 
+pytestmark = pytest.mark.slow
+
 TOP_KEYS = {"benchmark", "quick", "seed", "machine"}
 MACHINE_KEYS = {"platform", "cores", "torch", "python", "torch_threads", "load_average"}
 TRAFFIC_KEYS = {
-    "scenario", "arch", "policy", "default_policy", "trainable_params", "total_params", "tensor_bytes", "plain_wire",
-    "envelope_bytes", "envelope_header", "sealed_wire", "fixed_wire", "overhead_fraction", "sealed_over_plain",
-    "full_wire", "full_sealed_wire", "trainable_fraction", "full_over_plain", "full_over_sealed", "meets_overhead_target",
+    "scenario",
+    "arch",
+    "policy",
+    "default_policy",
+    "trainable_params",
+    "total_params",
+    "tensor_bytes",
+    "plain_wire",
+    "envelope_bytes",
+    "envelope_header",
+    "sealed_wire",
+    "fixed_wire",
+    "overhead_fraction",
+    "sealed_over_plain",
+    "full_wire",
+    "full_sealed_wire",
+    "trainable_fraction",
+    "full_over_plain",
+    "full_over_sealed",
+    "meets_overhead_target",
 }
-POSITIVE_TRAFFIC = ("trainable_params", "total_params", "tensor_bytes", "plain_wire", "envelope_bytes", "envelope_header",
-                    "sealed_wire", "fixed_wire", "sealed_over_plain", "full_wire", "full_sealed_wire", "trainable_fraction",
-                    "full_over_plain", "full_over_sealed")
+POSITIVE_TRAFFIC = (
+    "trainable_params",
+    "total_params",
+    "tensor_bytes",
+    "plain_wire",
+    "envelope_bytes",
+    "envelope_header",
+    "sealed_wire",
+    "fixed_wire",
+    "sealed_over_plain",
+    "full_wire",
+    "full_sealed_wire",
+    "trainable_fraction",
+    "full_over_plain",
+    "full_over_sealed",
+)
 
 
 OWN = {"dp", "crypto", "comm"}  # the other benchmarks have their own smoke tests
@@ -69,7 +101,17 @@ def test_dp_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None:
     for case in dp["cases"]:
         assert set(case["seconds"]) == {"plain_uncached", "plain_cached", "dp_uncached", "dp_cached", "dp_setup"}
         _positive(case["seconds"], tuple(case["seconds"]))
-        _positive(case, ("train_examples", "steps_per_round", "dp_over_plain", "dp_over_plain_uncached", "cache_speedup_dp", "cache_speedup_plain"))
+        _positive(
+            case,
+            (
+                "train_examples",
+                "steps_per_round",
+                "dp_over_plain",
+                "dp_over_plain_uncached",
+                "cache_speedup_dp",
+                "cache_speedup_plain",
+            ),
+        )
         assert case["dp_over_plain"] == pytest.approx(case["seconds"]["dp_cached"] / case["seconds"]["plain_cached"])
 
 
@@ -77,11 +119,35 @@ def test_crypto_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None
     crypto = results[1]["crypto"]
     assert {"throughput", "round_share", "traffic"} <= set(crypto)
     for row in crypto["throughput"]:
-        _positive(row, ("payload_bytes", "envelope_bytes", "repetitions", "seal_ms", "open_ms", "seal_mb_s", "open_mb_s", "seal_open_mb_s"))
+        _positive(
+            row,
+            (
+                "payload_bytes",
+                "envelope_bytes",
+                "repetitions",
+                "seal_ms",
+                "open_ms",
+                "seal_mb_s",
+                "open_mb_s",
+                "seal_open_mb_s",
+            ),
+        )
         assert row["envelope_bytes"] > row["payload_bytes"]
     share = crypto["round_share"]
-    _positive(share, ("rounds_timed", "first_round_seconds", "round_seconds", "dp_train_seconds", "crypto_seconds",
-                      "crypto_share", "crypto_share_of_dp_train", "reply_payload_bytes", "reply_envelope_bytes"))
+    _positive(
+        share,
+        (
+            "rounds_timed",
+            "first_round_seconds",
+            "round_seconds",
+            "dp_train_seconds",
+            "crypto_seconds",
+            "crypto_share",
+            "crypto_share_of_dp_train",
+            "reply_payload_bytes",
+            "reply_envelope_bytes",
+        ),
+    )
     assert share["crypto_share"] < 1
     _positive(share["step_ms"], tuple(share["step_ms"]))
     assert {r["policy"] for r in crypto["traffic"] if r["scenario"] == "wdbc"} == {"head", "last:1", "full"}

@@ -22,6 +22,8 @@ from simulations.benchmarks.evaluation_cost import _skip_reason, runs_within_cap
 from simulations.benchmarks.harness import Stopwatch
 from tests.conftest import numbers_in
 
+pytestmark = pytest.mark.slow
+
 SUITE = ("flamby", "transfer-privacy", "evaluation-cost", "speed", "scale")
 NEEDS_HEART_DATA = {"flamby", "transfer-privacy"}
 PLOTS = {
@@ -34,7 +36,9 @@ PLOTS = {
 
 
 @pytest.fixture(scope="module", params=SUITE)
-def figures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, Any]]:
+def figures(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, dict[str, Any]]:
     name = request.param
     if name in NEEDS_HEART_DATA and not heart_data_dir().is_dir():
         pytest.skip(f"the Fed-Heart-Disease files are not at {heart_data_dir()}; set {DATA_DIR_ENV}")
@@ -68,8 +72,14 @@ def test_figure_keys(figures: tuple[str, Path, dict[str, Any]]) -> None:
         assert all(0 <= m["per_client_mean"] <= 1 for m in result["methods"])
     elif name == "transfer-privacy":
         cells = {(c["method"], c["epsilon"]) for c in result["cells"]}
-        assert {("source only", None), ("local-only", None), ("local-only", 1.0), ("federated from scratch", None),
-                ("federated transfer", 1.0), ("personalised", None)} <= cells
+        assert {
+            ("source only", None),
+            ("local-only", None),
+            ("local-only", 1.0),
+            ("federated from scratch", None),
+            ("federated transfer", 1.0),
+            ("personalised", None),
+        } <= cells
         for cell in result["cells"]:
             if cell["epsilon"] is not None:  # spent epsilon, from the ledgers, within what was asked (RDP)
                 assert 0 < cell["epsilon_spent_max"] <= cell["epsilon"] + 1e-6
@@ -79,7 +89,9 @@ def test_figure_keys(figures: tuple[str, Path, dict[str, Any]]) -> None:
     elif name == "evaluation-cost":
         _check_evaluation_cost(result)
     elif name == "speed":
-        assert len(result["ours"]["round_seconds"]) == len(result["peer"]["round_seconds"]) == result["config"]["rounds"]
+        assert (
+            len(result["ours"]["round_seconds"]) == len(result["peer"]["round_seconds"]) == result["config"]["rounds"]
+        )
         assert result["ratio_median"] > 0 and result["not_instrumented"] == []
         parts = result["breakdown"]["seconds"]
         assert {"data", "training", "DP accounting", "crypto", "ledger", "Flower and the rest"} <= set(parts)

@@ -74,7 +74,8 @@ def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
     config = CanaryConfig(canaries=args.canaries, seed=args.seed, target_epsilon=args.audit_epsilon)
     if not args.json:
         console.print(
-            f"Empirical audit: training a twin model twice with {config.canaries} canaries through the site's DP-SGD code..."
+            f"Empirical audit: training a twin model twice with {config.canaries} canaries through the site's DP-SGD "
+            "code..."
         )
     audit = run_canary_audit(config)
     for run in (audit.honest, audit.control):
@@ -85,7 +86,8 @@ def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
 def _cmd_audit(args: argparse.Namespace) -> int:
     if not args.paths and not args.empirical:
         console.print(
-            "[red]fedtransfer audit: give site state directories and/or coordinator run directories, or --empirical[/red]"
+            "[red]fedtransfer audit: give site state directories and/or coordinator run directories, or "
+            "--empirical[/red]"
         )
         return EXIT_USAGE
     if args.report and Path(args.report).suffix.lower() not in (".md", ".html", ".htm"):
@@ -142,7 +144,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     audit.add_argument(
         "paths",
         nargs="*",
-        help="site state directories (or site folders holding state/) and coordinator run directories (or their run-record.json)",
+        help="site state directories (or site folders holding state/) and coordinator run directories (or their "
+        "run-record.json)",
     )
     audit.add_argument("--json", action="store_true", help="print the audit as JSON instead of tables")
     audit.add_argument("--report", default="", help="also write a report: PATH.md (Markdown) or PATH.html")
@@ -153,7 +156,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--tolerance",
         type=float,
         default=DEFAULT_TOLERANCE,
-        help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error (default: %(default)s)",
+        help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error "
+        "(default: %(default)s)",
     )
     audit.add_argument(
         "--method",

@@ -72,14 +72,16 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         )
     if result.extended:
         console.print(
-            f"Added {', '.join(result.added_sites)}; copy the coordinator kit's new manifest.json and {REGISTER_SCRIPT} to the coordinator, then register the new keys."
+            f"Added {', '.join(result.added_sites)}; copy the coordinator kit's new manifest.json and "
+            f"{REGISTER_SCRIPT} to the coordinator, then register the new keys."
         )
     console.print(
         "Copy each kit to its machine only. Tell every site, by phone or in person, the coordinator fingerprint:"
     )
     console.print(f"  [bold]{result.coordinator_fingerprint}[/bold]")
     console.print(
-        "Each site puts its data in the kit's data/ folder (or edits data-path in site.toml), then runs: fedtransfer site check --kit KIT"
+        "Each site puts its data in the kit's data/ folder (or edits data-path in site.toml), then runs: fedtransfer "
+        "site check --kit KIT"
     )
     return 0
 
@@ -116,7 +118,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     prov = commands.add_parser(
         "provision",
         help="make the kits of a deployed federation",
-        description="Write a kit for the coordinator and one per site: TLS CA and SuperLink certificate, Flower SuperNode "
+        description="Write a kit for the coordinator and one per site: TLS CA and SuperLink certificate, Flower "
+        "SuperNode "
         "authentication keys, fedtransfer keys and signed manifest, site configuration, privacy policy and launch "
         "scripts. Run it again on the same --out to add sites.",
     )
@@ -140,7 +143,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--runtime-port",
         type=int,
         default=0,
-        help=f"first local runtime port of the SuperNodes, one per site (default: {DEFAULT_RUNTIME_PORT}, {DEFAULT_RUNTIME_PORT + 1}, ...)",
+        help=f"first local runtime port of the SuperNodes, one per site (default: {DEFAULT_RUNTIME_PORT}, "
+        f"{DEFAULT_RUNTIME_PORT + 1}, ...)",
     )
     prov.add_argument(
         "--app-dir", default="", help="the fedtransfer checkout on the coordinator machine (default: this one)"
@@ -166,14 +170,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     check = sub.add_parser(
         "check",
         help="check a kit before its machine joins",
-        description="Check a site (or coordinator) kit: files, permissions, keys and manifest, certificate dates and names, "
+        description="Check a site (or coordinator) kit: files, permissions, keys and manifest, certificate dates and "
+        "names, "
         "data against the model card, privacy policy, ledger. Exit status 1 if anything must be fixed.",
     )
     check.add_argument("--kit", required=True, help="the kit directory")
     check.add_argument(
         "--model-card",
         default="",
-        help="model-card.json or checkpoint directory to check the data against (default: KIT/model-card.json if present)",
+        help="model-card.json or checkpoint directory to check the data against (default: KIT/model-card.json if "
+        "present)",
     )
     check.add_argument(
         "--probe", action="store_true", help="also connect to the SuperLink and verify its TLS certificate"
@@ -182,7 +188,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sign = sub.add_parser(
         "sign-ledger",
         help="sign the head of a ledger written before heads were signed (once, after an audit)",
-        description="A privacy ledger written by an older fedtransfer has an unsigned head, which the site's budget guard "
+        description="A privacy ledger written by an older fedtransfer has an unsigned head, which the site's budget "
+        "guard "
         "refuses. After checking it with `fedtransfer audit`, the privacy officer signs its current head with "
         "the site's key, once; from then on every append is signed.",
     )

@@ -30,7 +30,8 @@ def _write(name: str, args: argparse.Namespace) -> int:
     identity = Identity.generate(name)
     write_identity(identity, Path(args.out), _passphrase(args, confirm=True))
     console.print(
-        f"Wrote {name}'s keys to {args.out} (private keys 0600). Fingerprint: [bold]{identity.public().fingerprint()}[/bold]"
+        f"Wrote {name}'s keys to {args.out} (private keys 0600). Fingerprint: "
+        f"[bold]{identity.public().fingerprint()}[/bold]"
     )
     receiver = "every site (with the fingerprint, out of band)" if name == COORDINATOR_NAME else "the coordinator"
     console.print(
@@ -55,7 +56,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     read_manifest(Path(args.out), coordinator.public().fingerprint())
     console.print(f"Signed manifest of federation {args.federation!r} with {len(sites)} sites: {args.out}")
     console.print(
-        f"Sites check it against the coordinator fingerprint, given to them out of band: [bold]{coordinator.public().fingerprint()}[/bold]"
+        f"Sites check it against the coordinator fingerprint, given to them out of band: "
+        f"[bold]{coordinator.public().fingerprint()}[/bold]"
     )
     return 0
 
@@ -76,7 +78,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     keys = commands.add_parser(
         "keys",
         help="make key pairs and the signed federation manifest",
-        description="Make X25519 (encryption) and Ed25519 (signing) key pairs, and the coordinator-signed federation manifest.",
+        description="Make X25519 (encryption) and Ed25519 (signing) key pairs, and the coordinator-signed federation "
+        "manifest.",
     )
     sub = keys.add_subparsers(dest="keys_command", required=True)
 

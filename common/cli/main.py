@@ -74,15 +74,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         delta=args.delta,
     ).with_run_config(parse_assignments(args.set))
     console.print(
-        f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {settings.num_server_rounds} rounds, strategy {settings.strategy}, seed {settings.seed}"
+        f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {settings.num_server_rounds} rounds, "
+        f"strategy {settings.strategy}, seed {settings.seed}"
     )
     if settings.dp:
         console.print(
-            f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta {settings.delta:g}; each site's own policy caps its cumulative spend"
+            f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta "
+            f"{settings.delta:g}; each site's own policy caps its cumulative spend"
         )
     else:
         console.print(
-            "[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose policy allows it will; nothing protects their records.[/bold red]"
+            "[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose "
+            "policy allows it will; nothing protects their records.[/bold red]"
         )
     return _report_simulation(simulate(settings, Path(args.state_dir) if args.state_dir else None))
 
@@ -125,9 +128,13 @@ def _privacy_table(record: RunRecord) -> Table | str:
             if entry.status == "declined":
                 declined[site] = declined.get(site, 0) + 1
     if any(not p.get("dp", True) for p in last.values()):
-        return "[bold red]NOT PRIVATE: these sites trained without differential privacy; no epsilon bound holds.[/bold red]"
+        return (
+            "[bold red]NOT PRIVATE: these sites trained without differential privacy; no epsilon bound "
+            "holds.[/bold red]"
+        )
     table = Table(
-        title="Privacy spent per site dataset (cumulative over all runs, private personalisation included; max across sites last)"
+        title="Privacy spent per site dataset (cumulative over all runs, private personalisation included; max across "
+        "sites last)"
     )
     for column in ("site", "epsilon", "cap", "delta", "accountant", "declined rounds"):
         table.add_column(column, justify="left" if column in ("site", "accountant") else "right")
@@ -188,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser(
         "simulate",
         help="run a federated transfer scenario on this machine",
-        description="Pretrain (or load) a source model, fine-tune it across simulated sites with Flower's simulation engine, and compare with source-only, local-only and pooled baselines.",
+        description="Pretrain (or load) a source model, fine-tune it across simulated sites with Flower's simulation "
+        "engine, and compare with source-only, local-only and pooled baselines.",
     )
     sim.add_argument(
         "--scenario",
@@ -216,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--state-dir",
         default="",
-        help="where the simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend across runs (default: OUT/sites)",
+        help="where the simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend across "
+        "runs (default: OUT/sites)",
     )
     sim.add_argument(
         "--epsilon",
@@ -230,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--no-dp",
         action="store_true",
-        help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: simulated sites created by such a run do)",
+        help="ask sites to train WITHOUT differential privacy (NOT PRIVATE; only sites whose policy allows it comply: "
+        "simulated sites created by such a run do)",
     )
     sim.add_argument(
         "--resume",

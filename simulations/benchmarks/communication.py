@@ -17,8 +17,24 @@ from common.data.heart_disease import DATA_DIR_ENV
 from common.data.scenarios import load_scenario
 from common.data.site_data import DataError
 from common.model.training import use_one_torch_thread
-from simulations.benchmarks.payloads import TRAFFIC_HEADERS, PolicyTraffic, every_policy, policy_traffic, scenario_model, traffic_notes, traffic_rows
-from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.benchmarks.payloads import (
+    TRAFFIC_HEADERS,
+    PolicyTraffic,
+    every_policy,
+    policy_traffic,
+    scenario_model,
+    traffic_notes,
+    traffic_rows,
+)
+from simulations.benchmarks.report import (
+    Machine,
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +55,17 @@ def _scenario_traffic(name: str, seed: int) -> list[PolicyTraffic]:
     return policy_traffic(scenario, every_policy(scenario_model(scenario, seed)), seed)
 
 
-def _markdown(machine: Machine, result: dict[str, Any], traffic: list[PolicyTraffic], skipped: list[dict[str, str]]) -> str:
-    lines = [header("Communication per transfer policy", machine, bench_command(NAME, result["quick"], result["seed"]), result["quick"])]
+def _markdown(
+    machine: Machine, result: dict[str, Any], traffic: list[PolicyTraffic], skipped: list[dict[str, str]]
+) -> str:
+    lines = [
+        header(
+            "Communication per transfer policy",
+            machine,
+            bench_command(NAME, result["quick"], result["seed"]),
+            result["quick"],
+        )
+    ]
     lines.append(traffic_notes(traffic) + "\n")
     lines.append(markdown_table(TRAFFIC_HEADERS, traffic_rows(traffic)))
     for skip in skipped:

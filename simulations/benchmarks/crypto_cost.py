@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,23 @@ from common.privacy.egress import check_reply
 from common.privacy.noise import SecureRandom
 from common.privacy.policy import PrivacyRequest
 from common.privacy.report import sign_report, verify_report
-from common.protocol import INSTRUCTION_KINDS, REPLY_KINDS, STATUS_OK, RoundInstruction, SiteReply, instruction_payload, parse_instruction_payload
-from common.security.envelope import BROADCAST, EnvelopeContext, open_envelope, seal, sign_instruction, verify_instruction
+from common.protocol import (
+    INSTRUCTION_KINDS,
+    REPLY_KINDS,
+    STATUS_OK,
+    RoundInstruction,
+    SiteReply,
+    instruction_payload,
+    parse_instruction_payload,
+)
+from common.security.envelope import (
+    BROADCAST,
+    EnvelopeContext,
+    open_envelope,
+    seal,
+    sign_instruction,
+    verify_instruction,
+)
 from common.security.keys import Identity
 from common.settings import RunSettings
 from simulations.benchmarks.harness import prewrite_policies
@@ -55,7 +71,16 @@ from simulations.benchmarks.payloads import (
     traffic_rows,
     valid_policies,
 )
-from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, timed, write_result
+from simulations.benchmarks.report import (
+    Machine,
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    timed,
+    write_result,
+)
 from simulations.sites import materialize_sites
 
 logger = logging.getLogger(__name__)
@@ -66,7 +91,14 @@ TRAFFIC_POLICIES = ("head", "last:1", "full")
 BULK_HIDDEN = (1024, 1024)
 QUICK_BULK_HIDDEN = (128, 128)
 ROUND_SCENARIO = "wdbc"
-CRYPTO_STEPS = ("sign instruction", "verify instruction", "sign privacy report", "seal reply", "open reply", "verify privacy report")
+CRYPTO_STEPS = (
+    "sign instruction",
+    "verify instruction",
+    "sign privacy report",
+    "seal reply",
+    "open reply",
+    "verify privacy report",
+)
 #: The reply's encoding and the egress rule, checked at both ends: timed, but not crypto.
 PROTOCOL_STEPS = ("check egress (site)", "encode reply", "decode reply", "check egress (coordinator)")
 
@@ -163,13 +195,43 @@ def _features(scenario: Scenario, model: FedModel, policy: TransferPolicy) -> Fe
     return Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
 
 
-def _dp_train_alone(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig, max_grad_norm: float,
-                    declared: int) -> None:
+def _timed(clock: dict[str, float], name: str, action: Callable[..., Any], *args: Any) -> Any:
+    """Call ``action(*args)`` and record its wall time in ``clock[name]``."""
+    start = time.perf_counter()
+    value = action(*args)
+    clock[name] = time.perf_counter() - start
+    return value
+
+
+def _verify(blob: bytes, expected: EnvelopeContext, coordinator: Any, weights: str) -> None:
+    _, arrays = parse_instruction_payload(verify_instruction(blob, expected, coordinator))
+    if arrays != weights:
+        raise RuntimeError("benchmark instruction does not match its weights")
+
+
+def _dp_train_alone(
+    model: FedModel,
+    policy: TransferPolicy,
+    features: Features,
+    config: TrainConfig,
+    max_grad_norm: float,
+    declared: int,
+) -> None:
     """The round's DP-SGD alone (noise multiplier 1, CSPRNG noise): no guard, no ledger."""
     _, trainable = policy.split(copy.deepcopy(model))
     sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs, config.steps)
-    dp_train(trainable, features.train_x, features.train_y, config, noise_multiplier=1.0, max_grad_norm=max_grad_norm,
-             sample_rate=sample_rate, steps=steps, expected_batch_size=sample_rate * declared, source=SecureRandom())
+    dp_train(
+        trainable,
+        features.train_x,
+        features.train_y,
+        config,
+        noise_multiplier=1.0,
+        max_grad_norm=max_grad_norm,
+        sample_rate=sample_rate,
+        steps=steps,
+        expected_batch_size=sample_rate * declared,
+        source=SecureRandom(),
+    )
 
 
 def _bench_site(scenario: Scenario, root: Path, accountant: str) -> tuple[SiteSession, Identity]:
@@ -207,54 +269,70 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
         declared = session.policy.declared_size or len(features.train_y)
         for server_round in range(1, total + 1):
             clock: dict[str, float] = {}
-
-            def step(name: str, action: Callable[[], Any]) -> Any:
-                start = time.perf_counter()
-                value = action()
-                clock[name] = time.perf_counter() - start
-                return value
-
+            step = partial(_timed, clock)
             instruction = RoundInstruction(
-                server_round=server_round, num_rounds=total, policy=str(policy), base_fingerprint=base,
-                frozen_fingerprint=state_fingerprint(policy.frozen_state(model)), local_epochs=settings.local_epochs,
-                batch_size=settings.batch_size, lr=settings.lr, optimizer=settings.optimizer, proximal_mu=0.0, seed=seed,
-                personalise_epochs=0, dp=1, run_key=str(run_id), federated_evaluation="none",
+                server_round=server_round,
+                num_rounds=total,
+                policy=str(policy),
+                base_fingerprint=base,
+                frozen_fingerprint=state_fingerprint(policy.frozen_state(model)),
+                local_epochs=settings.local_epochs,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
+                optimizer=settings.optimizer,
+                proximal_mu=0.0,
+                seed=seed,
+                personalise_epochs=0,
+                dp=1,
+                run_key=str(run_id),
+                federated_evaluation="none",
             )
-            request = PrivacyRequest(settings.target_epsilon, settings.delta, settings.max_grad_norm, total,
-                                     evaluations=instruction.evaluations)
+            request = PrivacyRequest(
+                settings.target_epsilon,
+                settings.delta,
+                settings.max_grad_norm,
+                total,
+                evaluations=instruction.evaluations,
+            )
             config = instruction.to_config() | request.to_config()
             downlink = EnvelopeContext(run_id, server_round, BROADCAST, INSTRUCTION_KINDS["train"], base)
-            blob = step("sign instruction", lambda: sign_instruction(
-                instruction_payload(config, state_fingerprint(policy.trainable_state(model))), downlink, coordinator))
+            weights = state_fingerprint(policy.trainable_state(model))
+            blob = step(
+                "sign instruction", sign_instruction, instruction_payload(config, weights), downlink, coordinator
+            )
             expected_in = EnvelopeContext(run_id, server_round, site_id, INSTRUCTION_KINDS["train"], base)
 
-            def verify() -> None:
-                _, arrays = parse_instruction_payload(verify_instruction(blob, expected_in, manifest.coordinator))
-                if arrays != state_fingerprint(policy.trainable_state(model)):
-                    raise RuntimeError("benchmark instruction does not match its weights")
-
-            step("verify instruction", verify)
-            outcome = step("round", lambda: train_round(session, dataset, model, policy, features, train_config(instruction),
-                                                        instruction, config))
+            step("verify instruction", _verify, blob, expected_in, manifest.coordinator, weights)
+            hyper = train_config(instruction)
+            outcome = step("round", train_round, session, dataset, model, policy, features, hyper, instruction, config)
             if outcome.status != STATUS_OK:
                 raise RuntimeError(f"the benchmark site declined round {server_round}: {outcome.reason}")
-            step("dp_train", lambda: _dp_train_alone(model, policy, features, train_config(instruction), settings.max_grad_norm,
-                                                     declared))
+            step("dp_train", _dp_train_alone, model, policy, features, hyper, settings.max_grad_norm, declared)
             # the report as client.channel builds it: the outcome's public fields, phase, status and egress declaration
             report = {**outcome.report(), "phase": "train", "status": outcome.status, "egress": dict(outcome.egress)}
-            step("check egress (site)", lambda: check_reply("train", outcome.status, outcome.values, bool(outcome.tensors), report))
-            signed = step("sign privacy report", lambda: sign_report(report, run_id, server_round, base, session.identity))
+            has_tensors = bool(outcome.tensors)
+            step("check egress (site)", check_reply, "train", outcome.status, outcome.values, has_tensors, report)
+            signed = step("sign privacy report", sign_report, report, run_id, server_round, base, session.identity)
             reply = SiteReply(site_id, "train", outcome.status, outcome.reason, outcome.values, signed, outcome.tensors)
             payload = step("encode reply", reply.encode)
             uplink = EnvelopeContext(run_id, server_round, site_id, REPLY_KINDS["train"], base)
-            envelope = step("seal reply", lambda: seal(payload, uplink, session.identity, manifest.coordinator))
+            envelope = step("seal reply", seal, payload, uplink, session.identity, manifest.coordinator)
             sizes = (len(payload), len(envelope))
-            opened = step("open reply", lambda: open_envelope(envelope, uplink, coordinator, manifest.sites))
-            received = step("decode reply", lambda: SiteReply.decode(opened))
-            verified = step("verify privacy report", lambda: verify_report(received.report, run_id, server_round, base,
-                                                                           manifest.site(site_id)))
-            step("check egress (coordinator)", lambda: check_reply("train", received.status, received.values,
-                                                                   bool(received.tensors), verified))
+            opened = step("open reply", open_envelope, envelope, uplink, coordinator, manifest.sites)
+            received = step("decode reply", SiteReply.decode, opened)
+            site_key = manifest.site(site_id)
+            verified = step(
+                "verify privacy report", verify_report, received.report, run_id, server_round, base, site_key
+            )
+            step(
+                "check egress (coordinator)",
+                check_reply,
+                "train",
+                received.status,
+                received.values,
+                bool(received.tensors),
+                verified,
+            )
             if server_round == 1:
                 first_round = clock["round"]
             if server_round >= first_timed:
@@ -292,17 +370,55 @@ def _traffic(seed: int) -> list[PolicyTraffic]:
     return rows
 
 
-def _markdown(machine: Machine, result: dict[str, Any], throughputs: list[Throughput], share: RoundShare, traffic: list[PolicyTraffic]) -> str:
-    lines = [header("Crypto cost: envelope throughput, share of a round, bytes on the wire", machine,
-                    bench_command(NAME, result["quick"], result["seed"]), result["quick"])]
-    lines.append("Seal (X25519 + HKDF-SHA256 + AES-256-GCM + Ed25519 sign) and open (verify + decrypt) of reply "
-                 "payloads (encoded `SiteReply`s carrying real trainable tensors); median of the repetitions shown; "
-                 "MB = 10^6 payload bytes.\n")
-    lines.append(markdown_table(
-        ["payload", "payload B", "envelope B", "reps", "seal ms", "open ms", "seal MB/s", "open MB/s", "seal+open MB/s"],
-        [[t.payload, f"{t.payload_bytes:,}", f"{t.envelope_bytes:,}", t.repetitions, f"{t.seal_ms:.3f}", f"{t.open_ms:.3f}",
-          f"{t.seal_mb_s:.1f}", f"{t.open_mb_s:.1f}", f"{t.seal_open_mb_s:.1f}"] for t in throughputs],
-    ))
+def _markdown(
+    machine: Machine,
+    result: dict[str, Any],
+    throughputs: list[Throughput],
+    share: RoundShare,
+    traffic: list[PolicyTraffic],
+) -> str:
+    lines = [
+        header(
+            "Crypto cost: envelope throughput, share of a round, bytes on the wire",
+            machine,
+            bench_command(NAME, result["quick"], result["seed"]),
+            result["quick"],
+        )
+    ]
+    lines.append(
+        "Seal (X25519 + HKDF-SHA256 + AES-256-GCM + Ed25519 sign) and open (verify + decrypt) of reply "
+        "payloads (encoded `SiteReply`s carrying real trainable tensors); median of the repetitions shown; "
+        "MB = 10^6 payload bytes.\n"
+    )
+    lines.append(
+        markdown_table(
+            [
+                "payload",
+                "payload B",
+                "envelope B",
+                "reps",
+                "seal ms",
+                "open ms",
+                "seal MB/s",
+                "open MB/s",
+                "seal+open MB/s",
+            ],
+            [
+                [
+                    t.payload,
+                    f"{t.payload_bytes:,}",
+                    f"{t.envelope_bytes:,}",
+                    t.repetitions,
+                    f"{t.seal_ms:.3f}",
+                    f"{t.open_ms:.3f}",
+                    f"{t.seal_mb_s:.1f}",
+                    f"{t.open_mb_s:.1f}",
+                    f"{t.seal_open_mb_s:.1f}",
+                ]
+                for t in throughputs
+            ],
+        )
+    )
     lines.append(
         f"\nShare of a round spent on crypto: real local DP rounds of {share.scenario} site {share.site} (policy "
         f"{share.policy}, {share.accountant} accountant; `train_round`: budget guard, Opacus DP-SGD, privacy "
@@ -310,18 +426,35 @@ def _markdown(machine: Machine, result: dict[str, Any], throughputs: list[Throug
         f"signing, verification, sealing and opening of that round on both ends (the reply's encoding and the egress "
         f"rule's checks at both ends are timed apart and not counted as crypto; the ledger's own head signature is "
         f"part of the round). Medians over {share.rounds_timed} round(s)"
-        f"{' after the first' if not result['quick'] else ''}; the first round also calibrates the run's noise and took "
+        f"{' after the first' if not result['quick'] else ''}; the first round also calibrates the run's noise and "
+        "took "
         f"{share.first_round_seconds:.2f} s. "
         f"`dp_train` alone (the same DP-SGD without the guard and ledger) is timed beside each round.\n"
     )
-    lines.append(markdown_table(
-        ["local DP round ms", "dp_train alone ms", "crypto ms", "crypto share of round", "crypto share vs dp_train alone"],
-        [[f"{1000 * share.round_seconds:.1f}", f"{1000 * share.dp_train_seconds:.1f}", f"{1000 * share.crypto_seconds:.3f}",
-          f"{100 * share.crypto_share:.3f}%", f"{100 * share.crypto_share_of_dp_train:.2f}%"]],
-    ))
+    lines.append(
+        markdown_table(
+            [
+                "local DP round ms",
+                "dp_train alone ms",
+                "crypto ms",
+                "crypto share of round",
+                "crypto share vs dp_train alone",
+            ],
+            [
+                [
+                    f"{1000 * share.round_seconds:.1f}",
+                    f"{1000 * share.dp_train_seconds:.1f}",
+                    f"{1000 * share.crypto_seconds:.3f}",
+                    f"{100 * share.crypto_share:.3f}%",
+                    f"{100 * share.crypto_share_of_dp_train:.2f}%",
+                ]
+            ],
+        )
+    )
     lines.append(
         f"\nCrypto, encoding and egress-check steps of that round, median ms. The real reply (status, declared size "
-        f"and steps, the signed privacy report with its egress declaration, and the trainable tensors) is {share.reply_payload_bytes:,} B, sealed {share.reply_envelope_bytes:,} B.\n"
+        f"and steps, the signed privacy report with its egress declaration, and the trainable tensors) is "
+        f"{share.reply_payload_bytes:,} B, sealed {share.reply_envelope_bytes:,} B.\n"
     )
     steps = (*CRYPTO_STEPS, *PROTOCOL_STEPS)
     lines.append(markdown_table(list(steps), [[f"{share.step_ms[s]:.3f}" for s in steps]]))

@@ -34,13 +34,12 @@ from typing import Any
 import torch
 
 from client.dp_training import dp_train, sample_rate_and_steps
-from common.model.zoo import FedModel, build_model
 from common.data.scenarios import load_scenario
-from common.privacy.noise import SecureRandom
-from common.settings import RunSettings
 from common.model.training import TrainConfig, as_tensors, compute_features, train_plain, use_one_torch_thread
 from common.model.transfer import TransferPolicy
-from simulations.sites import declared_size
+from common.model.zoo import FedModel, build_model
+from common.privacy.noise import SecureRandom
+from common.settings import RunSettings
 from simulations.benchmarks.report import (
     Machine,
     bench_command,
@@ -52,6 +51,7 @@ from simulations.benchmarks.report import (
     timed,
     write_result,
 )
+from simulations.sites import declared_size
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,9 @@ class DpCase:
     meets_cache_target: bool
 
 
-def _variants(base: FedModel, policy: TransferPolicy, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> dict[str, Callable[[], float]]:
+def _variants(
+    base: FedModel, policy: TransferPolicy, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+) -> dict[str, Callable[[], float]]:
     max_grad_norm = RunSettings().max_grad_norm
     declared = declared_size(len(y))
     sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs)
@@ -97,9 +99,18 @@ def _variants(base: FedModel, policy: TransferPolicy, x: torch.Tensor, y: torch.
         return model, frozen, trainable
 
     def private(module: torch.nn.Module, inputs: torch.Tensor, round_steps: int = steps) -> None:
-        dp_train(module, inputs, y, config, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=max_grad_norm,
-                 sample_rate=sample_rate, steps=round_steps, expected_batch_size=sample_rate * declared,
-                 source=SecureRandom())
+        dp_train(
+            module,
+            inputs,
+            y,
+            config,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=max_grad_norm,
+            sample_rate=sample_rate,
+            steps=round_steps,
+            expected_batch_size=sample_rate * declared,
+            source=SecureRandom(),
+        )
 
     def plain_uncached() -> float:
         model, _, _ = prepared()
@@ -122,10 +133,18 @@ def _variants(base: FedModel, policy: TransferPolicy, x: torch.Tensor, y: torch.
         features = compute_features(frozen, x)
         return timed(lambda: private(trainable, features, round_steps=0))
 
-    return {"plain_uncached": plain_uncached, "plain_cached": plain_cached, "dp_uncached": dp_uncached, "dp_cached": dp_cached, "dp_setup": dp_setup}
+    return {
+        "plain_uncached": plain_uncached,
+        "plain_cached": plain_cached,
+        "dp_uncached": dp_uncached,
+        "dp_cached": dp_cached,
+        "dp_setup": dp_setup,
+    }
 
 
-def measure_case(scenario_name: str, policy_text: str | None, config: TrainConfig, repetitions: int, warmup: int, seed: int) -> DpCase:
+def measure_case(
+    scenario_name: str, policy_text: str | None, config: TrainConfig, repetitions: int, warmup: int, seed: int
+) -> DpCase:
     """Time one local round of the four variants on the scenario's first target site."""
     scenario = load_scenario(scenario_name, seed=seed)
     site = scenario.sites[0]
@@ -154,15 +173,26 @@ def measure_case(scenario_name: str, policy_text: str | None, config: TrainConfi
         meets_dp_target=dp_over_plain <= TARGET_DP_OVER_PLAIN,
         meets_cache_target=cache_speedup_dp >= TARGET_CACHE_SPEEDUP,
     )
-    logger.info("dp cost %s %s: DP/plain %.2fx, cache speed-up %.2fx", case.scenario, case.policy, case.dp_over_plain, case.cache_speedup_dp)
+    logger.info(
+        "dp cost %s %s: DP/plain %.2fx, cache speed-up %.2fx",
+        case.scenario,
+        case.policy,
+        case.dp_over_plain,
+        case.cache_speedup_dp,
+    )
     return case
 
 
 def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> str:
-    lines = [header("DP cost per local round", machine, bench_command(NAME, result["quick"], result["seed"]), result["quick"])]
+    lines = [
+        header(
+            "DP cost per local round", machine, bench_command(NAME, result["quick"], result["seed"]), result["quick"]
+        )
+    ]
     config = result["config"]
     lines.append(
-        f"One local round on each scenario's first target site: {config['epochs']} epoch(s), batch {config['batch_size']}, "
+        f"One local round on each scenario's first target site: {config['epochs']} epoch(s), batch "
+        f"{config['batch_size']}, "
         f"{config['optimizer']} lr {config['lr']}; DP-SGD with noise multiplier {NOISE_MULTIPLIER}, clipping norm "
         f"{config['max_grad_norm']}, Poisson sampling at the rate of the site's declared size, sampling and noise from "
         f"the operating system's CSPRNG (`SecureRandom`, as at every real site). Median of {result['repetitions']} "
@@ -171,31 +201,50 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> 
     )
     rows = [
         [
-            c.scenario, c.arch, c.policy + (" (default)" if c.default_policy else ""), c.train_examples, c.steps_per_round,
+            c.scenario,
+            c.arch,
+            c.policy + (" (default)" if c.default_policy else ""),
+            c.train_examples,
+            c.steps_per_round,
             *(f"{c.seconds[v] * 1000:.1f}" for v in VARIANTS),
         ]
         for c in cases
     ]
     lines.append("Median milliseconds per local round:\n")
-    lines.append(markdown_table(["scenario", "model", "policy", "examples", "steps", *(f"{v} ms" for v in VARIANTS)], rows))
+    lines.append(
+        markdown_table(["scenario", "model", "policy", "examples", "steps", *(f"{v} ms" for v in VARIANTS)], rows)
+    )
     ratio_rows = [
         [
-            c.scenario, c.policy,
-            f"{c.dp_over_plain:.2f}x", "yes" if c.meets_dp_target else "NO",
+            c.scenario,
+            c.policy,
+            f"{c.dp_over_plain:.2f}x",
+            "yes" if c.meets_dp_target else "NO",
             f"{c.dp_over_plain_uncached:.2f}x",
             f"{c.dp_over_plain_without_setup:.2f}x",
-            f"{c.cache_speedup_dp:.2f}x", "yes" if c.meets_cache_target else "NO",
+            f"{c.cache_speedup_dp:.2f}x",
+            "yes" if c.meets_cache_target else "NO",
             f"{c.cache_speedup_plain:.2f}x",
         ]
         for c in cases
     ]
     lines.append("\nRatios (same process, same data, same model):\n")
-    lines.append(markdown_table(
-        ["scenario", "policy", "DP / non-DP (cached)", f"<= {TARGET_DP_OVER_PLAIN}x", "DP / non-DP (uncached)",
-         "DP minus dp_setup / non-DP (cached)",
-         "cache speed-up, DP", f">= {TARGET_CACHE_SPEEDUP}x", "cache speed-up, non-DP"],
-        ratio_rows,
-    ))
+    lines.append(
+        markdown_table(
+            [
+                "scenario",
+                "policy",
+                "DP / non-DP (cached)",
+                f"<= {TARGET_DP_OVER_PLAIN}x",
+                "DP / non-DP (uncached)",
+                "DP minus dp_setup / non-DP (cached)",
+                "cache speed-up, DP",
+                f">= {TARGET_CACHE_SPEEDUP}x",
+                "cache speed-up, non-DP",
+            ],
+            ratio_rows,
+        )
+    )
     return "\n".join(lines)
 
 
@@ -212,7 +261,10 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         seed=seed,
     )
     repetitions, warmup = (1, 0) if quick else (7, 1)
-    cases = [measure_case(name, policy, config, repetitions, warmup, seed) for name, policy in (QUICK_CASES if quick else CASES)]
+    cases = [
+        measure_case(name, policy, config, repetitions, warmup, seed)
+        for name, policy in (QUICK_CASES if quick else CASES)
+    ]
     result: dict[str, Any] = {
         "benchmark": NAME,
         "quick": quick,

@@ -27,16 +27,24 @@ from typing import Any
 from flwr.app import Context, Message
 
 from client.app import app as client_app
-from common.model.checkpoint import load_checkpoint
-from common.model.zoo import FedModel
-from common.model.pretraining import pretrain_source
-from common.protocol import CONFIG
 from common.data.scenarios import Scenario, load_scenario
-from common.settings import RunSettings
+from common.model.checkpoint import load_checkpoint
+from common.model.pretraining import pretrain_source
 from common.model.training import use_one_torch_thread
+from common.model.zoo import FedModel
+from common.protocol import CONFIG
+from common.settings import RunSettings
 from server.federation import FINAL_MODEL_DIR, run_federation
 from simulations.benchmarks.harness import prewrite_policies, site_scores
-from simulations.benchmarks.report import Machine, bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.benchmarks.report import (
+    Machine,
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 from simulations.inprocess import DirectGrid
 
 logger = logging.getLogger(__name__)
@@ -74,7 +82,11 @@ class CrashingSites:
         self.from_round = from_round
 
     def __call__(self, msg: Message, context: Context) -> Message:
-        if context.node_id in self.nodes and msg.metadata.message_type == "train" and int(msg.content[CONFIG]["server-round"]) >= self.from_round:
+        if (
+            context.node_id in self.nodes
+            and msg.metadata.message_type == "train"
+            and int(msg.content[CONFIG]["server-round"]) >= self.from_round
+        ):
             raise RuntimeError(f"node {context.node_id} is down")
         return client_app(msg, context)
 
@@ -85,7 +97,9 @@ def _score(model: FedModel, scenario: Scenario, indices: list[int], metric: str 
     return sum(scores.values()) / len(scores) if scores else 0.0
 
 
-def run_case(scenario: Scenario, checkpoint: Path, out: Path, failing: int, min_sites: int, rounds: int, dp: bool, seed: int) -> DropoutCase:
+def run_case(
+    scenario: Scenario, checkpoint: Path, out: Path, failing: int, min_sites: int, rounds: int, dp: bool, seed: int
+) -> DropoutCase:
     """One federation of all the scenario's sites in which the last ``failing`` of them crash after round 1."""
     sites = len(scenario.sites)
     failed_indices = list(range(sites - failing, sites))
@@ -94,9 +108,19 @@ def run_case(scenario: Scenario, checkpoint: Path, out: Path, failing: int, min_
     if dp:
         prewrite_policies(out / "sites", scenario, allow_non_private=False, accountant="rdp")
     settings = RunSettings(
-        scenario=SCENARIO, checkpoint=str(checkpoint), num_server_rounds=rounds, local_epochs=1, dp=dp, seed=seed,
-        personalise_epochs=0, federated_evaluation="none", reproducible_noise=dp, out=str(out / "run"),
-        sim_root=str(out / "sites"), min_sites=min_sites, expected_sites=sites,
+        scenario=SCENARIO,
+        checkpoint=str(checkpoint),
+        num_server_rounds=rounds,
+        local_epochs=1,
+        dp=dp,
+        seed=seed,
+        personalise_epochs=0,
+        federated_evaluation="none",
+        reproducible_noise=dp,
+        out=str(out / "run"),
+        sim_root=str(out / "sites"),
+        min_sites=min_sites,
+        expected_sites=sites,
     )
     started = time.perf_counter()
     record = run_federation(grid, settings, grid.run_id)
@@ -120,27 +144,63 @@ def run_case(scenario: Scenario, checkpoint: Path, out: Path, failing: int, min_
 
 
 def _markdown(machine: Machine, result: dict[str, Any], cases: list[DropoutCase]) -> str:
-    privacy = ("without DP" if result["quick"] else
-               "with DP (RDP accountant, run target epsilon 3; seeded, reproducible and NOT private noise)")
-    lines = [header("Dropouts: rounds completed and final accuracy", machine, bench_command(NAME, result["quick"], result["seed"]), result["quick"])]
+    privacy = (
+        "without DP"
+        if result["quick"]
+        else "with DP (RDP accountant, run target epsilon 3; seeded, reproducible and NOT private noise)"
+    )
+    lines = [
+        header(
+            "Dropouts: rounds completed and final accuracy",
+            machine,
+            bench_command(NAME, result["quick"], result["seed"]),
+            result["quick"],
+        )
+    ]
     lines.append(
-        f"{SCENARIO}, 4 hospitals, FedAvg, {result['rounds']} rounds {privacy}. Failing sites train in round 1 and crash in "
+        f"{SCENARIO}, 4 hospitals, FedAvg, {result['rounds']} rounds {privacy}. Failing sites train in round 1 and "
+        "crash in "
         f"every round from {FAIL_FROM_ROUND} on. Accuracy is the final global model's on the hospitals' test splits, "
         f"computed by the benchmark itself (sites release no exact metrics, and none are asked to evaluate here); "
-        f"the source model as-is scores {result['source_accuracy']:.3f} (loss {result['source_loss']:.3f}) on all four. "
-        f"Each test split has {min(result['test_rows_per_site'])}-{max(result['test_rows_per_site'])} rows, so one row is "
+        f"the source model as-is scores {result['source_accuracy']:.3f} (loss {result['source_loss']:.3f}) on all "
+        "four. "
+        f"Each test split has {min(result['test_rows_per_site'])}-{max(result['test_rows_per_site'])} rows, so one "
+        "row is "
         f"about {1 / min(result['test_rows_per_site']):.3f} of a site's accuracy.\n"
     )
     rows = [
         [
-            c.failing_sites, ", ".join(c.failed) or "none", c.min_sites, f"{c.rounds_completed}/{c.rounds_planned}", c.status,
-            f"{c.accuracy_all:.3f}", f"{c.loss_all:.3f}", f"{c.accuracy_healthy:.3f}", f"{c.accuracy_failed:.3f}" if c.failed else "-", f"{c.seconds:.1f}",
+            c.failing_sites,
+            ", ".join(c.failed) or "none",
+            c.min_sites,
+            f"{c.rounds_completed}/{c.rounds_planned}",
+            c.status,
+            f"{c.accuracy_all:.3f}",
+            f"{c.loss_all:.3f}",
+            f"{c.accuracy_healthy:.3f}",
+            f"{c.accuracy_failed:.3f}" if c.failed else "-",
+            f"{c.seconds:.1f}",
         ]
         for c in cases
     ]
-    headers = ["failing", "failed sites", "min-sites", "rounds completed", "status", "accuracy (all 4)", "loss (all 4)", "accuracy (healthy)", "accuracy (failed)", "seconds"]
+    headers = [
+        "failing",
+        "failed sites",
+        "min-sites",
+        "rounds completed",
+        "status",
+        "accuracy (all 4)",
+        "loss (all 4)",
+        "accuracy (healthy)",
+        "accuracy (failed)",
+        "seconds",
+    ]
     lines.append(markdown_table(headers, rows))
-    lines += [f"\nStopped with {c.failing_sites} failing and min-sites {c.min_sites}: {c.stop_reason}" for c in cases if c.status == "stopped"]
+    lines += [
+        f"\nStopped with {c.failing_sites} failing and min-sites {c.min_sites}: {c.stop_reason}"
+        for c in cases
+        if c.status == "stopped"
+    ]
     return "\n".join(lines)
 
 
@@ -156,7 +216,16 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         pretrain_source(scenario, checkpoint, seed=seed)
         source, _ = load_checkpoint(checkpoint)
         cases = [
-            run_case(scenario, checkpoint, work / f"failing-{failing}-min-{min_sites}", failing, min_sites, rounds, dp=not quick, seed=seed)
+            run_case(
+                scenario,
+                checkpoint,
+                work / f"failing-{failing}-min-{min_sites}",
+                failing,
+                min_sites,
+                rounds,
+                dp=not quick,
+                seed=seed,
+            )
             for failing, min_sites in CASES
         ]
     result: dict[str, Any] = {

@@ -5,7 +5,7 @@ for as a Gaussian-noised histogram of its test predictions, and its run plan res
 ``release_share`` (0.1) of the run's epsilon for those releases, so the training rounds get
 more noise. This benchmark runs the real apps in process (``run_federation`` over
 ``DirectGrid`` with ``client.app.app``) on ``wdbc`` and ``heart-disease`` with the default
-recipe and the simulated sites' policy (lifetime cap 10, PRV accountant, DP evaluation), in
+recipe and the simulated sites' policy (lifetime cap 10, the default accountant, DP evaluation), in
 three variants that differ only in the run setting ``federated-evaluation``:
 
 - a: ``none``, no federated evaluation (the rounds get the whole run budget);
@@ -25,10 +25,7 @@ error of each release against the exact metrics of the model it evaluated. The A
 histogram is binned even without noise, so the binning's own error is reported apart.
 
 The sites draw their noise from the operating system's CSPRNG, as real sites do, so the
-figures vary from one invocation to the next. Nothing is timed against a target. Noise
-calibration (``calibrate_noise``, a pure function of its arguments and most of a run's time)
-is memoised in process while the benchmark runs, so the sites, variants and seeds that plan the
-same phases calibrate them once; no figure changes.
+figures vary from one invocation to the next. Nothing is timed against a target.
 """
 
 from __future__ import annotations
@@ -40,8 +37,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +46,6 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-import client.budget
 from client.budget import PLANS_DIR, RunPlan
 from common.data.scenarios import Scenario, load_scenario
 from common.data.site_config import site_dir
@@ -60,7 +55,7 @@ from common.model.metrics import classification_metrics, evaluation_counts, metr
 from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from common.model.zoo import FedModel
-from common.privacy.accounting import Accountant, AccountingError, Step, compose_epsilon
+from common.privacy.accounting import DEFAULT_ACCOUNTANT, Accountant, AccountingError, Step, compose_epsilon
 from common.privacy.audit.recompute import Accounting
 from common.privacy.ledger import TRAIN, Ledger
 from common.run_record import RunRecord
@@ -113,15 +108,15 @@ VARIANTS = (
 
 @dataclass(frozen=True)
 class Recipe:
-    """The run's recipe: RunSettings' defaults (FedAvg, batch 16, SGD lr 0.05) and the sites' accountant."""
+    """The run's recipe: RunSettings' defaults (FedAvg, batch 16, SGD lr 0.05) and the site policy's accountant."""
 
     rounds: int = 3
     local_epochs: int = 2
-    accountant: Accountant = "prv"
+    accountant: Accountant = DEFAULT_ACCOUNTANT
 
 
 RECIPE = Recipe()
-QUICK_RECIPE = Recipe(rounds=2, local_epochs=1, accountant="rdp")
+QUICK_RECIPE = Recipe(rounds=2, local_epochs=1)
 
 
 @dataclass(frozen=True)
@@ -192,25 +187,6 @@ class Cell:
 
 # --- budget arithmetic -------------------------------------------------------------------
 
-@contextmanager
-def memoised_calibration() -> Iterator[None]:
-    """Memoise the sites' noise calibration (``client.budget.calibrate_noise``, pure) for the block."""
-    original = client.budget.calibrate_noise
-    found: dict[tuple[Any, ...], float] = {}
-
-    def calibrate(prior: Sequence[Step], sample_rate: float, planned_steps: int, target_epsilon: float, delta: float,
-                  accountant: Accountant, min_noise: float = 0.0) -> float:
-        key = (tuple(prior), sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise)
-        if key not in found:
-            found[key] = original(prior, sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise)
-        return found[key]
-
-    client.budget.calibrate_noise = calibrate
-    try:
-        yield
-    finally:
-        client.budget.calibrate_noise = original
-
 
 def _repeated(run: Sequence[Step], times: int) -> list[Step]:
     return [Step(s.noise_multiplier, s.sample_rate, s.steps * times) for s in run]
@@ -236,8 +212,15 @@ def _rdp_runs_within_cap(run: Sequence[Step], delta: float, cap: float) -> int:
     orders = RDPAccountant.DEFAULT_ALPHAS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        curve = sum((rdp_analysis.compute_rdp(q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps,
-                                              orders=orders) for s in run), np.zeros(len(orders)))
+        curve = sum(
+            (
+                rdp_analysis.compute_rdp(
+                    q=s.sample_rate, noise_multiplier=s.noise_multiplier, steps=s.steps, orders=orders
+                )
+                for s in run
+            ),
+            np.zeros(len(orders)),
+        )
 
     def fits(times: int) -> bool:
         with warnings.catch_warnings():
@@ -252,7 +235,8 @@ def _rdp_runs_within_cap(run: Sequence[Step], delta: float, cap: float) -> int:
 def runs_within_cap(run: tuple[Step, ...], delta: float, accountant: Accountant, cap: float) -> int:
     """How many runs with exactly the history ``run`` compose to at most ``cap`` on a fresh dataset.
 
-    RDP first (cheap, and never above PRV's answer), then a PRV site's own accountant upward from there.
+    RDP first (cheap, and looser, so rarely above the others' answer), then a PLD or PRV site's own accountant
+    from there.
     """
     low = _rdp_runs_within_cap(run, delta, cap)
     if accountant == "rdp":
@@ -293,6 +277,7 @@ def _site_cost(state: Path, site: str, accounting: Accounting) -> SiteCost | Non
 
 # --- one run -----------------------------------------------------------------------------
 
+
 def _exact_and_binned(model: FedModel, site: SiteData) -> tuple[dict[str, float], dict[str, float]]:
     """The exact metrics of ``model`` on the site's test split, and those of its noise-free evaluation histogram."""
     x, _ = as_tensors(site.test.x, site.test.y)
@@ -315,24 +300,50 @@ def _releases(record: RunRecord, out: Path, scenario: Scenario) -> list[Release]
     return releases
 
 
-def _run(scenario: Scenario, checkpoint: Path, recipe: Recipe, epsilon: float, variant: Variant, seed: int,
-         root: Path, accounting: Accounting) -> RunResult:
+def _run(
+    scenario: Scenario,
+    checkpoint: Path,
+    recipe: Recipe,
+    epsilon: float,
+    variant: Variant,
+    seed: int,
+    root: Path,
+    accounting: Accounting,
+) -> RunResult:
     """One run of the real apps from fresh site ledgers, then its costs and releases."""
     sites = len(scenario.sites)
-    prewrite_policies(root / "sites", scenario, allow_non_private=False, max_epsilon=CAP, max_epsilon_per_run=epsilon,
-                      delta=DELTA, accountant=recipe.accountant, max_evaluations_per_run=recipe.rounds)
+    prewrite_policies(
+        root / "sites",
+        scenario,
+        allow_non_private=False,
+        max_epsilon=CAP,
+        max_epsilon_per_run=epsilon,
+        delta=DELTA,
+        accountant=recipe.accountant,
+        max_evaluations_per_run=recipe.rounds,
+    )
     settings = RunSettings(
-        scenario=scenario.name, data_dir=str(heart_data_dir()) if scenario.name in NEEDS_DATA else "",
-        checkpoint=str(checkpoint), num_server_rounds=recipe.rounds, local_epochs=recipe.local_epochs,
-        target_epsilon=epsilon, delta=DELTA, seed=seed, federated_evaluation=variant.setting,
-        out=str(root / "out"), sim_root=str(root / "sites"), expected_sites=sites,
+        scenario=scenario.name,
+        data_dir=str(heart_data_dir()) if scenario.name in NEEDS_DATA else "",
+        checkpoint=str(checkpoint),
+        num_server_rounds=recipe.rounds,
+        local_epochs=recipe.local_epochs,
+        target_epsilon=epsilon,
+        delta=DELTA,
+        seed=seed,
+        federated_evaluation=variant.setting,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        expected_sites=sites,
     )
     start = time.perf_counter()
     record = run_inprocess(settings, sites)
     seconds = time.perf_counter() - start
     final, _ = load_checkpoint(Path(record.final_checkpoint))
-    costs = {site.name: _site_cost(site_dir(root / "sites", index) / "state", site.name, accounting)
-             for index, site in enumerate(scenario.sites)}
+    costs = {
+        site.name: _site_cost(site_dir(root / "sites", index) / "state", site.name, accounting)
+        for index, site in enumerate(scenario.sites)
+    }
     return RunResult(
         seed=seed,
         final_exact={site.name: _exact_and_binned(final, site)[0] for site in scenario.sites},
@@ -344,6 +355,7 @@ def _run(scenario: Scenario, checkpoint: Path, recipe: Recipe, epsilon: float, v
 
 
 # --- aggregation -------------------------------------------------------------------------
+
 
 def _optional(value: float) -> float | None:
     return value if math.isfinite(value) else None
@@ -364,22 +376,34 @@ def _cell(scenario: str, epsilon: float, variant: Variant, runs: list[RunResult]
     last_round = max((r.server_round for r in releases), default=0)
     undefined = sum(1 for r in releases if not all(math.isfinite(r.released.get(m, math.nan)) for m in METRICS))
     return Cell(
-        scenario=scenario, epsilon=epsilon, variant=variant.setting, letter=variant.letter,
+        scenario=scenario,
+        epsilon=epsilon,
+        variant=variant.setting,
+        letter=variant.letter,
         evaluations=max((c.releases for c in costs), default=0),
-        rounds_noise=mean_sd(rounds_noise)[0], rounds_noise_min=min(rounds_noise), rounds_noise_max=max(rounds_noise),
+        rounds_noise=mean_sd(rounds_noise)[0],
+        rounds_noise_min=min(rounds_noise),
+        rounds_noise_max=max(rounds_noise),
         release_noise=_optional(mean_sd([c.release_noise for c in costs if c.release_noise is not None])[0]),
         epsilon_spent_mean=mean_sd([c.epsilon_spent for c in costs])[0],
         epsilon_spent_max=max(c.epsilon_spent for c in costs),
-        more_runs_mean=mean_sd([c.more_runs for c in costs])[0], more_runs_min=min(c.more_runs for c in costs),
-        more_rounds_mean=mean_sd([c.more_rounds for c in costs])[0], more_rounds_min=min(c.more_rounds for c in costs),
+        more_runs_mean=mean_sd([c.more_runs for c in costs])[0],
+        more_runs_min=min(c.more_runs for c in costs),
+        more_rounds_mean=mean_sd([c.more_rounds for c in costs])[0],
+        more_rounds_min=min(c.more_rounds for c in costs),
         exact={m: mean_sd([_site_mean(run.final_exact, m) for run in runs])[0] for m in METRICS},
         exact_sd={m: mean_sd([_site_mean(run.final_exact, m) for run in runs])[1] for m in METRICS},
-        released_final={m: _optional(mean_sd([r.released.get(m, math.nan) for r in releases
-                                              if r.server_round == last_round])[0]) for m in METRICS},
-        error={m: _optional(mean_sd([abs(r.released.get(m, math.nan) - r.exact[m]) for r in releases])[0])
-               for m in METRICS},
+        released_final={
+            m: _optional(mean_sd([r.released.get(m, math.nan) for r in releases if r.server_round == last_round])[0])
+            for m in METRICS
+        },
+        error={
+            m: _optional(mean_sd([abs(r.released.get(m, math.nan) - r.exact[m]) for r in releases])[0]) for m in METRICS
+        },
         auc_binning_error=_optional(mean_sd([abs(r.binned["roc-auc"] - r.exact["roc-auc"]) for r in releases])[0]),
-        releases=len(releases), undefined_releases=undefined, unplanned_sites=sum(len(run.unplanned) for run in runs),
+        releases=len(releases),
+        undefined_releases=undefined,
+        unplanned_sites=sum(len(run.unplanned) for run in runs),
         seconds=sum(run.seconds for run in runs),
     )
 
@@ -392,20 +416,28 @@ def _ratios(cells: list[Cell]) -> list[dict[str, Any]]:
         base = by_key.get((cell.scenario, cell.epsilon, "a"))
         if base is None or cell.letter == "a":
             continue
-        ratios.append({
-            "scenario": cell.scenario, "epsilon": cell.epsilon, "versus": f"{cell.letter}/a",
-            "rounds_noise": cell.rounds_noise / base.rounds_noise,
-            "more_runs": _optional(cell.more_runs_mean / base.more_runs_mean) if base.more_runs_mean else None,
-            "more_rounds": _optional(cell.more_rounds_mean / base.more_rounds_mean) if base.more_rounds_mean else None,
-            "exact_auc_difference": cell.exact["roc-auc"] - base.exact["roc-auc"],
-        })
+        ratios.append(
+            {
+                "scenario": cell.scenario,
+                "epsilon": cell.epsilon,
+                "versus": f"{cell.letter}/a",
+                "rounds_noise": cell.rounds_noise / base.rounds_noise,
+                "more_runs": _optional(cell.more_runs_mean / base.more_runs_mean) if base.more_runs_mean else None,
+                "more_rounds": _optional(cell.more_rounds_mean / base.more_rounds_mean)
+                if base.more_rounds_mean
+                else None,
+                "exact_auc_difference": cell.exact["roc-auc"] - base.exact["roc-auc"],
+            }
+        )
     return ratios
 
 
 # --- the benchmark -----------------------------------------------------------------------
 
-def _scenario_cells(name: str, seeds: list[int], epsilons: tuple[float, ...], recipe: Recipe, work: Path,
-                    accounting: Accounting) -> tuple[list[Cell], dict[str, int]]:
+
+def _scenario_cells(
+    name: str, seeds: list[int], epsilons: tuple[float, ...], recipe: Recipe, work: Path, accounting: Accounting
+) -> tuple[list[Cell], dict[str, int]]:
     """Every variant at every epsilon on one scenario; also the test rows per site (of the first seed's split)."""
     runs: dict[tuple[float, str], list[RunResult]] = {}
     test_rows: dict[str, int] = {}
@@ -419,9 +451,12 @@ def _scenario_cells(name: str, seeds: list[int], epsilons: tuple[float, ...], re
                 root = work / f"{name}-eps{epsilon:g}-{variant.setting}-{seed}"
                 result = _run(scenario, checkpoint, recipe, epsilon, variant, seed, root, accounting)
                 runs.setdefault((epsilon, variant.setting), []).append(result)
-                logger.info("%s %s epsilon %g seed %d: %.1f s", NAME, name, epsilon, seed, result.seconds)
-    cells = [_cell(name, epsilon, variant, runs[(epsilon, variant.setting)])
-             for epsilon in epsilons for variant in VARIANTS]
+                logger.info(
+                    "%s %s epsilon %g %s seed %d: %.1f s", NAME, name, epsilon, variant.setting, seed, result.seconds
+                )
+    cells = [
+        _cell(name, epsilon, variant, runs[(epsilon, variant.setting)]) for epsilon in epsilons for variant in VARIANTS
+    ]
     return cells, test_rows
 
 
@@ -446,34 +481,48 @@ def _cost_rows(cells: list[Cell], ratios: list[dict[str, Any]]) -> list[list[Any
     rows = []
     for c in cells:
         r = ratio.get((c.scenario, c.epsilon, c.letter))
-        rows.append([
-            c.scenario, f"{c.epsilon:g}", f"{c.letter}: {c.variant}", c.evaluations, _noise_text(c),
-            "1" if r is None else f"{r['rounds_noise']:.3f}x", _optional_text(c.release_noise, 2),
-            f"{c.epsilon_spent_mean:.2f} (max {c.epsilon_spent_max:.2f})",
-            f"{c.more_runs_mean:.1f} (min {c.more_runs_min})",
-            "1" if r is None else _optional_text(r["more_runs"], 2) + ("x" if r["more_runs"] is not None else ""),
-            f"{c.more_rounds_mean:.1f} (min {c.more_rounds_min})",
-        ])
+        rows.append(
+            [
+                c.scenario,
+                f"{c.epsilon:g}",
+                f"{c.letter}: {c.variant}",
+                c.evaluations,
+                _noise_text(c),
+                "1" if r is None else f"{r['rounds_noise']:.3f}x",
+                _optional_text(c.release_noise, 2),
+                f"{c.epsilon_spent_mean:.2f} (max {c.epsilon_spent_max:.2f})",
+                f"{c.more_runs_mean:.1f} (min {c.more_runs_min})",
+                "1" if r is None else _optional_text(r["more_runs"], 2) + ("x" if r["more_runs"] is not None else ""),
+                f"{c.more_rounds_mean:.1f} (min {c.more_rounds_min})",
+            ]
+        )
     return rows
 
 
 def _utility_rows(cells: list[Cell]) -> list[list[Any]]:
     rows = []
     for c in cells:
-        rows.append([
-            c.scenario, f"{c.epsilon:g}", f"{c.letter}: {c.variant}",
-            *[f"{fmt(c.exact[m])} ({fmt(c.exact_sd[m])})" for m in METRICS],
-            *[_optional_text(c.released_final[m]) for m in METRICS],
-            *[_optional_text(c.error[m]) for m in METRICS],
-            _optional_text(c.auc_binning_error), f"{c.releases} ({c.undefined_releases})",
-        ])
+        rows.append(
+            [
+                c.scenario,
+                f"{c.epsilon:g}",
+                f"{c.letter}: {c.variant}",
+                *[f"{fmt(c.exact[m])} ({fmt(c.exact_sd[m])})" for m in METRICS],
+                *[_optional_text(c.released_final[m]) for m in METRICS],
+                *[_optional_text(c.error[m]) for m in METRICS],
+                _optional_text(c.auc_binning_error),
+                f"{c.releases} ({c.undefined_releases})",
+            ]
+        )
     return rows
 
 
 def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, Any]], machine_text: str) -> str:
     recipe = result["recipe"]
-    sizes = "; ".join(f"{name}: {', '.join(f'{site} {rows}' for site, rows in rows_by_site.items())}"
-                      for name, rows_by_site in result["test_rows"].items())
+    sizes = "; ".join(
+        f"{name}: {', '.join(f'{site} {rows}' for site, rows in rows_by_site.items())}"
+        for name, rows_by_site in result["test_rows"].items()
+    )
     lines = [
         machine_text,
         f"Scenarios {', '.join(f'`{s}`' for s in result['scenarios'])}; "
@@ -481,10 +530,11 @@ def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, 
         f"FedAvg, {recipe['rounds']} rounds of {recipe['local_epochs']} local epoch(s), batch 16, SGD lr 0.05, the "
         "scenario's default model and policy, DP-SGD (clipping 1, Poisson sampling) at every site. Site policies: the "
         f"simulated ones (lifetime cap {CAP:g}, delta {DELTA:g}, minimum noise 0.5, release share 0.1, "
-        f"`evaluation = \"dp\"`) with the **{recipe['accountant'].upper()}** accountant, `max_epsilon_per_run` set to "
+        f'`evaluation = "dp"`) with the **{recipe["accountant"].upper()}** accountant, `max_epsilon_per_run` set to '
         f"the epsilon asked and `max_evaluations_per_run` {recipe['rounds']}; every run starts from fresh ledgers and "
         "from the seed's source model. Variants differ only in `federated-evaluation`: "
-        + "; ".join(f"{v.letter}: `{v.setting}` ({v.label})" for v in VARIANTS) + ". Noise: the sites' CSPRNG, as "
+        + "; ".join(f"{v.letter}: `{v.setting}` ({v.label})" for v in VARIANTS)
+        + ". Noise: the sites' CSPRNG, as "
         "deployed (so the figures vary between invocations by their noise).",
         "",
         "Noise multipliers from each site's stored plan (`state/plans/*.json`; mean over sites and seeds, range when "
@@ -494,9 +544,22 @@ def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, 
         "site's accountant); more rounds: training rounds at this run's training noise after it (the audit's "
         "rounds-left computation). Ratios against variant a at the same scenario and epsilon.",
         "",
-        markdown_table(["scenario", "epsilon", "variant", "DP evaluations / site", "rounds' noise", "ratio vs a",
-                        "release noise", "epsilon spent", "more runs within cap", "ratio vs a", "more rounds"],
-                       _cost_rows(cells, ratios)),
+        markdown_table(
+            [
+                "scenario",
+                "epsilon",
+                "variant",
+                "DP evaluations / site",
+                "rounds' noise",
+                "ratio vs a",
+                "release noise",
+                "epsilon spent",
+                "more runs within cap",
+                "ratio vs a",
+                "more rounds",
+            ],
+            _cost_rows(cells, ratios),
+        ),
         "",
         "Utility: the final global model's exact metrics (the benchmark holds the test splits; mean over sites, then "
         "over seeds, sd over seeds); 'released' is what the coordinator derives from the noisy histograms of the last "
@@ -506,15 +569,26 @@ def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, 
         "Releases (undefined): how many, and how many gave an undefined metric (a noisy count clipped to 0). "
         f"Test rows per site: {sizes}.",
         "",
-        markdown_table(["scenario", "epsilon", "variant", *[f"exact {SHORT[m]} (sd)" for m in METRICS],
-                        *[f"released {SHORT[m]}" for m in METRICS],
-                        *[f"|released - exact| {SHORT[m]}" for m in METRICS],
-                        "AUC binning", "releases (undefined)"],
-                       _utility_rows(cells)),
+        markdown_table(
+            [
+                "scenario",
+                "epsilon",
+                "variant",
+                *[f"exact {SHORT[m]} (sd)" for m in METRICS],
+                *[f"released {SHORT[m]}" for m in METRICS],
+                *[f"|released - exact| {SHORT[m]}" for m in METRICS],
+                "AUC binning",
+                "releases (undefined)",
+            ],
+            _utility_rows(cells),
+        ),
     ]
-    lines += [f"\n{c.scenario} at epsilon {c.epsilon:g}, variant {c.letter}: {c.unplanned_sites} site-run(s) "
-              "declined the run (no noise within the site's limits); they are left out of the cost columns."
-              for c in cells if c.unplanned_sites]
+    lines += [
+        f"\n{c.scenario} at epsilon {c.epsilon:g}, variant {c.letter}: {c.unplanned_sites} site-run(s) "
+        "declined the run (no noise within the site's limits); they are left out of the cost columns."
+        for c in cells
+        if c.unplanned_sites
+    ]
     lines += [f"\nSkipped {s['scenario']}: {s['reason']}." for s in result["skipped"]]
     lines += ["", f"![exact and released AUC per variant]({PLOT})"]
     return "\n".join(lines)
@@ -544,7 +618,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     test_rows: dict[str, dict[str, int]] = {}
     skipped = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"fedtransfer-{NAME}-") as work, memoised_calibration():
+    with tempfile.TemporaryDirectory(prefix=f"fedtransfer-{NAME}-") as work:
         for name in scenarios:
             reason = _skip_reason(name)
             if reason is not None:
@@ -576,7 +650,14 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     }
     _plot(out_dir, cells, len(seeds))
     for r in ratios:
-        logger.info("%s %s epsilon %g %s: rounds' noise %.3fx, more runs %s", NAME, r["scenario"], r["epsilon"],
-                    r["versus"], r["rounds_noise"], "n/a" if r["more_runs"] is None else f"{r['more_runs']:.2f}x")
+        logger.info(
+            "%s %s epsilon %g %s: rounds' noise %.3fx, more runs %s",
+            NAME,
+            r["scenario"],
+            r["epsilon"],
+            r["versus"],
+            r["rounds_noise"],
+            "n/a" if r["more_runs"] is None else f"{r['more_runs']:.2f}x",
+        )
     text = header("What DP evaluation costs", machine, result["command"], quick)
     return write_result(out_dir, NAME, result, _markdown(result, cells, ratios, text))

@@ -6,8 +6,8 @@ preprocessing and split, each centre z-scored with its own train statistics as F
 initialisation, no DP. Each federated setting runs the real ServerApp logic and ClientApp in
 process (``DirectGrid``) with Flower's own FedAvg, FedProx, FedAdam, FedYogi or FedAdagrad:
 FLamby's protocol (15 rounds of 100 local updates at every centre, ``local-steps``) with
-FLamby's hyper-parameters, and tuned rows. Local-only and pooled train the same model with FLamby's recipe (Adam lr 1e-3,
-batch 4, 50 epochs; pooled data z-scored with pooled-train statistics, as FLamby's). The
+FLamby's hyper-parameters, and tuned rows. Local-only and pooled train the same model with
+FLamby's recipe (Adam lr 1e-3, batch 4, 50 epochs; pooled data z-scored with pooled-train statistics, as FLamby's). The
 figure is FLamby's "per-client mean": the mean test accuracy over the 4 centres and the seeds.
 Every model, the federated runs' final global models included, is scored by the benchmark
 itself on each centre's test split (sites release no exact metrics, and the runs ask for no
@@ -26,15 +26,22 @@ from typing import Any
 
 import torch
 
-from common.model.zoo import build_model
-from common.data.scenarios import Scenario, load_scenario
-from common.settings import RunSettings
 from common.data.heart_disease import pooled_train_split
+from common.data.scenarios import Scenario, load_scenario
 from common.data.site_data import SiteData, Split
 from common.model.training import TrainConfig, as_tensors, train_plain, use_one_torch_thread
+from common.model.zoo import build_model
+from common.settings import RunSettings
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import bar_plot, final_model_scores, fmt, mean_sd, run_inprocess, site_scores
-from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.benchmarks.report import (
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 from simulations.sites import declared_size
 
 logger = logging.getLogger(__name__)
@@ -44,7 +51,12 @@ SCENARIO = "heart-disease-flamby"
 
 #: FLamby's published per-client mean test accuracy (5 seeds), from the data folder's README.
 FLAMBY_PER_CLIENT = {
-    "pooled": 0.735, "fedavg": 0.685, "fedprox": 0.685, "fedadam": 0.726, "fedyogi": 0.731, "fedadagrad": 0.731,
+    "pooled": 0.735,
+    "fedavg": 0.685,
+    "fedprox": 0.685,
+    "fedadam": 0.726,
+    "fedyogi": 0.731,
+    "fedadagrad": 0.731,
 }
 FLAMBY_LOCAL = {"Cleveland": 0.722, "Hungary": 0.629, "Switzerland": 0.567, "VA": 0.637}
 FLAMBY_POOLED_TARGET = FLAMBY_PER_CLIENT["pooled"]
@@ -84,37 +96,119 @@ FLAMBY_RECIPE = "FLamby's protocol and client/server hyper-parameters (its publi
 OPTIMISTIC = "Tuned: picked by reading test accuracy (optimistic)."
 
 SETTINGS = (
-    FederatedSetting("fedavg (FLamby recipe)", "fedavg", FLAMBY_ROUNDS, 1e-3, local_steps=FLAMBY_STEPS,
-                     optimizer="sgd-plain", flamby="fedavg", differs=FLAMBY_RECIPE + "."),
-    FederatedSetting("fedprox mu 0.01 (FLamby recipe)", "fedprox", FLAMBY_ROUNDS, 1e-3, local_steps=FLAMBY_STEPS,
-                     optimizer="sgd-plain", flamby="fedprox", differs=FLAMBY_RECIPE + "."),
-    FederatedSetting("fedadam (FLamby recipe)", "fedadam", FLAMBY_ROUNDS, 1e-2, local_steps=FLAMBY_STEPS,
-                     optimizer="sgd-plain", server_lr=1e-2, server_tau=1e-8, server_beta_2=0.999, flamby="fedadam",
-                     differs=FLAMBY_RECIPE + "."),
-    FederatedSetting("fedyogi (FLamby recipe)", "fedyogi", FLAMBY_ROUNDS, 3.162e-3, local_steps=FLAMBY_STEPS,
-                     optimizer="sgd-plain", server_lr=1e-2, server_tau=1e-8, server_beta_2=0.999, flamby="fedyogi",
-                     differs=FLAMBY_RECIPE + "."),
-    FederatedSetting("fedadagrad (FLamby recipe)", "fedadagrad", FLAMBY_ROUNDS, 3.162e-3, local_steps=FLAMBY_STEPS,
-                     optimizer="sgd-plain", server_lr=0.316228, server_tau=1e-8, flamby="fedadagrad",
-                     differs=FLAMBY_RECIPE + "; Flower's FedAdagrad has no server momentum."),
-    FederatedSetting("fedyogi, whole local epochs (earlier recipe)", "fedyogi", 20, 1e-3, local_epochs=2,
-                     flamby="fedyogi", differs="Our earlier recipe: whole local epochs (fewer updates at the small "
-                     "centres), SGD momentum 0.9, 20 rounds, Flower's default server hyper-parameters."),
-    FederatedSetting("fedyogi, FLamby protocol, Flower server defaults", "fedyogi", FLAMBY_ROUNDS, 3.162e-3,
-                     local_steps=FLAMBY_STEPS, optimizer="sgd-plain", flamby="fedyogi",
-                     differs="FLamby's protocol and client learning rate, but Flower's FedYogi defaults (server lr 1e-2, "
-                     "tau 1e-3, beta_2 0.99) where FLamby has tau 1e-8, beta_2 0.999. " + OPTIMISTIC),
-    FederatedSetting("fedyogi, 100 local updates, SGD momentum", "fedyogi", FLAMBY_ROUNDS, 1e-3,
-                     local_steps=FLAMBY_STEPS, flamby="fedyogi",
-                     differs="FLamby's protocol with our SGD (momentum 0.9, lr 1e-3) and Flower's FedYogi defaults. "
-                     + OPTIMISTIC),
+    FederatedSetting(
+        "fedavg (FLamby recipe)",
+        "fedavg",
+        FLAMBY_ROUNDS,
+        1e-3,
+        local_steps=FLAMBY_STEPS,
+        optimizer="sgd-plain",
+        flamby="fedavg",
+        differs=FLAMBY_RECIPE + ".",
+    ),
+    FederatedSetting(
+        "fedprox mu 0.01 (FLamby recipe)",
+        "fedprox",
+        FLAMBY_ROUNDS,
+        1e-3,
+        local_steps=FLAMBY_STEPS,
+        optimizer="sgd-plain",
+        flamby="fedprox",
+        differs=FLAMBY_RECIPE + ".",
+    ),
+    FederatedSetting(
+        "fedadam (FLamby recipe)",
+        "fedadam",
+        FLAMBY_ROUNDS,
+        1e-2,
+        local_steps=FLAMBY_STEPS,
+        optimizer="sgd-plain",
+        server_lr=1e-2,
+        server_tau=1e-8,
+        server_beta_2=0.999,
+        flamby="fedadam",
+        differs=FLAMBY_RECIPE + ".",
+    ),
+    FederatedSetting(
+        "fedyogi (FLamby recipe)",
+        "fedyogi",
+        FLAMBY_ROUNDS,
+        3.162e-3,
+        local_steps=FLAMBY_STEPS,
+        optimizer="sgd-plain",
+        server_lr=1e-2,
+        server_tau=1e-8,
+        server_beta_2=0.999,
+        flamby="fedyogi",
+        differs=FLAMBY_RECIPE + ".",
+    ),
+    FederatedSetting(
+        "fedadagrad (FLamby recipe)",
+        "fedadagrad",
+        FLAMBY_ROUNDS,
+        3.162e-3,
+        local_steps=FLAMBY_STEPS,
+        optimizer="sgd-plain",
+        server_lr=0.316228,
+        server_tau=1e-8,
+        flamby="fedadagrad",
+        differs=FLAMBY_RECIPE + "; Flower's FedAdagrad has no server momentum.",
+    ),
+    FederatedSetting(
+        "fedyogi, whole local epochs (earlier recipe)",
+        "fedyogi",
+        20,
+        1e-3,
+        local_epochs=2,
+        flamby="fedyogi",
+        differs="Our earlier recipe: whole local epochs (fewer updates at the small "
+        "centres), SGD momentum 0.9, 20 rounds, Flower's default server hyper-parameters.",
+    ),
+    FederatedSetting(
+        "fedyogi, FLamby protocol, Flower server defaults",
+        "fedyogi",
+        FLAMBY_ROUNDS,
+        3.162e-3,
+        local_steps=FLAMBY_STEPS,
+        optimizer="sgd-plain",
+        flamby="fedyogi",
+        differs="FLamby's protocol and client learning rate, but Flower's FedYogi defaults (server lr 1e-2, "
+        "tau 1e-3, beta_2 0.99) where FLamby has tau 1e-8, beta_2 0.999. " + OPTIMISTIC,
+    ),
+    FederatedSetting(
+        "fedyogi, 100 local updates, SGD momentum",
+        "fedyogi",
+        FLAMBY_ROUNDS,
+        1e-3,
+        local_steps=FLAMBY_STEPS,
+        flamby="fedyogi",
+        differs="FLamby's protocol with our SGD (momentum 0.9, lr 1e-3) and Flower's FedYogi defaults. " + OPTIMISTIC,
+    ),
 )
 QUICK_SETTINGS = (
-    FederatedSetting("fedavg (FLamby recipe)", "fedavg", 2, 1e-3, local_steps=10, optimizer="sgd-plain", flamby="fedavg",
-                     differs="Quick smoke run: 2 rounds of 10 local updates."),
-    FederatedSetting("fedyogi (FLamby recipe)", "fedyogi", 2, 3.162e-3, local_steps=10, optimizer="sgd-plain",
-                     server_lr=1e-2, server_tau=1e-8, server_beta_2=0.999, flamby="fedyogi",
-                     differs="Quick smoke run: 2 rounds of 10 local updates."),
+    FederatedSetting(
+        "fedavg (FLamby recipe)",
+        "fedavg",
+        2,
+        1e-3,
+        local_steps=10,
+        optimizer="sgd-plain",
+        flamby="fedavg",
+        differs="Quick smoke run: 2 rounds of 10 local updates.",
+    ),
+    FederatedSetting(
+        "fedyogi (FLamby recipe)",
+        "fedyogi",
+        2,
+        3.162e-3,
+        local_steps=10,
+        optimizer="sgd-plain",
+        server_lr=1e-2,
+        server_tau=1e-8,
+        server_beta_2=0.999,
+        flamby="fedyogi",
+        differs="Quick smoke run: 2 rounds of 10 local updates.",
+    ),
 )
 SEEDS = 5
 
@@ -124,20 +218,59 @@ _FEDYOGI, _FEDADAGRAD = SETTINGS[3], SETTINGS[4]
 _TUNING = "Tuning search: FLamby's recipe for this strategy with {}. " + OPTIMISTIC
 SEARCH_SETTINGS = (
     replace(_FEDYOGI, label="fedyogi, FLamby recipe, 30 rounds", rounds=30, differs=_TUNING.format("30 rounds")),
-    replace(_FEDYOGI, label="fedyogi, FLamby recipe, client lr 1e-2", lr=1e-2, differs=_TUNING.format("client lr 1e-2")),
-    replace(_FEDYOGI, label="fedyogi, FLamby recipe, client lr 3e-2", lr=3e-2, differs=_TUNING.format("client lr 3e-2")),
-    replace(_FEDYOGI, label="fedyogi, FLamby recipe, client lr 1e-2, 10 rounds", lr=1e-2, rounds=10,
-            differs=_TUNING.format("client lr 1e-2 and 10 rounds")),
-    replace(_FEDYOGI, label="fedyogi, FLamby recipe, server lr 3e-2", server_lr=3e-2, differs=_TUNING.format("server lr 3e-2")),
-    replace(_FEDADAGRAD, label="fedadagrad, FLamby recipe, server lr 0.1", server_lr=0.1, differs=_TUNING.format("server lr 0.1")),
-    replace(_FEDADAGRAD, label="fedadagrad, FLamby recipe, client lr 1e-2", lr=1e-2, differs=_TUNING.format("client lr 1e-2")),
-    replace(SETTINGS[0], label="fedavg, FLamby protocol, client lr 1e-2", lr=1e-2, differs=_TUNING.format("client lr 1e-2")),
-    replace(SETTINGS[6], label="fedyogi, FLamby protocol, Flower server defaults, client lr 1e-3", lr=1e-3,
-            differs="As the row 'fedyogi, FLamby protocol, Flower server defaults' with client lr 1e-3. " + OPTIMISTIC),
-    replace(SETTINGS[6], label="fedyogi, FLamby protocol, Flower server defaults, client lr 1e-2", lr=1e-2,
-            differs="As the row 'fedyogi, FLamby protocol, Flower server defaults' with client lr 1e-2. " + OPTIMISTIC),
-    replace(SETTINGS[6], label="fedadam, FLamby protocol, Flower server defaults", strategy="fedadam", flamby="fedadam",
-            differs="FLamby's protocol, plain SGD lr 3.162e-3, Flower's FedAdam defaults. " + OPTIMISTIC),
+    replace(
+        _FEDYOGI, label="fedyogi, FLamby recipe, client lr 1e-2", lr=1e-2, differs=_TUNING.format("client lr 1e-2")
+    ),
+    replace(
+        _FEDYOGI, label="fedyogi, FLamby recipe, client lr 3e-2", lr=3e-2, differs=_TUNING.format("client lr 3e-2")
+    ),
+    replace(
+        _FEDYOGI,
+        label="fedyogi, FLamby recipe, client lr 1e-2, 10 rounds",
+        lr=1e-2,
+        rounds=10,
+        differs=_TUNING.format("client lr 1e-2 and 10 rounds"),
+    ),
+    replace(
+        _FEDYOGI,
+        label="fedyogi, FLamby recipe, server lr 3e-2",
+        server_lr=3e-2,
+        differs=_TUNING.format("server lr 3e-2"),
+    ),
+    replace(
+        _FEDADAGRAD,
+        label="fedadagrad, FLamby recipe, server lr 0.1",
+        server_lr=0.1,
+        differs=_TUNING.format("server lr 0.1"),
+    ),
+    replace(
+        _FEDADAGRAD,
+        label="fedadagrad, FLamby recipe, client lr 1e-2",
+        lr=1e-2,
+        differs=_TUNING.format("client lr 1e-2"),
+    ),
+    replace(
+        SETTINGS[0], label="fedavg, FLamby protocol, client lr 1e-2", lr=1e-2, differs=_TUNING.format("client lr 1e-2")
+    ),
+    replace(
+        SETTINGS[6],
+        label="fedyogi, FLamby protocol, Flower server defaults, client lr 1e-3",
+        lr=1e-3,
+        differs="As the row 'fedyogi, FLamby protocol, Flower server defaults' with client lr 1e-3. " + OPTIMISTIC,
+    ),
+    replace(
+        SETTINGS[6],
+        label="fedyogi, FLamby protocol, Flower server defaults, client lr 1e-2",
+        lr=1e-2,
+        differs="As the row 'fedyogi, FLamby protocol, Flower server defaults' with client lr 1e-2. " + OPTIMISTIC,
+    ),
+    replace(
+        SETTINGS[6],
+        label="fedadam, FLamby protocol, Flower server defaults",
+        strategy="fedadam",
+        flamby="fedadam",
+        differs="FLamby's protocol, plain SGD lr 3.162e-3, Flower's FedAdam defaults. " + OPTIMISTIC,
+    ),
 )
 
 
@@ -161,8 +294,14 @@ def _pooled_accuracy(per_centre: dict[str, float], sites: tuple[SiteData, ...]) 
     return sum(per_centre[name] * sizes[name] for name in per_centre) / sum(sizes[name] for name in per_centre)
 
 
-def _summarise(method: str, reference: float | None, by_seed: list[dict[str, float]], sites: tuple[SiteData, ...],
-               seconds: float, setting: dict[str, Any] | None = None) -> MethodResult:
+def _summarise(
+    method: str,
+    reference: float | None,
+    by_seed: list[dict[str, float]],
+    sites: tuple[SiteData, ...],
+    seconds: float,
+    setting: dict[str, Any] | None = None,
+) -> MethodResult:
     names = [site.name for site in sites]
     values = [seed_result[name] for seed_result in by_seed for name in names if name in seed_result]
     mean, sd = mean_sd(values)
@@ -180,36 +319,67 @@ def _fit_and_score(scenario: Scenario, train: Split, recipe: TrainConfig, seed: 
 
 
 def _central(scenario: Scenario, data_dir: Path, seeds: list[int], recipe: TrainConfig) -> list[MethodResult]:
-    """Pooled training on all train rows z-scored with pooled-train statistics (FLamby's pooled data), then local-only."""
+    """Pooled training on all train rows z-scored with pooled-train statistics (FLamby's pooled data),
+    then local-only."""
     results = []
     start = time.perf_counter()
     pooled_train = pooled_train_split(data_dir)
     pooled = [_fit_and_score(scenario, pooled_train, recipe, seed) for seed in seeds]
-    results.append(_summarise("pooled", FLAMBY_PER_CLIENT["pooled"], pooled, scenario.sites, time.perf_counter() - start))
+    results.append(
+        _summarise("pooled", FLAMBY_PER_CLIENT["pooled"], pooled, scenario.sites, time.perf_counter() - start)
+    )
     for site in scenario.sites:
         start = time.perf_counter()
         own = [_fit_and_score(scenario, site.train, recipe, seed) for seed in seeds]
-        results.append(_summarise(f"local {site.name}", FLAMBY_LOCAL.get(site.name), own, scenario.sites, time.perf_counter() - start))
+        results.append(
+            _summarise(
+                f"local {site.name}", FLAMBY_LOCAL.get(site.name), own, scenario.sites, time.perf_counter() - start
+            )
+        )
     return results
 
 
-def _federated(setting: FederatedSetting, seeds: list[int], scenario: Scenario, data_dir: Path, work: Path) -> MethodResult:
+def _federated(
+    setting: FederatedSetting, seeds: list[int], scenario: Scenario, data_dir: Path, work: Path
+) -> MethodResult:
     by_seed = []
     start = time.perf_counter()
     for seed in seeds:
         root = Path(tempfile.mkdtemp(prefix=f"{setting.strategy}-{seed}-", dir=work))
         settings = RunSettings(
-            scenario=SCENARIO, data_dir=str(data_dir), num_server_rounds=setting.rounds, local_epochs=setting.local_epochs,
-            local_steps=setting.local_steps, batch_size=setting.batch_size, lr=setting.lr, optimizer=setting.optimizer,
-            strategy=setting.strategy, proximal_mu=setting.proximal_mu, server_lr=setting.server_lr,
-            server_tau=setting.server_tau, server_beta_2=setting.server_beta_2, dp=False, per_site_scaling=True, seed=seed,
-            personalise_epochs=0, federated_evaluation="none", out=str(root / "out"),
-            sim_root=str(root / "sites"), min_sites=len(scenario.sites), expected_sites=len(scenario.sites),
+            scenario=SCENARIO,
+            data_dir=str(data_dir),
+            num_server_rounds=setting.rounds,
+            local_epochs=setting.local_epochs,
+            local_steps=setting.local_steps,
+            batch_size=setting.batch_size,
+            lr=setting.lr,
+            optimizer=setting.optimizer,
+            strategy=setting.strategy,
+            proximal_mu=setting.proximal_mu,
+            server_lr=setting.server_lr,
+            server_tau=setting.server_tau,
+            server_beta_2=setting.server_beta_2,
+            dp=False,
+            per_site_scaling=True,
+            seed=seed,
+            personalise_epochs=0,
+            federated_evaluation="none",
+            out=str(root / "out"),
+            sim_root=str(root / "sites"),
+            min_sites=len(scenario.sites),
+            expected_sites=len(scenario.sites),
         )
         by_seed.append(final_model_scores(run_inprocess(settings, len(scenario.sites)), scenario.sites))
         logger.info("flamby %s seed %d: %s", setting.label, seed, by_seed[-1])
-    return _summarise(setting.label, FLAMBY_PER_CLIENT.get(setting.flamby), by_seed, scenario.sites,
-                      time.perf_counter() - start, asdict(setting))
+    return _summarise(
+        setting.label,
+        FLAMBY_PER_CLIENT.get(setting.flamby),
+        by_seed,
+        scenario.sites,
+        time.perf_counter() - start,
+        asdict(setting),
+    )
 
 
 def _recipe(setting: dict[str, Any], train_sizes: dict[str, int]) -> str:
@@ -217,27 +387,42 @@ def _recipe(setting: dict[str, Any], train_sizes: dict[str, int]) -> str:
     if setting["local_steps"]:
         local = f"{setting['local_steps']} local updates per round at every centre"
     else:
-        updates = ", ".join(f"{setting['local_epochs'] * math.ceil(size / setting['batch_size'])} at {name}"
-                            for name, size in train_sizes.items())
+        updates = ", ".join(
+            f"{setting['local_epochs'] * math.ceil(size / setting['batch_size'])} at {name}"
+            for name, size in train_sizes.items()
+        )
         local = f"{setting['local_epochs']} whole local epoch(s) per round (updates: {updates})"
     optimiser = {"sgd": "SGD momentum 0.9", "sgd-plain": "plain SGD", "adam": "Adam"}[setting["optimizer"]]
     proximal = f", proximal mu {setting['proximal_mu']:g}" if setting["strategy"] == "fedprox" else ""
-    server = [f"{name} {setting[key]:g}" for key, name in (("server_lr", "server lr"), ("server_tau", "tau"),
-                                                           ("server_beta_2", "beta_2")) if setting[key]]
-    return (f"{setting['strategy']}, {setting['rounds']} rounds, {local}, batch {setting['batch_size']}, {optimiser} "
-            f"lr {setting['lr']:g}{proximal}; server: {', '.join(server) or 'Flower defaults'}")
+    server = [
+        f"{name} {setting[key]:g}"
+        for key, name in (("server_lr", "server lr"), ("server_tau", "tau"), ("server_beta_2", "beta_2"))
+        if setting[key]
+    ]
+    return (
+        f"{setting['strategy']}, {setting['rounds']} rounds, {local}, batch {setting['batch_size']}, {optimiser} "
+        f"lr {setting['lr']:g}{proximal}; server: {', '.join(server) or 'Flower defaults'}"
+    )
 
 
 def _markdown(result: dict[str, Any], methods: list[MethodResult], machine_text: str) -> str:
     rows = [
-        [m.method, fmt(m.per_client_mean), fmt(m.per_client_sd), "n/a" if m.flamby_reference is None else fmt(m.flamby_reference),
-         fmt(m.pooled_test), *[fmt(m.per_centre.get(c, float("nan"))) for c in result["centres"]], f"{m.seconds:.1f}"]
+        [
+            m.method,
+            fmt(m.per_client_mean),
+            fmt(m.per_client_sd),
+            "n/a" if m.flamby_reference is None else fmt(m.flamby_reference),
+            fmt(m.pooled_test),
+            *[fmt(m.per_centre.get(c, float("nan"))) for c in result["centres"]],
+            f"{m.seconds:.1f}",
+        ]
         for m in methods
     ]
     best = result["best_federated"]
     described = [
         f"- **{m.method}**: {_recipe(m.setting, result['train_sizes'])}. {m.setting['differs']}"
-        for m in methods if m.setting is not None
+        for m in methods
+        if m.setting is not None
     ]
     lines = [
         machine_text,
@@ -255,14 +440,17 @@ def _markdown(result: dict[str, Any], methods: list[MethodResult], machine_text:
         "(FLamby's figure); pooled test: accuracy over all 254 test rows (each centre's rows z-scored with its own "
         "statistics; FLamby's pooled-test row uses pooled statistics).",
         "",
-        markdown_table(["method", "per-client mean", "sd", "FLamby", "pooled test", *result["centres"], "seconds"], rows),
+        markdown_table(
+            ["method", "per-client mean", "sd", "FLamby", "pooled test", *result["centres"], "seconds"], rows
+        ),
         "",
         "Federated rows, what each ran and how it differs from FLamby's run of that strategy (FLamby: 15 rounds of 100 "
         "local updates at every centre, batch 4, plain SGD; server learning rates from FLamby's own grid search):",
         "",
         *described,
         "",
-        f"Best federated setting: **{best['method']}** at {fmt(best['per_client_mean'])} per-client mean against FLamby's "
+        f"Best federated setting: **{best['method']}** at {fmt(best['per_client_mean'])} per-client mean against "
+        "FLamby's "
         f"pooled {FLAMBY_POOLED_TARGET}: target {'MET' if best['meets_pooled_target'] else 'NOT met'}. "
         "The best is picked on the test splits, and the tuned rows' hyper-parameters were chosen by reading test "
         "accuracy (as FLamby's own grid search did): read them as optimistic figures.",
@@ -320,8 +508,10 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     bar_plot(
         out_dir / "flamby-accuracy.png",
         [m.method for m in methods],
-        {"ours": [m.per_client_mean for m in methods],
-         "FLamby": [m.flamby_reference if m.flamby_reference is not None else float("nan") for m in methods]},
+        {
+            "ours": [m.per_client_mean for m in methods],
+            "FLamby": [m.flamby_reference if m.flamby_reference is not None else float("nan") for m in methods],
+        },
         "per-client mean test accuracy",
         f"Fed-Heart-Disease, {len(seeds)} seed(s)",
         reference={"FLamby pooled 0.735": FLAMBY_POOLED_TARGET},

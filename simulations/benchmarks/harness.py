@@ -119,6 +119,7 @@ def fmt(value: float, digits: int = 3) -> str:
 
 # --- timing -----------------------------------------------------------------------------
 
+
 @dataclass
 class Stopwatch:
     """Exclusive time per category: a timed call nested in another counts only for the inner one."""
@@ -211,8 +212,15 @@ def round_clock() -> Iterator[RoundClock]:
 
 # --- plots ------------------------------------------------------------------------------
 
-def bar_plot(path: Path, labels: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, title: str,
-             reference: dict[str, float] | None = None) -> Path:
+
+def bar_plot(
+    path: Path,
+    labels: Sequence[str],
+    series: dict[str, Sequence[float]],
+    ylabel: str,
+    title: str,
+    reference: dict[str, float] | None = None,
+) -> Path:
     """Grouped bars, one group per label, one bar per series; optional horizontal reference lines."""
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 3), 4.0))
     width = 0.8 / max(1, len(series))
@@ -226,8 +234,16 @@ def bar_plot(path: Path, labels: Sequence[str], series: dict[str, Sequence[float
     return _save(fig, ax, path, ylabel, title)
 
 
-def line_plot(path: Path, xs: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
-              title: str, xlog: bool = False, xticklabels: Sequence[str] | None = None) -> Path:
+def line_plot(
+    path: Path,
+    xs: Sequence[float],
+    series: dict[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    xlog: bool = False,
+    xticklabels: Sequence[str] | None = None,
+) -> Path:
     """One line per series over shared x values (NaN points are left out)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for name, values in series.items():

@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.proto.message_pb2 import PushObjectRequest
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
-from common.security.envelope import EnvelopeContext, envelope_overhead, seal
-from common.security.keys import Identity
-from common.model.zoo import FedModel, build_model
-from common.protocol import REPLY_KINDS, STATUS_OK, SiteReply
 from common.data.scenarios import Scenario
 from common.model.transfer import PolicyParseError, TransferPolicy, state_fingerprint
+from common.model.zoo import FedModel, build_model
+from common.protocol import REPLY_KINDS, STATUS_OK, SiteReply
+from common.security.envelope import EnvelopeContext, envelope_overhead, seal
+from common.security.keys import Identity
 
 WIRE_MEASURE = (
     "Flower 1.42's object transport: for every distinct object of the record (ArrayRecord, Array, ArrayChunk; "
@@ -52,7 +52,7 @@ class Parties:
     coordinator: Identity
 
     @classmethod
-    def generate(cls, site_id: str) -> "Parties":
+    def generate(cls, site_id: str) -> Parties:
         return cls(Identity.generate(site_id), Identity.generate("coordinator"))
 
 
@@ -84,8 +84,9 @@ class PolicyTraffic:
     reply carrying the same tensors. ``fixed_wire``: the sealed reply carrying no tensors at
     all (envelope header, AES-GCM tag, signature, the reply's header and framing, record
     framing): the fixed header. Both leave out the values and the signed privacy report a real
-    reply adds (a few hundred bytes; the ``crypto`` benchmark measures a real one). ``overhead_fraction`` = (sealed - fixed - plain) / plain (negative: the sealed
-    form is smaller). ``full_wire`` and ``full_sealed_wire``: every parameter of the model as
+    reply adds (a few hundred bytes; the ``crypto`` benchmark measures a real one).
+    ``overhead_fraction`` = (sealed - fixed - plain) / plain (negative: the sealed form is smaller).
+    ``full_wire`` and ``full_sealed_wire``: every parameter of the model as
     Flower's ArrayRecord and as a sealed reply; the ``full_over_*`` ratios are the saving of
     the policy against sending the full model in the same form.
     """
@@ -134,7 +135,9 @@ def valid_policies(model: FedModel, wanted: Sequence[str]) -> list[str]:
 
 def every_policy(model: FedModel) -> list[str]:
     """``head``, every ``last:K`` the model has and ``full``."""
-    return valid_policies(model, ["head", *(f"last:{k}" for k in range(1, len(model.parametrised_blocks()) + 1)), "full"])
+    return valid_policies(
+        model, ["head", *(f"last:{k}" for k in range(1, len(model.parametrised_blocks()) + 1)), "full"]
+    )
 
 
 def scenario_model(scenario: Scenario, seed: int) -> FedModel:
@@ -163,35 +166,47 @@ def policy_traffic(scenario: Scenario, policies: Sequence[str], seed: int) -> li
         sealed_wire = flower_wire_bytes(sealed_record(site_id, envelope))
         overhead = (sealed_wire - fixed_wire - plain_wire) / plain_wire
         trainable_params = sum(t.numel() for t in tensors.values())
-        rows.append(PolicyTraffic(
-            scenario=scenario.name,
-            arch=scenario.model.arch,
-            policy=str(policy),
-            default_policy=str(policy) == scenario.policy,
-            trainable_params=trainable_params,
-            total_params=total_params,
-            tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-            plain_wire=plain_wire,
-            envelope_bytes=len(envelope),
-            envelope_header=envelope_overhead(len(payload), context),
-            sealed_wire=sealed_wire,
-            fixed_wire=fixed_wire,
-            overhead_fraction=overhead,
-            sealed_over_plain=sealed_wire / plain_wire,
-            full_wire=full_wire,
-            full_sealed_wire=full_sealed_wire,
-            trainable_fraction=trainable_params / total_params,
-            full_over_plain=full_wire / plain_wire,
-            full_over_sealed=full_sealed_wire / sealed_wire,
-            meets_overhead_target=overhead <= OVERHEAD_TARGET,
-        ))
+        rows.append(
+            PolicyTraffic(
+                scenario=scenario.name,
+                arch=scenario.model.arch,
+                policy=str(policy),
+                default_policy=str(policy) == scenario.policy,
+                trainable_params=trainable_params,
+                total_params=total_params,
+                tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+                plain_wire=plain_wire,
+                envelope_bytes=len(envelope),
+                envelope_header=envelope_overhead(len(payload), context),
+                sealed_wire=sealed_wire,
+                fixed_wire=fixed_wire,
+                overhead_fraction=overhead,
+                sealed_over_plain=sealed_wire / plain_wire,
+                full_wire=full_wire,
+                full_sealed_wire=full_sealed_wire,
+                trainable_fraction=trainable_params / total_params,
+                full_over_plain=full_wire / plain_wire,
+                full_over_sealed=full_sealed_wire / sealed_wire,
+                meets_overhead_target=overhead <= OVERHEAD_TARGET,
+            )
+        )
     return rows
 
 
 TRAFFIC_HEADERS = (
-    "scenario", "model", "policy", "trainable / all params", "raw tensor B", "Flower ArrayRecord B",
-    "sealed reply B", "sealed / plain", "overhead beyond fixed header", "full model ArrayRecord B", "full model sealed B",
-    "saving vs full (ArrayRecord)", "saving vs full (sealed)",
+    "scenario",
+    "model",
+    "policy",
+    "trainable / all params",
+    "raw tensor B",
+    "Flower ArrayRecord B",
+    "sealed reply B",
+    "sealed / plain",
+    "overhead beyond fixed header",
+    "full model ArrayRecord B",
+    "full model sealed B",
+    "saving vs full (ArrayRecord)",
+    "saving vs full (sealed)",
 )
 
 
@@ -199,11 +214,19 @@ def traffic_rows(rows: Sequence[PolicyTraffic]) -> list[list[object]]:
     """Table rows for ``TRAFFIC_HEADERS``."""
     return [
         [
-            r.scenario, r.arch, r.policy + (" (default)" if r.default_policy else ""),
+            r.scenario,
+            r.arch,
+            r.policy + (" (default)" if r.default_policy else ""),
             f"{r.trainable_params:,} / {r.total_params:,} ({100 * r.trainable_fraction:.1f}%)",
-            f"{r.tensor_bytes:,}", f"{r.plain_wire:,}", f"{r.sealed_wire:,}", f"{r.sealed_over_plain:.3f}x",
-            f"{100 * r.overhead_fraction:+.2f}%", f"{r.full_wire:,}", f"{r.full_sealed_wire:,}",
-            f"{r.full_over_plain:.2f}x", f"{r.full_over_sealed:.2f}x",
+            f"{r.tensor_bytes:,}",
+            f"{r.plain_wire:,}",
+            f"{r.sealed_wire:,}",
+            f"{r.sealed_over_plain:.3f}x",
+            f"{100 * r.overhead_fraction:+.2f}%",
+            f"{r.full_wire:,}",
+            f"{r.full_sealed_wire:,}",
+            f"{r.full_over_plain:.2f}x",
+            f"{r.full_over_sealed:.2f}x",
         ]
         for r in rows
     ]
@@ -218,7 +241,8 @@ def traffic_notes(rows: Sequence[PolicyTraffic]) -> str:
         f"instruction). Wire measure: {WIRE_MEASURE} Fixed header of a sealed reply (no tensors): "
         f"{', '.join(map(str, fixed))} B on the wire, of which the envelope's own header, AES-GCM tag and Ed25519 "
         f"signature are {', '.join(map(str, header))} B. Target: sealed <= plain + {100 * OVERHEAD_TARGET:.0f}% + "
-        f"fixed header. A Flower ArrayRecord spends a few hundred bytes per tensor (an npy header, JSON metadata and 64-hex "
+        f"fixed header. A Flower ArrayRecord spends a few hundred bytes per tensor (an npy header, JSON metadata and "
+        "64-hex "
         f"object ids for the Array and its chunks) where safetensors spends a short JSON entry, so for these small "
         f"models the sealed reply is the smaller one. Saving vs full: every parameter sent in the same form, over this "
         f"policy's trainable part."

@@ -77,10 +77,13 @@ def interleaved(variants: Mapping[str, Callable[[], float]], repetitions: int, w
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; numbers right-aligned."""
+
     def cell(value: Any) -> str:
         return str(value).replace("|", "\\|")
 
-    numeric = [all(isinstance(row[i], (int, float)) or _looks_numeric(row[i]) for row in rows) for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], (int, float)) or _looks_numeric(row[i]) for row in rows) for i in range(len(headers))
+    ]
     lines = [
         "| " + " | ".join(cell(h) for h in headers) + " |",
         "|" + "|".join("---:" if right else "---" for right in numeric) + "|",

@@ -31,13 +31,20 @@ from typing import Any
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
-from common.model.pretraining import pretrain_source
 from common.data.scenarios import load_scenario
-from common.settings import RunSettings
 from common.data.site_data import write_site_data
+from common.model.pretraining import pretrain_source
+from common.settings import RunSettings
 from server.app import make_server_app
 from simulations.benchmarks.harness import line_plot, round_clock
-from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.benchmarks.report import (
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +139,27 @@ def _tree_rss_mb(root: int) -> float:
 
 def _run_child(study: Path, checkpoint: Path, sites: int, rounds: int, seed: int, work: Path) -> dict[str, Any]:
     """Run one simulation in a child process while sampling its process tree's memory."""
-    spec = {"study": str(study), "checkpoint": str(checkpoint), "sites": sites, "rounds": rounds, "seed": seed,
-            "work": str(work)}
-    env = {**os.environ, **FLOWER_ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    spec = {
+        "study": str(study),
+        "checkpoint": str(checkpoint),
+        "sites": sites,
+        "rounds": rounds,
+        "seed": seed,
+        "work": str(work),
+    }
+    env = {
+        **os.environ,
+        **FLOWER_ENV,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "simulations.benchmarks.scale", json.dumps(spec)],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "simulations.benchmarks.scale", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
     peak = [0.0]
     finished = threading.Event()
 
@@ -152,7 +174,9 @@ def _run_child(study: Path, checkpoint: Path, sites: int, rounds: int, seed: int
     finished.set()
     sampler.join()
     if child.returncode != 0:
-        raise RuntimeError(f"scale: the simulation with {sites} sites failed (exit {child.returncode}); run it alone to see its log")
+        raise RuntimeError(
+            f"scale: the simulation with {sites} sites failed (exit {child.returncode}); run it alone to see its log"
+        )
     report = json.loads(stdout.strip().splitlines()[-1])
     return report | {"process_seconds": time.perf_counter() - start, "peak_rss_mb": peak[0]}
 
@@ -161,17 +185,28 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child: one Flower simulation of the study; returns round times and the driver's peak RSS."""
     work = Path(spec["work"])
     settings = RunSettings(
-        scenario=spec["study"], checkpoint=spec["checkpoint"], num_server_rounds=spec["rounds"], local_epochs=LOCAL_EPOCHS,
-        dp=False, seed=spec["seed"], personalise_epochs=0, federated_evaluation="every", out=str(work / "out"),
-        sim_root=str(work / "sites"), min_sites=spec["sites"], expected_sites=spec["sites"],
+        scenario=spec["study"],
+        checkpoint=spec["checkpoint"],
+        num_server_rounds=spec["rounds"],
+        local_epochs=LOCAL_EPOCHS,
+        dp=False,
+        seed=spec["seed"],
+        personalise_epochs=0,
+        federated_evaluation="every",
+        out=str(work / "out"),
+        sim_root=str(work / "sites"),
+        min_sites=spec["sites"],
+        expected_sites=spec["sites"],
     )
     with round_clock() as clock:
         run_simulation(
             server_app=make_server_app(settings),
             client_app=client_app,
             num_supernodes=spec["sites"],
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": 2, "include_dashboard": False}},
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "include_dashboard": False},
+            },
         )
     rounds = clock.round_seconds()
     if len(rounds) != spec["rounds"]:
@@ -180,29 +215,70 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: str) -> str:
-    rows = [[p.scenario, p.sites, f"{p.first_round_seconds:.2f}", f"{p.steady_round_seconds:.2f}",
-             f"{p.steady_round_seconds / p.sites:.3f}", f"{p.process_seconds:.1f}", f"{p.peak_rss_mb:.0f}",
-             f"{p.driver_peak_rss_mb:.0f}"] for p in points]
-    growth_rows = [[g["scenario"], f"{g['from_sites']} -> {g['to_sites']}", f"{g['sites_factor']:.0f}x",
-                    f"{g['round_time_factor']:.2f}x", f"{g['memory_factor']:.2f}x"] for g in result["growth"]]
+    rows = [
+        [
+            p.scenario,
+            p.sites,
+            f"{p.first_round_seconds:.2f}",
+            f"{p.steady_round_seconds:.2f}",
+            f"{p.steady_round_seconds / p.sites:.3f}",
+            f"{p.process_seconds:.1f}",
+            f"{p.peak_rss_mb:.0f}",
+            f"{p.driver_peak_rss_mb:.0f}",
+        ]
+        for p in points
+    ]
+    growth_rows = [
+        [
+            g["scenario"],
+            f"{g['from_sites']} -> {g['to_sites']}",
+            f"{g['sites_factor']:.0f}x",
+            f"{g['round_time_factor']:.2f}x",
+            f"{g['memory_factor']:.2f}x",
+        ]
+        for g in result["growth"]
+    ]
     lines = [
         machine_text,
-        f"Flower's simulation engine (`run_simulation`, Ray, 1 CPU per client on a 2-CPU Ray instance, so two sites train "
-        f"at a time), `make_server_app(settings)` + `client.app.app`; {result['rounds']} round(s) of {LOCAL_EPOCHS} local "
-        "epoch(s), FedAvg, the scenario's default model and policy, **without DP** (DP accounting per site-round is the same "
-        "at every size; its cost is in the `speed` benchmark), envelopes on. Sites beyond 4 are copies of the scenario's "
+        f"Flower's simulation engine (`run_simulation`, Ray, 1 CPU per client on a 2-CPU Ray instance, so two sites "
+        "train "
+        f"at a time), `make_server_app(settings)` + `client.app.app`; {result['rounds']} round(s) of {LOCAL_EPOCHS} "
+        "local "
+        "epoch(s), FedAvg, the scenario's default model and policy, **without DP** (DP accounting per site-round is "
+        "the same "
+        "at every size; its cost is in the `speed` benchmark), envelopes on. Sites beyond 4 are copies of the "
+        "scenario's "
         "sites (site k = site k mod 4). Round time: between the coordinator's round-done log lines (training, "
-        "federated evaluation, asked for in every round so that rounds do the same work, and a checkpoint); the first round also starts Ray's workers (each imports torch), so "
-        "growth is read on the later rounds (with a single round, later = first). Peak memory: summed resident memory of the child process and every "
+        "federated evaluation, asked for in every round so that rounds do the same work, and a checkpoint); the first "
+        "round also starts Ray's workers (each imports torch), so "
+        "growth is read on the later rounds (with a single round, later = first). Peak memory: summed resident memory "
+        "of the child process and every "
         f"descendant (Ray's processes), sampled every {MEMORY_SAMPLE_SECONDS:g} s; driver: the child's own peak.",
         "",
-        markdown_table(["scenario", "sites", "first round s", "later rounds s", "later s / site", "process s",
-                        "peak tree RSS MB", "driver peak MB"], rows),
+        markdown_table(
+            [
+                "scenario",
+                "sites",
+                "first round s",
+                "later rounds s",
+                "later s / site",
+                "process s",
+                "peak tree RSS MB",
+                "driver peak MB",
+            ],
+            rows,
+        ),
         "",
     ]
     if growth_rows:
-        lines += ["Growth from the smallest size:", "",
-                  markdown_table(["scenario", "sites", "sites factor", "later-round time factor", "memory factor"], growth_rows), ""]
+        lines += [
+            "Growth from the smallest size:",
+            "",
+            markdown_table(
+                ["scenario", "sites", "sites factor", "later-round time factor", "memory factor"], growth_rows
+            ),
+            "",
+        ]
     lines += ["![scale](scale-rounds.png)"]
     return "\n".join(lines)
 
@@ -224,20 +300,40 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                 report = _run_child(study, checkpoint, sites, rounds, seed, folder)
                 times = report["round_seconds"]
                 steady = times[1:] or times  # the first round also starts Ray's workers
-                points.append(ScalePoint(name, sites, rounds, times, times[0], sum(steady) / len(steady),
-                                         report["process_seconds"], report["peak_rss_mb"], report["driver_peak_rss_mb"]))
-                logger.info("scale %s x%d: %.2f s per steady round, peak %.0f MB", name, sites, points[-1].steady_round_seconds,
-                            report["peak_rss_mb"])
+                points.append(
+                    ScalePoint(
+                        name,
+                        sites,
+                        rounds,
+                        times,
+                        times[0],
+                        sum(steady) / len(steady),
+                        report["process_seconds"],
+                        report["peak_rss_mb"],
+                        report["driver_peak_rss_mb"],
+                    )
+                )
+                logger.info(
+                    "scale %s x%d: %.2f s per steady round, peak %.0f MB",
+                    name,
+                    sites,
+                    points[-1].steady_round_seconds,
+                    report["peak_rss_mb"],
+                )
     growth = []
     for name in scenarios:
         mine = [p for p in points if p.scenario == name]
         for point in mine[1:]:
-            growth.append({
-                "scenario": name, "from_sites": mine[0].sites, "to_sites": point.sites,
-                "sites_factor": point.sites / mine[0].sites,
-                "round_time_factor": point.steady_round_seconds / mine[0].steady_round_seconds,
-                "memory_factor": point.peak_rss_mb / mine[0].peak_rss_mb,
-            })
+            growth.append(
+                {
+                    "scenario": name,
+                    "from_sites": mine[0].sites,
+                    "to_sites": point.sites,
+                    "sites_factor": point.sites / mine[0].sites,
+                    "round_time_factor": point.steady_round_seconds / mine[0].steady_round_seconds,
+                    "memory_factor": point.peak_rss_mb / mine[0].peak_rss_mb,
+                }
+            )
     result: dict[str, Any] = {
         "benchmark": NAME,
         "quick": quick,
@@ -250,11 +346,17 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "points": [asdict(p) for p in points],
         "growth": growth,
     }
-    line_plot(out_dir / "scale-rounds.png", list(sizes),
-              {f"{name} s/round": [p.steady_round_seconds for p in points if p.scenario == name] for name in scenarios}
-              | {f"{name} peak GB": [p.peak_rss_mb / 1024 for p in points if p.scenario == name] for name in scenarios},
-              "sites", "seconds per round / peak GB", "Scale: Flower simulation engine", xlog=True,
-              xticklabels=[str(s) for s in sizes])
+    line_plot(
+        out_dir / "scale-rounds.png",
+        list(sizes),
+        {f"{name} s/round": [p.steady_round_seconds for p in points if p.scenario == name] for name in scenarios}
+        | {f"{name} peak GB": [p.peak_rss_mb / 1024 for p in points if p.scenario == name] for name in scenarios},
+        "sites",
+        "seconds per round / peak GB",
+        "Scale: Flower simulation engine",
+        xlog=True,
+        xticklabels=[str(s) for s in sizes],
+    )
     result["plots"] = ["scale-rounds.png"]
     text = header("Scale: sites against round time and memory", machine, result["command"], quick)
     return write_result(out_dir, NAME, result, _markdown(result, points, text))

@@ -49,19 +49,33 @@ import client.private_round
 import server.channel
 import server.federation
 from client.session import SiteSession
-from common.model.checkpoint import ModelCard, load_checkpoint
-from common.privacy.ledger import TRAIN, Ledger
-from common.model.pretraining import pretrain_source
-from common.protocol import SiteReply
-from common.run_record import RunRecord
 from common.data.scenarios import load_scenario
-from common.settings import RunSettings
 from common.data.site_config import site_dir
 from common.data.site_data import SiteData, load_site_data
+from common.model.checkpoint import ModelCard, load_checkpoint
+from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from common.model.transfer import TransferPolicy
-from simulations.benchmarks.harness import Stopwatch, bar_plot, instrumented, prewrite_policies, round_clock, run_inprocess
-from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from common.privacy.ledger import TRAIN, Ledger
+from common.protocol import SiteReply
+from common.run_record import RunRecord
+from common.settings import RunSettings
+from simulations.benchmarks.harness import (
+    Stopwatch,
+    bar_plot,
+    instrumented,
+    prewrite_policies,
+    round_clock,
+    run_inprocess,
+)
+from simulations.benchmarks.report import (
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 from simulations.inprocess import DirectGrid
 
 logger = logging.getLogger(__name__)
@@ -75,13 +89,25 @@ CATEGORIES: dict[str, tuple[tuple[Any, str], ...]] = {
     "data": ((client.app, "load_local_data"), (client.app, "frozen_features"), (SiteSession, "dataset")),
     "training": ((client.private_round, "dp_train"), (client.private_round, "fine_tune")),
     "evaluation": ((client.private_round, "evaluation_histogram"), (client.private_round, "noisy_counts")),
-    "DP accounting": ((client.budget, "calibrate_noise"), (client.budget, "compose_epsilon"), (client.budget, "reference_epsilon")),
-    "crypto": (
-        (client.channel, "seal"), (client.channel, "verify_instruction"), (client.channel, "sign_report"),
-        (server.channel, "open_envelope"), (server.channel, "sign_instruction"), (server.channel, "verify_report"),
+    "DP accounting": (
+        (client.budget, "calibrate_noise"),
+        (client.budget, "compose_epsilon"),
+        (client.budget, "reference_epsilon"),
     ),
-    "codec and egress rule": ((SiteReply, "encode"), (SiteReply, "decode"), (client.channel, "check_reply"),
-                              (server.channel, "check_reply")),
+    "crypto": (
+        (client.channel, "seal"),
+        (client.channel, "verify_instruction"),
+        (client.channel, "sign_report"),
+        (server.channel, "open_envelope"),
+        (server.channel, "sign_instruction"),
+        (server.channel, "verify_report"),
+    ),
+    "codec and egress rule": (
+        (SiteReply, "encode"),
+        (SiteReply, "decode"),
+        (client.channel, "check_reply"),
+        (server.channel, "check_reply"),
+    ),
     "ledger": ((Ledger, "append"), (Ledger, "entries")),
     "server bookkeeping": ((server.federation, "save_checkpoint"), (RunRecord, "save")),
 }
@@ -100,8 +126,12 @@ class SpeedConfig:
     accountant: str
 
 
-FULL = SpeedConfig(sites=4, rounds=3, local_epochs=2, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="prv")
-QUICK = SpeedConfig(sites=2, rounds=2, local_epochs=1, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="rdp")
+FULL = SpeedConfig(
+    sites=4, rounds=3, local_epochs=2, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="prv"
+)
+QUICK = SpeedConfig(
+    sites=2, rounds=2, local_epochs=1, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="rdp"
+)
 
 
 # --- the minimal peer -------------------------------------------------------------------
@@ -117,8 +147,12 @@ def _peer_card(checkpoint: str) -> ModelCard:
 @lru_cache(maxsize=64)
 def _peer_data(sim_root: str, partition: int, checkpoint: str) -> SiteData:
     card = _peer_card(checkpoint)
-    return load_site_data(site_dir(Path(sim_root), partition) / "data", tuple(card.input_shape), card.num_classes,
-                          require_two_train_classes=False)
+    return load_site_data(
+        site_dir(Path(sim_root), partition) / "data",
+        tuple(card.input_shape),
+        card.num_classes,
+        require_two_train_classes=False,
+    )
 
 
 def _peer_model(msg: Message) -> tuple[nn.Module, ConfigRecord]:
@@ -137,13 +171,18 @@ def _peer_train(msg: Message, context: Context) -> Message:
     x, y = as_tensors(data.train.x, data.train.y)
     generator = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + int(config["server-round"]))
     loader = DataLoader(TensorDataset(x, y), batch_size=int(config["batch-size"]), generator=generator)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), momentum=0.9
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         engine = PrivacyEngine(accountant=str(config["accountant"]))
         module, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=float(config["noise-multipliers"][partition]), max_grad_norm=float(config["max-grad-norm"]),
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=float(config["noise-multipliers"][partition]),
+            max_grad_norm=float(config["max-grad-norm"]),
             noise_generator=generator,
         )
     loss_fn = nn.CrossEntropyLoss()
@@ -158,10 +197,12 @@ def _peer_train(msg: Message, context: Context) -> Message:
                 loss_fn(module(xb), yb).backward()
             dp_optimizer.step()
     epsilon = engine.get_epsilon(float(config["delta"]))
-    content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"num-examples": len(y), "epsilon": float(epsilon)}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": len(y), "epsilon": float(epsilon)}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -171,10 +212,14 @@ def _peer_evaluate(msg: Message, context: Context) -> Message:
     data = _peer_data(str(config["sim-root"]), int(context.node_config["partition-id"]), str(config["checkpoint"]))
     x, y = as_tensors(data.test.x, data.test.y)
     accuracy = float((predict_proba(model, x).argmax(axis=1) == y.numpy()).mean())
-    return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": len(y), "accuracy": accuracy})}), reply_to=msg)
+    return Message(
+        content=RecordDict({"metrics": MetricRecord({"num-examples": len(y), "accuracy": accuracy})}), reply_to=msg
+    )
 
 
-def _run_peer(checkpoint: Path, sim_root: Path, policy: str, cfg: SpeedConfig, noise: list[float], seed: int) -> list[float]:
+def _run_peer(
+    checkpoint: Path, sim_root: Path, policy: str, cfg: SpeedConfig, noise: list[float], seed: int
+) -> list[float]:
     model, _ = load_checkpoint(checkpoint)
     ends: dict[int, float] = {}
 
@@ -182,14 +227,33 @@ def _run_peer(checkpoint: Path, sim_root: Path, policy: str, cfg: SpeedConfig, n
         ends[server_round] = time.perf_counter()
         return None
 
-    base = ConfigRecord({
-        "checkpoint": str(checkpoint), "sim-root": str(sim_root), "policy": policy, "seed": seed, "lr": cfg.lr,
-        "batch-size": cfg.batch_size, "local-epochs": cfg.local_epochs, "max-grad-norm": cfg.max_grad_norm,
-        "noise-multipliers": noise, "accountant": cfg.accountant, "delta": DELTA, "server-round": 0,
-    })
-    strategy = _PeerFedAvg(cfg.rounds, min_train_nodes=cfg.sites, min_evaluate_nodes=cfg.sites, min_available_nodes=cfg.sites)
-    strategy.start(grid=DirectGrid(peer_app, num_nodes=cfg.sites, run_id=4343), initial_arrays=ArrayRecord(model.state_dict()),
-                   num_rounds=cfg.rounds, train_config=base, evaluate_config=base, evaluate_fn=evaluate_fn)
+    base = ConfigRecord(
+        {
+            "checkpoint": str(checkpoint),
+            "sim-root": str(sim_root),
+            "policy": policy,
+            "seed": seed,
+            "lr": cfg.lr,
+            "batch-size": cfg.batch_size,
+            "local-epochs": cfg.local_epochs,
+            "max-grad-norm": cfg.max_grad_norm,
+            "noise-multipliers": noise,
+            "accountant": cfg.accountant,
+            "delta": DELTA,
+            "server-round": 0,
+        }
+    )
+    strategy = _PeerFedAvg(
+        cfg.rounds, min_train_nodes=cfg.sites, min_evaluate_nodes=cfg.sites, min_available_nodes=cfg.sites
+    )
+    strategy.start(
+        grid=DirectGrid(peer_app, num_nodes=cfg.sites, run_id=4343),
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.rounds,
+        train_config=base,
+        evaluate_config=base,
+        evaluate_fn=evaluate_fn,
+    )
     return [ends[r] - ends[r - 1] for r in range(1, cfg.rounds + 1)]
 
 
@@ -202,7 +266,9 @@ class _PeerFedAvg(FedAvg):
         self.num_rounds = num_rounds
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Any:
-        return super().configure_train(server_round, arrays, ConfigRecord({**dict(config.items()), "server-round": server_round}), grid)
+        return super().configure_train(
+            server_round, arrays, ConfigRecord({**dict(config.items()), "server-round": server_round}), grid
+        )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Any:
         if server_round < self.num_rounds:
@@ -211,6 +277,7 @@ class _PeerFedAvg(FedAvg):
 
 
 # --- the benchmark ----------------------------------------------------------------------
+
 
 def _train_noise(sim_root: Path, index: int) -> float:
     """The noise multiplier site ``index`` calibrated for its training rounds (its ledger's first training entry)."""
@@ -239,19 +306,23 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     ]
     lines = [
         machine_text,
-        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model mlp, policy {result['policy']}), {cfg['rounds']} rounds of "
+        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model mlp, policy {result['policy']}), {cfg['rounds']} rounds "
+        "of "
         f"{cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g}, DP-SGD clipping "
         f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
-        f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both sides "
+        f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both "
+        "sides "
         "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first. The "
-        "simulated sites share one process, so `common.privacy.accounting`'s memoised compositions computed for one site are "
+        "simulated sites share one process, so `common.privacy.accounting`'s memoised compositions computed for one "
+        "site are "
         "reused by another with the same sample rate and steps; deployed sites each pay for their own. Our sites draw "
         "their DP noise from the operating system's CSPRNG (as deployed), the peer from Opacus's seeded generator; "
         "both federations evaluate after the last round only (ours as a DP-noisy histogram, the peer exactly).",
         "",
         markdown_table(["round", "ours s", "minimal peer s", "ours / peer"], round_rows),
         "",
-        f"Ratio of medians: **{result['ratio_median']:.2f}x**; rounds after the first: {result['ratio_after_first']:.2f}x "
+        f"Ratio of medians: **{result['ratio_median']:.2f}x**; rounds after the first: "
+        f"{result['ratio_after_first']:.2f}x "
         f"(our first round also calibrates the run's noise). Whole run: ours {total:.2f} s, peer "
         f"{sum(peer):.2f} s ({result['ratio_total']:.2f}x).",
         "",
@@ -261,7 +332,8 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         "",
         "data: `load_local_data` + `frozen_features` + the keyed dataset id; training: `dp_train` (or `fine_tune`); "
         "evaluation: the sites' evaluation histograms and their Gaussian noise; DP accounting: `calibrate_noise`, "
-        "`compose_epsilon`, `reference_epsilon` (the ledger records the epsilon under the other accountant too); crypto: "
+        "`compose_epsilon`, `reference_epsilon` (the ledger records the epsilon under the other accountant too); "
+        "crypto: "
         "seal, open, sign and verify of instructions, replies and privacy reports; codec and egress rule: `SiteReply` "
         "encode/decode and the egress check at both ends; ledger: `Ledger.append` (with its signed head) and reads; "
         "server bookkeeping: "
@@ -286,13 +358,27 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         checkpoint = root / "source-model"
         card = pretrain_source(scenario, checkpoint, seed=seed)
         sim_root = root / "sites"
-        prewrite_policies(sim_root, scenario, allow_non_private=False, accountant=cfg.accountant,
-                          max_grad_norm=cfg.max_grad_norm)
+        prewrite_policies(
+            sim_root, scenario, allow_non_private=False, accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm
+        )
         settings = RunSettings(
-            scenario=SCENARIO, checkpoint=str(checkpoint), num_server_rounds=cfg.rounds, local_epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size, lr=cfg.lr, optimizer="sgd", strategy="fedavg", dp=True,
-            target_epsilon=cfg.target_epsilon, delta=DELTA, max_grad_norm=cfg.max_grad_norm, seed=seed,
-            out=str(root / "out"), sim_root=str(sim_root), min_sites=cfg.sites, expected_sites=cfg.sites,
+            scenario=SCENARIO,
+            checkpoint=str(checkpoint),
+            num_server_rounds=cfg.rounds,
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            optimizer="sgd",
+            strategy="fedavg",
+            dp=True,
+            target_epsilon=cfg.target_epsilon,
+            delta=DELTA,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=seed,
+            out=str(root / "out"),
+            sim_root=str(sim_root),
+            min_sites=cfg.sites,
+            expected_sites=cfg.sites,
         )
         targets, missing = _targets()
         stopwatch = Stopwatch()
@@ -319,13 +405,20 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "ours": {"round_seconds": ours, "total_seconds": total, "run_seconds_with_setup": whole},
         "peer": {"round_seconds": peer, "total_seconds": sum(peer)},
         "ratio_median": statistics.median(ours) / statistics.median(peer),
-        "ratio_after_first": (statistics.median(ours[1:]) / statistics.median(peer[1:])) if len(ours) > 1 else statistics.median(ours) / statistics.median(peer),
+        "ratio_after_first": (statistics.median(ours[1:]) / statistics.median(peer[1:]))
+        if len(ours) > 1
+        else statistics.median(ours) / statistics.median(peer),
         "ratio_total": total / sum(peer),
         "breakdown": {"seconds": breakdown, "calls": dict(stopwatch.calls)},
         "not_instrumented": missing,
     }
-    bar_plot(out_dir / "speed-rounds.png", [f"round {r + 1}" for r in range(len(ours))],
-             {"ours": ours, "minimal Flower + Opacus peer": peer}, "wall seconds", f"Per-round wall time, {SCENARIO}, {cfg.sites} sites")
+    bar_plot(
+        out_dir / "speed-rounds.png",
+        [f"round {r + 1}" for r in range(len(ours))],
+        {"ours": ours, "minimal Flower + Opacus peer": peer},
+        "wall seconds",
+        f"Per-round wall time, {SCENARIO}, {cfg.sites} sites",
+    )
     result["plots"] = ["speed-rounds.png"]
     text = header("Speed against a minimal Flower + Opacus peer", machine, result["command"], quick)
     return write_result(out_dir, NAME, result, _markdown(result, text))

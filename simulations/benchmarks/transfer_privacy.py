@@ -83,7 +83,14 @@ from simulations.benchmarks.harness import (
     run_inprocess,
     site_scores,
 )
-from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine, write_result
+from simulations.benchmarks.report import (
+    bench_command,
+    header,
+    machine_record,
+    markdown_table,
+    this_machine,
+    write_result,
+)
 from simulations.sites import declared_size
 
 logger = logging.getLogger(__name__)
@@ -118,7 +125,9 @@ class Recipe:
     personalise_lr: float = 1.0
 
     def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=self.rounds * self.local_epochs, batch_size=self.batch_size, lr=self.lr, optimizer="sgd", seed=seed)
+        return TrainConfig(
+            epochs=self.rounds * self.local_epochs, batch_size=self.batch_size, lr=self.lr, optimizer="sgd", seed=seed
+        )
 
 
 RECIPE = Recipe()
@@ -190,7 +199,9 @@ def personalised_histograms() -> Iterator[dict[str, np.ndarray]]:
         client.app.evaluate_round, client.private_round.evaluation_histogram = evaluate_round, evaluation_histogram
 
 
-def _local_dp(base: FedModel, scenario: Scenario, recipe: Recipe, epsilon: float, seed: int) -> tuple[dict[str, float], list[float]]:
+def _local_dp(
+    base: FedModel, scenario: Scenario, recipe: Recipe, epsilon: float, seed: int
+) -> tuple[dict[str, float], list[float]]:
     """Each target alone with DP-SGD for the federated run's epochs; noise calibrated with the RDP accountant.
 
     The sample rate comes from the site's declared size, as at a site; the noise is seeded
@@ -207,16 +218,32 @@ def _local_dp(base: FedModel, scenario: Scenario, recipe: Recipe, epsilon: float
         declared = declared_size(len(y))
         sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs)
         sigma = calibrate_noise([], sample_rate, steps, epsilon, DELTA, ACCOUNTANT)
-        stats = dp_train(trainable, x, y, config, noise_multiplier=sigma, max_grad_norm=recipe.max_grad_norm,
-                         sample_rate=sample_rate, steps=steps, expected_batch_size=sample_rate * declared,
-                         source=SeededRandom(seed * 1_000_003 + index))
+        stats = dp_train(
+            trainable,
+            x,
+            y,
+            config,
+            noise_multiplier=sigma,
+            max_grad_norm=recipe.max_grad_norm,
+            sample_rate=sample_rate,
+            steps=steps,
+            expected_batch_size=sample_rate * declared,
+            source=SeededRandom(seed * 1_000_003 + index),
+        )
         spent.append(compose_epsilon([Step(sigma, stats.sample_rate, stats.steps)], DELTA, ACCOUNTANT))
         scores[site.name] = site_scores(model, [site])[site.name]
     return scores, spent
 
 
-def _federated(scenario: Scenario, checkpoint: Path, recipe: Recipe, epsilon: float | None, seed: int, root: Path,
-               private_personalisation: bool = False) -> RunScores:
+def _federated(
+    scenario: Scenario,
+    checkpoint: Path,
+    recipe: Recipe,
+    epsilon: float | None,
+    seed: int,
+    root: Path,
+    private_personalisation: bool = False,
+) -> RunScores:
     """One run of the real apps; ``scenario`` is the scenario as the run loads it (private or not).
 
     ``private_personalisation`` (private runs): the sites reserve ``recipe.personalise_fraction``
@@ -228,19 +255,46 @@ def _federated(scenario: Scenario, checkpoint: Path, recipe: Recipe, epsilon: fl
     private = epsilon is not None
     sites = len(scenario.sites)
     if private and private_personalisation:
-        personalise = dict(personalise_epochs=recipe.private_personalise_epochs,
-                           personalise_fraction=recipe.personalise_fraction, personalise_lr=recipe.personalise_lr)
+        personalise = dict(
+            personalise_epochs=recipe.private_personalise_epochs,
+            personalise_fraction=recipe.personalise_fraction,
+            personalise_lr=recipe.personalise_lr,
+        )
     else:
         personalise = dict(personalise_epochs=0 if private else recipe.personalise_epochs)
     cap = epsilon if private else 10.0
-    prewrite_policies(root / "sites", scenario, allow_non_private=not private, max_epsilon=cap, max_epsilon_per_run=cap,
-                      delta=DELTA, accountant=ACCOUNTANT, min_noise_multiplier=0.0, max_grad_norm=recipe.max_grad_norm)
+    prewrite_policies(
+        root / "sites",
+        scenario,
+        allow_non_private=not private,
+        max_epsilon=cap,
+        max_epsilon_per_run=cap,
+        delta=DELTA,
+        accountant=ACCOUNTANT,
+        min_noise_multiplier=0.0,
+        max_grad_norm=recipe.max_grad_norm,
+    )
     settings = RunSettings(
-        scenario=SCENARIO, data_dir=str(heart_data_dir()), checkpoint=str(checkpoint), num_server_rounds=recipe.rounds,
-        local_epochs=recipe.local_epochs, batch_size=recipe.batch_size, lr=recipe.lr, optimizer="sgd", strategy="fedavg",
-        dp=private, target_epsilon=epsilon if private else 3.0, delta=DELTA, max_grad_norm=recipe.max_grad_norm, seed=seed,
-        **personalise, federated_evaluation=FEDERATED_EVALUATION, out=str(root / "out"), sim_root=str(root / "sites"),
-        min_sites=1 if private_personalisation else sites, expected_sites=sites,
+        scenario=SCENARIO,
+        data_dir=str(heart_data_dir()),
+        checkpoint=str(checkpoint),
+        num_server_rounds=recipe.rounds,
+        local_epochs=recipe.local_epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        optimizer="sgd",
+        strategy="fedavg",
+        dp=private,
+        target_epsilon=epsilon if private else 3.0,
+        delta=DELTA,
+        max_grad_norm=recipe.max_grad_norm,
+        seed=seed,
+        **personalise,
+        federated_evaluation=FEDERATED_EVALUATION,
+        out=str(root / "out"),
+        sim_root=str(root / "sites"),
+        min_sites=1 if private_personalisation else sites,
+        expected_sites=sites,
     )
     with personalised_histograms() as histograms:
         record = run_inprocess(settings, sites)
@@ -271,19 +325,36 @@ def _finite_mean(values: list[float]) -> float | None:
     return mean if math.isfinite(mean) else None
 
 
-def _cell(method: str, epsilon: float | None, by_seed: list[dict[str, float]], spent: list[float], names: list[str],
-          seconds: float, released: list[dict[str, float]]) -> Cell:
+def _cell(
+    method: str,
+    epsilon: float | None,
+    by_seed: list[dict[str, float]],
+    spent: list[float],
+    names: list[str],
+    seconds: float,
+    released: list[dict[str, float]],
+) -> Cell:
     per_site = {name: mean_sd([r[name] for r in by_seed if name in r])[0] for name in names}
     seed_means = [sum(r[n] for n in names) / len(names) for r in by_seed if all(n in r for n in names)]
     mean, sd = mean_sd(seed_means)
     finite = [e for e in spent if math.isfinite(e)]
     released_means = [mean_sd(list(r.values()))[0] for r in released]
-    return Cell(method, epsilon, per_site, mean, sd, sum(finite) / len(finite) if finite else None,
-                max(finite) if finite else None, seconds, _finite_mean(released_means) if released else None)
+    return Cell(
+        method,
+        epsilon,
+        per_site,
+        mean,
+        sd,
+        sum(finite) / len(finite) if finite else None,
+        max(finite) if finite else None,
+        seconds,
+        _finite_mean(released_means) if released else None,
+    )
 
 
-def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], recipe: Recipe, work: Path,
-           private_scratch: bool) -> list[Cell]:
+def _sweep(
+    scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], recipe: Recipe, work: Path, private_scratch: bool
+) -> list[Cell]:
     names = [site.name for site in scenario.sites]
     runs: dict[tuple[str, float | None], list[dict[str, float]]] = {}
     spent: dict[tuple[str, float | None], list[float]] = {}
@@ -301,7 +372,9 @@ def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], re
         pretrain_source(replace(scenario, source=None), scratch_ckpt, seed=seed)  # a seeded random initialisation
         base, card = load_checkpoint(source_ckpt)
         start = time.perf_counter()
-        baselines = compute_baselines(scenario, base, TransferPolicy.parse(card.default_policy), recipe.train_config(seed))
+        baselines = compute_baselines(
+            scenario, base, TransferPolicy.parse(card.default_policy), recipe.train_config(seed)
+        )
         elapsed = time.perf_counter() - start
         for method, label in (("source as-is", "source only"), ("local-only", "local-only")):
             add((label, None), {s: m["accuracy"] for s, m in baselines.per_site[method].items()}, [], elapsed / 2)
@@ -315,8 +388,9 @@ def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], re
                     continue
                 start = time.perf_counter()
                 tag = "nodp" if epsilon is None else f"eps{epsilon:g}"
-                result = _federated(scenario, checkpoint, recipe, epsilon, seed,
-                                    work / f"{label.split()[-1]}-{tag}-{seed}")
+                result = _federated(
+                    scenario, checkpoint, recipe, epsilon, seed, work / f"{label.split()[-1]}-{tag}-{seed}"
+                )
                 add((label, epsilon), result.global_model, result.spent, time.perf_counter() - start)
                 released.setdefault((label, epsilon), []).append(result.global_released)
                 if epsilon is None and label == "federated transfer":
@@ -324,14 +398,30 @@ def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], re
                     released.setdefault(("personalised", None), []).append(result.personalised_released)
             if epsilon is not None:
                 start = time.perf_counter()
-                result = _federated(scenario, source_ckpt, recipe, epsilon, seed,
-                                    work / f"personalised-eps{epsilon:g}-{seed}", private_personalisation=True)
+                result = _federated(
+                    scenario,
+                    source_ckpt,
+                    recipe,
+                    epsilon,
+                    seed,
+                    work / f"personalised-eps{epsilon:g}-{seed}",
+                    private_personalisation=True,
+                )
                 add((PRIVATE_PERSONALISED, epsilon), result.personalised, result.spent, time.perf_counter() - start)
                 released.setdefault((PRIVATE_PERSONALISED, epsilon), []).append(result.personalised_released)
             logger.info("transfer-privacy seed %d epsilon %s done", seed, epsilon)
-    return [_cell(method, epsilon, by_seed, spent[(method, epsilon)], names, seconds[(method, epsilon)],
-                  released.get((method, epsilon), []))
-            for (method, epsilon), by_seed in runs.items()]
+    return [
+        _cell(
+            method,
+            epsilon,
+            by_seed,
+            spent[(method, epsilon)],
+            names,
+            seconds[(method, epsilon)],
+            released.get((method, epsilon), []),
+        )
+        for (method, epsilon), by_seed in runs.items()
+    ]
 
 
 def _eps_label(epsilon: float | None) -> str:
@@ -341,10 +431,16 @@ def _eps_label(epsilon: float | None) -> str:
 def _markdown(result: dict[str, Any], cells: list[Cell], machine_text: str) -> str:
     names = result["targets"]
     rows = [
-        [c.method, _eps_label(c.epsilon),
-         "n/a" if c.epsilon_spent_mean is None else f"{c.epsilon_spent_mean:.2f} (max {c.epsilon_spent_max:.2f})",
-         *[fmt(c.per_site[n]) for n in names], fmt(c.mean), fmt(c.sd),
-         "-" if c.released_mean is None else fmt(c.released_mean), f"{c.seconds:.1f}"]
+        [
+            c.method,
+            _eps_label(c.epsilon),
+            "n/a" if c.epsilon_spent_mean is None else f"{c.epsilon_spent_mean:.2f} (max {c.epsilon_spent_max:.2f})",
+            *[fmt(c.per_site[n]) for n in names],
+            fmt(c.mean),
+            fmt(c.sd),
+            "-" if c.released_mean is None else fmt(c.released_mean),
+            f"{c.seconds:.1f}",
+        ]
         for c in cells
     ]
     goal = result["goal"]
@@ -355,18 +451,24 @@ def _markdown(result: dict[str, Any], cells: list[Cell], machine_text: str) -> s
         f"Scenario `{SCENARIO}`: source Cleveland, targets {', '.join(names)}; logistic regression, policy full; "
         f"{len(result['seeds'])} seed(s) {result['seeds']}; delta {DELTA:g}. Every method trains "
         f"{recipe['rounds']} x {recipe['local_epochs']} epochs of SGD (lr {recipe['lr']:g}, momentum 0.9, batch "
-        f"{recipe['batch_size']}); federated runs use FedAvg over {recipe['rounds']} rounds of {recipe['local_epochs']} local "
-        f"epochs with DP-SGD (clipping {recipe['max_grad_norm']:g}, Poisson sampling) at every site. Preprocessing: every "
+        f"{recipe['batch_size']}); federated runs use FedAvg over {recipe['rounds']} rounds of "
+        f"{recipe['local_epochs']} local "
+        f"epochs with DP-SGD (clipping {recipe['max_grad_norm']:g}, Poisson sampling) at every site. Preprocessing: "
+        "every "
         "centre z-scored with Cleveland's (the source's) train statistics, in every run. **Accountant: RDP** "
-        "(site policies written with `accountant = \"rdp\"` and `min_noise_multiplier = 0` before each run, for speed; "
-        "PRV would certify a smaller epsilon for the same noise). Epsilon spent: federated runs from the sites' ledgers "
-        "(`Ledger(state_dir).entries()`, mean over sites and seeds, and the largest); local-only DP from the same accountant "
-        "for its own noise. Noise: the federated runs' sites draw it from the operating system's CSPRNG, as real sites do "
-        "(heart disease is patient data: no reproducible noise), so their DP rows vary from one invocation to the next; "
+        '(site policies written with `accountant = "rdp"` and `min_noise_multiplier = 0` before each run, for speed; '
+        "PRV would certify a smaller epsilon for the same noise). Epsilon spent: federated runs from the sites' "
+        "ledgers "
+        "(`Ledger(state_dir).entries()`, mean over sites and seeds, and the largest); local-only DP from the same "
+        "accountant "
+        "for its own noise. Noise: the federated runs' sites draw it from the operating system's CSPRNG, as real "
+        "sites do "
+        "(heart disease is patient data: no reproducible noise), so their DP rows vary from one invocation to the "
+        "next; "
         "local-only DP uses seeded noise (reproducible, NOT private: what it measures is the accuracy at that noise). "
         "Accuracy: on each target's test split, mean over seeds; 'mean' is the targets' mean (sd over seeds). "
         "**Federated evaluation inside the budget:** every federated run asks for `federated-evaluation = "
-        f"\"{FEDERATED_EVALUATION}\"` (the default): after the last round each site releases a DP histogram of its "
+        f'"{FEDERATED_EVALUATION}"` (the default): after the last round each site releases a DP histogram of its '
         "test predictions, and its plan keeps the policy's `release_share` (0.1) of the run's epsilon for its "
         "releases, so the rounds train on 0.9 of it; 'epsilon spent' includes the release. The sites release no exact "
         "metrics, so the benchmark scores every global model itself (it holds the test splits). A personalised copy "
@@ -376,26 +478,36 @@ def _markdown(result: dict[str, Any], cells: list[Cell], machine_text: str) -> s
         "histograms the sites send (with DP: Gaussian noise in every cell, at the noise of the run's release share; "
         "on test splits of 16 to 89 rows it says little; without DP: exact counts).",
         "",
-        markdown_table(["method", "epsilon asked", "epsilon spent", *names, "mean", "sd", "as released", "seconds"], rows),
+        markdown_table(
+            ["method", "epsilon asked", "epsilon spent", *names, "mean", "sd", "as released", "seconds"], rows
+        ),
         "",
-        f"Goal: federated transfer at epsilon {GOAL_EPSILON:g} ({fmt(goal['federated_transfer'])}) beats local-only without DP "
+        f"Goal: federated transfer at epsilon {GOAL_EPSILON:g} ({fmt(goal['federated_transfer'])}) beats local-only "
+        "without DP "
         f"({fmt(goal['local_only_no_dp'])}) on the targets' mean: **{verdict}** (difference {goal['difference']:+.3f}; "
         "with few test rows per site, Switzerland's 16 in particular, differences of a few points are within noise).",
         "",
-        f"Federated transfer + private personalisation at epsilon {GOAL_EPSILON:g} ({fmt(goal['private_personalised'])}, "
+        f"Federated transfer + private personalisation at epsilon {GOAL_EPSILON:g} "
+        f"({fmt(goal['private_personalised'])}, "
         f"each site's own personalised copy, not one shared model) against local-only without DP: "
         f"**{'beats it' if goal['private_personalised_beats'] else 'does not beat it'}** "
         f"(difference {goal['private_personalised_difference']:+.3f}). Its recipe (budget share "
-        f"{recipe['personalise_fraction']:g}, {recipe['private_personalise_epochs']} full-batch DP-SGD steps on the head's bias, "
-        f"lr {recipe['personalise_lr']:g}) was chosen on these seeds' test splits at epsilon 1: read it as an optimistic figure. "
+        f"{recipe['personalise_fraction']:g}, {recipe['private_personalise_epochs']} full-batch DP-SGD steps on the "
+        "head's bias, "
+        f"lr {recipe['personalise_lr']:g}) was chosen on these seeds' test splits at epsilon 1: read it as an "
+        "optimistic figure. "
         "Its epsilon spent is the sites' ledgers' total (rounds, personalisation and the DP releases of the global "
         "model's and the copy's evaluations composed in one history). "
         "A site whose share for the rounds only allows a noise multiplier above 20 declines the rounds, as every site "
         "does, and the run goes on without it; it still personalises the global model with its reserved share.",
         "",
-        ("The quick variant leaves out federated from scratch with DP (its noise calibration is the slow part). "
-         if result["quick"] else "")
-        + "Personalised (no DP) is the ClientApp's non-private head fine-tune, computed only in non-private runs (which "
+        (
+            "The quick variant leaves out federated from scratch with DP (its noise calibration is the slow part). "
+            if result["quick"]
+            else ""
+        )
+        + "Personalised (no DP) is the ClientApp's non-private head fine-tune, computed only in non-private runs "
+        "(which "
         "release its exact histogram); with DP, personalisation is the separate private row above.",
         "",
         "![accuracy against epsilon](transfer-privacy-epsilon.png)",
@@ -451,9 +563,16 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             by_key[(method, None)].mean if method == "source only" else by_key.get((method, e), _MISSING).mean
             for e in (*epsilons, None)
         ]
-    line_plot(out_dir / "transfer-privacy-epsilon.png", xs, series, "epsilon (delta 1e-5, RDP)", "targets' mean test accuracy",
-              f"Transfer under privacy, heart disease, {len(seeds)} seed(s)", xlog=True,
-              xticklabels=[_eps_label(e) for e in (*epsilons, None)])
+    line_plot(
+        out_dir / "transfer-privacy-epsilon.png",
+        xs,
+        series,
+        "epsilon (delta 1e-5, RDP)",
+        "targets' mean test accuracy",
+        f"Transfer under privacy, heart disease, {len(seeds)} seed(s)",
+        xlog=True,
+        xticklabels=[_eps_label(e) for e in (*epsilons, None)],
+    )
     result["plots"] = ["transfer-privacy-epsilon.png"]
     text = header("Transfer under privacy", machine, result["command"], quick)
     return write_result(out_dir, NAME, result, _markdown(result, cells, text))
