@@ -24,18 +24,18 @@ def _prepare(
     session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context
 ) -> tuple[DatasetIdentity, FedModel, TransferPolicy, Features]:
     adopt_base(msg.content, context, instruction)
-    model, card, policy = round_model(msg.content, context, instruction)
+    model, card, transfer = round_model(msg.content, context, instruction)
     local = load_local_data(session.config, card)
-    return session.dataset(local.content_hash), model, policy, frozen_features(local, model, policy)
+    return session.dataset(local.content_hash), model, transfer, frozen_features(local, model, transfer)
 
 
 def _train(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:
-    dataset, model, policy, features = _prepare(session, instruction, msg, context)
+    dataset, model, transfer, features = _prepare(session, instruction, msg, context)
     return train_round(
         session,
         dataset,
         model,
-        policy,
+        transfer,
         features,
         train_config(instruction),
         instruction,
@@ -44,10 +44,10 @@ def _train(session: SiteSession, instruction: RoundInstruction, msg: Message, co
 
 
 def _evaluate(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:
-    dataset, model, policy, features = _prepare(session, instruction, msg, context)
-    last = instruction.server_round == instruction.num_rounds and instruction.personalise_epochs > 0
+    dataset, model, transfer, features = _prepare(session, instruction, msg, context)
+    last = instruction.server_round == instruction.rounds and instruction.personalise_epochs > 0
     personalise = train_config(instruction, instruction.personalise_epochs) if last else None
-    return evaluate_round(session, dataset, model, policy, features, instruction, personalise)
+    return evaluate_round(session, dataset, model, transfer, features, instruction, personalise)
 
 
 @app.train()

@@ -27,15 +27,15 @@ def train_config(instruction: RoundInstruction, epochs: int | None = None) -> Tr
     )
 
 
-def fine_tune(model: FedModel, policy: TransferPolicy, features: Features, config: TrainConfig) -> TrainStats:
+def fine_tune(model: FedModel, transfer: TransferPolicy, features: Features, config: TrainConfig) -> TrainStats:
     """Train the trainable part in place (its parameters that require gradients) on the frozen-prefix features."""
-    _, trainable = policy.split(model)
+    _, trainable = transfer.split(model)
     return train_plain(trainable, features.train_x, features.train_y, config)
 
 
-def evaluation_histogram(model: FedModel, policy: TransferPolicy, features: Features) -> np.ndarray:
+def evaluation_histogram(model: FedModel, transfer: TransferPolicy, features: Features) -> np.ndarray:
     """The exact evaluation histogram of ``model`` on the test split; it leaves only with noise (or not at all)."""
-    _, trainable = policy.split(model)
+    _, trainable = transfer.split(model)
     return evaluation_counts(features.test_y.numpy(), predict_proba(trainable, features.test_x))
 
 

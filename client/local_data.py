@@ -56,10 +56,10 @@ _FEATURES: dict[tuple[str, str, str], Features] = {}
 FEATURE_CACHE_SIZE = 8  # a simulation worker serves several sites in turn: keep each one's features
 
 
-def frozen_features(local: LocalData, model: FedModel, policy: TransferPolicy) -> Features:
+def frozen_features(local: LocalData, model: FedModel, transfer: TransferPolicy) -> Features:
     """Run the frozen prefix once per (dataset, frozen weights, policy) and reuse the result."""
-    frozen, _ = policy.split(model)
-    key = (local.content_hash, state_fingerprint(policy.frozen_state(model)), str(policy))
+    frozen, _ = transfer.split(model)
+    key = (local.content_hash, state_fingerprint(transfer.frozen_state(model)), str(transfer))
     if key not in _FEATURES:
         train_x, train_y = as_tensors(local.data.train.x, local.data.train.y)
         test_x, test_y = as_tensors(local.data.test.x, local.data.test.y)

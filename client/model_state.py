@@ -71,25 +71,26 @@ def round_model(
         )
     model = card.build()
     model.load_state_dict(base_state, strict=True)
-    policy = TransferPolicy.parse(instruction.policy)
-    frozen = state_fingerprint(policy.frozen_state(model))
+    transfer = TransferPolicy.parse(instruction.transfer_policy)
+    frozen = state_fingerprint(transfer.frozen_state(model))
     if frozen != instruction.frozen_fingerprint:
         raise BaseModelMismatch(
             f"frozen-part fingerprint {frozen[:16]}... differs from the coordinator's "
-            f"{instruction.frozen_fingerprint[:16]}... for policy {policy}"
+            f"{instruction.frozen_fingerprint[:16]}... for transfer policy {transfer}"
         )
     trainable = content[ARRAYS].to_torch_state_dict()
-    check_trainable(model, policy, trainable)
+    check_trainable(model, transfer, trainable)
     model.load_state_dict(trainable, strict=False)
-    policy.apply(model)
-    return model, card, policy
+    transfer.apply(model)
+    return model, card, transfer
 
 
-def check_trainable(model: FedModel, policy: TransferPolicy, trainable: dict[str, torch.Tensor]) -> None:
-    expected = policy.trainable_state(model)
+def check_trainable(model: FedModel, transfer: TransferPolicy, trainable: dict[str, torch.Tensor]) -> None:
+    expected = transfer.trainable_state(model)
     if set(trainable) != set(expected):
         raise TrainableArraysInvalid(
-            f"trainable weights name {sorted(trainable)[:4]}..., policy {policy} needs {sorted(expected)[:4]}..."
+            f"trainable weights name {sorted(trainable)[:4]}..., transfer policy {transfer} needs "
+            f"{sorted(expected)[:4]}..."
         )
     for name, tensor in trainable.items():
         if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
@@ -101,9 +102,9 @@ def check_trainable(model: FedModel, policy: TransferPolicy, trainable: dict[str
             raise TrainableArraysInvalid(f"trainable weight {name!r} holds NaN or Inf")
 
 
-def finite_trainable_state(model: FedModel, policy: TransferPolicy) -> dict[str, torch.Tensor]:
+def finite_trainable_state(model: FedModel, transfer: TransferPolicy) -> dict[str, torch.Tensor]:
     """The trainable weights to send; TrainableArraysInvalid if training made any of them NaN or Inf."""
-    state = policy.trainable_state(model)
+    state = transfer.trainable_state(model)
     if not all(bool(torch.isfinite(t).all()) for t in state.values()):
         raise TrainableArraysInvalid("training produced NaN or Inf weights; not sending them")
     return state

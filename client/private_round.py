@@ -192,7 +192,7 @@ def train_round(
     session: SiteSession,
     dataset: DatasetIdentity,
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     config: TrainConfig,
     instruction: RoundInstruction,
@@ -209,7 +209,7 @@ def train_round(
             session.config.policy_path,
         )
     if not instruction.dp and session.policy.allow_non_private:
-        return _train_without_dp(session, dataset, model, policy, features, config, declared)
+        return _train_without_dp(session, dataset, model, transfer, features, config, declared)
     overridden = _overridden(session, instruction, dp_honoured=bool(instruction.dp))
     if _once_non_private(session, dataset):
         return _declined(
@@ -222,7 +222,7 @@ def train_round(
     source = random_source(session, instruction, "train")
     try:
         plan = guard.plan_run(
-            instruction.run_key,
+            instruction.run_id,
             request,
             sample_rate,
             steps,
@@ -238,7 +238,7 @@ def train_round(
             f"only allows noise multiplier {plan.noise_multiplier:.3g} for this run, which would drown the update",
             _budget(session, dataset, guard),
         )
-    _, trainable = policy.split(model)
+    _, trainable = transfer.split(model)
     try:  # spend() admits the round under the ledger lock, or raises BudgetExhausted
         with guard.spend(plan, TRAIN, instruction.server_round) as record:
             stats = dp_train(
@@ -253,7 +253,7 @@ def train_round(
                 expected_batch_size=plan.sample_rate * declared,
                 source=source,
             )
-            entry = record(stats.steps, state_fingerprint(policy.trainable_state(model)))
+            entry = record(stats.steps, state_fingerprint(transfer.trainable_state(model)))
     except BudgetExhausted as err:
         return _declined(str(err), _budget(session, dataset, guard))
     log.info(
@@ -267,7 +267,7 @@ def train_round(
         stats.mean_loss,
     )
     outcome = Outcome(STATUS_OK, spends=[entry], privacy=_entry_report(entry, plan, session, overridden))
-    outcome.tensors = finite_trainable_state(model, policy)
+    outcome.tensors = finite_trainable_state(model, transfer)
     outcome.egress["update"] = declaration(
         UPDATE,
         f"DP-SGD: noise multiplier {entry.noise_multiplier:.4g}, clipping {entry.max_grad_norm:g}, "
@@ -310,7 +310,7 @@ def _train_without_dp(
     session: SiteSession,
     dataset: DatasetIdentity,
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     config: TrainConfig,
     declared: int,
@@ -318,10 +318,10 @@ def _train_without_dp(
     for marker in _non_private_marker(session, dataset)[:1]:
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(marker, b"trained without differential privacy: this dataset has no DP guarantee\n")
-    stats = fine_tune(model, policy, features, config)
+    stats = fine_tune(model, transfer, features, config)
     log.warning("site %s trained WITHOUT differential privacy (its policy allows it)", session.site_id)
     outcome = Outcome(STATUS_OK, privacy={"dp": False, "dataset-id": dataset.keyed, "declared-size": declared})
-    outcome.tensors = finite_trainable_state(model, policy)
+    outcome.tensors = finite_trainable_state(model, transfer)
     outcome.egress["update"] = declaration(
         NOT_PRIVATE, "plain SGD without DP (the site's policy allows non-private runs)"
     )
@@ -334,7 +334,7 @@ def evaluate_round(
     session: SiteSession,
     dataset: DatasetIdentity,
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     instruction: RoundInstruction,
     personalise: TrainConfig | None,
@@ -353,15 +353,15 @@ def evaluate_round(
                 "this dataset was once trained without DP at this site; nothing about it is released",
                 _budget(session, dataset, None),
             )
-        return _evaluate_without_dp(dataset, model, policy, features, declared, personalise)
+        return _evaluate_without_dp(dataset, model, transfer, features, declared, personalise)
     guard = _guard(session, dataset)
     try:
-        plan = guard.stored_plan(instruction.run_key)
+        plan = guard.stored_plan(instruction.run_id)
     except PlanConflict as err:
         return _declined(str(err), _budget(session, dataset, guard))
     if plan is None:
         return _declined(
-            f"run {instruction.run_key} has no plan at this site (it trained no round), so nothing "
+            f"run {instruction.run_id} has no plan at this site (it trained no round), so nothing "
             "about its data is released",
             _budget(session, dataset, guard),
         )
@@ -371,12 +371,21 @@ def evaluate_round(
     if plan.slots(EVALUATE):
         last = (
             _release_histogram(
-                guard, plan, EVALUATE, instruction.server_round, model, policy, features, source, "eval-counts", outcome
+                guard,
+                plan,
+                EVALUATE,
+                instruction.server_round,
+                model,
+                transfer,
+                features,
+                source,
+                "eval-counts",
+                outcome,
             )
             or last
         )
     if personalise is not None and plan.personalisation is not None:
-        copy_ = _personalise(guard, plan, session, model, policy, features, personalise, instruction, source, outcome)
+        copy_ = _personalise(guard, plan, session, model, transfer, features, personalise, instruction, source, outcome)
         if copy_ is not None:
             last = (
                 _release_histogram(
@@ -385,7 +394,7 @@ def evaluate_round(
                     PERSONALISED_EVALUATE,
                     instruction.server_round,
                     copy_,
-                    policy,
+                    transfer,
                     features,
                     source,
                     "personalised-eval-counts",
@@ -395,7 +404,7 @@ def evaluate_round(
             )
     if last is None:
         return _declined(
-            outcome.reason or f"run {instruction.run_key} has no DP evaluation left at this site",
+            outcome.reason or f"run {instruction.run_id} has no DP evaluation left at this site",
             _budget(session, dataset, guard),
         )
     outcome.public("num-examples", declared, "declared size (site policy declared_size)")
@@ -411,17 +420,17 @@ def _release_histogram(
     kind: str,
     server_round: int,
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     source: RandomSource,
     name: str,
     outcome: Outcome,
 ) -> LedgerEntry | None:
-    counts = evaluation_histogram(model, policy, features)
+    counts = evaluation_histogram(model, transfer, features)
     try:
         with guard.spend(plan, kind, server_round) as record:
             value = noisy_counts(counts, plan.release_noise_multiplier, source)
-            entry = record(1, state_fingerprint(policy.trainable_state(model)))
+            entry = record(1, state_fingerprint(transfer.trainable_state(model)))
     except BudgetExhausted as err:
         log.warning("no %s release: %s", kind, err)
         outcome.reason = str(err)
@@ -435,7 +444,7 @@ def _personalise(
     plan: RunPlan,
     session: SiteSession,
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     config: TrainConfig,
     instruction: RoundInstruction,
@@ -447,7 +456,7 @@ def _personalise(
     local = personalised_copy(model, bias_only=True)
     if step is None or local.head.bias is None:
         return None
-    _, trainable = policy.split(local)
+    _, trainable = transfer.split(local)
     x = compute_features(trainable[:-1], features.train_x)
     try:
         with guard.spend(plan, PERSONALISE, instruction.server_round) as record:
@@ -480,18 +489,18 @@ def _personalise(
 def _evaluate_without_dp(
     dataset: DatasetIdentity,
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     declared: int,
     personalise: TrainConfig | None,
 ) -> Outcome:
     """Exact histograms of a dataset that has no DP guarantee any more (a non-private run its policy allowed)."""
     outcome = Outcome(STATUS_OK, privacy={"dp": False, "dataset-id": dataset.keyed, "declared-size": declared})
-    counts = {"eval-counts": evaluation_histogram(model, policy, features)}
+    counts = {"eval-counts": evaluation_histogram(model, transfer, features)}
     if personalise is not None:
         local = personalised_copy(model, bias_only=False)
-        fine_tune(local, policy, features, personalise)
-        counts["personalised-eval-counts"] = evaluation_histogram(local, policy, features)
+        fine_tune(local, transfer, features, personalise)
+        counts["personalised-eval-counts"] = evaluation_histogram(local, transfer, features)
     for name, value in counts.items():
         outcome.values[name] = value.tolist()
         outcome.egress[name] = declaration(NOT_PRIVATE, "exact counts (the dataset was trained without DP)")

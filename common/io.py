@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common.errors import DataError
+from common.errors import ConfigurationError, DataError
 
 
 def canonical_json(value: Any) -> bytes:
@@ -50,6 +50,23 @@ def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
 
 #: Deepest nesting any JSON we parse from a file or the network may have; our own documents need 4.
 MAX_JSON_DEPTH = 16
+
+
+class OutputDirError(ConfigurationError, OSError):
+    """An output folder cannot be created where it was asked for."""
+
+
+def make_output_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) as a folder, or say in one line why it cannot be."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputDirError(f"cannot write to {path}: {blocker} is a file, not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot create the output folder {path}: {err.strerror or err}") from err
+    return path
 
 
 class JsonError(DataError, ValueError):

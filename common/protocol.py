@@ -45,8 +45,8 @@ class RoundInstruction:
     """Everything a site needs for one train or evaluate round; sent in every message."""
 
     server_round: int
-    num_rounds: int
-    policy: str
+    rounds: int
+    transfer_policy: str
     base_fingerprint: str
     frozen_fingerprint: str
     local_epochs: int
@@ -57,7 +57,7 @@ class RoundInstruction:
     seed: int
     personalise_epochs: int
     dp: int
-    run_key: str
+    run_id: str
     sim_root: str = ""
     local_steps: int = 0
     personalise_fraction: float = 0.0
@@ -76,12 +76,12 @@ class RoundInstruction:
         """Whether the coordinator asks for a federated evaluation after ``server_round``."""
         if self.federated_evaluation == "every":
             return server_round >= 1
-        return self.federated_evaluation == "last" and server_round == self.num_rounds
+        return self.federated_evaluation == "last" and server_round == self.rounds
 
     @property
     def evaluations(self) -> int:
         """How many federated evaluations the run asks each site for."""
-        return {"every": self.num_rounds, "last": 1, "none": 0}[self.federated_evaluation]
+        return {"every": self.rounds, "last": 1, "none": 0}[self.federated_evaluation]
 
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

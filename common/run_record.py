@@ -12,7 +12,7 @@ from typing import Any
 from common.io import write_atomic
 
 RUN_RECORD_FILE = "run-record.json"
-RUN_RECORD_FORMAT = 2
+RUN_RECORD_FORMAT = 3
 
 
 def _now() -> str:
@@ -82,7 +82,7 @@ class RunRecord:
     run_id: int
     settings: dict[str, Any]
     base_model: dict[str, Any]
-    policy: str
+    transfer_policy: str
     strategy: str
     started: str = field(default_factory=_now)
     status: str = "running"

@@ -8,9 +8,10 @@ they need in each message's ConfigRecord.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigurationError
@@ -28,52 +29,73 @@ class SettingsError(ConfigurationError, ValueError):
     """A run setting has the wrong type or an impossible value."""
 
 
+def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), simulate: bool = True) -> Any:
+    """A RunSettings field with what the CLI and the docs say about it.
+
+    ``simulate=False``: a deployment-only setting that ``fedtransfer simulate`` does not offer.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "simulate": simulate})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    """What the coordinator runs. Field names map to run-config keys with ``-`` for ``_``."""
+    """What the coordinator runs: the one declaration of every setting.
 
-    scenario: str = "wdbc"
-    num_server_rounds: int = 3
-    local_epochs: int = 2
-    local_steps: int = 0
-    batch_size: int = 16
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_lr: float = 0.0
-    server_tau: float = 0.0
-    server_beta_2: float = 0.0
-    policy: str = ""
-    checkpoint: str = ""
-    seed: int = 0
-    out: str = "fedtransfer-runs/latest"
-    sim_root: str = ""
-    data_dir: str = ""
-    min_sites: int = 2
-    expected_sites: int = 0
-    personalise_epochs: int = 2
-    personalise_fraction: float = 0.0
-    personalise_lr: float = 0.0
-    round_timeout: float = 600.0
-    coordinator_keys: str = ""
-    manifest: str = ""
-    max_update_norm: float = 0.0
-    dp: bool = True
-    target_epsilon: float = 3.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    resume: bool = False
-    federated_evaluation: str = "last"
-    release_loss: bool = False
-    reproducible_noise: bool = False
-    per_site_scaling: bool = False
+    Field names map to run-config keys and ``fedtransfer simulate`` flags with ``-`` for ``_``;
+    pyproject.toml's ``[tool.flwr.app.config]`` lists the same keys and defaults (a test checks it).
+    """
+
+    scenario: str = setting("wdbc", "built-in scenario name or path to a scenario.toml")
+    rounds: int = setting(3, "federated rounds")
+    local_epochs: int = setting(2, "local epochs per round")
+    local_steps: int = setting(0, "local optimiser steps per round instead of epochs (0: use local-epochs)")
+    batch_size: int = setting(16, "local batch size (with DP: the expected Poisson batch size)")
+    lr: float = setting(0.05, "local learning rate")
+    optimizer: str = setting("sgd", "local optimiser: sgd (momentum 0.9), sgd-plain, adam", choices=OPTIMIZERS)
+    strategy: str = setting("fedavg", "Flower aggregation strategy", choices=STRATEGIES)
+    proximal_mu: float = setting(0.01, "FedProx's proximal term (strategy fedprox only)")
+    server_lr: float = setting(0.0, "server learning rate of fedadam/fedyogi/fedadagrad (0: Flower's default)")
+    server_tau: float = setting(0.0, "server tau of fedadam/fedyogi/fedadagrad (0: Flower's default)")
+    server_beta_2: float = setting(0.0, "server beta-2 of fedadam/fedyogi (0: Flower's default)")
+    transfer_policy: str = setting("", "which layers train: head, last:K or full (empty: the model card's default)")
+    checkpoint: str = setting("", "start from this checkpoint directory instead of pretraining the source model")
+    seed: int = setting(0, "seed for data splits, initialisation and batch order")
+    out: str = setting("", "output directory (empty: fedtransfer-runs/<date-time>)")
+    sim_root: str = setting(
+        "",
+        "where simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend (empty: OUT/sites)",
+    )
+    data_dir: str = setting("", "folder with the heart-disease files (empty: $FEDTRANSFER_DATA_DIR)")
+    min_sites: int = setting(2, "sites a round needs before it starts")
+    expected_sites: int = setting(0, "sites the coordinator waits for, up to round-timeout (0: min-sites)")
+    personalise_epochs: int = setting(2, "epochs of each site's own fine-tune after the last round (0: none)")
+    personalise_fraction: float = setting(
+        0.0, "share of a private run's budget kept for private personalisation (0: none)"
+    )
+    personalise_lr: float = setting(0.0, "learning rate of the private personalisation (0: lr)")
+    round_timeout: float = setting(600.0, "seconds a round waits for the sites' replies")
+    coordinator_keys: str = setting("", "the coordinator's key folder (deployments)", simulate=False)
+    manifest: str = setting("", "the signed federation manifest (deployments)", simulate=False)
+    max_update_norm: float = setting(0.0, "drop site updates whose L2 norm exceeds this (0: no bound)")
+    dp: bool = setting(True, "ask the sites for DP-SGD (--no-dp: NOT PRIVATE, only sites whose policy allows it)")
+    target_epsilon: float = setting(3.0, "epsilon the coordinator requests for this run; each site caps it")
+    delta: float = setting(1e-5, "delta the coordinator requests; each site caps it")
+    max_grad_norm: float = setting(1.0, "per-example gradient clipping bound of DP-SGD")
+    resume: bool = setting(False, "continue the interrupted run in --out from its last completed round")
+    federated_evaluation: str = setting(
+        "last", "when sites release a DP evaluation: last round, every round, none", choices=FEDERATED_EVALUATION
+    )
+    release_loss: bool = setting(False, "ask sites for a DP release of their training loss (their policy decides)")
+    reproducible_noise: bool = setting(
+        False, "seeded DP noise for reproducible experiments (NOT private; only sites whose policy allows it)"
+    )
+    per_site_scaling: bool = setting(False, "z-score each site with its own statistics (FLamby reproduction, no DP)")
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.num_server_rounds < 1:
-            raise SettingsError("num-server-rounds must be at least 1")
+        if self.rounds < 1:
+            raise SettingsError("rounds must be at least 1")
         if self.local_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise SettingsError("local-epochs and batch-size must be >= 1 and lr > 0")
         if self.min_sites < 1:
@@ -166,20 +188,10 @@ class RunSettings:
         """The settings as Flower run-config keys (``-`` for ``_``)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
+    def output_dir(self, now: datetime | None = None) -> Path:
+        """Where the run writes: ``out``, or ``fedtransfer-runs/<date-time>`` when it is empty."""
+        return Path(self.out or f"fedtransfer-runs/{(now or datetime.now()):%Y%m%d-%H%M%S}").expanduser().resolve()
+
     def with_run_config(self, run_config: Mapping[str, Any]) -> RunSettings:
         """These settings with some run-config keys changed; unknown keys and bad values are a SettingsError."""
         return RunSettings.from_run_config(self.as_run_config() | dict(run_config))
-
-
-def parse_assignments(texts: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs with TOML values (``local-steps=100``, ``optimizer="sgd-plain"``; bare words are strings)."""
-    parsed: dict[str, Any] = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"{text!r} is not KEY=VALUE (e.g. local-steps=100)")
-        try:
-            parsed[key.strip()] = tomllib.loads(f"value = {value.strip()}")["value"]
-        except tomllib.TOMLDecodeError:
-            parsed[key.strip()] = value.strip()
-    return parsed

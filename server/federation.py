@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
-from common.io import write_atomic
+from common.io import make_output_dir, write_atomic
 from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from common.model.metrics import classification_metrics
 from common.model.pretraining import pretrain_source
@@ -136,27 +136,39 @@ def with_trainable(model: FedModel, arrays: ArrayRecord) -> FedModel:
     return model
 
 
-def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
-    """Run ``settings.num_server_rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``.
+@dataclass(frozen=True)
+class RunStart:
+    """What a run starts from: its settings (a resumed run's own), output folder, base model and keys."""
 
-    With ``settings.resume`` the run recorded in ``settings.out`` continues from its last
-    completed round, with that run's settings, keys and round numbers, so the sites keep
-    their run plan and nothing they recorded is rolled back.
-    """
-    out = Path(settings.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    settings: RunSettings
+    out: Path
+    resumed: ResumePoint | None
+    scenario: Scenario | None
+    checkpoint: Path
+    model: FedModel
+    card: ModelCard
+    transfer: TransferPolicy
+    identity: Identity
+    manifest: Manifest
+    sim_root: str
+
+    @property
+    def offset(self) -> int:
+        """Rounds already begun before this start (their numbers are never reused)."""
+        return self.resumed.last_round_begun if self.resumed else 0
+
+
+def start_run(settings: RunSettings, run_id: int) -> RunStart:
+    """Resolve the settings, the output folder, the base model and the coordinator's keys."""
+    out = make_output_dir(settings.output_dir())
     resumed = resume_point(out) if settings.resume else None
     if resumed is not None:
         settings = RunSettings(**{**resumed.record.settings, "resume": True, "out": str(out)})
-        log.info(
-            "resuming run %s after round %d of %d", resumed.record.run_id, resumed.completed, settings.num_server_rounds
-        )
-    offset = resumed.last_round_begun if resumed else 0
+        log.info("resuming run %s after round %d of %d", resumed.record.run_id, resumed.completed, settings.rounds)
     scenario = _scenario(settings)
     checkpoint = base_checkpoint(settings, scenario, out)
     model, card = load_checkpoint(checkpoint)
-    policy = TransferPolicy.parse(settings.policy or card.default_policy)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    transfer = TransferPolicy.parse(settings.transfer_policy or card.default_transfer_policy)
     sim_root = ""
     if settings.sim_root and scenario is not None:
         sim_root = str(Path(settings.sim_root).expanduser().resolve())
@@ -170,13 +182,18 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         identity, manifest = simulated.coordinator, simulated.manifest
     else:
         identity, manifest = coordinator_keys(settings)
+    return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest, sim_root)
 
-    instruction = RoundInstruction(
+
+def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
+    """The instruction every site receives (the coordinator signs it per message, with the round number)."""
+    settings = start.settings
+    return RoundInstruction(
         server_round=0,
-        num_rounds=settings.num_server_rounds,
-        policy=str(policy),
-        base_fingerprint=card.model_fingerprint,
-        frozen_fingerprint=state_fingerprint(policy.frozen_state(model)),
+        rounds=settings.rounds,
+        transfer_policy=str(start.transfer),
+        base_fingerprint=start.card.model_fingerprint,
+        frozen_fingerprint=state_fingerprint(start.transfer.frozen_state(start.model)),
         local_epochs=settings.local_epochs,
         local_steps=settings.local_steps,
         batch_size=settings.batch_size,
@@ -188,45 +205,42 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         personalise_fraction=settings.personalise_fraction,
         personalise_lr=settings.personalise_lr,
         dp=int(settings.dp),
-        run_key=str(resumed.record.run_id if resumed else run_id),
-        sim_root=sim_root,
+        run_id=str(start.resumed.record.run_id if start.resumed else run_id),
+        sim_root=start.sim_root,
         federated_evaluation=settings.federated_evaluation,
         release_loss=int(settings.release_loss),
         reproducible_noise=int(settings.reproducible_noise),
     )
-    request = PrivacyRequest(
-        settings.target_epsilon,
-        settings.delta,
-        settings.max_grad_norm,
-        settings.num_server_rounds,
-        evaluations=instruction.evaluations,
-        release_loss=settings.release_loss,
+
+
+def _new_record(start: RunStart, run_id: int) -> RunRecord:
+    card = start.card
+    return RunRecord(
+        run_id=run_id,
+        settings=start.settings.__dict__ | {"checkpoint": str(start.checkpoint)},
+        base_model={
+            "path": str(start.checkpoint),
+            "fingerprint": card.model_fingerprint,
+            "weights_sha256": card.weights_sha256,
+            "source": card.source_description,
+        },
+        transfer_policy=str(start.transfer),
+        strategy=start.settings.strategy,
+        manifest=start.manifest.to_json(),
     )
-    round_config = instruction.to_config() | request.to_config()
-    record = (
-        resumed.record
-        if resumed
-        else RunRecord(
-            run_id=run_id,
-            settings=settings.__dict__ | {"checkpoint": str(checkpoint)},
-            base_model={
-                "path": str(checkpoint),
-                "fingerprint": card.model_fingerprint,
-                "weights_sha256": card.weights_sha256,
-                "source": card.source_description,
-            },
-            policy=str(policy),
-            strategy=settings.strategy,
-            manifest=manifest.to_json(),
-        )
-    )
-    trainable = policy.trainable_state(model)
-    initial = policy.trainable_state(resumed.model) if resumed else trainable
+
+
+def _site_aware_strategy(
+    start: RunStart, run_id: int, instruction: RoundInstruction, record: RunRecord
+) -> SiteAwareStrategy:
+    settings = start.settings
+    trainable = start.transfer.trainable_state(start.model)
     limits = UpdateLimits(
         shapes={name: t.shape for name, t in trainable.items()},
         dtypes={name: t.dtype for name, t in trainable.items()},
         max_norm=settings.max_update_norm,
     )
+    personalises = settings.personalise_epochs > 0 and (settings.personalise_fraction > 0 or not settings.dp)
     strategy = SiteAwareStrategy(
         flower_strategy(
             settings.strategy,
@@ -234,61 +248,85 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
             settings.proximal_mu,
             server_optimiser_args(settings.server_lr, settings.server_tau, settings.server_beta_2),
         ),
-        CoordinatorChannel(identity, manifest, run_id, card.model_fingerprint, limits),
-        BasePayload(ArrayRecord(base_state), card.to_json()),
+        CoordinatorChannel(start.identity, start.manifest, run_id, start.card.model_fingerprint, limits),
+        BasePayload(ArrayRecord(start.model.state_dict()), start.card.to_json()),
         record,
         settings.min_sites,
-        persist=lambda: record.save(out),
-        round_offset=offset,
+        persist=lambda: record.save(start.out),
+        round_offset=start.offset,
         expected_sites=settings.expected_sites,
         site_wait=settings.round_timeout,
         evaluates=lambda server_round: (
-            instruction.evaluates(server_round)
-            or (
-                server_round == settings.num_server_rounds
-                and settings.personalise_epochs > 0
-                and (settings.personalise_fraction > 0 or not settings.dp)
-            )
+            instruction.evaluates(server_round) or (server_round == settings.rounds and personalises)
         ),
     )
-    if resumed is not None:
-        strategy.load_state(resumed.strategy_state)
-        strategy.latest_arrays = ArrayRecord(initial)
+    if start.resumed is not None:
+        strategy.load_state(start.resumed.strategy_state)
+        strategy.latest_arrays = ArrayRecord(start.transfer.trainable_state(start.resumed.model))
+    return strategy
+
+
+def _global_model(start: RunStart, arrays: ArrayRecord) -> FedModel:
+    """The base model with the trainable tensors of ``arrays``."""
+    return with_trainable(with_trainable(start.card.build(), ArrayRecord(start.model.state_dict())), arrays)
+
+
+def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
+    """Run ``settings.rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``.
+
+    With ``settings.resume`` the run recorded in ``settings.out`` continues from its last
+    completed round, with that run's settings, keys and round numbers, so the sites keep
+    their run plan and nothing they recorded is rolled back.
+    """
+    start = start_run(settings, run_id)
+    settings, out, card = start.settings, start.out, start.card
+    instruction = round_instruction(start, run_id)
+    request = PrivacyRequest(
+        settings.target_epsilon,
+        settings.delta,
+        settings.max_grad_norm,
+        settings.rounds,
+        evaluations=instruction.evaluations,
+        release_loss=settings.release_loss,
+    )
+    round_config = instruction.to_config() | request.to_config()
+    record = start.resumed.record if start.resumed else _new_record(start, run_id)
+    strategy = _site_aware_strategy(start, run_id, instruction, record)
+    trainable = start.transfer.trainable_state(start.model)
     log.info(
-        "run %s: %s from %s, policy %s (%d of %d parameters travel), strategy %s",
+        "run %s: %s from %s, transfer policy %s (%d of %d parameters travel), strategy %s",
         run_id,
         settings.scenario or "deployment",
-        checkpoint,
-        policy,
+        start.checkpoint,
+        start.transfer,
         sum(t.numel() for t in trainable.values()),
-        sum(t.numel() for t in base_state.values()),
+        sum(t.numel() for t in start.model.state_dict().values()),
         settings.strategy,
     )
 
     def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if flower_round == 0 and resumed is not None:
+        if flower_round == 0 and start.resumed is not None:
             return None  # the resumed starting point was evaluated and saved before the interruption
-        server_round = flower_round + offset
-        current = with_trainable(card.build(), ArrayRecord(base_state))
-        with_trainable(current, arrays)
+        server_round = flower_round + start.offset
+        current = _global_model(start, arrays)
         if server_round > 0:
             save_checkpoint(current, _round_dir(out, server_round), **_card_fields(card, record, server_round))
             _save_strategy_state(strategy.state(), _round_dir(out, server_round))
         metrics = None
-        if scenario is not None and scenario.source is not None:
-            x, _ = as_tensors(scenario.source.test.x, scenario.source.test.y)
-            values = classification_metrics(scenario.source.test.y, predict_proba(current, x))
+        if start.scenario is not None and start.scenario.source is not None:
+            source = start.scenario.source.test
+            values = classification_metrics(source.y, predict_proba(current, as_tensors(source.x, source.y)[0]))
             record.round(server_round).central = values
             metrics = MetricRecord(values)
         record.save(out)
-        log.info("round %d/%d done%s", server_round, settings.num_server_rounds, _round_summary(record, server_round))
+        log.info("round %d/%d done%s", server_round, settings.rounds, _round_summary(record, server_round))
         return metrics
 
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(initial),
-            num_rounds=settings.num_server_rounds - offset,
+            initial_arrays=strategy.latest_arrays if start.resumed else ArrayRecord(trainable),
+            num_rounds=settings.rounds - start.offset,
             timeout=settings.round_timeout,
             train_config=ConfigRecord(round_config),
             evaluate_config=ConfigRecord(round_config),
@@ -299,15 +337,24 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         record.finish("stopped", str(err))
     else:
         record.finish("completed")
+    return _finish(start, strategy, record, run_id)
+
+
+def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: int) -> RunRecord:
+    """Save the final global model, the record and the report; a run without any global model failed."""
+    out = start.out
     if strategy.latest_arrays is None:
         record.finish("failed", record.stop_reason or "no round produced an aggregated update")
         record.save(out)
         raise FederationFailed(
-            f"run {run_id} produced no global model: {record.stop_reason}; see {out / 'run-record.json'}"
+            f"run {run_id} produced no global model: {record.stop_reason}; see {out / RUN_RECORD_FILE}"
         )
-    final = with_trainable(with_trainable(card.build(), ArrayRecord(base_state)), strategy.latest_arrays)
     completed = max((r.server_round for r in record.rounds if r.aggregated_sites), default=0)
-    save_checkpoint(final, out / FINAL_MODEL_DIR, **_card_fields(card, record, completed))
+    save_checkpoint(
+        _global_model(start, strategy.latest_arrays),
+        out / FINAL_MODEL_DIR,
+        **_card_fields(start.card, record, completed),
+    )
     record.final_checkpoint = str(out / FINAL_MODEL_DIR)
     record.save(out)
     write_report(record, out)
@@ -323,7 +370,7 @@ def _card_fields(card: ModelCard, record: RunRecord, rounds: int) -> dict:
         feature_names=card.feature_names,
         source_description=card.source_description,
         preprocessing=card.preprocessing,
-        default_policy=record.policy,
+        default_transfer_policy=record.transfer_policy,
         lineage={
             "kind": "federated",
             "base_model_fingerprint": card.model_fingerprint,
@@ -332,7 +379,7 @@ def _card_fields(card: ModelCard, record: RunRecord, rounds: int) -> dict:
             "rounds": rounds,
             "sites": sorted({s for r in record.rounds for s in r.aggregated_sites}),
             "strategy": record.strategy,
-            "policy": record.policy,
+            "transfer-policy": record.transfer_policy,
         },
     )
 

@@ -141,7 +141,7 @@ def plot_metrics(
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[1]:
         axes[0].legend(fontsize=8)
-    fig.suptitle(f"run {record.run_id}: {record.strategy}, policy {record.policy}")
+    fig.suptitle(f"run {record.run_id}: {record.strategy}, transfer policy {record.transfer_policy}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -156,7 +156,7 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
         "",
         f"- status: **{record.status}**" + (f" ({record.stop_reason})" if record.stop_reason else ""),
         f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; transfer "
-        f"policy: {record.policy}",
+        f"transfer policy: {record.transfer_policy}",
         f"- base model: {record.base_model['source']} (fingerprint {record.base_model['fingerprint'][:16]}...)",
         f"- final model: {record.final_checkpoint or 'none'}",
         *(

@@ -33,10 +33,10 @@ class Baselines:
     per_site: dict[str, dict[str, dict[str, float]]]
 
 
-def _fit(base: FedModel, policy: TransferPolicy, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> FedModel:
+def _fit(base: FedModel, transfer: TransferPolicy, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> FedModel:
     model = copy.deepcopy(base)
-    policy.apply(model)
-    frozen, trainable = policy.split(model)
+    transfer.apply(model)
+    frozen, trainable = transfer.split(model)
     train_plain(trainable, compute_features(frozen, x), y, config)
     return model
 
@@ -46,16 +46,16 @@ def _score(model: FedModel, site: SiteData) -> dict[str, float]:
     return classification_metrics(site.test.y, predict_proba(model, x))
 
 
-def compute_baselines(scenario: Scenario, base: FedModel, policy: TransferPolicy, config: TrainConfig) -> Baselines:
+def compute_baselines(scenario: Scenario, base: FedModel, transfer: TransferPolicy, config: TrainConfig) -> Baselines:
     """Score source as-is, local-only and pooled fine-tuning on every target site's test split."""
     sites = scenario.sites
     source = {s.name: _score(base, s) for s in sites}
     local = {}
     for site in sites:
         x, y = as_tensors(site.train.x, site.train.y)
-        local[site.name] = _score(_fit(base, policy, x, y, config), site)
+        local[site.name] = _score(_fit(base, transfer, x, y, config), site)
     px = torch.cat([as_tensors(s.train.x, s.train.y)[0] for s in sites])
     py = torch.cat([as_tensors(s.train.x, s.train.y)[1] for s in sites])
-    pooled_model = _fit(base, policy, px, py, config)
+    pooled_model = _fit(base, transfer, px, py, config)
     pooled = {s.name: _score(pooled_model, s) for s in sites}
     return Baselines({"source as-is": source, "local-only": local, "pooled": pooled})

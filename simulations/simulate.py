@@ -14,6 +14,7 @@ from client.app import app as client_app
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
+from common.io import make_output_dir
 from common.model.checkpoint import load_checkpoint
 from common.model.metrics import classification_metrics
 from common.model.pretraining import pretrain_source
@@ -123,14 +124,16 @@ def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def simulate(settings: RunSettings, state_dir: Path | None = None) -> SimulationResult:
+def simulate(settings: RunSettings) -> SimulationResult:
     """Pretrain (unless a checkpoint is given), run Flower's simulation engine, then the baselines.
 
     With ``settings.resume`` the interrupted run in ``settings.out`` continues with the
     settings it was started with.
     """
-    out = Path(settings.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = settings.output_dir()
+    if settings.resume and not settings.out:
+        raise SimulationFailed("resume needs --out: the folder of the run to continue")
+    make_output_dir(out)
     if settings.resume:
         if not (out / RUN_RECORD_FILE).is_file():
             raise SimulationFailed(f"nothing to resume in {out}: it holds no {RUN_RECORD_FILE}")
@@ -146,7 +149,7 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
         bound = settings.with_(
             checkpoint=str(checkpoint.resolve()),
             out=str(out),
-            sim_root=str((state_dir or out / "sites").expanduser().resolve()),
+            sim_root=str(Path(settings.sim_root or out / "sites").expanduser().resolve()),
             min_sites=min(settings.min_sites, len(scenario.sites)),
             expected_sites=len(scenario.sites),
         )
@@ -171,11 +174,11 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
     if record.status == "failed" or not record.final_checkpoint:
         raise SimulationFailed(f"the simulated run {record.status}: {record.stop_reason}")
     base, card = load_checkpoint(checkpoint)
-    policy = TransferPolicy.parse(bound.policy or card.default_policy)
+    transfer = TransferPolicy.parse(bound.transfer_policy or card.default_transfer_policy)
     # the centralised baselines train as much as one site does over the whole run
     config = TrainConfig(
-        epochs=bound.num_server_rounds * bound.local_epochs,
-        steps=bound.num_server_rounds * bound.local_steps,
+        epochs=bound.rounds * bound.local_epochs,
+        steps=bound.rounds * bound.local_steps,
         batch_size=bound.batch_size,
         lr=bound.lr,
         optimizer=bound.optimizer,
@@ -183,6 +186,6 @@ def simulate(settings: RunSettings, state_dir: Path | None = None) -> Simulation
     )
     simulator_evaluation(record, out, scenario)
     record.save(out)
-    table = comparison_table(record, compute_baselines(scenario, base, policy, config), "accuracy")
+    table = comparison_table(record, compute_baselines(scenario, base, transfer, config), "accuracy")
     write_report(record, out, [comparison_markdown(table, "accuracy")])
     return SimulationResult(record=record, out=out, comparison=table)

@@ -60,7 +60,7 @@ def write_shifted_study(root: Path, sites: int = 3, seed: int = 0) -> Path:
     toml.write_text(
         '[scenario]\nname = "shifted-study"\ndescription = "rotated decision rule at the targets"\n'
         'label_column = "label"\nclass_names = ["negative", "positive"]\n\n'
-        '[model]\narch = "mlp"\nhidden = [32, 16]\npolicy = "last:1"\n\n'
+        '[model]\narch = "mlp"\nhidden = [32, 16]\ntransfer_policy = "last:1"\n\n'
         '[source]\npath = "data/source.csv"\ndescription = "synthetic source site"\n\n' + "\n".join(entries)
     )
     return toml

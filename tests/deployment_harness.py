@@ -99,10 +99,22 @@ class Processes:
         return process
 
     def kill(self, name: str) -> None:
-        """SIGKILL the process group started under ``name``: a crash, not a shutdown."""
+        """SIGKILL the process group started under ``name`` and every process below it: a crash, not a shutdown.
+
+        The processes below it include those that left its session (Flower's SuperExec and the app it
+        runs): they would notice their parent's death by being re-parented to init, but this test's
+        process adopts them (it is their subreaper), so the crash takes them down with it.
+        """
         for started, process in self.started:
             if started == name and process.poll() is None:
+                table = _process_table()
+                below = _descendants(process.pid, table)
                 os.killpg(process.pid, signal.SIGKILL)
+                for pid, start in below.items():
+                    current = _process_table().get(pid)
+                    if current is not None and current[1] == start:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 process.wait()
 
     def log(self, name: str) -> str:

@@ -229,7 +229,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory):
     grid.on_reply = on_reply
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=len(attacks) + 1,
+        rounds=len(attacks) + 1,
         local_epochs=1,
         out=str(root / "out"),
         sim_root=str(root / "sites"),

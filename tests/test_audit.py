@@ -215,7 +215,7 @@ def _run_dir(root: Path, state: Path, site: Identity) -> tuple[Path, RunRecord]:
         run_id=RUN_ID,
         settings={},
         base_model={"fingerprint": BASE},
-        policy="head",
+        transfer_policy="head",
         strategy="fedavg",
         manifest=MANIFEST.to_json(),
     )

@@ -113,7 +113,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     grid = DirectGrid(client_app, num_nodes=2)
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=1,
+        rounds=1,
         local_epochs=1,
         dp=False,
         out=str(root / "out"),
@@ -143,7 +143,7 @@ def test_damaged_checkpoint_stops_the_run_with_its_error_and_loses_nothing(
     settings = RunSettings(
         scenario=str(study),
         checkpoint=str(checkpoint),
-        num_server_rounds=1,
+        rounds=1,
         dp=False,
         out=str(out),
         sim_root=str(tmp_path / "sites"),

@@ -22,8 +22,8 @@ MACHINE_KEYS = {"platform", "cores", "torch", "python", "torch_threads", "load_a
 TRAFFIC_KEYS = {
     "scenario",
     "arch",
-    "policy",
-    "default_policy",
+    "transfer_policy",
+    "default_transfer_policy",
     "trainable_params",
     "total_params",
     "tensor_bytes",
@@ -97,7 +97,10 @@ def test_every_benchmark_writes_json_and_markdown(results: tuple[Path, dict[str,
 def test_dp_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None:
     dp = results[1]["dp"]
     assert {"repetitions", "warmup", "config", "targets", "cases"} <= set(dp)
-    assert {(c["scenario"], c["policy"]) for c in dp["cases"]} >= {("wdbc", "head"), ("synthetic-imaging", "last:1")}
+    assert {(c["scenario"], c["transfer_policy"]) for c in dp["cases"]} >= {
+        ("wdbc", "head"),
+        ("synthetic-imaging", "last:1"),
+    }
     for case in dp["cases"]:
         assert set(case["seconds"]) == {"plain_uncached", "plain_cached", "dp_uncached", "dp_cached", "dp_setup"}
         _positive(case["seconds"], tuple(case["seconds"]))
@@ -150,7 +153,7 @@ def test_crypto_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None
     )
     assert share["crypto_share"] < 1
     _positive(share["step_ms"], tuple(share["step_ms"]))
-    assert {r["policy"] for r in crypto["traffic"] if r["scenario"] == "wdbc"} == {"head", "last:1", "full"}
+    assert {r["transfer_policy"] for r in crypto["traffic"] if r["scenario"] == "wdbc"} == {"head", "last:1", "full"}
     for row in crypto["traffic"]:
         assert TRAFFIC_KEYS <= set(row)
         _positive(row, POSITIVE_TRAFFIC)
@@ -165,7 +168,7 @@ def test_comm_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None:
         assert TRAFFIC_KEYS <= set(row)
         _positive(row, POSITIVE_TRAFFIC)
         assert row["trainable_params"] <= row["total_params"]
-        if row["policy"] == "full":
+        if row["transfer_policy"] == "full":
             assert row["trainable_params"] == row["total_params"]
 
 

@@ -42,7 +42,7 @@ def _card_fields(hidden=(4, 3)) -> dict:
         "source_description": "unit-test model",
         "preprocessing": "z-score",
         "feature_names": ["a", "b", "c", "d", "e"],
-        "default_policy": "last:1",
+        "default_transfer_policy": "last:1",
         "lineage": LINEAGE,
     }
 

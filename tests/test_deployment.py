@@ -137,9 +137,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     )
 
     out = tmp_path / "run-out"
-    run_id = start_run(
-        coordinator, f'num-server-rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', processes
-    )
+    run_id = start_run(coordinator, f'rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', processes)
 
     status = wait_until_finished(run_id, "loopback", processes, coordinator_home, RUN_TIMEOUT)
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]

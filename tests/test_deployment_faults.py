@@ -2,8 +2,8 @@
 
 Three provisioned hospitals under TLS and SuperNode auth start a 3-round run with ``flwr run``:
 
-1. as soon as round 2 has begun the SuperLink's process group is killed (SIGKILL; Flower's
-   SuperExec, in its own session, sees its parent gone and stops the ServerApp) and the SuperLink
+1. as soon as round 2 has begun the SuperLink is killed with everything below it (SIGKILL: its
+   SuperExec and the ServerApp die with it, as on a crashed coordinator machine) and the SuperLink
    is started again by the kit's own script on the same database, which marks the interrupted
    Flower run finished:failed and refuses its messages; the SuperNodes reconnect;
 2. ``flwr run ... resume=true out=RUN_DIR`` continues the recorded run after round 1; round 2,
@@ -82,7 +82,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
         processes.start(site, [str(fed.site_kits[site] / "start-supernode.sh")], fed.site_kits[site] / "flower-home")
 
     out = tmp_path / "run-out"
-    first = start_run(coordinator, f'num-server-rounds=3 local-epochs=1 round-timeout=150 out="{out}"', processes)
+    first = start_run(coordinator, f'rounds=3 local-epochs=1 round-timeout=150 out="{out}"', processes)
     wait_for(lambda: round_begun(out, 2), 400, "round 2 to begin", interval=0.5)
     processes.kill("superlink")
     print(f"killed the SuperLink at {time.monotonic() - began:.0f} s")

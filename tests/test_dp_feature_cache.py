@@ -56,30 +56,30 @@ def test_cached_features_give_the_uncached_weights(
     use_one_torch_thread()
     torch.manual_seed(3)
     base = build_model(arch, input_shape, 2, args)
-    policy = TransferPolicy.parse(policy_text)
+    transfer = TransferPolicy.parse(policy_text)
     x, y = _data(input_shape, seed=5)
     config = TrainConfig(epochs=2, batch_size=16, lr=0.05, proximal_mu=mu, seed=0)
 
     uncached = copy.deepcopy(base)
-    policy.apply(uncached)
+    transfer.apply(uncached)
     stats_uncached = _dp(uncached, x, y, config, seed=11)
 
     cached = copy.deepcopy(base)
-    policy.apply(cached)
-    frozen, trainable = policy.split(cached)
+    transfer.apply(cached)
+    frozen, trainable = transfer.split(cached)
     stats_cached = _dp(trainable, compute_features(frozen, x), y, config, seed=11)
 
     assert (stats_cached.steps, stats_cached.updates) == (stats_uncached.steps, stats_uncached.updates)
     assert stats_cached.updates > 0
     assert stats_cached.mean_loss == pytest.approx(stats_uncached.mean_loss, abs=1e-5)
     before = base.state_dict()
-    trained = policy.trainable_names(base)
+    trained = transfer.trainable_names(base)
     for name in trained:
         torch.testing.assert_close(cached.state_dict()[name], uncached.state_dict()[name], rtol=0, atol=1e-5)
     assert any(not torch.equal(cached.state_dict()[name], before[name]) for name in trained), (
         "DP-SGD did not move the trainable weights"
     )
-    for name in policy.frozen_state(base):
+    for name in transfer.frozen_state(base):
         assert torch.equal(uncached.state_dict()[name], before[name]), f"uncached path changed frozen {name}"
         assert torch.equal(cached.state_dict()[name], before[name]), f"cached path changed frozen {name}"
 
@@ -88,14 +88,14 @@ def test_another_noise_seed_gives_other_weights() -> None:
     """The equality above is not vacuous: the noise seed does reach the weights."""
     torch.manual_seed(3)
     base = build_model("mlp", (30,), 2, {"hidden": [32, 16]})
-    policy = TransferPolicy("head")
+    transfer = TransferPolicy("head")
     x, y = _data((30,), seed=5)
     config = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=0)
     weights = []
     for noise_seed in (11, 12):
         model = copy.deepcopy(base)
-        policy.apply(model)
-        frozen, trainable = policy.split(model)
+        transfer.apply(model)
+        frozen, trainable = transfer.split(model)
         _dp(trainable, compute_features(frozen, x), y, config, seed=noise_seed)
         weights.append(model.head.weight.detach().clone())
     assert not torch.allclose(weights[0], weights[1])

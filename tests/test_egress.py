@@ -86,7 +86,7 @@ def every_reply(tmp_path_factory: pytest.TempPathFactory):
     grid.on_instruction = break_data
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=1,
         out=str(root / "out"),
         sim_root=str(sim_root),
@@ -185,7 +185,7 @@ def test_a_site_never_sends_a_value_it_did_not_declare(tmp_path: Path, monkeypat
     monkeypatch.setattr("client.app.train_round", leaky)
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=1,
+        rounds=1,
         local_epochs=1,
         out=str(tmp_path / "out"),
         sim_root=str(tmp_path / "sites"),
@@ -393,14 +393,14 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
     grid.on_instruction = craft
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=1,
+        rounds=1,
         local_epochs=1,
         out=str(tmp_path / "out"),
         sim_root=str(sim_root),
         min_sites=2,
         expected_sites=2,
         target_epsilon=2.0,
-        policy="head",
+        transfer_policy="head",
     )
     record = run_federation(grid, settings, grid.run_id)
     for site in range(2):

@@ -92,7 +92,7 @@ def ledger_rounds(sim_root: Path, site: int) -> list[int]:
 def private_settings(study: Path, root: Path, rounds: int, sites: int, min_sites: int) -> RunSettings:
     return RunSettings(
         scenario=str(study),
-        num_server_rounds=rounds,
+        rounds=rounds,
         local_epochs=1,
         out=str(root / "out"),
         sim_root=str(root / "sites"),
@@ -255,7 +255,7 @@ def test_too_few_sites_stops_cleanly_with_a_saved_checkpoint(tmp_path: Path) -> 
     grid = DirectGrid(crash_late, num_nodes=3)
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=3,
+        rounds=3,
         local_epochs=1,
         dp=False,
         out=str(tmp_path / "out"),
@@ -288,7 +288,7 @@ def test_a_site_gone_for_good_is_not_waited_for_and_the_rest_complete(tmp_path: 
     grid.on_instruction = vanish_after_round_one
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=3,
+        rounds=3,
         local_epochs=1,
         dp=False,
         out=str(tmp_path / "out"),
@@ -311,7 +311,7 @@ def test_too_few_sites_online_stops_after_the_wait_with_a_clear_reason(tmp_path:
     grid.node_ids = grid.node_ids[:1]  # two hospitals never start their SuperNode
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=1,
         dp=False,
         out=str(tmp_path / "out"),
@@ -338,7 +338,7 @@ def robust_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     study = write_shifted_study(root / "study", sites=ROBUST_SITES)
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=1,
+        rounds=1,
         local_epochs=1,
         dp=False,
         out=str(root / "seed-run"),
@@ -377,7 +377,7 @@ def federate_with_site0(
     settings = RunSettings(
         scenario=str(study),
         checkpoint=str(checkpoint),
-        num_server_rounds=1,
+        rounds=1,
         local_epochs=1,
         dp=False,
         strategy=strategy,
@@ -513,7 +513,7 @@ def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path
     study = write_shifted_study(tmp_path / "study", sites=3)
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=1,
         dp=False,
         out=str(tmp_path / "out"),

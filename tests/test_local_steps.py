@@ -60,8 +60,8 @@ def test_plain_sgd_has_no_momentum_and_sgd_has_momentum() -> None:
 def test_round_config_carries_local_steps_but_personalisation_trains_epochs() -> None:
     instruction = RoundInstruction(
         server_round=1,
-        num_rounds=2,
-        policy="full",
+        rounds=2,
+        transfer_policy="full",
         base_fingerprint="a",
         frozen_fingerprint="b",
         local_epochs=2,
@@ -72,7 +72,7 @@ def test_round_config_carries_local_steps_but_personalisation_trains_epochs() ->
         seed=0,
         personalise_epochs=3,
         dp=0,
-        run_key="1",
+        run_id="1",
         local_steps=100,
     )
     assert train_config(instruction).steps == 100
@@ -128,7 +128,7 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
         )
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=3,
         local_steps=7,
         batch_size=16,

@@ -115,41 +115,41 @@ def test_parametrised_blocks_skip_parameter_free_blocks():
 # --- split and trainable names --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_model_equals_trainable_after_frozen_exactly(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_model_equals_trainable_after_frozen_exactly(arch, transfer):
     model = _model(arch)
-    frozen, trainable = TransferPolicy.parse(policy).split(model)
+    frozen, trainable = TransferPolicy.parse(transfer).split(model)
     x, _ = _inputs(arch)
     with torch.no_grad():
         assert torch.equal(model(x), trainable(frozen(x)))
         assert torch.equal(model(x), trainable(compute_features(frozen, x)))
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_split_shares_parameters_with_the_model(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_split_shares_parameters_with_the_model(arch, transfer):
     model = _model(arch)
-    frozen, trainable = TransferPolicy.parse(policy).split(model)
+    frozen, trainable = TransferPolicy.parse(transfer).split(model)
     model_params = {id(p) for p in model.parameters()}
     split_params = [id(p) for p in frozen.parameters()] + [id(p) for p in trainable.parameters()]
     assert sorted(split_params) == sorted(model_params)
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_trainable_names_are_head_plus_last_k_blocks(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_trainable_names_are_head_plus_last_k_blocks(arch, transfer):
     model = _model(arch)
-    names = TransferPolicy.parse(policy).trainable_names(model)
+    names = TransferPolicy.parse(transfer).trainable_names(model)
     assert len(names) == len(set(names))
-    assert set(names) == EXPECTED_TRAINABLE[(arch, policy)]
+    assert set(names) == EXPECTED_TRAINABLE[(arch, transfer)]
     assert set(names) <= set(model.state_dict())
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_trainable_and_frozen_state_partition_the_state_dict(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_trainable_and_frozen_state_partition_the_state_dict(arch, transfer):
     model = _model(arch)
-    parsed = TransferPolicy.parse(policy)
+    parsed = TransferPolicy.parse(transfer)
     trainable = parsed.trainable_state(model)
     frozen = parsed.frozen_state(model)
-    assert set(trainable) == EXPECTED_TRAINABLE[(arch, policy)]
+    assert set(trainable) == EXPECTED_TRAINABLE[(arch, transfer)]
     assert set(trainable).isdisjoint(frozen)
     assert set(trainable) | set(frozen) == set(model.state_dict())
     # trainable_state is a copy: editing it does not touch the model
@@ -157,23 +157,23 @@ def test_trainable_and_frozen_state_partition_the_state_dict(arch, policy):
     assert not torch.equal(trainable["head.bias"], model.head.bias)
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_apply_sets_requires_grad_exactly_on_trainable_names(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_apply_sets_requires_grad_exactly_on_trainable_names(arch, transfer):
     model = _model(arch)
-    TransferPolicy.parse(policy).apply(model)
+    TransferPolicy.parse(transfer).apply(model)
     requires_grad = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert requires_grad == EXPECTED_TRAINABLE[(arch, policy)]
+    assert requires_grad == EXPECTED_TRAINABLE[(arch, transfer)]
 
 
 # --- training only moves the trainable part ----------------------------------------------
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_training_changes_trainable_and_leaves_frozen_bit_identical(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_training_changes_trainable_and_leaves_frozen_bit_identical(arch, transfer):
     model = _model(arch)
-    parsed = TransferPolicy.parse(policy)
+    parsed = TransferPolicy.parse(transfer)
     parsed.apply(model)
-    expected = EXPECTED_TRAINABLE[(arch, policy)]
+    expected = EXPECTED_TRAINABLE[(arch, transfer)]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     frozen, trainable = parsed.split(model)
@@ -192,11 +192,11 @@ def test_training_changes_trainable_and_leaves_frozen_bit_identical(arch, policy
         assert torch.equal(model(x), trainable(compute_features(frozen, x)))
 
 
-@pytest.mark.parametrize(("arch", "policy"), CASES)
-def test_frozen_blocks_stay_in_eval_mode_after_apply(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), CASES)
+def test_frozen_blocks_stay_in_eval_mode_after_apply(arch, transfer):
     model = _model(arch)
     model.train()
-    parsed = TransferPolicy.parse(policy)
+    parsed = TransferPolicy.parse(transfer)
     parsed.apply(model)
     frozen, trainable = parsed.split(model)
     # split() builds fresh Sequential wrappers, so look at the model's own blocks inside them
@@ -234,10 +234,10 @@ def test_policy_parse_error_is_a_value_error():
     assert issubclass(PolicyParseError, ValueError)
 
 
-@pytest.mark.parametrize(("arch", "policy"), [("logreg", "last:1"), ("mlp", "last:3"), ("cnn", "last:3")])
-def test_last_k_beyond_the_parametrised_blocks_is_rejected(arch, policy):
+@pytest.mark.parametrize(("arch", "transfer"), [("logreg", "last:1"), ("mlp", "last:3"), ("cnn", "last:3")])
+def test_last_k_beyond_the_parametrised_blocks_is_rejected(arch, transfer):
     model = _model(arch)
-    parsed = TransferPolicy.parse(policy)
+    parsed = TransferPolicy.parse(transfer)
     with pytest.raises(PolicyParseError, match="trainable blocks"):
         parsed.split(model)
     with pytest.raises(PolicyParseError):

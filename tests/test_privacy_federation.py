@@ -41,7 +41,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory):
         grid = DirectGrid(client_app, num_nodes=3, run_id=run_id)
         settings = RunSettings(
             scenario=str(study),
-            num_server_rounds=2,
+            rounds=2,
             local_epochs=1,
             out=str(root / f"out-{run_id}"),
             sim_root=str(root / "sites"),

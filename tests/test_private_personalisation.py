@@ -107,8 +107,8 @@ def test_a_site_that_releases_no_evaluation_reserves_no_personalisation(tmp_path
 def _instruction(dp: int, fraction: float, epochs: int) -> RoundInstruction:
     return RoundInstruction(
         server_round=1,
-        num_rounds=3,
-        policy="head",
+        rounds=3,
+        transfer_policy="head",
         base_fingerprint="b" * 64,
         frozen_fingerprint="f" * 64,
         local_epochs=1,
@@ -119,7 +119,7 @@ def _instruction(dp: int, fraction: float, epochs: int) -> RoundInstruction:
         seed=0,
         personalise_epochs=epochs,
         dp=dp,
-        run_key="r",
+        run_id="r",
         personalise_fraction=fraction,
     )
 
@@ -167,7 +167,7 @@ def personalised_run(tmp_path_factory: pytest.TempPathFactory):
 
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=1,
         out=str(root / "out"),
         sim_root=str(root / "sites"),

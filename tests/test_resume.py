@@ -28,7 +28,7 @@ def _settings(study: Path, root: Path, out: str, **changes) -> RunSettings:
     Every round asks for an evaluation, so each round is a train and an evaluate message per site."""
     return RunSettings(
         scenario=str(study),
-        num_server_rounds=4,
+        rounds=4,
         local_epochs=1,
         strategy="fedadam",
         out=str(root / out),

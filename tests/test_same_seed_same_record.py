@@ -37,7 +37,7 @@ def summary(root: Path) -> dict[str, Any]:
     """What the fixed run did, in a form that does not depend on file layout or field order."""
     settings = RunSettings(
         scenario="wdbc",
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=1,
         seed=0,
         out=str(root / "out"),

@@ -67,7 +67,7 @@ def test_wdbc_shapes_shift_and_label_skew() -> None:
     assert scenario.input_shape == (30,) and len(scenario.feature_names) == 30
     assert scenario.class_names == ("benign", "malignant")
     assert scenario.model.arch == "mlp" and scenario.model.args == {"hidden": [32, 16]}
-    assert scenario.policy in ("head", "last:1")
+    assert scenario.transfer_policy in ("head", "last:1")
     assert len(scenario.sites) == 4
     source_rows = len(scenario.source.train) + len(scenario.source.test)
     assert 0.3 < source_rows / 569 < 0.4
@@ -133,7 +133,7 @@ def test_heart_disease_scenarios() -> None:
     flamby = load_scenario("heart-disease-flamby", data_dir=SHARED, private=False)  # FLamby's own protocol: no DP
     for scenario in (transfer, flamby):
         _assert_valid(scenario)
-        assert scenario.input_shape == (13,) and scenario.model.arch == "logreg" and scenario.policy == "full"
+        assert scenario.input_shape == (13,) and scenario.model.arch == "logreg" and scenario.transfer_policy == "full"
     assert transfer.source.name == "Cleveland"
     assert [s.name for s in transfer.sites] == ["Hungary", "Switzerland", "VA"]
     assert flamby.source is None
@@ -237,7 +237,7 @@ def test_docs_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert scenario.feature_names == ("age", "systolic_bp", "biomarker")
     assert scenario.class_names == ("negative", "positive")
     assert scenario.model.arch == "mlp" and scenario.model.args == {"hidden": [32, 16]}
-    assert scenario.policy == "head"
+    assert scenario.transfer_policy == "head"
     assert [s.name for s in scenario.sites] == ["hospital-a", "hospital-b", "hospital-c"]
     assert (len(scenario.source.train), len(scenario.source.test)) == (12, 4)
     assert (len(scenario.sites[1].train), len(scenario.sites[1].test)) == (10, 4)
@@ -259,7 +259,7 @@ name = "s"
 class_names = ["a", "b"]
 [model]
 arch = "{arch}"
-policy = "{policy}"
+transfer_policy = "{policy}"
 [[sites]]
 name = "x"
 path = "data/site_a.csv"
@@ -270,7 +270,7 @@ path = "data/site_a.csv"
     ("text", "message"),
     [
         (BASE.format(arch="resnet", policy="head"), "arch 'resnet' is unknown"),
-        (BASE.format(arch="mlp", policy="top"), "policy 'top'"),
+        (BASE.format(arch="mlp", policy="top"), "transfer_policy 'top'"),
         (BASE.format(arch="cnn", policy="head"), "needs image data"),
         (BASE.format(arch="mlp", policy="head").replace('name = "s"\n', ""), "missing key 'name'"),
         (BASE.format(arch="mlp", policy="head").replace("[model]", "[modell]"), r"missing \[model\]"),

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from common.cli import main as cli
+from common.cli.simulate import settings_from_args as simulate_settings
+from common.cli.simulate import simulate_flags
 from common.model.metrics import METRIC_NAMES, classification_metrics, evaluation_counts, metrics_from_counts
 from common.protocol import InstructionError, RoundInstruction
-from common.settings import RunSettings, SettingsError, parse_assignments
+from common.settings import RunSettings, SettingsError
 
 # --- RunSettings.from_run_config -------------------------------------------------------------
 
@@ -20,7 +22,7 @@ def test_hyphenated_keys_map_to_fields():
     settings = RunSettings.from_run_config(
         {
             "scenario": "heart",
-            "num-server-rounds": 7,
+            "rounds": 7,
             "local-epochs": 3,
             "batch-size": 8,
             "proximal-mu": 0.5,
@@ -34,7 +36,7 @@ def test_hyphenated_keys_map_to_fields():
         }
     )
     assert settings.scenario == "heart"
-    assert settings.num_server_rounds == 7
+    assert settings.rounds == 7
     assert settings.local_epochs == 3
     assert settings.batch_size == 8
     assert settings.proximal_mu == 0.5
@@ -63,7 +65,7 @@ def test_every_field_has_a_hyphenated_key():
         ("lr", 1, "lr", 1.0, float),
         ("round-timeout", 30, "round_timeout", 30.0, float),
         ("seed", "7", "seed", 7, int),
-        ("num-server-rounds", 5.0, "num_server_rounds", 5, int),
+        ("rounds", 5.0, "rounds", 5, int),
         ("scenario", 5, "scenario", "5", str),
     ],
 )
@@ -73,7 +75,7 @@ def test_values_are_cast_to_the_field_type(key, value, attr, expected, kind):
     assert type(getattr(settings, attr)) is kind
 
 
-@pytest.mark.parametrize("key", ["epochs", "num_server_rounds", "local_epochs", "LR", "rounds"])
+@pytest.mark.parametrize("key", ["epochs", "num-server-rounds", "local_epochs", "LR", "policy"])
 def test_unknown_keys_are_rejected(key):
     with pytest.raises(SettingsError, match="unknown run-config keys"):
         RunSettings.from_run_config({key: 1})
@@ -83,16 +85,16 @@ def test_unknown_keys_are_rejected(key):
     ("key", "value"),
     [
         ("lr", "fast"),
-        ("num-server-rounds", "three"),
-        ("num-server-rounds", "2.0"),
+        ("rounds", "three"),
+        ("rounds", "2.0"),
         ("batch-size", None),
         ("seed", [1]),
         ("local-epochs", 2.5),
-        ("num-server-rounds", True),
+        ("rounds", True),
         ("seed", False),
         ("lr", True),
-        ("num-server-rounds", float("inf")),
-        ("num-server-rounds", float("nan")),
+        ("rounds", float("inf")),
+        ("rounds", float("nan")),
     ],
 )
 def test_values_that_do_not_fit_the_type_are_rejected(key, value):
@@ -104,7 +106,7 @@ def test_values_that_do_not_fit_the_type_are_rejected(key, value):
     ("key", "value"),
     [
         ("strategy", "fedsgd"),
-        ("num-server-rounds", 0),
+        ("rounds", 0),
         ("local-epochs", 0),
         ("batch-size", 0),
         ("lr", 0),
@@ -162,8 +164,8 @@ def test_settings_error_is_a_value_error():
 def _instruction(**changes) -> RoundInstruction:
     values = dict(
         server_round=2,
-        num_rounds=5,
-        policy="last:1",
+        rounds=5,
+        transfer_policy="last:1",
         base_fingerprint="a" * 64,
         frozen_fingerprint="b" * 64,
         local_epochs=3,
@@ -174,7 +176,7 @@ def _instruction(**changes) -> RoundInstruction:
         seed=42,
         personalise_epochs=1,
         dp=1,
-        run_key="42",
+        run_id="42",
         sim_root="/tmp/sites",
     )
     values.update(changes)
@@ -225,8 +227,8 @@ def test_instruction_missing_a_key_is_rejected(key):
     [
         ("server-round", "2"),
         ("server-round", 2.0),
-        ("num-rounds", None),
-        ("policy", 1),
+        ("rounds", None),
+        ("transfer-policy", 1),
         ("base-fingerprint", b"a" * 64),
         ("lr", "0.05"),
         ("proximal-mu", None),
@@ -241,7 +243,7 @@ def test_instruction_wrong_types_are_rejected(key, value):
         RoundInstruction.from_config(config)
 
 
-@pytest.mark.parametrize("key", ["server-round", "num-rounds", "local-epochs", "batch-size", "seed", "lr"])
+@pytest.mark.parametrize("key", ["server-round", "rounds", "local-epochs", "batch-size", "seed", "lr"])
 @pytest.mark.parametrize("value", [True, False])
 def test_instruction_bools_are_not_numbers(key, value):
     config = _instruction().to_config()
@@ -325,18 +327,26 @@ def test_single_class_labels_give_nan_roc_auc_and_finite_rest():
     assert metrics["loss"] == pytest.approx(-(math.log(0.8) + math.log(0.4) + math.log(0.9)) / 3)
 
 
-def test_assignments_override_settings_with_typed_values() -> None:
-    changes = parse_assignments(
-        ["local-steps=100", 'optimizer="sgd-plain"', "strategy=fedyogi", "server-lr=0.03", "dp=false"]
+def test_simulate_flags_are_the_run_settings() -> None:
+    parser = cli.build_parser()
+    simulate = parser._subparsers._group_actions[0].choices["simulate"]
+    flags = {o.lstrip("-") for a in simulate._actions for o in a.option_strings if o.startswith("--")}
+    settings = {f.name.replace("_", "-") for f in fields(RunSettings)}
+    offered = set(simulate_flags())
+    assert offered == settings - {"coordinator-keys", "manifest"}
+    assert flags - {"help", "verbose"} == offered | {f"no-{k}" for k in offered if isinstance(_default(k), bool)}
+
+
+def _default(key: str) -> object:
+    return getattr(RunSettings(), key.replace("-", "_"))
+
+
+def test_simulate_flags_parse_to_typed_settings() -> None:
+    args = cli.build_parser().parse_args(
+        ["simulate", "--local-steps", "100", "--optimizer", "sgd-plain", "--strategy", "fedyogi"]
+        + ["--server-lr", "0.03", "--no-dp", "--transfer-policy", "last:1", "-v"]
     )
-    assert changes == {
-        "local-steps": 100,
-        "optimizer": "sgd-plain",
-        "strategy": "fedyogi",
-        "server-lr": 0.03,
-        "dp": False,
-    }
-    settings = RunSettings(num_server_rounds=4).with_run_config(changes)
+    settings = simulate_settings(args)
     assert (settings.local_steps, settings.optimizer, settings.strategy, settings.server_lr, settings.dp) == (
         100,
         "sgd-plain",
@@ -344,20 +354,34 @@ def test_assignments_override_settings_with_typed_values() -> None:
         0.03,
         False,
     )
-    assert settings.num_server_rounds == 4
-    with pytest.raises(SettingsError, match="not KEY=VALUE"):
-        parse_assignments(["local-steps"])
-    with pytest.raises(SettingsError, match="unknown run-config keys \\['local-step'\\]"):
-        RunSettings().with_run_config(parse_assignments(["local-step=3"]))
-    with pytest.raises(SettingsError, match="run-config key 'local-steps' must be int, got 2.5"):
-        RunSettings().with_run_config(parse_assignments(["local-steps=2.5"]))
+    assert settings.transfer_policy == "last:1" and args.verbose
+    assert settings.with_(local_steps=0, optimizer="sgd", strategy="fedavg", server_lr=0.0, dp=True) == RunSettings(
+        transfer_policy="last:1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["simulate", "--strategy", "fedsgd"], "invalid choice: 'fedsgd'"),
+        (["simulate", "--local-steps", "2.5"], "invalid int value: '2.5'"),
+        (["simulate", "--set", "lr=1"], "unrecognized arguments: --set lr=1"),
+        (["simulate", "--rounds"], "expected one argument"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_with_status_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("fedtransfer")
 
 
 def test_cli_prints_a_bad_setting_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["simulate", "--rounds", "0"]) == 2
-    assert (
-        cli.main(["simulate", "--set", "server-lr=0.1"]) == 2
-    )  # the default strategy, fedavg, has no server optimiser
-    out = capsys.readouterr().out
-    assert "SettingsError" in out and "num-server-rounds must be at least 1" in out
+    assert cli.main(["simulate", "--server-lr", "0.1"]) == 2  # the default strategy, fedavg, has no server optimiser
+    out = capsys.readouterr().err
+    assert "SettingsError" in out and "rounds must be at least 1" in out
     assert "server-lr only apply to fedadam, fedyogi, fedadagrad" in out

@@ -18,9 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = simulate(
-        RunSettings(scenario=str(shifted_study), num_server_rounds=2, local_epochs=3, lr=0.2, out=str(out))
-    )
+    result = simulate(RunSettings(scenario=str(shifted_study), rounds=2, local_epochs=3, lr=0.2, out=str(out)))
 
     record = result.record
     assert record.status == "completed"
@@ -31,8 +29,8 @@ def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Pat
 
     source, _ = load_checkpoint(out / "source-model")
     final, card = load_checkpoint(out / "final-model")
-    policy = TransferPolicy.parse("last:1")
-    trainable = set(policy.trainable_names(source))
+    transfer = TransferPolicy.parse("last:1")
+    trainable = set(transfer.trainable_names(source))
     for name, tensor in source.state_dict().items():
         if name in trainable:
             assert not torch.equal(tensor, final.state_dict()[name]), f"{name} should have been adapted"

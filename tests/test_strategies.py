@@ -23,7 +23,7 @@ def test_strategy_completes_and_moves_only_the_trainable_part(strategy: str, tmp
     grid = DirectGrid(client_app, num_nodes=4)
     settings = RunSettings(
         scenario=str(study),
-        num_server_rounds=2,
+        rounds=2,
         local_epochs=1,
         strategy=strategy,
         dp=False,

@@ -340,7 +340,7 @@ def heart_disease_scenario(seed: int, data_dir: Path | None, private: bool) -> S
         class_names=CLASS_NAMES,
         feature_names=FEATURE_NAMES,
         model=ModelSpec("logreg", {}),
-        policy="full",
+        transfer_policy="full",
         source_description=f"Cleveland Clinic Foundation, {len(cleveland.train)} training patients (FLamby split)",
         preprocessing=PREPROCESSING[scaling],
     )
@@ -358,7 +358,7 @@ def heart_disease_flamby_scenario(seed: int, data_dir: Path | None, private: boo
         class_names=CLASS_NAMES,
         feature_names=FEATURE_NAMES,
         model=ModelSpec("logreg", {}),
-        policy="full",
+        transfer_policy="full",
         source_description="none (trained from scratch)",
         preprocessing=PREPROCESSING[scaling],
     )

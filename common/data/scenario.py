@@ -37,7 +37,7 @@ class Scenario:
     class_names: tuple[str, ...]
     feature_names: tuple[str, ...] | None
     model: ModelSpec
-    policy: str
+    transfer_policy: str
     source_description: str
     preprocessing: str
     #: Built-in generated or bundled public data: the only data a run may train on with reproducible

@@ -32,21 +32,21 @@ def _required(table: dict[str, Any], key: str, where: str, file: Path, kind: typ
     return value
 
 
-def _check_policy(policy: Any, file: Path) -> str:
-    if policy in ("head", "full"):
-        return policy
-    if isinstance(policy, str) and policy.startswith("last:") and policy[5:].isdigit() and int(policy[5:]) >= 1:
-        return policy
-    raise ScenarioError(f"{file}: [model] policy {policy!r} must be 'head', 'last:K' (K >= 1) or 'full'")
+def _check_transfer_policy(transfer: Any, file: Path) -> str:
+    if transfer in ("head", "full"):
+        return transfer
+    if isinstance(transfer, str) and transfer.startswith("last:") and transfer[5:].isdigit() and int(transfer[5:]) >= 1:
+        return transfer
+    raise ScenarioError(f"{file}: [model] transfer_policy {transfer!r} must be 'head', 'last:K' (K >= 1) or 'full'")
 
 
 def _model_spec(table: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
     arch = _required(table, "arch", "[model]", file)
     if arch not in ARCHITECTURES:
         raise ScenarioError(f"{file}: [model] arch {arch!r} is unknown; use one of {list(ARCHITECTURES)}")
-    policy = _check_policy(table.get("policy", "head"), file)
-    args = {key: value for key, value in table.items() if key not in ("arch", "policy")}
-    return ModelSpec(arch, args), policy
+    transfer = _check_transfer_policy(table.get("transfer_policy", "head"), file)
+    args = {key: value for key, value in table.items() if key not in ("arch", "transfer_policy")}
+    return ModelSpec(arch, args), transfer
 
 
 def _check_shape(arch: str, shape: tuple[int, ...], file: Path) -> None:
@@ -74,7 +74,7 @@ def load_study(file: Path, seed: int) -> Scenario:
     if len(class_names) < 2:
         raise ScenarioError(f"{file}: [scenario] class_names needs at least 2 names, got {list(class_names)}")
     label_column = head.get("label_column", "label")
-    model, policy = _model_spec(_table(document, "model", file), file)
+    model, transfer = _model_spec(_table(document, "model", file), file)
 
     source_table = document.get("source")
     if source_table is not None and not isinstance(source_table, dict):
@@ -110,7 +110,7 @@ def load_study(file: Path, seed: int) -> Scenario:
         class_names=class_names,
         feature_names=feature_names,
         model=model,
-        policy=policy,
+        transfer_policy=transfer,
         source_description=(source_table or {}).get(
             "description", f"source data {source_path.name}" if source_path else "none (trained from scratch)"
         ),

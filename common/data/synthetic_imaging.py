@@ -138,7 +138,7 @@ def imaging_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenari
         class_names=CLASS_NAMES,
         feature_names=None,
         model=ModelSpec("cnn", {}),
-        policy="last:1",
+        transfer_policy="last:1",
         source_description=f"synthetic reference scanner, {len(source.train)} training images, seed {seed}",
         preprocessing=f"pixel intensities standardised with the source training mean {mean:.4f} and std {std:.4f}",
         public_data=True,

@@ -110,7 +110,7 @@ def wdbc_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenario:
         class_names=("benign", "malignant"),
         feature_names=tuple(feature_names),
         model=ModelSpec("mlp", {"hidden": [32, 16]}),
-        policy="head",
+        transfer_policy="head",
         source_description=(
             f"wdbc source hospital: {len(source.train)} training tumours (malignant rate "
             f"{source.train.y.mean():.2f}), seed {seed}"

@@ -541,8 +541,7 @@ def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Mani
         [
             f"# Start a run of federation {request.federation} on its {sites} sites; the ServerApp runs on the "
             "SuperLink machine.",
-            "# Extra arguments go to flwr run, e.g. --run-config 'num-server-rounds=5 "
-            'checkpoint="/srv/models/base"\'.',
+            "# Extra arguments go to flwr run, e.g. --run-config 'rounds=5 checkpoint=\"/srv/models/base\"'.",
             "# flwr run exits 0 even when the run fails: check flwr ls --run-id ID --format json.",
             "set -eu",
             *_flower_env_lines(flower_home),

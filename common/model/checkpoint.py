@@ -69,7 +69,7 @@ class ModelCard:
     source_description: str
     preprocessing: str = ""
     feature_names: list[str] | None = None
-    default_policy: str = "full"
+    default_transfer_policy: str = "full"
     created: str = ""
     lineage: dict[str, Any] = field(default_factory=dict)
     format: int = CARD_FORMAT
@@ -89,6 +89,8 @@ class ModelCard:
             raise CardInvalid(f"{origin} is not valid JSON: {err}") from err
         if not isinstance(raw, dict):
             raise CardInvalid(f"{origin} must hold a JSON object")
+        if "default_policy" in raw and "default_transfer_policy" not in raw:  # the name before fedtransfer 0.2
+            raw["default_transfer_policy"] = raw.pop("default_policy")
         known = set(cls.__dataclass_fields__)
         unknown = set(raw) - known
         if unknown:

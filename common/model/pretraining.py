@@ -55,6 +55,6 @@ def pretrain_source(scenario: Scenario, out_dir: Path, seed: int = 0) -> ModelCa
         feature_names=list(scenario.feature_names) if scenario.feature_names else None,
         source_description=description,
         preprocessing=scenario.preprocessing,
-        default_policy=scenario.policy,
+        default_transfer_policy=scenario.transfer_policy,
         lineage=lineage,
     )

@@ -124,7 +124,7 @@ class RoundShare:
 
     scenario: str
     site: str
-    policy: str
+    transfer_policy: str
     accountant: str
     rounds_timed: int
     first_round_seconds: float
@@ -177,8 +177,10 @@ def _throughputs(quick: bool, seed: int) -> list[Throughput]:
     results = []
     for name in THROUGHPUT_SCENARIOS:
         scenario = load_scenario(name, seed=seed)
-        tensors = TransferPolicy.parse(scenario.policy).trainable_state(scenario_model(scenario, seed))
-        results.append(measure_throughput(f"{name} {scenario.policy} update", tensors, scenario.sites[0].name, budget))
+        tensors = TransferPolicy.parse(scenario.transfer_policy).trainable_state(scenario_model(scenario, seed))
+        results.append(
+            measure_throughput(f"{name} {scenario.transfer_policy} update", tensors, scenario.sites[0].name, budget)
+        )
     hidden = QUICK_BULK_HIDDEN if quick else BULK_HIDDEN
     torch.manual_seed(seed)
     wide = build_model("mlp", (30,), 2, {"hidden": list(hidden)})
@@ -187,9 +189,9 @@ def _throughputs(quick: bool, seed: int) -> list[Throughput]:
     return results
 
 
-def _features(scenario: Scenario, model: FedModel, policy: TransferPolicy) -> Features:
+def _features(scenario: Scenario, model: FedModel, transfer: TransferPolicy) -> Features:
     site = scenario.sites[0]
-    frozen, _ = policy.split(model)
+    frozen, _ = transfer.split(model)
     train_x, train_y = as_tensors(site.train.x, site.train.y)
     test_x, test_y = as_tensors(site.test.x, site.test.y)
     return Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
@@ -211,14 +213,14 @@ def _verify(blob: bytes, expected: EnvelopeContext, coordinator: Any, weights: s
 
 def _dp_train_alone(
     model: FedModel,
-    policy: TransferPolicy,
+    transfer: TransferPolicy,
     features: Features,
     config: TrainConfig,
     max_grad_norm: float,
     declared: int,
 ) -> None:
     """The round's DP-SGD alone (noise multiplier 1, CSPRNG noise): no guard, no ledger."""
-    _, trainable = policy.split(copy.deepcopy(model))
+    _, trainable = transfer.split(copy.deepcopy(model))
     sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs, config.steps)
     dp_train(
         trainable,
@@ -251,9 +253,9 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     """
     scenario = load_scenario(ROUND_SCENARIO, seed=seed)
     settings = RunSettings()
-    policy = TransferPolicy.parse(scenario.policy)
+    transfer = TransferPolicy.parse(scenario.transfer_policy)
     model = scenario_model(scenario, seed)
-    policy.apply(model)
+    transfer.apply(model)
     base = state_fingerprint(model.state_dict())
     run_id = 7_000_000 + seed
     total = rounds + 1
@@ -264,7 +266,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     with tempfile.TemporaryDirectory(prefix="fedtransfer-bench-") as root:
         session, coordinator = _bench_site(scenario, Path(root), accountant)
         site_id, manifest = session.site_id, session.manifest
-        features = _features(scenario, model, policy)
+        features = _features(scenario, model, transfer)
         dataset = session.dataset(dataset_fingerprint(session.config.data_path))
         declared = session.policy.declared_size or len(features.train_y)
         for server_round in range(1, total + 1):
@@ -272,10 +274,10 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
             step = partial(_timed, clock)
             instruction = RoundInstruction(
                 server_round=server_round,
-                num_rounds=total,
-                policy=str(policy),
+                rounds=total,
+                transfer_policy=str(transfer),
                 base_fingerprint=base,
-                frozen_fingerprint=state_fingerprint(policy.frozen_state(model)),
+                frozen_fingerprint=state_fingerprint(transfer.frozen_state(model)),
                 local_epochs=settings.local_epochs,
                 batch_size=settings.batch_size,
                 lr=settings.lr,
@@ -284,7 +286,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
                 seed=seed,
                 personalise_epochs=0,
                 dp=1,
-                run_key=str(run_id),
+                run_id=str(run_id),
                 federated_evaluation="none",
             )
             request = PrivacyRequest(
@@ -296,7 +298,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
             )
             config = instruction.to_config() | request.to_config()
             downlink = EnvelopeContext(run_id, server_round, BROADCAST, INSTRUCTION_KINDS["train"], base)
-            weights = state_fingerprint(policy.trainable_state(model))
+            weights = state_fingerprint(transfer.trainable_state(model))
             blob = step(
                 "sign instruction", sign_instruction, instruction_payload(config, weights), downlink, coordinator
             )
@@ -304,10 +306,12 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
 
             step("verify instruction", _verify, blob, expected_in, manifest.coordinator, weights)
             hyper = train_config(instruction)
-            outcome = step("round", train_round, session, dataset, model, policy, features, hyper, instruction, config)
+            outcome = step(
+                "round", train_round, session, dataset, model, transfer, features, hyper, instruction, config
+            )
             if outcome.status != STATUS_OK:
                 raise RuntimeError(f"the benchmark site declined round {server_round}: {outcome.reason}")
-            step("dp_train", _dp_train_alone, model, policy, features, hyper, settings.max_grad_norm, declared)
+            step("dp_train", _dp_train_alone, model, transfer, features, hyper, settings.max_grad_norm, declared)
             # the report as client.channel builds it: the outcome's public fields, phase, status and egress declaration
             report = {**outcome.report(), "phase": "train", "status": outcome.status, "egress": dict(outcome.egress)}
             has_tensors = bool(outcome.tensors)
@@ -344,7 +348,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     share = RoundShare(
         scenario=scenario.name,
         site=site_id,
-        policy=str(policy),
+        transfer_policy=str(transfer),
         accountant=accountant,
         rounds_timed=len(samples["round"]),
         first_round_seconds=first_round,
@@ -365,7 +369,7 @@ def _traffic(seed: int) -> list[PolicyTraffic]:
     rows = []
     for name in THROUGHPUT_SCENARIOS:
         scenario = load_scenario(name, seed=seed)
-        policies = valid_policies(scenario_model(scenario, seed), [scenario.policy, *TRAFFIC_POLICIES])
+        policies = valid_policies(scenario_model(scenario, seed), [scenario.transfer_policy, *TRAFFIC_POLICIES])
         rows += policy_traffic(scenario, policies, seed)
     return rows
 
@@ -421,7 +425,7 @@ def _markdown(
     )
     lines.append(
         f"\nShare of a round spent on crypto: real local DP rounds of {share.scenario} site {share.site} (policy "
-        f"{share.policy}, {share.accountant} accountant; `train_round`: budget guard, Opacus DP-SGD, privacy "
+        f"{share.transfer_policy}, {share.accountant} accountant; `train_round`: budget guard, Opacus DP-SGD, privacy "
         f"accounting, durable signed ledger; noise from the operating system's CSPRNG, as at a real site) against the "
         f"signing, verification, sealing and opening of that round on both ends (the reply's encoding and the egress "
         f"rule's checks at both ends are timed apart and not counted as crypto; the ledger's own head signature is "

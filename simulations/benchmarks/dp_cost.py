@@ -70,8 +70,8 @@ class DpCase:
 
     scenario: str
     arch: str
-    policy: str
-    default_policy: bool
+    transfer_policy: str
+    default_transfer_policy: bool
     site: str
     train_examples: int
     steps_per_round: int
@@ -86,7 +86,7 @@ class DpCase:
 
 
 def _variants(
-    base: FedModel, policy: TransferPolicy, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+    base: FedModel, transfer: TransferPolicy, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
 ) -> dict[str, Callable[[], float]]:
     max_grad_norm = RunSettings().max_grad_norm
     declared = declared_size(len(y))
@@ -94,8 +94,8 @@ def _variants(
 
     def prepared() -> tuple[FedModel, torch.nn.Module, torch.nn.Module]:
         model = copy.deepcopy(base)
-        policy.apply(model)
-        frozen, trainable = policy.split(model)
+        transfer.apply(model)
+        frozen, trainable = transfer.split(model)
         return model, frozen, trainable
 
     def private(module: torch.nn.Module, inputs: torch.Tensor, round_steps: int = steps) -> None:
@@ -148,19 +148,19 @@ def measure_case(
     """Time one local round of the four variants on the scenario's first target site."""
     scenario = load_scenario(scenario_name, seed=seed)
     site = scenario.sites[0]
-    policy = TransferPolicy.parse(policy_text or scenario.policy)
+    transfer = TransferPolicy.parse(policy_text or scenario.transfer_policy)
     torch.manual_seed(seed)
     base = build_model(scenario.model.arch, scenario.input_shape, len(scenario.class_names), scenario.model.args)
     x, y = as_tensors(site.train.x, site.train.y)
-    seconds = interleaved(_variants(base, policy, x, y, config), repetitions, warmup)
+    seconds = interleaved(_variants(base, transfer, x, y, config), repetitions, warmup)
     _, steps = sample_rate_and_steps(declared_size(len(y)), config.batch_size, config.epochs)
     dp_over_plain = seconds["dp_cached"] / seconds["plain_cached"]
     cache_speedup_dp = seconds["dp_uncached"] / seconds["dp_cached"]
     case = DpCase(
         scenario=scenario.name,
         arch=scenario.model.arch,
-        policy=str(policy),
-        default_policy=str(policy) == scenario.policy,
+        transfer_policy=str(transfer),
+        default_transfer_policy=str(transfer) == scenario.transfer_policy,
         site=site.name,
         train_examples=len(y),
         steps_per_round=steps,
@@ -176,7 +176,7 @@ def measure_case(
     logger.info(
         "dp cost %s %s: DP/plain %.2fx, cache speed-up %.2fx",
         case.scenario,
-        case.policy,
+        case.transfer_policy,
         case.dp_over_plain,
         case.cache_speedup_dp,
     )
@@ -203,7 +203,7 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> 
         [
             c.scenario,
             c.arch,
-            c.policy + (" (default)" if c.default_policy else ""),
+            c.transfer_policy + (" (default)" if c.default_transfer_policy else ""),
             c.train_examples,
             c.steps_per_round,
             *(f"{c.seconds[v] * 1000:.1f}" for v in VARIANTS),
@@ -212,12 +212,14 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> 
     ]
     lines.append("Median milliseconds per local round:\n")
     lines.append(
-        markdown_table(["scenario", "model", "policy", "examples", "steps", *(f"{v} ms" for v in VARIANTS)], rows)
+        markdown_table(
+            ["scenario", "model", "transfer policy", "examples", "steps", *(f"{v} ms" for v in VARIANTS)], rows
+        )
     )
     ratio_rows = [
         [
             c.scenario,
-            c.policy,
+            c.transfer_policy,
             f"{c.dp_over_plain:.2f}x",
             "yes" if c.meets_dp_target else "NO",
             f"{c.dp_over_plain_uncached:.2f}x",
@@ -233,7 +235,7 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> 
         markdown_table(
             [
                 "scenario",
-                "policy",
+                "transfer policy",
                 "DP / non-DP (cached)",
                 f"<= {TARGET_DP_OVER_PLAIN}x",
                 "DP / non-DP (uncached)",
@@ -262,8 +264,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     )
     repetitions, warmup = (1, 0) if quick else (7, 1)
     cases = [
-        measure_case(name, policy, config, repetitions, warmup, seed)
-        for name, policy in (QUICK_CASES if quick else CASES)
+        measure_case(name, transfer, config, repetitions, warmup, seed)
+        for name, transfer in (QUICK_CASES if quick else CASES)
     ]
     result: dict[str, Any] = {
         "benchmark": NAME,

@@ -110,7 +110,7 @@ def run_case(
     settings = RunSettings(
         scenario=SCENARIO,
         checkpoint=str(checkpoint),
-        num_server_rounds=rounds,
+        rounds=rounds,
         local_epochs=1,
         dp=dp,
         seed=seed,

@@ -326,7 +326,7 @@ def _run(
         scenario=scenario.name,
         data_dir=str(heart_data_dir()) if scenario.name in NEEDS_DATA else "",
         checkpoint=str(checkpoint),
-        num_server_rounds=recipe.rounds,
+        rounds=recipe.rounds,
         local_epochs=recipe.local_epochs,
         target_epsilon=epsilon,
         delta=DELTA,
@@ -528,7 +528,8 @@ def _markdown(result: dict[str, Any], cells: list[Cell], ratios: list[dict[str, 
         f"Scenarios {', '.join(f'`{s}`' for s in result['scenarios'])}; "
         f"{len(result['seeds'])} seed(s) {result['seeds']}; "
         f"FedAvg, {recipe['rounds']} rounds of {recipe['local_epochs']} local epoch(s), batch 16, SGD lr 0.05, the "
-        "scenario's default model and policy, DP-SGD (clipping 1, Poisson sampling) at every site. Site policies: the "
+        "scenario's default model and transfer policy, DP-SGD (clipping 1, Poisson sampling) at every site. Site "
+        "policies: the "
         f"simulated ones (lifetime cap {CAP:g}, delta {DELTA:g}, minimum noise 0.5, release share 0.1, "
         f'`evaluation = "dp"`) with the **{recipe["accountant"].upper()}** accountant, `max_epsilon_per_run` set to '
         f"the epsilon asked and `max_evaluations_per_run` {recipe['rounds']}; every run starts from fresh ledgers and "

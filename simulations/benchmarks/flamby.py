@@ -349,7 +349,7 @@ def _federated(
         settings = RunSettings(
             scenario=SCENARIO,
             data_dir=str(data_dir),
-            num_server_rounds=setting.rounds,
+            rounds=setting.rounds,
             local_epochs=setting.local_epochs,
             local_steps=setting.local_steps,
             batch_size=setting.batch_size,

@@ -93,8 +93,8 @@ class PolicyTraffic:
 
     scenario: str
     arch: str
-    policy: str
-    default_policy: bool
+    transfer_policy: str
+    default_transfer_policy: bool
     trainable_params: int
     total_params: int
     tensor_bytes: int
@@ -121,15 +121,15 @@ def valid_policies(model: FedModel, wanted: Sequence[str]) -> list[str]:
     full = set(TransferPolicy("full").trainable_names(model))
     kept: list[str] = []
     for text in wanted:
-        policy = TransferPolicy.parse(text)
+        transfer = TransferPolicy.parse(text)
         try:
-            names = set(policy.trainable_names(model))
+            names = set(transfer.trainable_names(model))
         except PolicyParseError:
             continue
-        if policy.kind == "last" and names == full:
+        if transfer.kind == "last" and names == full:
             continue
-        if str(policy) not in kept:
-            kept.append(str(policy))
+        if str(transfer) not in kept:
+            kept.append(str(transfer))
     return kept
 
 
@@ -158,8 +158,8 @@ def policy_traffic(scenario: Scenario, policies: Sequence[str], seed: int) -> li
     total_params = sum(t.numel() for t in full_state.values())
     rows = []
     for text in policies:
-        policy = TransferPolicy.parse(text)
-        tensors = policy.trainable_state(model)
+        transfer = TransferPolicy.parse(text)
+        tensors = transfer.trainable_state(model)
         payload = reply_payload(site_id, tensors)
         envelope = seal(payload, context, parties.site, parties.coordinator.public())
         plain_wire = flower_wire_bytes(ArrayRecord(tensors))
@@ -170,8 +170,8 @@ def policy_traffic(scenario: Scenario, policies: Sequence[str], seed: int) -> li
             PolicyTraffic(
                 scenario=scenario.name,
                 arch=scenario.model.arch,
-                policy=str(policy),
-                default_policy=str(policy) == scenario.policy,
+                transfer_policy=str(transfer),
+                default_transfer_policy=str(transfer) == scenario.transfer_policy,
                 trainable_params=trainable_params,
                 total_params=total_params,
                 tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
@@ -196,7 +196,7 @@ def policy_traffic(scenario: Scenario, policies: Sequence[str], seed: int) -> li
 TRAFFIC_HEADERS = (
     "scenario",
     "model",
-    "policy",
+    "transfer policy",
     "trainable / all params",
     "raw tensor B",
     "Flower ArrayRecord B",
@@ -216,7 +216,7 @@ def traffic_rows(rows: Sequence[PolicyTraffic]) -> list[list[object]]:
         [
             r.scenario,
             r.arch,
-            r.policy + (" (default)" if r.default_policy else ""),
+            r.transfer_policy + (" (default)" if r.default_transfer_policy else ""),
             f"{r.trainable_params:,} / {r.total_params:,} ({100 * r.trainable_fraction:.1f}%)",
             f"{r.tensor_bytes:,}",
             f"{r.plain_wire:,}",

@@ -96,7 +96,7 @@ def write_study(scenario_name: str, sites: int, directory: Path, seed: int) -> P
     study.write_text(
         f'[scenario]\nname = "{scenario_name}-x{sites}"\ndescription = "{scenario_name} sites copied to {sites}"\n'
         f"class_names = {classes}\ninput_shape = {shape}\n\n"
-        f'[model]\narch = "{scenario.model.arch}"\npolicy = "{scenario.policy}"\n{model_args}\n'
+        f'[model]\narch = "{scenario.model.arch}"\ntransfer_policy = "{scenario.transfer_policy}"\n{model_args}\n'
         '[source]\npath = "source"\n\n' + "\n".join(entries),
         encoding="utf-8",
     )
@@ -187,7 +187,7 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
     settings = RunSettings(
         scenario=spec["study"],
         checkpoint=spec["checkpoint"],
-        num_server_rounds=spec["rounds"],
+        rounds=spec["rounds"],
         local_epochs=LOCAL_EPOCHS,
         dp=False,
         seed=spec["seed"],
@@ -244,7 +244,8 @@ def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: st
         "train "
         f"at a time), `make_server_app(settings)` + `client.app.app`; {result['rounds']} round(s) of {LOCAL_EPOCHS} "
         "local "
-        "epoch(s), FedAvg, the scenario's default model and policy, **without DP** (DP accounting per site-round is "
+        "epoch(s), FedAvg, the scenario's default model and transfer policy, **without DP** (DP accounting per "
+        "site-round is "
         "the same "
         "at every size; its cost is in the `speed` benchmark), envelopes on. Sites beyond 4 are copies of the "
         "scenario's "

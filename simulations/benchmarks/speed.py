@@ -159,7 +159,7 @@ def _peer_model(msg: Message) -> tuple[nn.Module, ConfigRecord]:
     config = msg.content["config"]
     model = _peer_card(str(config["checkpoint"])).build()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    TransferPolicy.parse(str(config["policy"])).apply(model)
+    TransferPolicy.parse(str(config["transfer-policy"])).apply(model)
     return model, config
 
 
@@ -218,7 +218,7 @@ def _peer_evaluate(msg: Message, context: Context) -> Message:
 
 
 def _run_peer(
-    checkpoint: Path, sim_root: Path, policy: str, cfg: SpeedConfig, noise: list[float], seed: int
+    checkpoint: Path, sim_root: Path, transfer: str, cfg: SpeedConfig, noise: list[float], seed: int
 ) -> list[float]:
     model, _ = load_checkpoint(checkpoint)
     ends: dict[int, float] = {}
@@ -231,7 +231,7 @@ def _run_peer(
         {
             "checkpoint": str(checkpoint),
             "sim-root": str(sim_root),
-            "policy": policy,
+            "transfer-policy": transfer,
             "seed": seed,
             "lr": cfg.lr,
             "batch-size": cfg.batch_size,
@@ -306,7 +306,8 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     ]
     lines = [
         machine_text,
-        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model mlp, policy {result['policy']}), {cfg['rounds']} rounds "
+        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model mlp, transfer policy {result['transfer-policy']}), "
+        f"{cfg['rounds']} rounds "
         "of "
         f"{cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g}, DP-SGD clipping "
         f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
@@ -364,7 +365,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         settings = RunSettings(
             scenario=SCENARIO,
             checkpoint=str(checkpoint),
-            num_server_rounds=cfg.rounds,
+            rounds=cfg.rounds,
             local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
@@ -388,7 +389,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             whole = time.perf_counter() - start
         ours = clock.round_seconds()
         noise = [_train_noise(sim_root, i) for i in range(cfg.sites)]
-        peer = _run_peer(checkpoint, sim_root, card.default_policy, cfg, noise, seed)
+        peer = _run_peer(checkpoint, sim_root, card.default_transfer_policy, cfg, noise, seed)
     total = sum(ours)
     breakdown = {category: stopwatch.seconds.get(category, 0.0) for category in CATEGORIES}
     breakdown[OTHER] = max(0.0, total - sum(breakdown.values()))
@@ -399,7 +400,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "machine": machine_record(machine),
         "command": bench_command(NAME, quick, seed),
         "scenario": SCENARIO,
-        "policy": card.default_policy,
+        "transfer-policy": card.default_transfer_policy,
         "config": asdict(cfg),
         "noise_multipliers": noise,
         "ours": {"round_seconds": ours, "total_seconds": total, "run_seconds_with_setup": whole},

@@ -208,12 +208,12 @@ def _local_dp(
     (reproducible, NOT private): what is measured is the accuracy at that noise.
     """
     scores, spent = {}, []
-    policy = TransferPolicy.parse("full")
+    transfer = TransferPolicy.parse("full")
     config = recipe.train_config(seed)
     for index, site in enumerate(scenario.sites):
         model = copy.deepcopy(base)
-        policy.apply(model)
-        _, trainable = policy.split(model)
+        transfer.apply(model)
+        _, trainable = transfer.split(model)
         x, y = as_tensors(site.train.x, site.train.y)
         declared = declared_size(len(y))
         sample_rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs)
@@ -278,7 +278,7 @@ def _federated(
         scenario=SCENARIO,
         data_dir=str(heart_data_dir()),
         checkpoint=str(checkpoint),
-        num_server_rounds=recipe.rounds,
+        rounds=recipe.rounds,
         local_epochs=recipe.local_epochs,
         batch_size=recipe.batch_size,
         lr=recipe.lr,
@@ -373,7 +373,7 @@ def _sweep(
         base, card = load_checkpoint(source_ckpt)
         start = time.perf_counter()
         baselines = compute_baselines(
-            scenario, base, TransferPolicy.parse(card.default_policy), recipe.train_config(seed)
+            scenario, base, TransferPolicy.parse(card.default_transfer_policy), recipe.train_config(seed)
         )
         elapsed = time.perf_counter() - start
         for method, label in (("source as-is", "source only"), ("local-only", "local-only")):

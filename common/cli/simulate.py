@@ -1,0 +1,150 @@
+"""``fedtransfer simulate``: its flags come from :class:`common.settings.RunSettings`, one per setting."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from common.cli.console import console
+from common.settings import RunSettings
+
+if TYPE_CHECKING:
+    from common.run_record import RunRecord
+    from simulations.simulate import SimulationResult
+
+
+def simulate_flags() -> list[str]:
+    """The run-config keys ``fedtransfer simulate`` offers as flags."""
+    return [f.name.replace("_", "-") for f in fields(RunSettings) if f.metadata["simulate"]]
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = RunSettings()
+    for spec in fields(RunSettings):
+        if not spec.metadata["simulate"]:
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        default = getattr(defaults, spec.name)
+        shown = repr(default) if default == "" else str(default)
+        options: dict[str, Any] = {"dest": spec.name, "default": default, "help": f"{spec.metadata['help']} ({shown})"}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            continue
+        if spec.metadata["choices"]:
+            options["choices"] = spec.metadata["choices"]
+        parser.add_argument(flag, type=type(default), metavar=spec.name.upper(), **options)
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    values = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["simulate"]}
+    if values["scenario"].endswith(".toml"):
+        values["scenario"] = str(Path(values["scenario"]).resolve())
+    return RunSettings(**values)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import simulate
+
+    settings = settings_from_args(args)
+    if settings.resume:
+        console.print(
+            f"[bold]fedtransfer simulate[/bold]: resuming the run in {settings.out} with the settings it started with"
+        )
+        return _report(simulate(settings))
+    rounds = f"{settings.rounds} round{'s' if settings.rounds != 1 else ''}"
+    console.print(
+        f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {rounds}, "
+        f"strategy {settings.strategy}, seed {settings.seed}"
+    )
+    if settings.dp:
+        console.print(
+            f"DP-SGD at every site: requested epsilon {settings.target_epsilon:g} for this run at delta "
+            f"{settings.delta:g}; each site's own policy caps its cumulative spend"
+        )
+    else:
+        console.print(
+            "[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose "
+            "policy allows it will; nothing protects their records.[/bold red]"
+        )
+    return _report(simulate(settings))
+
+
+def _report(result: SimulationResult) -> int:
+    from simulations.simulate import fmt, row_mean
+
+    table = Table(title=f"Test accuracy per target site ({result.record.status}, run {result.record.run_id})")
+    sites = sorted(result.comparison["source as-is"])
+    table.add_column("method")
+    for site in sites:
+        table.add_column(site, justify="right")
+    table.add_column("mean", justify="right")
+    for method, values in result.comparison.items():
+        table.add_row(method, *(fmt(values.get(s, math.nan)) for s in sites), fmt(row_mean(values)))
+    console.print(table)
+    console.print("Baselines are trained without DP on the same base model; pooled is the upper bound.")
+    if "personalised" not in result.comparison:
+        console.print(
+            "Personalised results: non-private runs (--no-dp), or private runs that keep part of their budget "
+            "for it (--personalise-fraction 0.5)."
+        )
+    console.print(_privacy_table(result.record))
+    console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, final-model/")
+    return 0
+
+
+def _privacy_table(record: RunRecord) -> Table | str:
+    last: dict[str, dict] = {}
+    spent: dict[str, float] = {}
+    declined: dict[str, int] = {}
+    for r in record.rounds:
+        for site, entry in r.sites.items():
+            for reply in (entry.train, entry.evaluate):
+                if reply is not None and "cap-epsilon" in reply.report:
+                    last[site] = reply.report
+            epsilon = entry.epsilon()
+            if epsilon is not None:
+                spent[site] = max(epsilon, spent.get(site, epsilon))
+            if entry.status == "declined":
+                declined[site] = declined.get(site, 0) + 1
+    if any(not p.get("dp", True) for p in last.values()):
+        return (
+            "[bold red]NOT PRIVATE: these sites trained without differential privacy; no epsilon bound "
+            "holds.[/bold red]"
+        )
+    table = Table(
+        title="Privacy spent per site dataset (cumulative over all runs, private personalisation included; max across "
+        "sites last)"
+    )
+    for column in ("site", "epsilon", "cap", "delta", "accountant", "declined rounds"):
+        table.add_column(column, justify="left" if column in ("site", "accountant") else "right")
+    for site in sorted(last):
+        p = last[site]
+        table.add_row(
+            site,
+            f"{spent.get(site, math.nan):.3f}",
+            f"{p.get('cap-epsilon', math.nan):g}",
+            f"{p.get('delta', math.nan):g}",
+            str(p.get("accountant", "?")),
+            str(declined.get(site, 0)),
+        )
+    values = list(spent.values())
+    if values:
+        table.add_row("max", f"{max(values):.3f}", "", "", "", "")
+    return table
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    sim = commands.add_parser(
+        "simulate",
+        help="run a federated transfer scenario on this machine",
+        description="Pretrain (or load) a source model, fine-tune it across simulated sites with Flower's simulation "
+        "engine, and compare with source-only, local-only and pooled baselines. Every flag is a run setting "
+        "(pyproject.toml's [tool.flwr.app.config] lists the same keys); defaults in parentheses.",
+    )
+    _add_setting_flags(sim)
+    sim.set_defaults(func=_cmd_simulate)
