@@ -6,7 +6,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.channel import answer
-from client.fine_tune import train_config
+from client.fine_tune import class_prior, train_config
 from client.local_data import Features, frozen_features, load_local_data
 from client.model_state import adopt_base, round_model
 from client.private_round import Outcome, evaluate_round, train_round
@@ -22,31 +22,32 @@ app = ClientApp()
 
 def _prepare(
     session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context
-) -> tuple[DatasetIdentity, FedModel, TransferPolicy, Features]:
+) -> tuple[DatasetIdentity, FedModel, TransferPolicy, Features, tuple[float, ...]]:
     adopt_base(msg.content, context, instruction)
     model, card, transfer = round_model(msg.content, context, instruction)
     local = load_local_data(session.config, card)
-    return session.dataset(local.content_hash), model, transfer, frozen_features(local, model, transfer)
+    prior = class_prior(session.policy, card) if instruction.class_weights != "none" else ()
+    return session.dataset(local.content_hash), model, transfer, frozen_features(local, model, transfer), prior
 
 
 def _train(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:
-    dataset, model, transfer, features = _prepare(session, instruction, msg, context)
+    dataset, model, transfer, features, prior = _prepare(session, instruction, msg, context)
     return train_round(
         session,
         dataset,
         model,
         transfer,
         features,
-        train_config(instruction),
+        train_config(instruction, prior),
         instruction,
         dict(msg.content[CONFIG].items()),
     )
 
 
 def _evaluate(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:
-    dataset, model, transfer, features = _prepare(session, instruction, msg, context)
+    dataset, model, transfer, features, prior = _prepare(session, instruction, msg, context)
     last = instruction.server_round == instruction.rounds and instruction.personalise_epochs > 0
-    personalise = train_config(instruction, instruction.personalise_epochs) if last else None
+    personalise = train_config(instruction, prior, instruction.personalise_epochs) if last else None
     return evaluate_round(session, dataset, model, transfer, features, instruction, personalise)
 
 

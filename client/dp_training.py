@@ -23,7 +23,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from common.model.training import TrainConfig, make_optimizer
+from common.model.training import TrainConfig, example_losses, make_optimizer
 from common.privacy.noise import RandomSource, poisson_sample
 
 
@@ -94,7 +94,6 @@ def dp_train(
             source=source,
         )
     anchor = {n: p.detach().clone() for n, p in trainable.named_parameters()}
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     module.train()
     updates, total = 0, 0.0
     for _ in range(steps):
@@ -104,7 +103,7 @@ def dp_train(
             for p in params:  # nothing sampled: a zero clipped sum, and the step adds noise all the same
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
         else:
-            loss = loss_fn(module(features[batch]), labels[batch])
+            loss = example_losses(module(features[batch]), labels[batch], config).sum()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
                 loss.backward()

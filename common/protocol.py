@@ -65,6 +65,7 @@ class RoundInstruction:
     federated_evaluation: str = "last"
     release_loss: int = 0
     reproducible_noise: int = 0
+    class_weights: str = "none"
 
     def __post_init__(self) -> None:
         if self.federated_evaluation not in FEDERATED_EVALUATION:

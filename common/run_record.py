@@ -99,6 +99,9 @@ class RunRecord:
     #: site's test split by the simulator, which holds every site's data ({round: {site: metrics}}). Nothing here
     #: came from a site; a deployed coordinator cannot compute it.
     simulator_evaluation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: Filled by ``fedtransfer simulate`` only: every method (baselines, the federated model, the personalised
+    #: copies as released) on every site's test split, every metric, bootstrap intervals; see simulations/comparison.py.
+    simulator_comparison: dict[str, Any] = field(default_factory=dict)
     format: int = RUN_RECORD_FORMAT
 
     def round(self, server_round: int) -> RoundRecord:

@@ -23,6 +23,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedia
 SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad")
 #: "sgd" has momentum 0.9, "sgd-plain" none (FLamby's client optimizer).
 OPTIMIZERS = ("sgd", "sgd-plain", "adam")
+#: How training losses treat imbalanced classes (common.model.training.example_losses).
+CLASS_WEIGHTS = ("none", "balanced", "logit-adjust")
+#: Headline metrics a comparison can lead with (empty: roc-auc for two classes, balanced-accuracy otherwise).
+HEADLINE_METRICS = ("", "roc-auc", "balanced-accuracy", "f1", "sensitivity", "specificity", "accuracy")
 
 
 class SettingsError(ConfigurationError, ValueError):
@@ -90,6 +94,17 @@ class RunSettings:
         False, "seeded DP noise for reproducible experiments (NOT private; only sites whose policy allows it)"
     )
     per_site_scaling: bool = setting(False, "z-score each site with its own statistics (FLamby reproduction, no DP)")
+    class_weights: str = setting(
+        "none",
+        "loss for imbalanced classes: none, balanced, logit-adjust (prior: the site's declared class mix, else the "
+        "source's)",
+        choices=CLASS_WEIGHTS,
+    )
+    metric: str = setting(
+        "",
+        "headline metric of the comparison (empty: roc-auc for two classes, balanced-accuracy otherwise)",
+        choices=HEADLINE_METRICS,
+    )
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -131,6 +146,10 @@ class RunSettings:
                 "per-site-scaling (FLamby's per-centre z-scoring from each site's own records) is for "
                 "non-private reproduction runs only: it needs dp = false"
             )
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise SettingsError(f"class-weights {self.class_weights!r} is not one of {', '.join(CLASS_WEIGHTS)}")
+        if self.metric not in HEADLINE_METRICS:
+            raise SettingsError(f"metric {self.metric!r} is not one of {', '.join(HEADLINE_METRICS[1:])}")
         if self.federated_evaluation not in FEDERATED_EVALUATION:
             raise SettingsError(
                 f"federated-evaluation {self.federated_evaluation!r} is not one of {', '.join(FEDERATED_EVALUATION)}"

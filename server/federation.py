@@ -210,6 +210,7 @@ def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
         federated_evaluation=settings.federated_evaluation,
         release_loss=int(settings.release_loss),
         reproducible_noise=int(settings.reproducible_noise),
+        class_weights=settings.class_weights,
     )
 
 
@@ -371,6 +372,7 @@ def _card_fields(card: ModelCard, record: RunRecord, rounds: int) -> dict:
         source_description=card.source_description,
         preprocessing=card.preprocessing,
         default_transfer_policy=record.transfer_policy,
+        class_prior=card.class_prior,
         lineage={
             "kind": "federated",
             "base_model_fingerprint": card.model_fingerprint,

@@ -155,7 +155,7 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
         f"# fedtransfer run {record.run_id}",
         "",
         f"- status: **{record.status}**" + (f" ({record.stop_reason})" if record.stop_reason else ""),
-        f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; transfer "
+        f"- scenario: {record.settings.get('scenario') or 'deployment'}; strategy: {record.strategy}; "
         f"transfer policy: {record.transfer_policy}",
         f"- base model: {record.base_model['source']} (fingerprint {record.base_model['fingerprint'][:16]}...)",
         f"- final model: {record.final_checkpoint or 'none'}",

@@ -16,7 +16,7 @@ from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
 from common.io import make_output_dir
 from common.model.checkpoint import load_checkpoint
-from common.model.metrics import classification_metrics
+from common.model.metrics import classification_metrics, headline_metric
 from common.model.pretraining import pretrain_source
 from common.model.training import TrainConfig, as_tensors, predict_proba
 from common.model.transfer import TransferPolicy
@@ -25,7 +25,15 @@ from common.settings import RunSettings
 from server.app import make_server_app
 from server.federation import ROUND_CHECKPOINT_DIR
 from server.report import write_report
-from simulations.baselines import Baselines, compute_baselines
+from simulations.baselines import MethodScores, PrivateBaseline, compute_baselines
+from simulations.comparison import (
+    COMPARISON_PLOT,
+    comparison_markdown,
+    federated_scores,
+    ordered,
+    personalised_scores,
+    plot_comparison,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,8 @@ class SimulationFailed(DeploymentError):
 class SimulationResult:
     record: RunRecord
     out: Path
-    comparison: dict[str, dict[str, float]]  # {method: {site: accuracy}}
-    metric: str = "accuracy"
+    comparison: list[MethodScores]  # every method, in the order of simulations.comparison.ORDER
+    metric: str  # the headline metric
 
 
 def _load(settings: RunSettings) -> Scenario:
@@ -78,50 +86,6 @@ def simulator_evaluation(record: RunRecord, out: Path, scenario: Scenario) -> No
             )
             for site in scenario.sites
         }
-
-
-def comparison_table(record: RunRecord, baselines: Baselines, metric: str) -> dict[str, dict[str, float]]:
-    """{method: {site: metric}}: baselines, the final global model (evaluated by the simulator) and the
-    privately personalised copies (as the sites released them)."""
-    final = record.simulator_evaluation.get(str(max((r.server_round for r in record.rounds), default=0)), {})
-    last = next((r for r in reversed(record.rounds) if any(s.personalised for s in r.sites.values())), None)
-    personalised = {s: _number(e.personalised.get(metric)) for s, e in last.sites.items()} if last else {}
-    table = {
-        m: {s: v[metric] for s, v in baselines.per_site[m].items()} for m in ("source as-is", "local-only", "pooled")
-    }
-    table["federated"] = {site: _number(values.get(metric)) for site, values in final.items()}
-    if any(not math.isnan(v) for v in personalised.values()):
-        table["personalised"] = personalised
-    return {m: table[m] for m in METHODS if m in table}
-
-
-def row_mean(values: dict[str, float]) -> float:
-    """Mean over the sites that have a value (a site that declined the last round has none)."""
-    present = [v for v in values.values() if not math.isnan(v)]
-    return sum(present) / len(present) if present else math.nan
-
-
-def fmt(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"
-
-
-def comparison_markdown(table: dict[str, dict[str, float]], metric: str) -> str:
-    sites = sorted(table["source as-is"])
-    lines = [
-        f"## Comparison on the target sites' test sets ({metric})",
-        "",
-        "Baselines (source as-is, local-only, pooled) are trained without DP on the same base model. The federated "
-        "model is evaluated by the simulator itself, which holds every site's test split (a deployed coordinator "
-        "sees only the sites' DP releases). Personalised results are what the sites released: with DP, a noisy "
-        "histogram of their private copy's predictions.",
-        "",
-        "| method | " + " | ".join(sites) + " | mean |",
-        "|---" * (len(sites) + 2) + "|",
-    ]
-    for method, values in table.items():
-        cells = [fmt(values.get(s, math.nan)) for s in sites]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {fmt(row_mean(values))} |")
-    return "\n".join(lines)
 
 
 def simulate(settings: RunSettings) -> SimulationResult:
@@ -175,7 +139,8 @@ def simulate(settings: RunSettings) -> SimulationResult:
         raise SimulationFailed(f"the simulated run {record.status}: {record.stop_reason}")
     base, card = load_checkpoint(checkpoint)
     transfer = TransferPolicy.parse(bound.transfer_policy or card.default_transfer_policy)
-    # the centralised baselines train as much as one site does over the whole run
+    # the centralised baselines train as much as one site does over the whole run, with the same loss
+    weighted = bound.class_weights != "none" and card.class_prior
     config = TrainConfig(
         epochs=bound.rounds * bound.local_epochs,
         steps=bound.rounds * bound.local_steps,
@@ -183,9 +148,20 @@ def simulate(settings: RunSettings) -> SimulationResult:
         lr=bound.lr,
         optimizer=bound.optimizer,
         seed=bound.seed,
+        class_weights=bound.class_weights if weighted else "none",
+        class_prior=tuple(card.class_prior) if weighted else (),
     )
+    promise = PrivateBaseline(bound.target_epsilon, bound.delta, bound.max_grad_norm) if bound.dp else None
     simulator_evaluation(record, out, scenario)
+    methods = compute_baselines(scenario, base, transfer, config, promise)
+    methods.append(federated_scores(record, scenario, bound.seed))
+    personalised = personalised_scores(record)
+    if personalised is not None:
+        methods.append(personalised)
+    methods = ordered(methods)
+    metric = headline_metric(len(scenario.class_names), bound.metric)
+    record.simulator_comparison = {"metric": metric, "methods": [m.to_dict() for m in methods]}
     record.save(out)
-    table = comparison_table(record, compute_baselines(scenario, base, transfer, config), "accuracy")
-    write_report(record, out, [comparison_markdown(table, "accuracy")])
-    return SimulationResult(record=record, out=out, comparison=table)
+    plot_comparison(methods, metric, out / COMPARISON_PLOT)
+    write_report(record, out, [comparison_markdown(methods, metric)])
+    return SimulationResult(record=record, out=out, comparison=methods, metric=metric)

@@ -208,7 +208,7 @@ def _zero_rows(data: Path) -> None:
 
 DATA_FAULTS: dict[int, tuple[Callable[[Path], None], str]] = {
     2: (_wrong_columns, "MissingLabelColumn: {data}/train.csv: no label column 'label'"),
-    3: (_nan_cell, "MissingValues: {data}/train.npz: row 3 (0-based), feature index 2 is NaN"),
+    3: (_nan_cell, "MissingValues: {data}/train.npz: 1 missing value (empty, NA or NaN): row 3 feature (2,)"),
     4: (
         _one_class,
         "SingleClass: {data}/train.npz: every training row has label 0; training needs at least two classes",

@@ -76,7 +76,7 @@ def test_round_config_carries_local_steps_but_personalisation_trains_epochs() ->
         local_steps=100,
     )
     assert train_config(instruction).steps == 100
-    personalise = train_config(instruction, instruction.personalise_epochs)
+    personalise = train_config(instruction, epochs=instruction.personalise_epochs)
     assert (personalise.steps, personalise.epochs) == (0, 3)
 
 

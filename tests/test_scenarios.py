@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.cli import main as cli
 from common.data import heart_disease
 from common.data.scenarios import Scenario, ScenarioError, load_scenario, scenario_names
 from common.data.site_data import DataError, DataFileNotFound, MissingValues
+from common.model.pretraining import pretrain_source
 
 HEART_DIR = Path(
     os.environ.get("FEDTRANSFER_DATA_DIR")
@@ -264,6 +266,7 @@ transfer_policy = "{policy}"
 name = "x"
 path = "data/site_a.csv"
 """
+MLP = BASE.format(arch="mlp", policy="head")
 
 
 @pytest.mark.parametrize(
@@ -273,7 +276,22 @@ path = "data/site_a.csv"
         (BASE.format(arch="mlp", policy="top"), "transfer_policy 'top'"),
         (BASE.format(arch="cnn", policy="head"), "needs image data"),
         (BASE.format(arch="mlp", policy="head").replace('name = "s"\n', ""), "missing key 'name'"),
-        (BASE.format(arch="mlp", policy="head").replace("[model]", "[modell]"), r"missing \[model\]"),
+        (BASE.format(arch="mlp", policy="head").replace("[model]", "[modell]"), r"unknown table\(s\) \[modell\]"),
+        (
+            BASE.format(arch="mlp", policy="head").replace("transfer_policy", "polcy"),
+            "unknown key 'polcy' in \\[model\\]",
+        ),
+        (BASE.format(arch="logreg", policy="head").replace("[model]", "[model]\nhidden = [8]"), "unknown key 'hidden'"),
+        (
+            BASE.format(arch="mlp", policy="head").replace("[model]", 'lable_column = "y"\n[model]'),
+            "unknown key 'lable_column' in \\[scenario\\] \\(did you mean 'label_column'\\?\\)",
+        ),
+        (
+            BASE.format(arch="mlp", policy="head").replace('arch = "mlp"', 'arhc = "mlp"'),
+            "missing key 'arch' in \\[model\\]",
+        ),
+        (BASE.format(arch="mlp", policy="head") + "[pretrain]\nepochs = 0\n", r"\[pretrain\] epochs must be"),
+        (BASE.format(arch="mlp", policy="head") + "[pretrain]\nepoch = 5\n", "unknown key 'epoch' in \\[pretrain\\]"),
         (BASE.format(arch="mlp", policy="head").split("[[sites]]")[0], r"no \[\[sites\]\]"),
         (BASE.format(arch="mlp", policy="head") + '[[sites]]\nname = "x"\npath = "data/site_a.csv"\n', "unique"),
         ("[scenario\n", "not valid TOML"),
@@ -282,6 +300,26 @@ path = "data/site_a.csv"
 def test_toml_errors(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ScenarioError, match=message):
         load_scenario(_write_toml(tmp_path, text))
+
+
+def test_a_bad_scenario_file_is_one_line_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_toml(tmp_path, BASE.format(arch="mlp", policy="head").replace("transfer_policy", "polcy"))
+    assert cli.main(["pretrain", "--scenario", path, "--out", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown key 'polcy' in [model]" in err and "transfer_policy" in err
+
+
+def test_pretrain_table_tunes_the_source_model(tmp_path: Path) -> None:
+    text = BASE.format(arch="mlp", policy="head").replace(
+        "[[sites]]", "[pretrain]\nepochs = 3\npatience = 0\n[[sites]]"
+    )
+    text = text.replace("[[sites]]", '[source]\npath = "data/source.csv"\n[[sites]]', 1)
+    scenario = load_scenario(_write_toml(tmp_path, text))
+    assert scenario.pretrain == {"epochs": 3, "patience": 0}
+    card = pretrain_source(scenario, tmp_path / "ckpt", seed=0)
+    assert card.lineage["epochs_trained"] == 3 and card.lineage["pretrain"]["epochs"] == 3
+    assert {"source_validation", "source_test"} <= set(card.lineage) and len(card.class_prior) == 2
+    assert card.lineage["validation_examples"] == 3 and card.lineage["train_examples"] == 9  # 20% of 12 held out
 
 
 def test_toml_without_source_and_data_errors(tmp_path: Path) -> None:

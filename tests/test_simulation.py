@@ -43,8 +43,19 @@ def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Pat
         == json.loads((out / "source-model" / "model-card.json").read_text())["model_fingerprint"]
     )
 
-    table = result.comparison
-    mean = {m: sum(v.values()) / len(v) for m, v in table.items()}
-    assert mean["federated"] > mean["source as-is"] + 0.05, mean
-    assert (out / "report.md").read_text().count("| federated |") == 1
-    assert (out / "metrics.png").stat().st_size > 0
+    methods = {m.method: m for m in result.comparison}
+    assert list(methods) == ["source as-is", "local-only", "local-only (DP)", "federated", "pooled"]
+    assert methods["federated"].mean("roc-auc") > methods["source as-is"].mean("roc-auc") + 0.05, methods
+    assert result.metric == "roc-auc"
+    for scores in methods.values():
+        assert set(scores.sites) == {"site-0", "site-1", "site-2"}
+        for site, metrics in scores.sites.items():
+            assert {"roc-auc", "balanced-accuracy", "f1", "sensitivity", "specificity", "accuracy"} <= set(metrics)
+            low, high = scores.intervals[site]["balanced-accuracy"]
+            assert low <= metrics["balanced-accuracy"] <= high
+    assert methods["local-only (DP)"].privacy.startswith("DP, epsilon 3") and methods["pooled"].privacy == "no DP"
+    saved = json.loads((out / "run-record.json").read_text())["simulator_comparison"]
+    assert saved["metric"] == "roc-auc" and [m["method"] for m in saved["methods"]] == list(methods)
+    report = (out / "report.md").read_text()
+    assert report.count("| federated |") == 2 and "bootstrap 95% intervals" in report
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "comparison.png").stat().st_size > 0

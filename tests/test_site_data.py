@@ -179,8 +179,28 @@ def test_missing_values_in_csv(tmp_path: Path, cell: str) -> None:
     cells[2] = cell
     lines[7] = ",".join(cells)
     path.write_text("\n".join(lines))
-    with pytest.raises(MissingValues, match=r"line 8, column 'f2'"):
+    with pytest.raises(MissingValues, match=r"1 missing value \(empty, NA or NaN\): line 8 column 'f2'; fill"):
         load_site_data(path, (3,), 2)
+
+
+def test_every_missing_cell_is_counted_and_the_first_ten_named(tmp_path: Path) -> None:
+    rows = "\n".join(f"{i},,{i % 2}" if i % 3 else f"{i},NA,{i % 2}" for i in range(30))
+    path = tmp_path / "s.csv"
+    path.write_text("a,b,label\n" + rows + "\n")
+    with pytest.raises(MissingValues) as caught:
+        load_site_data(path, (2,), 2)
+    message = str(caught.value)
+    assert "30 missing values" in message and message.count("column 'b'") == 10 and "; ..." in message
+    assert "line 2 column 'b'" in message and "line 12 column 'b'" not in message
+
+
+def test_grey_images_without_a_channel_axis_are_accepted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "site.npz"
+    np.savez(path, x=rng.random((20, 6, 6)).astype("float32"), y=np.arange(20) % 2)
+    shape = infer_input_shape(path)
+    assert shape == (1, 6, 6)
+    assert load_site_data(path, shape, 2).train.x.shape[1:] == (1, 6, 6)
 
 
 def test_short_row_and_nan_in_npz(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from rich.logging import RichHandler
+from rich.text import Text
 
 from common.cli import audit as cli_audit
 from common.cli import bench as cli_bench
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedtransferError as err:
-        log_console.print(f"[bold red]error[/bold red] ({type(err).__name__}): {err}", highlight=False)
+        message = Text.assemble(("error", "bold red"), f" ({type(err).__name__}): {err}")
+        log_console.print(message, highlight=False, soft_wrap=True)
         return err.exit_status
 
 

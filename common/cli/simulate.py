@@ -74,26 +74,58 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return _report(simulate(settings))
 
 
-def _report(result: SimulationResult) -> int:
-    from simulations.simulate import fmt, row_mean
+SHORT_NAMES = {
+    "source as-is": "source",
+    "initial model": "initial",
+    "local-only": "local",
+    "local-only (DP)": "local DP",
+    "federated": "federated",
+    "personalised": "personal.",
+    "pooled": "pooled",
+}
 
-    table = Table(title=f"Test accuracy per target site ({result.record.status}, run {result.record.run_id})")
-    sites = sorted(result.comparison["source as-is"])
-    table.add_column("method")
-    for site in sites:
-        table.add_column(site, justify="right")
-    table.add_column("mean", justify="right")
-    for method, values in result.comparison.items():
-        table.add_row(method, *(fmt(values.get(s, math.nan)) for s in sites), fmt(row_mean(values)))
-    console.print(table)
-    console.print("Baselines are trained without DP on the same base model; pooled is the upper bound.")
-    if "personalised" not in result.comparison:
+
+def _short_privacy(privacy: str) -> str:
+    if privacy.startswith("DP, epsilon "):
+        return "DP e=" + privacy.split()[2].rstrip(",")
+    return {"no DP": "no DP", "no site data": "-"}.get(privacy, privacy)
+
+
+def _report(result: SimulationResult) -> int:
+    from simulations.comparison import LABELS, SHOWN, fmt, test_sizes
+
+    methods, metric = result.comparison, result.metric
+    summary = Table(title=f"Mean over target sites ({result.record.status}, run {result.record.run_id})")
+    for column in ("method", "privacy", *(LABELS[m] for m in SHOWN)):
+        summary.add_column(
+            column, justify="left" if column in ("method", "privacy") else "right", no_wrap=column == "method"
+        )
+    for scores in methods:
+        summary.add_row(scores.method, _short_privacy(scores.privacy), *(fmt(scores.mean(m)) for m in SHOWN))
+    console.print(summary)
+    sizes = test_sizes(methods)
+    per_site = Table(title=f"{LABELS[metric]} per target site (n: test rows)")
+    per_site.add_column("site")
+    per_site.add_column("n", justify="right")
+    for scores in methods:
+        per_site.add_column(SHORT_NAMES.get(scores.method, scores.method), justify="right")
+    for site in sorted(sizes):
+        cells = (fmt(scores.sites.get(site, {}).get(metric, math.nan)) for scores in methods)
+        per_site.add_row(site, str(sizes[site]), *cells)
+    console.print(per_site)
+    console.print(
+        "The simulator scores every model it holds on each site's test split (bootstrap 95% intervals in "
+        "report.md). Pooled trains on all target data in one place without DP: a reference, not a bound."
+    )
+    if any(s.method == "personalised" for s in methods):
+        console.print("Personalised: each site's own copy, as the site released it (noisy under DP).")
+    else:
         console.print(
             "Personalised results: non-private runs (--no-dp), or private runs that keep part of their budget "
             "for it (--personalise-fraction 0.5)."
         )
     console.print(_privacy_table(result.record))
-    console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, final-model/")
+    console.print(f"Outputs in {result.out}: run-record.json, report.md, metrics.png, comparison.png, final-model/")
     return 0
 
 

@@ -43,6 +43,8 @@ class Scenario:
     #: Built-in generated or bundled public data: the only data a run may train on with reproducible
     #: (seeded, NOT private) noise, and only when asked.
     public_data: bool = False
+    #: Pretraining options that differ from the defaults (common.model.pretraining.PretrainConfig).
+    pretrain: dict = field(default_factory=dict)
 
 
 def standardise(site: SiteData, mean: np.ndarray, std: np.ndarray) -> SiteData:

@@ -132,13 +132,23 @@ def site_files(path: Path) -> list[Path]:
     return [path]
 
 
+SHOWN_MISSING = 10
+
+
+def _missing_error(path: Path, count: int, first: list[str]) -> MissingValues:
+    """One error for every missing cell of a file: how many, and the first ten."""
+    shown = "; ".join(first[:SHOWN_MISSING]) + ("; ..." if count > SHOWN_MISSING else "")
+    return MissingValues(
+        f"{path}: {count} missing value{'s' if count != 1 else ''} (empty, NA or NaN): {shown}; "
+        "fill them in or remove those rows"
+    )
+
+
 def _parse_cell(text: str, path: Path, line: int, column: str) -> float:
+    """A cell's number; NaN for a missing cell (the caller collects them)."""
     cell = text.strip()
     if cell.lower() in MISSING_MARKERS:
-        raise MissingValues(
-            f"{path}: line {line}, column {column!r} is empty or missing ({text!r}); "
-            "fill in the value or remove the row"
-        )
+        return math.nan
     try:
         value = float(cell)
     except ValueError:
@@ -146,8 +156,6 @@ def _parse_cell(text: str, path: Path, line: int, column: str) -> float:
             f"{path}: line {line}, column {column!r} holds {text!r}, which is not a number; "
             "encode categories as numbers (e.g. one-hot) and remove units or text"
         ) from None
-    if math.isnan(value):
-        raise MissingValues(f"{path}: line {line}, column {column!r} is NaN; fill in the value or remove the row")
     if math.isinf(value):
         raise NonNumericValue(f"{path}: line {line}, column {column!r} is infinite ({text!r}); use a finite number")
     return value
@@ -184,6 +192,7 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     label_at = _label_index(path, header, label_column)
     rows: list[list[float]] = []
     labels: list[float] = []
+    missing: list[str] = []
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         next(reader)
@@ -192,18 +201,19 @@ def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
             if not cells or all(not cell.strip() for cell in cells):
                 continue
             if len(cells) < len(header):
-                raise MissingValues(
-                    f"{path}: line {line} has {len(cells)} cells but the header has {len(header)} columns "
-                    f"(first missing column {header[len(cells)]!r}); fill in the missing cells"
-                )
+                missing += [f"line {line} column {name!r} (short row)" for name in header[len(cells) :]]
+                continue
             if len(cells) > len(header):
                 raise UnsupportedFormat(
                     f"{path}: line {line} has {len(cells)} cells but the header has {len(header)} columns; "
                     "remove the extra cells or quote values that contain commas"
                 )
             values = [_parse_cell(cell, path, line, header[i]) for i, cell in enumerate(cells)]
+            missing += [f"line {line} column {header[i]!r}" for i, value in enumerate(values) if math.isnan(value)]
             labels.append(values.pop(label_at))
             rows.append(values)
+    if missing:
+        raise _missing_error(path, len(missing), missing)
     x = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(header) - 1)
     return x, np.asarray(labels, dtype=np.float64)
 
@@ -251,14 +261,14 @@ def _check_features(x: np.ndarray, path: Path, input_shape: tuple[int, ...]) -> 
             f"{path}: rows have shape {x.shape[1:]} ({got} {what}) but the model expects input shape "
             f"{input_shape}; provide exactly the features/image size listed in the model card"
         )
-    bad = ~np.isfinite(x)
-    if bad.any():
-        position = tuple(int(i) for i in np.argwhere(bad)[0])
-        row, where = position[0], position[1:]
-        kind = MissingValues if np.isnan(x[position]) else NonNumericValue
-        word = "NaN (missing)" if kind is MissingValues else "infinite"
-        raise kind(
-            f"{path}: row {row} (0-based), feature index {where if len(where) > 1 else where[0]} is {word}; "
+    nan = np.isnan(x)
+    if nan.any():
+        first = [f"row {p[0]} feature {tuple(p[1:])}" for p in np.argwhere(nan)[:SHOWN_MISSING].tolist()]
+        raise _missing_error(path, int(nan.sum()), first)
+    if np.isinf(x).any():
+        position = np.argwhere(np.isinf(x))[0].tolist()
+        raise NonNumericValue(
+            f"{path}: row {position[0]} (0-based), feature index {tuple(position[1:])} is infinite; "
             "fill in or remove that row"
         )
     return x
@@ -402,4 +412,6 @@ def infer_input_shape(path: Path, label_column: str = "label") -> tuple[int, ...
         _label_index(first, header, label_column)
         return (len(header) - 1,)
     x, _ = _read_npz(first)
+    if x.ndim == 3:  # (n, H, W): one grey channel
+        return (1, *(int(d) for d in x.shape[1:]))
     return tuple(int(d) for d in x.shape[1:])

@@ -1,7 +1,12 @@
-"""Bring your own scenario: a ``scenario.toml`` that names a source and target sites' CSV or NPZ files."""
+"""Bring your own scenario: a ``scenario.toml`` that names a source and target sites' CSV or NPZ files.
+
+The file is read strictly: an unknown table or key is an error that names the table, the
+key and the keys that are allowed (a typo never passes silently).
+"""
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,12 +19,33 @@ from common.data.site_data import (
     load_site_data,
     site_files,
 )
+from common.model.pretrain_settings import PretrainConfig, PretrainError
+from common.model.zoo import architecture_arguments
+
+TABLES = {
+    "scenario": ("name", "description", "class_names", "label_column", "preprocessing", "input_shape"),
+    "model": ("arch", "transfer_policy"),  # plus the architecture's own arguments
+    "pretrain": ("epochs", "lr", "batch_size", "optimizer", "class_weights", "validation_fraction", "patience"),
+    "source": ("path", "description", "name"),
+    "sites": ("name", "path"),
+}
+
+
+def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str, file: Path) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ScenarioError(
+                f"{file}: unknown key {key!r} in {where}{hint}; allowed keys: {', '.join(allowed)}; see docs/data.md"
+            )
 
 
 def _table(document: dict[str, Any], key: str, file: Path) -> dict[str, Any]:
     value = document.get(key)
     if not isinstance(value, dict):
         raise ScenarioError(f"{file}: missing [{key}] table; see docs/data.md for a complete example")
+    _check_keys(value, TABLES[key], f"[{key}]", file)
     return value
 
 
@@ -40,25 +66,42 @@ def _check_transfer_policy(transfer: Any, file: Path) -> str:
     raise ScenarioError(f"{file}: [model] transfer_policy {transfer!r} must be 'head', 'last:K' (K >= 1) or 'full'")
 
 
-def _model_spec(table: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
+def _model_spec(document: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
+    table = document.get("model")
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{file}: missing [model] table; see docs/data.md for a complete example")
     arch = _required(table, "arch", "[model]", file)
     if arch not in ARCHITECTURES:
         raise ScenarioError(f"{file}: [model] arch {arch!r} is unknown; use one of {list(ARCHITECTURES)}")
+    arguments = architecture_arguments(arch)
+    _check_keys(table, (*TABLES["model"], *arguments), f"[model] (arch {arch!r})", file)
     transfer = _check_transfer_policy(table.get("transfer_policy", "head"), file)
-    args = {key: value for key, value in table.items() if key not in ("arch", "transfer_policy")}
+    args = {key: value for key, value in table.items() if key not in TABLES["model"]}
     return ModelSpec(arch, args), transfer
 
 
 def _check_shape(arch: str, shape: tuple[int, ...], file: Path) -> None:
     if arch == "cnn" and len(shape) != 3:
         raise ScenarioError(
-            f"{file}: arch 'cnn' needs image data (x of shape (n, C, H, W)); the data has rows of shape {shape}"
+            f"{file}: arch 'cnn' needs image data: x of shape (n, C, H, W), or (n, H, W) for grey images, or set "
+            f"[scenario] input_shape; the data has rows of shape {shape}"
         )
     if arch != "cnn" and len(shape) != 1:
         raise ScenarioError(
             f"{file}: arch {arch!r} needs tabular data (n, features); the data has rows of shape {shape}; "
             "use arch = 'cnn' for images"
         )
+
+
+def _pretrain(document: dict[str, Any], file: Path) -> dict[str, Any]:
+    if "pretrain" not in document:
+        return {}
+    table = _table(document, "pretrain", file)
+    try:
+        PretrainConfig(**table)
+    except PretrainError as err:
+        raise ScenarioError(f"{file}: [pretrain] {err}") from None
+    return dict(table)
 
 
 def load_study(file: Path, seed: int) -> Scenario:
@@ -68,23 +111,33 @@ def load_study(file: Path, seed: int) -> Scenario:
         document = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ScenarioError(f"{file}: not valid TOML ({err})") from None
+    unknown = sorted(set(document) - set(TABLES))
+    if unknown:
+        raise ScenarioError(
+            f"{file}: unknown table(s) {', '.join(f'[{t}]' for t in unknown)}; allowed: [scenario], [model], "
+            "[pretrain], [source], [[sites]]"
+        )
     head = _table(document, "scenario", file)
     name = _required(head, "name", "[scenario]", file)
     class_names = tuple(str(c) for c in _required(head, "class_names", "[scenario]", file, list))
     if len(class_names) < 2:
         raise ScenarioError(f"{file}: [scenario] class_names needs at least 2 names, got {list(class_names)}")
     label_column = head.get("label_column", "label")
-    model, transfer = _model_spec(_table(document, "model", file), file)
+    model, transfer = _model_spec(document, file)
+    pretrain = _pretrain(document, file)
 
     source_table = document.get("source")
     if source_table is not None and not isinstance(source_table, dict):
         raise ScenarioError(f"{file}: [source] must be a table with a 'path'")
+    if source_table is not None:
+        _check_keys(source_table, TABLES["source"], "[source]", file)
     site_tables = document.get("sites")
     if not isinstance(site_tables, list) or not site_tables:
         raise ScenarioError(f"{file}: no [[sites]] entries; add at least one target site with name and path")
     entries = []
     for position, table in enumerate(site_tables, start=1):
         where = f"[[sites]] entry {position}"
+        _check_keys(table, TABLES["sites"], where, file)
         entries.append((_required(table, "name", where, file), file.parent / _required(table, "path", where, file)))
     names = [entry[0] for entry in entries]
     if len(set(names)) != len(names):
@@ -115,4 +168,5 @@ def load_study(file: Path, seed: int) -> Scenario:
             "description", f"source data {source_path.name}" if source_path else "none (trained from scratch)"
         ),
         preprocessing=head.get("preprocessing", "none: features used as provided by each site"),
+        pretrain=pretrain,
     )

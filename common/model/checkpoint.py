@@ -70,6 +70,8 @@ class ModelCard:
     preprocessing: str = ""
     feature_names: list[str] | None = None
     default_transfer_policy: str = "full"
+    #: Class shares of the source training labels (public): the prior of class-weighted fine-tuning.
+    class_prior: list[float] | None = None
     created: str = ""
     lineage: dict[str, Any] = field(default_factory=dict)
     format: int = CARD_FORMAT

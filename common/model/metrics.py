@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -88,6 +89,55 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
             "test-size": float(len(y_true)),
         }
     return {"roc-auc": auc, **values, "loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1.0), labels=labels))}
+
+
+def headline_metric(num_classes: int, chosen: str = "") -> str:
+    """The metric a comparison leads with: ``chosen``, else ROC AUC for two classes, balanced accuracy otherwise."""
+    return chosen or ("roc-auc" if num_classes == 2 else "balanced-accuracy")
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray, proba: np.ndarray, replicates: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every metric (test rows resampled with replacement).
+
+    For the simulator's own evaluations only (it holds the test data): a site never computes
+    or sends these. Replicates where a metric is undefined (one class drawn) are left out.
+    """
+    y_true = np.asarray(y_true)
+    rng = np.random.default_rng(seed)
+    names = [m for m in METRIC_NAMES if m != "test-size"]
+    drawn: dict[str, list[float]] = {m: [] for m in names}
+    for _ in range(replicates):
+        rows = rng.integers(0, len(y_true), len(y_true))
+        values = _fast_metrics(y_true[rows], proba[rows])
+        for name in names:
+            if not math.isnan(values[name]):
+                drawn[name].append(values[name])
+    tail = (1 - level) / 2 * 100
+    return {
+        name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) >= 10 else (math.nan,) * 2
+        for name, v in drawn.items()
+    }
+
+
+def _fast_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """:func:`classification_metrics` without the loss, fast enough to bootstrap."""
+    predicted = proba.argmax(axis=1)
+    if proba.shape[1] == 2:
+        positives, negatives = y_true == 1, y_true == 0
+        tp, fn = float(np.sum(predicted[positives] == 1)), float(np.sum(predicted[positives] == 0))
+        fp, tn = float(np.sum(predicted[negatives] == 1)), float(np.sum(predicted[negatives] == 0))
+        values = _binary_rates(tp, fn, fp, tn)
+        if positives.any() and negatives.any():
+            ranks = rankdata(proba[:, 1])
+            n1, n0 = float(positives.sum()), float(negatives.sum())
+            values["roc-auc"] = float((ranks[positives].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+        else:
+            values["roc-auc"] = math.nan
+            values["balanced-accuracy"] = math.nan
+        return values
+    return {k: v for k, v in classification_metrics(y_true, proba).items() if k != "loss"}
 
 
 def evaluation_counts(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.settings import OPTIMIZERS
+from common.settings import CLASS_WEIGHTS, OPTIMIZERS
 
 INFERENCE_BATCH = 1024
 B = TypeVar("B")
@@ -46,12 +46,46 @@ class TrainConfig:
     proximal_mu: float = 0.0
     seed: int = 0
     steps: int = 0
+    #: How the loss treats imbalanced classes (see :func:`example_losses`), with the class prior it uses.
+    class_weights: str = "none"
+    class_prior: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.epochs < 0 or self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"invalid training settings {self}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, not {self.class_weights!r}")
+        if self.class_weights != "none" and not (
+            self.class_prior and all(p > 0 for p in self.class_prior) and abs(sum(self.class_prior) - 1) < 1e-6
+        ):
+            raise ValueError(f"class_weights {self.class_weights!r} needs a prior of positive shares summing to 1")
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Each example's training loss (cross-entropy), shaped for imbalanced classes by ``config``.
+
+    ``balanced``: each example's loss times 1 / (K * prior of its class), so every class weighs
+    the same in expectation. ``logit-adjust``: cross-entropy of the logits plus log prior
+    (Menon et al., 2021), which trains for balanced error; predictions use the plain logits.
+    Both are per-example, so DP-SGD clips and noises them like plain cross-entropy; the prior
+    must be public (never counted from a site's records).
+    """
+    if config.class_weights == "logit-adjust":
+        offsets = torch.log(torch.tensor(config.class_prior, dtype=logits.dtype))
+        return nn.functional.cross_entropy(logits + offsets, labels, reduction="none")
+    losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+    if config.class_weights == "balanced":
+        weights = 1.0 / (len(config.class_prior) * torch.tensor(config.class_prior, dtype=logits.dtype))
+        losses = losses * weights[labels]
+    return losses
+
+
+def label_prior(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """Class shares of ``labels`` with add-one smoothing (for public labels only: a source's, never a site's)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes] + 1.0
+    return tuple(float(c) for c in counts / counts.sum())
 
 
 @dataclass(frozen=True)
@@ -110,12 +144,11 @@ def train_plain(trainable: nn.Module, features: torch.Tensor, labels: torch.Tens
     optimizer = make_optimizer(params, config)
     anchor = {n: p.detach().clone() for n, p in trainable.named_parameters()}
     generator = torch.Generator().manual_seed(config.seed)
-    loss_fn = nn.CrossEntropyLoss()
     trainable.train()
     steps, total = 0, 0.0
     for batch in shuffled_batches(len(labels), config, generator):
         optimizer.zero_grad()
-        loss = loss_fn(trainable(features[batch]), labels[batch])
+        loss = example_losses(trainable(features[batch]), labels[batch], config).mean()
         if config.proximal_mu > 0:
             loss = loss + proximal_term(trainable, anchor, config.proximal_mu)
         loss.backward()

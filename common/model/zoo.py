@@ -7,6 +7,7 @@ models avoid BatchNorm and in-place operations so Opacus can train any part of t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -69,6 +70,13 @@ def _cnn(input_shape: Sequence[int], num_classes: int, channels: Sequence[int] =
 
 
 ARCHITECTURES: dict[str, Callable[..., FedModel]] = {"logreg": _logreg, "mlp": _mlp, "cnn": _cnn}
+
+
+def architecture_arguments(arch: str) -> tuple[str, ...]:
+    """The keyword arguments architecture ``arch`` accepts beyond the input shape and the number of classes."""
+    if arch not in ARCHITECTURES:
+        raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}")
+    return tuple(inspect.signature(ARCHITECTURES[arch]).parameters)[2:]
 
 
 def build_model(

@@ -67,6 +67,7 @@ _POLICY_KEYS = {
     "allow_loss_release": "true or false (optional, default false): release a DP training loss when asked",
     "allow_non_private": "true or false (optional, default false): may the coordinator ask for training without DP",
     "allow_reproducible_noise": "true or false (optional, default false): seeded, NOT private noise (public data)",
+    "declared_class_prior": "a list of positive shares summing to 1, one per class (optional): the public class mix",
 }
 
 
@@ -98,6 +99,17 @@ def _boolean(source: str, key: str, value: Any) -> bool:
     return value
 
 
+def _shares(source: str, key: str, value: Any) -> tuple[float, ...]:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) < 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value)
+        or abs(sum(value) - 1) > 0.01
+    ):
+        raise PolicyError(f"{source}: {key} must list 2 or more shares in (0, 1) summing to 1, got {value!r}")
+    return tuple(float(v) / sum(value) for v in value)
+
+
 def _choice(source: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise PolicyError(f"{source}: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -119,6 +131,7 @@ _CHECKS: dict[str, Any] = {
     "allow_loss_release": _boolean,
     "allow_non_private": _boolean,
     "allow_reproducible_noise": _boolean,
+    "declared_class_prior": _shares,
 }
 
 
@@ -144,6 +157,7 @@ class SitePolicy:
     allow_loss_release: bool = False
     allow_non_private: bool = False
     allow_reproducible_noise: bool = False
+    declared_class_prior: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         for key, check in _CHECKS.items():
@@ -186,7 +200,7 @@ def load_policy(path: Path) -> SitePolicy:
         if required not in table:
             raise PolicyError(f"{path}: [privacy] {required} is required ({_POLICY_KEYS[required]})")
     source = f"{path}: [privacy]"
-    values = {key: _CHECKS[key](source, key, value) for key, value in table.items()}
+    values = {key: _CHECKS[key](source, key, value) for key, value in table.items()}  # _shares normalises
     try:
         return SitePolicy(**values)
     except PolicyError as exc:
@@ -198,6 +212,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)
 
 
@@ -270,6 +286,11 @@ allow_non_private = {_toml(policy.allow_non_private)}
 # Whether the coordinator may ask for reproducible (seeded) noise: NOT private, for
 # simulations on built-in generated or bundled public data only. Keep false otherwise.
 allow_reproducible_noise = {_toml(policy.allow_reproducible_noise)}
+
+# The class mix of this site's data this site declares PUBLICLY, one share per class in
+# the model's class order, rounded (optional). Used only when a run asks for class-weighted
+# training; without it the site uses the source data's mix from the model card.
+{optional("declared_class_prior", "[0.85, 0.15]")}
 """
     Path(path).write_text(text, encoding="utf-8")
 
