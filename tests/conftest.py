@@ -22,6 +22,13 @@ os.environ.update(FLOWER_ENV)
 TIERS = ("federation", "deployment", "slow")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread, as at a site (client.app): the models are small, extra threads only contend."""
+    from common.model.training import use_one_torch_thread
+
+    use_one_torch_thread()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test without a tier marker is a unit test: ``pytest -m unit`` is the fast tier."""
     for item in items:
