@@ -88,11 +88,25 @@ def simulator_evaluation(record: RunRecord, out: Path, scenario: Scenario) -> No
         }
 
 
-def simulate(settings: RunSettings) -> SimulationResult:
+def with_recipe(settings: RunSettings, scenario: Scenario, open_settings: frozenset[str]) -> RunSettings:
+    """``settings`` with the scenario's recipe applied to the settings left open (never to one the user set)."""
+    recipe = {key: value for key, value in scenario.recipe.items() if key in open_settings}
+    if not recipe:
+        return settings
+    log.info(
+        "scenario %s's recipe (chosen on validation splits by `fedtransfer bench transfer`): %s",
+        scenario.name,
+        ", ".join(f"{key.replace('_', '-')} {value}" for key, value in recipe.items()),
+    )
+    return settings.with_(**recipe)
+
+
+def simulate(settings: RunSettings, open_settings: frozenset[str] = frozenset()) -> SimulationResult:
     """Pretrain (unless a checkpoint is given), run Flower's simulation engine, then the baselines.
 
     With ``settings.resume`` the interrupted run in ``settings.out`` continues with the
-    settings it was started with.
+    settings it was started with. ``open_settings``: the settings (field names) the caller left
+    at their defaults; the scenario's recipe (``Scenario.recipe``) sets those it names.
     """
     out = settings.output_dir()
     if settings.resume and not settings.out:
@@ -107,6 +121,7 @@ def simulate(settings: RunSettings) -> SimulationResult:
     else:
         (out / RUN_RECORD_FILE).unlink(missing_ok=True)
         scenario = _load(settings)
+        settings = with_recipe(settings, scenario, open_settings)
         checkpoint = Path(settings.checkpoint).expanduser() if settings.checkpoint else out / "source-model"
         if not settings.checkpoint:
             pretrain_source(scenario, checkpoint, seed=settings.seed)

@@ -346,7 +346,8 @@ def test_simulate_flags_parse_to_typed_settings() -> None:
         ["simulate", "--local-steps", "100", "--optimizer", "sgd-plain", "--strategy", "fedyogi"]
         + ["--server-lr", "0.03", "--no-dp", "--transfer-policy", "last:1", "-v"]
     )
-    settings = simulate_settings(args)
+    settings, open_settings = simulate_settings(args)
+    assert "batch_size" in open_settings and not {"local_steps", "dp", "transfer_policy"} & open_settings
     assert (settings.local_steps, settings.optimizer, settings.strategy, settings.server_lr, settings.dp) == (
         100,
         "sgd-plain",
@@ -385,3 +386,16 @@ def test_cli_prints_a_bad_setting_without_a_traceback(capsys: pytest.CaptureFixt
     out = capsys.readouterr().err
     assert "SettingsError" in out and "rounds must be at least 1" in out
     assert "server-lr only apply to fedadam, fedyogi, fedadagrad" in out
+
+
+def test_a_scenario_recipe_sets_only_what_the_user_left_open() -> None:
+    from dataclasses import replace as with_fields
+
+    from common.data.scenarios import load_scenario
+    from simulations.simulate import with_recipe
+
+    scenario = with_fields(load_scenario("wdbc"), recipe={"batch_size": 64, "lr": 0.2})
+    settings, open_settings = simulate_settings(cli.build_parser().parse_args(["simulate", "--lr", "0.1"]))
+    applied = with_recipe(settings, scenario, open_settings)
+    assert (applied.batch_size, applied.lr) == (64, 0.1)
+    assert with_recipe(settings, scenario, frozenset()) == settings

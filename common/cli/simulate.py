@@ -31,7 +31,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + spec.name.replace("_", "-")
         default = getattr(defaults, spec.name)
         shown = repr(default) if default == "" else str(default)
-        options: dict[str, Any] = {"dest": spec.name, "default": default, "help": f"{spec.metadata['help']} ({shown})"}
+        # None: not given, so the scenario's recipe may set it (settings_from_args)
+        options: dict[str, Any] = {"dest": spec.name, "default": None, "help": f"{spec.metadata['help']} ({shown})"}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
             continue
@@ -40,17 +41,18 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=type(default), metavar=spec.name.upper(), **options)
 
 
-def settings_from_args(args: argparse.Namespace) -> RunSettings:
-    values = {f.name: getattr(args, f.name) for f in fields(RunSettings) if f.metadata["simulate"]}
-    if values["scenario"].endswith(".toml"):
-        values["scenario"] = str(Path(values["scenario"]).resolve())
-    return RunSettings(**values)
+def settings_from_args(args: argparse.Namespace) -> tuple[RunSettings, frozenset[str]]:
+    """The settings the flags give, and the names of those left at their defaults (a scenario recipe may set them)."""
+    given = {f.name: getattr(args, f.name) for f in fields(RunSettings) if getattr(args, f.name, None) is not None}
+    if str(given.get("scenario", "")).endswith(".toml"):
+        given["scenario"] = str(Path(given["scenario"]).resolve())
+    return RunSettings(**given), frozenset(f.name for f in fields(RunSettings)) - set(given)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import simulate
 
-    settings = settings_from_args(args)
+    settings, open_settings = settings_from_args(args)
     if settings.resume:
         console.print(
             f"[bold]fedtransfer simulate[/bold]: resuming the run in {settings.out} with the settings it started with"
@@ -71,7 +73,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             "[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose "
             "policy allows it will; nothing protects their records.[/bold red]"
         )
-    return _report(simulate(settings))
+    return _report(simulate(settings, open_settings))
 
 
 SHORT_NAMES = {

@@ -43,8 +43,12 @@ class Scenario:
     #: Built-in generated or bundled public data: the only data a run may train on with reproducible
     #: (seeded, NOT private) noise, and only when asked.
     public_data: bool = False
-    #: Pretraining options that differ from the defaults (common.model.pretraining.PretrainConfig).
+    #: Pretraining options that differ from the defaults (common.model.pretrain_settings.PretrainConfig).
     pretrain: dict = field(default_factory=dict)
+    #: Run settings (RunSettings field names) that make transfer work best on this scenario, as chosen on
+    #: validation splits by ``fedtransfer bench transfer``; ``fedtransfer simulate`` applies those the user
+    #: did not set.
+    recipe: dict = field(default_factory=dict)
 
 
 def standardise(site: SiteData, mean: np.ndarray, std: np.ndarray) -> SiteData:
