@@ -376,8 +376,9 @@ def _sweep(
             scenario, base, TransferPolicy.parse(card.default_transfer_policy), recipe.train_config(seed)
         )
         elapsed = time.perf_counter() - start
-        for method, label in (("source as-is", "source only"), ("local-only", "local-only")):
-            add((label, None), {s: m["accuracy"] for s, m in baselines.per_site[method].items()}, [], elapsed / 2)
+        source_only, local_only = baselines[0], baselines[1]
+        for scored, label in ((source_only, "source only"), (local_only, "local-only")):
+            add((label, None), {s: m["accuracy"] for s, m in scored.sites.items()}, [], elapsed / 2)
         for epsilon in (*epsilons, None):
             if epsilon is not None:
                 start = time.perf_counter()
