@@ -7,23 +7,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from common.cli.console import console
-from common.privacy.audit import (
-    BUDGET_HEADER,
-    DEFAULT_TOLERANCE,
-    EMPIRICAL_HEADER,
-    AuditInputError,
-    AuditReport,
-    budget_rows,
-    empirical_rows,
-    run_audit,
-    write_plot,
-    write_report,
-)
+from common.cli.console import console, log_console
 
+if TYPE_CHECKING:
+    from common.privacy.audit import AuditReport
+
+COMMANDS = ("audit",)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}
 
@@ -40,6 +33,8 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
 
 
 def _print(report: AuditReport) -> None:
+    from common.privacy.audit import BUDGET_HEADER, EMPIRICAL_HEADER, budget_rows, empirical_rows
+
     if report.budgets:
         console.print(
             _table("Privacy budget per site and dataset (cumulative over all runs)", BUDGET_HEADER, budget_rows(report))
@@ -83,39 +78,41 @@ def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
     report.add("info" if audit.passed else "fail", "empirical audit", audit.explanation())
 
 
+def _usage_error(message: str) -> int:
+    log_console.print(f"[red]fedtransfer audit: {message}[/red]", highlight=False, soft_wrap=True)
+    return EXIT_USAGE
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from common.privacy.audit import AuditInputError, AuditReport, run_audit, write_plot, write_report
+    from common.privacy.audit.model import DEFAULT_TOLERANCE
+
     if not args.paths and not args.empirical:
-        console.print(
-            "[red]fedtransfer audit: give site state directories and/or coordinator run directories, or "
-            "--empirical[/red]"
-        )
-        return EXIT_USAGE
+        return _usage_error("give site state directories and/or coordinator run directories, or --empirical")
     if args.report and Path(args.report).suffix.lower() not in (".md", ".html", ".htm"):
-        console.print(f"[red]--report {args.report}: the report must end in .md or .html[/red]")
-        return EXIT_USAGE
+        return _usage_error(f"--report {args.report}: the report must end in .md or .html")
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
     try:
         report = (
             run_audit(
                 [Path(p) for p in args.paths],
-                tolerance=args.tolerance,
+                tolerance=tolerance,
                 method=args.method,
                 coordinator_fingerprint=args.coordinator_fingerprint,
             )
             if args.paths
-            else AuditReport(inputs=[], tolerance=args.tolerance, method=args.method or "matching")
+            else AuditReport(inputs=[], tolerance=tolerance, method=args.method or "matching")
         )
     except (AuditInputError, ValueError) as exc:
-        console.print(f"[red]fedtransfer audit: {exc}[/red]")
-        return EXIT_USAGE
+        return _usage_error(str(exc))
     if args.empirical:
         from client.canary_audit import CanaryAuditError
 
         try:
             _empirical(args, report)
         except CanaryAuditError as exc:
-            console.print(f"[red]fedtransfer audit --empirical: {exc}[/red]")
-            return EXIT_USAGE
+            return _usage_error(f"--empirical: {exc}")
     if args.report:
         write_report(report, Path(args.report))
     if args.plot:
@@ -155,9 +152,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     audit.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
+        default=None,
         help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error "
-        "(default: %(default)s)",
+        "(default: that error)",
     )
     audit.add_argument(
         "--method",
