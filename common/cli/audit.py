@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.table import Table
 
-from common.cli.console import console, log_console
+from common.cli.console import console, log_console, say
 
 if TYPE_CHECKING:
     from common.privacy.audit import AuditReport
@@ -22,22 +23,27 @@ _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title)
-    for column in header:
-        table.add_column(
-            column, justify="left" if column in ("site", "dataset", "status", "run", "verdict") else "right"
-        )
+    """Names in full (numbers and headers give way first on a narrow terminal)."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for index, column in enumerate(header):
+        if column in ("site", "dataset", "status", "run", "verdict"):
+            width = max((len(row[index]) for row in rows), default=0)
+            table.add_column(column, justify="left", no_wrap=True, min_width=width)
+        else:
+            table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
     return table
 
 
 def _print(report: AuditReport) -> None:
-    from common.privacy.audit import BUDGET_HEADER, EMPIRICAL_HEADER, budget_rows, empirical_rows
+    from common.privacy.audit import EMPIRICAL_HEADER, SUMMARY_HEADER, empirical_rows, explanation, summary_rows
 
     if report.budgets:
         console.print(
-            _table("Privacy budget per site and dataset (cumulative over all runs)", BUDGET_HEADER, budget_rows(report))
+            _table(
+                "Privacy budget per site and dataset (cumulative over all runs)", SUMMARY_HEADER, summary_rows(report)
+            )
         )
     if report.empirical:
         console.print(
@@ -57,6 +63,9 @@ def _print(report: AuditReport) -> None:
         f"{recomputed} epsilon value(s) recomputed independently ({report.method}); a claim may lie at most "
         f"{report.tolerance:g} below (the accountant's documented error)."
     )
+    meaning = explanation(report)
+    if meaning:
+        console.print(meaning, highlight=False)
     if report.passed:
         console.print("[bold green]AUDIT PASSED[/bold green]")
     else:
@@ -113,17 +122,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             _empirical(args, report)
         except CanaryAuditError as exc:
             return _usage_error(f"--empirical: {exc}")
+    written = []
     if args.report:
-        write_report(report, Path(args.report))
+        written.append(write_report(report, Path(args.report)))
     if args.plot:
-        write_plot(report, Path(args.plot))
+        written.append(write_plot(report, Path(args.plot)))
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     else:
         _print(report)
-        for written in (args.report, args.plot):
-            if written:
-                console.print(f"Wrote {written}")
+    for path in written:
+        say(f"Wrote {path}")
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
@@ -147,7 +156,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--json", action="store_true", help="print the audit as JSON instead of tables")
     audit.add_argument("--report", default="", help="also write a report: PATH.md (Markdown) or PATH.html")
     audit.add_argument(
-        "--plot", default="", help="also write PATH.png: cumulative epsilon per site over rounds and runs, caps dashed"
+        "--plot",
+        default="",
+        help="also write a PNG plot (PATH, or PATH.png when PATH does not end in .png): cumulative epsilon per site "
+        "over rounds and runs, caps dashed",
     )
     audit.add_argument(
         "--tolerance",
