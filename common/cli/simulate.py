@@ -32,7 +32,8 @@ def simulate_flags() -> list[str]:
     return [f.name.replace("_", "-") for f in fields(RunSettings) if f.metadata["simulate"]]
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per run setting that a simulation offers, with its help and default."""
     defaults = RunSettings()
     for spec in fields(RunSettings):
         if not spec.metadata["simulate"]:
@@ -270,5 +271,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "engine, and compare with source-only, local-only and pooled baselines. Every flag is a run setting "
         "(pyproject.toml's [tool.flwr.app.config] lists the same keys); defaults in parentheses.",
     )
-    _add_setting_flags(sim)
+    add_setting_flags(sim)
     sim.set_defaults(func=_cmd_simulate)
