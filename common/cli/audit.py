@@ -23,14 +23,12 @@ _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    """Names in full (numbers and headers give way first on a narrow terminal)."""
-    table = Table(title=title, box=box.SIMPLE_HEAD)
+    """Every cell in full; on a narrow terminal the headers wrap instead."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for index, column in enumerate(header):
-        if column in ("site", "dataset", "status", "run", "verdict"):
-            width = max((len(row[index]) for row in rows), default=0)
-            table.add_column(column, justify="left", no_wrap=True, min_width=width)
-        else:
-            table.add_column(column, justify="right")
+        width = max([len(row[index]) for row in rows] + [len(word) for word in column.split()])
+        justify = "left" if column in ("site", "dataset", "status", "run", "verdict") else "right"
+        table.add_column(column, justify=justify, min_width=width)
     for row in rows:
         table.add_row(*row)
     return table
