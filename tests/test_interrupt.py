@@ -9,7 +9,6 @@ of that session outlives the command.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -239,28 +238,3 @@ def test_ctrl_c_during_start_up_ends_in_one_line_and_leaves_nothing_running(tmp_
     assert _session_alive(session) == []
     log = (tmp_path / "run" / "simulate.log").read_text()
     assert "Traceback" not in log, log
-
-
-def test_progress_records_cross_to_the_cli_as_json() -> None:
-    """What a worker sends for a log record with progress is what the CLI's display reads."""
-    import io
-    import logging
-
-    from common.cli.simulation_worker import EVENT_LOG, EventChannel, EventHandler
-    from common.progress import ROUNDS, progress
-
-    stream = io.StringIO()
-    logger = logging.getLogger("tests.interrupt.progress")
-    logger.addHandler(EventHandler(EventChannel(stream)))
-    logger.setLevel(logging.INFO)
-    logger.info("round %d/%d done", 1, 3, extra=progress(ROUNDS, completed=1, total=3))
-    event = json.loads(stream.getvalue())
-    assert event["event"] == EVENT_LOG and event["message"] == "round 1/3 done"
-    assert event["progress"] | {"detail": ""} == {
-        "task": ROUNDS,
-        "completed": 1,
-        "total": 3,
-        "detail": "",
-        "transient": False,
-        "finished": False,
-    }

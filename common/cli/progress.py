@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from common.progress import BASELINES, PRETRAINING, ROUNDS, STARTUP
 
 LABELS = {STARTUP: "starting", PRETRAINING: "pretraining", ROUNDS: "rounds", BASELINES: "baselines"}
+FIRST_WAIT = "training: 0 of"
 
 
 class RunProgress:
@@ -67,6 +68,8 @@ class RunProgress:
         detail = progress.get("detail") or ("" if progress.get("completed") is None else shown.fields["detail"])
         if task == ROUNDS and shown.total is not None and detail and progress.get("transient"):
             detail = f"round {shown.completed + 1:g}: {detail}"
+            if shown.completed == 0 and progress["detail"].startswith(FIRST_WAIT):
+                detail += " (each site starts, then calibrates its noise for the whole run)"
         self.display.update(task_id, count=count, detail=detail)
         if progress.get("finished"):
             self._finish_current()
