@@ -190,32 +190,35 @@ def _groups_under(root: int) -> set[int]:
     return {groups[pid] for pid in found if pid in groups} | {root}
 
 
-def _sites(settings: RunSettings) -> int:
-    """How many simulated sites the run's scenario has (a resumed run's own scenario)."""
+def _with_scenario(settings: RunSettings, open_settings: frozenset[str]) -> tuple[RunSettings, int]:
+    """The settings with the scenario's recipe applied to those left open, as ``fedtransfer simulate`` does, and
+    the number of simulated sites; a resumed run keeps its own settings."""
     from common.data.scenarios import load_scenario
     from common.run_record import RUN_RECORD_FILE, RunRecord
+    from simulations.simulate import with_recipe
 
+    chosen = settings
     if settings.resume:
         record = Path(settings.out) / RUN_RECORD_FILE
         if not record.is_file():
             raise AppRunFailed(f"nothing to resume in {settings.out}: it holds no {RUN_RECORD_FILE}")
-        settings = RunSettings(**RunRecord.load(record).settings)
+        chosen = RunSettings(**RunRecord.load(record).settings)
     scenario = load_scenario(
-        settings.scenario,
-        seed=settings.seed,
-        data_dir=Path(settings.data_dir) if settings.data_dir else None,
-        private=not settings.per_site_scaling,
+        chosen.scenario,
+        seed=chosen.seed,
+        data_dir=Path(chosen.data_dir) if chosen.data_dir else None,
+        private=not chosen.per_site_scaling,
     )
-    return len(scenario.sites)
+    return (settings if settings.resume else with_recipe(settings, scenario, open_settings)), len(scenario.sites)
 
 
 def _cmd_app_run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings, open_settings = settings_from_args(args)
     if settings.resume and not settings.out:
         raise SettingsError("--resume needs --out DIR: the folder of the run to continue")
     out = make_output_dir(settings.output_dir())
     settings = settings.with_(out=str(out), sim_root=str(Path(settings.sim_root or out / "sites").resolve()))
-    sites = _sites(settings)
+    settings, sites = _with_scenario(settings, open_settings)
     console.print(
         f"[bold]fedtransfer app run[/bold]: the Flower App in {APP_DIR} on a local SuperLink, {sites} simulated "
         f"sites; logs in {out / RUN_LOG}"
