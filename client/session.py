@@ -17,7 +17,7 @@ from common.data.site_config import (
     SITE_CONFIG_FILE,
     SiteConfig,
     SiteConfigError,
-    site_dir,
+    simulated_site_dir,
 )
 from common.privacy.dataset_id import dataset_key, identities
 from common.privacy.ledger import Ledger
@@ -91,7 +91,7 @@ def site_config(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:
             raise SiteConfigError(
                 "this node is a simulated site (it has a partition-id) but the coordinator sent no sim-root"
             )
-        return SiteConfig.load(site_dir(Path(sim_root), int(node_config["partition-id"])) / SITE_CONFIG_FILE)
+        return SiteConfig.load(simulated_site_dir(Path(sim_root), int(node_config["partition-id"])) / SITE_CONFIG_FILE)
     raise SiteConfigError(
         "the node config names no site: start flower-supernode with --node-config 'site-config=\"/path/to/site.toml\"'"
     )

@@ -14,6 +14,10 @@ from common.io import write_atomic
 RUN_RECORD_FILE = "run-record.json"
 RUN_RECORD_FORMAT = 3
 
+#: How a run stands: running; completed (every round); stopped (too few sites, the last global model kept);
+#: interrupted (by the operator: resumable from its last completed round); failed (no global model).
+RUNNING, COMPLETED, STOPPED, INTERRUPTED, FAILED = "running", "completed", "stopped", "interrupted", "failed"
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -85,7 +89,7 @@ class RunRecord:
     transfer_policy: str
     strategy: str
     started: str = field(default_factory=_now)
-    status: str = "running"
+    status: str = RUNNING
     stop_reason: str = ""
     rounds: list[RoundRecord] = field(default_factory=list)
     final_checkpoint: str = ""

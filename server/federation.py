@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
+from common.interrupt import RunInterrupted, StopRequest
 from common.io import make_output_dir, write_atomic
 from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from common.model.metrics import classification_metrics
@@ -22,8 +23,9 @@ from common.model.training import as_tensors, predict_proba
 from common.model.transfer import TransferPolicy, state_fingerprint
 from common.model.zoo import FedModel
 from common.privacy.policy import PrivacyRequest
+from common.progress import ROUNDS, progress
 from common.protocol import RoundInstruction
-from common.run_record import RUN_RECORD_FILE, RunRecord
+from common.run_record import COMPLETED, FAILED, INTERRUPTED, RUN_RECORD_FILE, RUNNING, STOPPED, RunRecord
 from common.security.keys import (
     COORDINATOR_NAME,
     Identity,
@@ -33,6 +35,7 @@ from common.security.keys import (
 from common.security.manifest import Manifest, read_manifest
 from common.settings import RunSettings
 from server.channel import CoordinatorChannel, UpdateLimits
+from server.interruptible_grid import InterruptibleGrid
 from server.report import write_report
 from server.strategy import (
     BasePayload,
@@ -103,23 +106,30 @@ class ResumePoint:
         return max([self.completed, *(r.server_round for r in self.record.abandoned_rounds)])
 
 
+def completed_round(record: RunRecord, out: Path) -> int:
+    """The last round of the run whose global model and strategy state were fully written (0: none)."""
+    return max(
+        (
+            r.server_round
+            for r in record.rounds
+            if r.aggregated_sites and (_round_dir(out, r.server_round) / STRATEGY_STATE_FILE).is_file()
+        ),
+        default=0,
+    )
+
+
 def resume_point(out: Path) -> ResumePoint:
     """The last round of the run in ``out`` whose checkpoint was fully written."""
     if not (out / RUN_RECORD_FILE).is_file():
         raise FederationFailed(f"nothing to resume in {out}: it holds no {RUN_RECORD_FILE}")
     record = RunRecord.load(out / RUN_RECORD_FILE)
-    saved = [
-        r.server_round
-        for r in record.rounds
-        if r.aggregated_sites and (_round_dir(out, r.server_round) / STRATEGY_STATE_FILE).is_file()
-    ]
-    if not saved:
+    completed = completed_round(record, out)
+    if not completed:
         raise FederationFailed(f"the run in {out} completed no round; start it again instead of resuming")
-    completed = max(saved)
     model, _ = load_checkpoint(_round_dir(out, completed))
     record.abandoned_rounds += [r for r in record.rounds if r.server_round > completed]
     record.rounds = [r for r in record.rounds if r.server_round <= completed]
-    record.status, record.stop_reason, record.finished = "running", "", ""
+    record.status, record.stop_reason, record.finished = RUNNING, "", ""
     return ResumePoint(record, completed, model, load_file(str(_round_dir(out, completed) / STRATEGY_STATE_FILE)))
 
 
@@ -272,13 +282,16 @@ def _global_model(start: RunStart, arrays: ArrayRecord) -> FedModel:
     return with_trainable(with_trainable(start.card.build(), ArrayRecord(start.model.state_dict())), arrays)
 
 
-def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
+def run_federation(grid: Grid, settings: RunSettings, run_id: int, stop: StopRequest | None = None) -> RunRecord:
     """Run ``settings.rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``.
 
     With ``settings.resume`` the run recorded in ``settings.out`` continues from its last
     completed round, with that run's settings, keys and round numbers, so the sites keep
-    their run plan and nothing they recorded is rolled back.
+    their run plan and nothing they recorded is rolled back. Once ``stop`` is requested the
+    run stops waiting for the sites, abandons the round in progress and ends "interrupted".
     """
+    if stop is not None:
+        grid = InterruptibleGrid(grid, stop)
     start = start_run(settings, run_id)
     settings, out, card = start.settings, start.out, start.card
     instruction = round_instruction(start, run_id)
@@ -303,6 +316,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         sum(t.numel() for t in trainable.values()),
         sum(t.numel() for t in start.model.state_dict().values()),
         settings.strategy,
+        extra=progress(ROUNDS, completed=start.offset, total=settings.rounds),
     )
 
     def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -320,7 +334,13 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
             record.round(server_round).central = values
             metrics = MetricRecord(values)
         record.save(out)
-        log.info("round %d/%d done%s", server_round, settings.rounds, _round_summary(record, server_round))
+        log.info(
+            "round %d/%d done%s",
+            server_round,
+            settings.rounds,
+            _round_summary(record, server_round),
+            extra=progress(ROUNDS, completed=server_round, total=settings.rounds),
+        )
         return metrics
 
     try:
@@ -335,17 +355,28 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         )
     except TooFewSites as err:
         log.error("%s; stopping and saving the last global model", err)
-        record.finish("stopped", str(err))
+        record.finish(STOPPED, str(err))
+    except RunInterrupted as err:
+        return _interrupted(start, record, str(err))
     else:
-        record.finish("completed")
+        record.finish(COMPLETED)
     return _finish(start, strategy, record, run_id)
+
+
+def _interrupted(start: RunStart, record: RunRecord, reason: str) -> RunRecord:
+    """End the run as interrupted: the round in progress is abandoned; the completed rounds' checkpoints stay."""
+    completed = completed_round(record, start.out)
+    record.finish(INTERRUPTED, f"{reason}; rounds completed: {completed} of {start.settings.rounds}")
+    record.save(start.out)
+    log.warning("run %s interrupted after round %d of %d", record.run_id, completed, start.settings.rounds)
+    return record
 
 
 def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: int) -> RunRecord:
     """Save the final global model, the record and the report; a run without any global model failed."""
     out = start.out
     if strategy.latest_arrays is None:
-        record.finish("failed", record.stop_reason or "no round produced an aggregated update")
+        record.finish(FAILED, record.stop_reason or "no round produced an aggregated update")
         record.save(out)
         raise FederationFailed(
             f"run {run_id} produced no global model: {record.stop_reason}; see {out / RUN_RECORD_FILE}"

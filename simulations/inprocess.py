@@ -10,6 +10,7 @@ Flower's simulation engine for each. ``fedtransfer simulate`` uses Flower's engi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,42 +41,52 @@ class DirectGrid(Grid):
         self.on_instruction: Interceptor = lambda node, msg: msg
         self.on_reply: Interceptor = lambda node, msg: msg
         self.delivered: list[tuple[int, Message]] = []
+        self.unpulled: list[Message] = []
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
 
+    def _deliver(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        delivered = self.on_instruction(node, msg)
+        if delivered is None:
+            return None
+        self.delivered.append((node, delivered))
+        try:
+            reply = self.client_app(delivered, self.contexts[node])
+        except Exception as err:  # noqa: BLE001 - like Flower, a ClientApp exception becomes an error reply
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                reply_to=delivered,
+            )
+        return self.on_reply(node, reply)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        return [reply for msg in messages if (reply := self._deliver(msg)) is not None]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message now, with an id as Flower's grids give it; its reply waits for ``pull_messages``."""
+        ids = []
         for msg in messages:
-            node = msg.metadata.dst_node_id
-            delivered = self.on_instruction(node, msg)
-            if delivered is None:
-                continue
-            self.delivered.append((node, delivered))
-            try:
-                reply = self.client_app(delivered, self.contexts[node])
-            except Exception as err:  # noqa: BLE001 - like Flower, a ClientApp exception becomes an error reply
-                reply = Message(
-                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
-                    reply_to=delivered,
-                )
-            reply = self.on_reply(node, reply)
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            reply = self._deliver(msg)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                self.unpulled.append(reply)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        wanted = set(message_ids)
+        pulled = [r for r in self.unpulled if r.metadata.reply_to_message_id in wanted]
+        self.unpulled = [r for r in self.unpulled if r.metadata.reply_to_message_id not in wanted]
+        return pulled
 
     def create_message(self, *args, **kwargs):  # not used by fedtransfer's ServerApp
         raise AssertionError("DirectGrid does not create messages")
 
     def get_nodes(self, *args, **kwargs):
         raise AssertionError("DirectGrid has no node metadata")
-
-    def pull_messages(self, *args, **kwargs):
-        raise AssertionError("DirectGrid answers in send_and_receive only")
-
-    def push_messages(self, *args, **kwargs):
-        raise AssertionError("DirectGrid answers in send_and_receive only")
 
     @property
     def run(self):

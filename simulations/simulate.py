@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +15,15 @@ from client.app import app as client_app
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
+from common.interrupt import StopRequest
 from common.io import make_output_dir
 from common.model.checkpoint import load_checkpoint
 from common.model.metrics import classification_metrics, headline_metric
 from common.model.pretraining import pretrain_source
 from common.model.training import TrainConfig, as_tensors, predict_proba
 from common.model.transfer import TransferPolicy
-from common.run_record import RUN_RECORD_FILE, RunRecord
+from common.progress import BASELINES, PRETRAINING, STARTUP, progress
+from common.run_record import FAILED, INTERRUPTED, RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
 from server.app import make_server_app
 from server.federation import ROUND_CHECKPOINT_DIR
@@ -101,13 +104,18 @@ def with_recipe(settings: RunSettings, scenario: Scenario, open_settings: frozen
     return settings.with_(**recipe)
 
 
-def simulate(settings: RunSettings, open_settings: frozenset[str] = frozenset()) -> SimulationResult:
+def simulate(
+    settings: RunSettings, open_settings: frozenset[str] = frozenset(), stop: StopRequest | None = None
+) -> SimulationResult:
     """Pretrain (unless a checkpoint is given), run Flower's simulation engine, then the baselines.
 
     With ``settings.resume`` the interrupted run in ``settings.out`` continues with the
     settings it was started with. ``open_settings``: the settings (field names) the caller left
-    at their defaults; the scenario's recipe (``Scenario.recipe``) sets those it names.
+    at their defaults; the scenario's recipe (``Scenario.recipe``) sets those it names. Once
+    ``stop`` is requested during the federation, the run ends "interrupted" (no baselines, an
+    empty comparison); before or after it, the request raises ``RunInterrupted`` where it arrives.
     """
+    log.info("loading the scenario", extra=progress(STARTUP, detail="loading the scenario", transient=True))
     out = settings.output_dir()
     if settings.resume and not settings.out:
         raise SimulationFailed("resume needs --out: the folder of the run to continue")
@@ -124,6 +132,10 @@ def simulate(settings: RunSettings, open_settings: frozenset[str] = frozenset())
         settings = with_recipe(settings, scenario, open_settings)
         checkpoint = Path(settings.checkpoint).expanduser() if settings.checkpoint else out / "source-model"
         if not settings.checkpoint:
+            log.info(
+                "pretraining the source model",
+                extra=progress(PRETRAINING, detail=f"{scenario.model.arch} on the source domain", transient=True),
+            )
             pretrain_source(scenario, checkpoint, seed=settings.seed)
         bound = settings.with_(
             checkpoint=str(checkpoint.resolve()),
@@ -136,21 +148,29 @@ def simulate(settings: RunSettings, open_settings: frozenset[str] = frozenset())
     os.environ.setdefault(
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"
     )  # CPU only: keep Ray from touching device variables
-    run_simulation(
-        server_app=make_server_app(bound),
-        client_app=client_app,
-        num_supernodes=num_sites,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
+    log.info(
+        "starting Flower's simulation engine with %d sites",
+        num_sites,
+        extra=progress(STARTUP, detail=f"starting Flower's simulation engine (Ray), {num_sites} sites", transient=True),
     )
-    if not (out / RUN_RECORD_FILE).is_file():
-        raise SimulationFailed(
-            f"the simulated run wrote no run record to {out}; see the log above for the ServerApp error"
+    with stop.graceful() if stop is not None else nullcontext():
+        run_simulation(
+            server_app=make_server_app(bound, stop),
+            client_app=client_app,
+            num_supernodes=num_sites,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": 2, "include_dashboard": False},
+            },
         )
+    if not (out / RUN_RECORD_FILE).is_file():
+        raise SimulationFailed(f"the simulated run wrote no run record to {out}; see the log for the ServerApp's error")
     record = RunRecord.load(out / RUN_RECORD_FILE)
-    if record.status == "failed" or not record.final_checkpoint:
+    if record.status == INTERRUPTED:
+        return SimulationResult(record=record, out=out, comparison=[], metric="")
+    if stop is not None:
+        stop.check()
+    if record.status == FAILED or not record.final_checkpoint:
         raise SimulationFailed(f"the simulated run {record.status}: {record.stop_reason}")
     base, card = load_checkpoint(checkpoint)
     transfer = TransferPolicy.parse(bound.transfer_policy or card.default_transfer_policy)
@@ -167,6 +187,10 @@ def simulate(settings: RunSettings, open_settings: frozenset[str] = frozenset())
         class_prior=tuple(card.class_prior) if weighted else (),
     )
     promise = PrivateBaseline(bound.target_epsilon, bound.delta, bound.max_grad_norm) if bound.dp else None
+    log.info(
+        "training the baselines",
+        extra=progress(BASELINES, detail="source as-is, local-only and pooled, scored on every site", transient=True),
+    )
     simulator_evaluation(record, out, scenario)
     methods = compute_baselines(scenario, base, transfer, config, promise)
     methods.append(federated_scores(record, scenario, bound.seed))

@@ -1,20 +1,23 @@
 """Simulated sites on one machine: each scenario site gets a folder like a real site's.
 
-``<root>/site-<partition>/`` holds ``site.toml``, its data under ``data/``, throwaway keys
+``<root>/<site name>/`` holds ``site.toml``, its data under ``data/``, throwaway keys
 and the federation manifest under ``keys/``, and its state (privacy policy, ledger) under
-``state/``. A simulated ClientApp finds its folder from its Flower partition id, then
-behaves exactly like a deployed site. Keys are new for every run; state is kept.
+``state/``. ``<root>/simulated-sites.json`` lists the sites in Flower's partition order: a
+simulated ClientApp finds its folder from its partition id, then behaves exactly like a
+deployed site. The coordinator's keys are new for every run; the sites' keys and state are kept.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.scenario import Scenario
-from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, site_dir
+from common.data.site_config import SIMULATED_SITES_FILE, SITE_CONFIG_FILE, SiteConfig, site_dir
 from common.data.site_data import SiteData, write_site_data
+from common.io import write_atomic
 from common.privacy.policy import SitePolicy, write_policy
 from common.security.keys import (
     COORDINATOR_NAME,
@@ -82,26 +85,27 @@ def materialize_sites(
     a new identity and manifest for every run; ``reuse_keys`` keeps those of the previous run
     (a resumed run continues under the same manifest).
     """
-    coordinator_dir = Path(root).resolve() / COORDINATOR_KEYS_DIR
+    root = Path(root).resolve()
+    coordinator_dir = root / COORDINATOR_KEYS_DIR
     if reuse_keys and coordinator_dir.is_dir():
         coordinator = read_identity(coordinator_dir, COORDINATOR_NAME)
         manifest = read_manifest(coordinator_dir / MANIFEST_FILE, coordinator.public().fingerprint())
         return SimulatedFederation(
-            [SiteConfig.load(site_dir(root, i) / SITE_CONFIG_FILE) for i in range(len(scenario.sites))],
+            [SiteConfig.load(site_dir(root, site.name) / SITE_CONFIG_FILE) for site in scenario.sites],
             coordinator,
             manifest,
         )
+    for index, site in enumerate(scenario.sites):
+        _adopt_numbered_folder(root, index, site.name)
     coordinator = Identity.generate(COORDINATOR_NAME)
-    identities = [
-        _site_identity(site_dir(root, index).resolve() / "keys", site.name) for index, site in enumerate(scenario.sites)
-    ]
+    identities = [_site_identity(site_dir(root, site.name) / "keys", site.name) for site in scenario.sites]
     manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
     shutil.rmtree(coordinator_dir, ignore_errors=True)
     write_identity(coordinator, coordinator_dir)
     write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
     configs = []
-    for index, site in enumerate(scenario.sites):
-        folder = site_dir(root, index).resolve()
+    for site in scenario.sites:
+        folder = site_dir(root, site.name)
         keys_dir = folder / "keys"
         config = SiteConfig(
             site_id=site.name,
@@ -118,4 +122,15 @@ def materialize_sites(
         write_manifest(manifest, config.manifest)
         (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
         configs.append(config)
+    write_atomic(root / SIMULATED_SITES_FILE, json.dumps([site.name for site in scenario.sites]).encode("utf-8"))
     return SimulatedFederation(configs, coordinator, manifest)
+
+
+def _adopt_numbered_folder(root: Path, index: int, name: str) -> None:
+    """A simulation root from before folders bore the sites' names keeps site ``name`` in ``site-<index>``: move
+    it, keys, policy and ledger with it, so that its spend carries over."""
+    old, new = root / f"site-{index}", site_dir(root, name)
+    if old == new or new.exists() or not (old / SITE_CONFIG_FILE).is_file():
+        return
+    if SiteConfig.load(old / SITE_CONFIG_FILE).site_id == name:
+        old.rename(new)

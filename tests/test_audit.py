@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import json
 from pathlib import Path
 
@@ -394,3 +395,84 @@ def test_reproducible_noise_is_flagged_as_not_private(tmp_path: Path) -> None:
     report = run_audit([state])
     assert [b.status for b in report.budgets] == ["not-private"]
     assert any("reproducible" in m and "NOT private" in m for m in failures(report))
+
+
+# what a privacy officer reads -----------------------------------------------------------
+
+
+def test_a_run_is_authenticated_by_the_sites_coordinator_fingerprint_or_warned_about_once(
+    tmp_path: Path, make_site, caplog
+) -> None:
+    state = make_site()
+    run, _ = _run_dir(tmp_path, state, SITES["hospital-a"])
+    with caplog.at_level("WARNING"):
+        alone = run_audit([run])
+    warnings = [f.message for f in alone.findings if f.severity == "warn"]
+    assert len(warnings) == 1 and "--coordinator-fingerprint" in warnings[0] and "--sim-root" in warnings[0]
+    assert not [r for r in caplog.records if "manifest" in r.getMessage()]  # said once, by the audit
+    with_site = run_audit([state, run])
+    assert not [f for f in with_site.findings if f.severity == "warn"]
+    assert any("site hospital-a's site.toml names" in f.message for f in with_site.findings)
+
+
+def test_the_dataset_a_site_holds_is_named_by_its_data_path(tmp_path: Path, make_site) -> None:
+    from common.data.site_data import dataset_fingerprint
+    from common.privacy.dataset_id import dataset_key, keyed_id
+
+    state = make_site()  # trained on an older copy of the data: only its identity is known
+    data = tmp_path / "hospital-a" / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.csv").write_text("age,label\n50,1\n61,0\n")
+    current = keyed_id(dataset_key(state), dataset_fingerprint(data))
+    guard = BudgetGuard(state, _policy(), current, SITES["hospital-a"])
+    plan = guard.plan_run("4243", PrivacyRequest(3.0, 1e-5, 1.0, 1), sample_rate=Q, steps_per_round=STEPS)
+    with guard.spend(plan, TRAIN, 1) as record:
+        record(STEPS, "f" * 64)
+    report = run_audit([state])
+    assert report.passed, failures(report)
+    assert sorted(b.dataset for b in report.budgets) == sorted(["hospital-a/data", DATASET[:12]])
+    assert "hospital-a/data" in write_markdown(report, tmp_path / "audit.md").read_text()
+
+
+def test_reports_say_delta_everywhere_and_what_the_figures_mean(tmp_path: Path, make_site) -> None:
+    from common.privacy.audit import BUDGET_HEADER, EMPIRICAL_HEADER, SUMMARY_HEADER, explanation
+    from common.privacy.audit.render import RECOMPUTED_HEADER
+
+    report = run_audit([make_site()])
+    assert all("delta" in header for header in (BUDGET_HEADER, SUMMARY_HEADER, RECOMPUTED_HEADER, EMPIRICAL_HEADER))
+    [budget] = report.budgets
+    epsilon = max(budget.spent_claimed, budget.spent_recomputed)
+    meaning = explanation(report)
+    assert f"epsilon {epsilon:.2f} at delta 1e-05" in meaning and "1 in 100,000" in meaning
+    markdown = write_markdown(report, tmp_path / "audit.md").read_text()
+    assert meaning in markdown and markdown.count("| 1e-05 |") == 1 + len(report.recomputed)
+    page = write_html(report, tmp_path / "audit.html").read_text()
+    assert html.escape(meaning) in page and page.count("<td>1e-05</td>") == 1 + len(report.recomputed)
+
+
+def test_the_plot_is_written_where_the_cli_says(tmp_path: Path, make_site, capsys) -> None:
+    state = make_site()
+    args = _parser().parse_args(["audit", str(state), "--plot", str(tmp_path / "audit-hd")])
+    assert args.func(args) == 0
+    assert f"Wrote {tmp_path / 'audit-hd.png'}" in capsys.readouterr().err
+    assert (tmp_path / "audit-hd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_json_is_the_only_thing_on_standard_output(tmp_path: Path, make_site) -> None:
+    """A real ``fedtransfer audit --json`` process: ``json.loads`` of its standard output, warnings elsewhere."""
+    import subprocess
+    import sys
+
+    state = make_site()
+    run, _ = _run_dir(tmp_path, state, SITES["hospital-a"])
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("fedtransfer")), "audit", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["passed"] is True and data["runs"] == [str(RUN_ID)]
+    assert any(f["severity"] == "warn" for f in data["findings"])  # the manifest warning is in the JSON, not before it

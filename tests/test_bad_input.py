@@ -171,7 +171,7 @@ LOCK_WAIT = 1.0  # seconds a site waits for its ledger lock in this test (the li
 
 
 def _data(sim_root: Path, site: int) -> Path:
-    return site_dir(sim_root, site) / "data"
+    return site_dir(sim_root, f"site-{site}") / "data"
 
 
 def _wrong_columns(data: Path) -> None:
@@ -305,13 +305,13 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
                 saved[site] = {p.name: p.read_bytes() for p in data.iterdir()}
                 DATA_FAULTS[site][0](data)
             elif site == POLICY_VICTIM:
-                policy = site_dir(sim_root, site) / "state" / "privacy-policy.toml"
+                policy = site_dir(sim_root, f"site-{site}") / "state" / "privacy-policy.toml"
                 saved[site] = {policy.name: policy.read_bytes()}
                 policy.write_text(INVALID_POLICY)
             elif site == LOCK_VICTIM:
-                holder["process"] = LockHolder(site_dir(sim_root, site) / "state" / LOCK_FILE)
+                holder["process"] = LockHolder(site_dir(sim_root, f"site-{site}") / "state" / LOCK_FILE)
             elif site == DISK_VICTIM:
-                disk.target = str((site_dir(sim_root, site) / "state" / LEDGER_FILE).resolve())
+                disk.target = str((site_dir(sim_root, f"site-{site}") / "state" / LEDGER_FILE).resolve())
             return msg
 
         def on_reply(node: int, reply: Message) -> Message:
@@ -325,7 +325,7 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
                 for name, content in saved[site].items():
                     (data / name).write_bytes(content)
             elif site == POLICY_VICTIM:
-                (site_dir(sim_root, site) / "state" / "privacy-policy.toml").write_bytes(
+                (site_dir(sim_root, f"site-{site}") / "state" / "privacy-policy.toml").write_bytes(
                     saved[site]["privacy-policy.toml"]
                 )
             elif site == LOCK_VICTIM:

@@ -56,7 +56,7 @@ def every_reply(tmp_path_factory: pytest.TempPathFactory):
     study = write_shifted_study(root / "study", sites=3)
     sim_root = root / "sites"
     for site, cap in CAPS.items():
-        path = site_dir(sim_root, site) / "state" / "privacy-policy.toml"
+        path = site_dir(sim_root, f"site-{site}") / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True)
         write_policy(
             SitePolicy(
@@ -74,7 +74,7 @@ def every_reply(tmp_path_factory: pytest.TempPathFactory):
     saved: dict[str, bytes] = {}
 
     def break_data(node: int, msg: Message) -> Message:
-        data = site_dir(sim_root, BROKEN_SITE) / "data" / "test.npz"
+        data = site_dir(sim_root, f"site-{BROKEN_SITE}") / "data" / "test.npz"
         is_target = node == FIRST_NODE + BROKEN_SITE and msg.metadata.message_type == "evaluate"
         if is_target and int(msg.content[CONFIG]["server-round"]) == BROKEN_ROUND:
             saved["test.npz"] = data.read_bytes()
@@ -146,7 +146,7 @@ def test_train_replies_carry_no_raw_loss_no_exact_count_and_a_public_sample_rate
         rate, _ = sample_rate_and_steps(DECLARED[index], 16, 1)
         assert train["sample-rate"] == rate
         assert reply.report["egress"]["train-loss"].startswith("dp-release: Gaussian mechanism")
-    ledger = Ledger(site_dir(root / "sites", 0) / "state")
+    ledger = Ledger(site_dir(root / "sites", "site-0") / "state")
     kinds = [e.kind for e in ledger.entries()]
     assert kinds.count("train-loss") == 2 and kinds.count(EVALUATE) == 2
 
@@ -280,8 +280,8 @@ def test_the_dataset_identity_is_not_a_function_of_the_content(tmp_path: Path) -
 def test_reports_and_ledgers_carry_the_keyed_identity_only(every_reply) -> None:
     root, record = every_reply
     for index in (0, 1):  # site 2 never trained
-        content = dataset_fingerprint(site_dir(root / "sites", index) / "data")
-        entries = Ledger(site_dir(root / "sites", index) / "state").entries()
+        content = dataset_fingerprint(site_dir(root / "sites", f"site-{index}") / "data")
+        entries = Ledger(site_dir(root / "sites", f"site-{index}") / "state").entries()
         assert entries and all(e.dataset_id != content for e in entries)
         assert content not in (root / "out" / "run-record.json").read_text()
 
@@ -350,7 +350,7 @@ def test_two_identical_runs_on_real_data_give_different_updates() -> None:
 def test_the_run_uses_the_csprng_unless_reproducible_noise_is_asked_for_and_allowed(every_reply) -> None:
     root, _ = every_reply
     for index in (0, 1):
-        assert {e.noise for e in Ledger(site_dir(root / "sites", index) / "state").entries()} == {"csprng"}
+        assert {e.noise for e in Ledger(site_dir(root / "sites", f"site-{index}") / "state").entries()} == {"csprng"}
 
 
 # the crafted evaluation head --------------------------------------------------------------------
@@ -363,7 +363,7 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
     study = write_shifted_study(tmp_path / "study", sites=2)
     sim_root = tmp_path / "sites"
     for site in range(2):
-        path = site_dir(sim_root, site) / "state" / "privacy-policy.toml"
+        path = site_dir(sim_root, f"site-{site}") / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True)
         write_policy(
             SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=120, evaluation="dp"), path
@@ -407,12 +407,12 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
         reply = record.round(1).sites[f"site-{site}"].evaluate
         assert reply.status == "ok"
         released = np.asarray(reply.values["eval-counts"])
-        data = np.load(site_dir(sim_root, site) / "data" / "test.npz")
+        data = np.load(site_dir(sim_root, f"site-{site}") / "data" / "test.npz")
         exact = evaluation_counts(data["y"], np.tile([1 / (1 + math.e), math.e / (1 + math.e)], (len(data["y"]), 1)))
         assert exact[:, LOGIT_EDGES.index(1.0) + 1].sum() == len(data["y"])  # the crafted head's exact counts
         noise = released - exact
         assert np.all(np.abs(noise) > 1e-9) and np.std(noise) > 1.0  # every cell noisy, at the planned scale
-        entry = Ledger(site_dir(sim_root, site) / "state").entries()[-1]
+        entry = Ledger(site_dir(sim_root, f"site-{site}") / "state").entries()[-1]
         assert entry.kind == EVALUATE and reply.report["releases"]["eval-counts"] == entry.index
 
 

@@ -68,7 +68,7 @@ def train_round_of(msg: Message) -> int | None:
 def write_rdp_policies(sim_root: Path, sites: int) -> None:
     """Each simulated site's own policy, written before the run: cap 10, RDP accountant."""
     for index in range(sites):
-        path = site_dir(sim_root, index) / "state" / "privacy-policy.toml"
+        path = site_dir(sim_root, f"site-{index}") / "state" / "privacy-policy.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_policy(
             SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", declared_size=SHIFTED_STUDY_TRAIN_ROWS), path
@@ -76,12 +76,12 @@ def write_rdp_policies(sim_root: Path, sites: int) -> None:
 
 
 def site_ledger(sim_root: Path, site: int) -> Ledger:
-    return Ledger(site_dir(sim_root, site) / "state")
+    return Ledger(site_dir(sim_root, f"site-{site}") / "state")
 
 
 def ledger_files(sim_root: Path, site: int) -> tuple[bytes | None, bytes | None]:
     """The raw bytes of a site's ledger and its head anchor (None where a file does not exist)."""
-    state = site_dir(sim_root, site) / "state"
+    state = site_dir(sim_root, f"site-{site}") / "state"
     return tuple((state / name).read_bytes() if (state / name).exists() else None for name in (LEDGER_FILE, HEAD_FILE))
 
 
@@ -108,7 +108,7 @@ def forged_update(
     sim_root: Path, instruction: Message, run_id: int, tensors: dict[str, torch.Tensor], num_examples: int
 ) -> Message:
     """A reply site-0 itself built and signed: authentic, but with whatever weights it likes."""
-    keys = site_dir(sim_root, 0) / "keys"
+    keys = site_dir(sim_root, "site-0") / "keys"
     site = read_identity(keys, "site-0")
     coordinator = Manifest.from_json((keys / MANIFEST_FILE).read_text(), None).coordinator
     server_round = int(instruction.content[CONFIG]["server-round"])

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from client.app import app as client_app
-from common.data.site_config import site_dir
+from common.data.site_config import simulated_site_dir
 from common.model.checkpoint import load_checkpoint
 from common.privacy.ledger import Ledger
 from common.settings import RunSettings
@@ -63,7 +63,7 @@ def summary(root: Path) -> dict[str, Any]:
         "ledgers": [
             [
                 (e.kind, e.server_round, round(e.noise_multiplier, 6), e.sample_rate, e.steps, round(e.epsilon, 6))
-                for e in Ledger(site_dir(root / "sites", i) / "state").entries()
+                for e in Ledger(simulated_site_dir(root / "sites", i) / "state").entries()
             ]
             for i in range(SITES)
         ],

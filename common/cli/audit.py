@@ -7,42 +7,41 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rich import box
 from rich.table import Table
 
-from common.cli.console import console
-from common.privacy.audit import (
-    BUDGET_HEADER,
-    DEFAULT_TOLERANCE,
-    EMPIRICAL_HEADER,
-    AuditInputError,
-    AuditReport,
-    budget_rows,
-    empirical_rows,
-    run_audit,
-    write_plot,
-    write_report,
-)
+from common.cli.console import console, log_console, say
 
+if TYPE_CHECKING:
+    from common.privacy.audit import AuditReport
+
+COMMANDS = ("audit",)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _STYLE = {"fail": "bold red", "warn": "yellow", "info": "dim"}
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title)
-    for column in header:
-        table.add_column(
-            column, justify="left" if column in ("site", "dataset", "status", "run", "verdict") else "right"
-        )
+    """Every cell in full; on a narrow terminal the headers wrap instead."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for index, column in enumerate(header):
+        width = max([len(row[index]) for row in rows] + [len(word) for word in column.split()])
+        justify = "left" if column in ("site", "dataset", "status", "run", "verdict") else "right"
+        table.add_column(column, justify=justify, min_width=width)
     for row in rows:
         table.add_row(*row)
     return table
 
 
 def _print(report: AuditReport) -> None:
+    from common.privacy.audit import EMPIRICAL_HEADER, SUMMARY_HEADER, empirical_rows, explanation, summary_rows
+
     if report.budgets:
         console.print(
-            _table("Privacy budget per site and dataset (cumulative over all runs)", BUDGET_HEADER, budget_rows(report))
+            _table(
+                "Privacy budget per site and dataset (cumulative over all runs)", SUMMARY_HEADER, summary_rows(report)
+            )
         )
     if report.empirical:
         console.print(
@@ -62,6 +61,9 @@ def _print(report: AuditReport) -> None:
         f"{recomputed} epsilon value(s) recomputed independently ({report.method}); a claim may lie at most "
         f"{report.tolerance:g} below (the accountant's documented error)."
     )
+    meaning = explanation(report)
+    if meaning:
+        console.print(meaning, highlight=False)
     if report.passed:
         console.print("[bold green]AUDIT PASSED[/bold green]")
     else:
@@ -83,50 +85,52 @@ def _empirical(args: argparse.Namespace, report: AuditReport) -> None:
     report.add("info" if audit.passed else "fail", "empirical audit", audit.explanation())
 
 
+def _usage_error(message: str) -> int:
+    log_console.print(f"[red]fedtransfer audit: {message}[/red]", highlight=False, soft_wrap=True)
+    return EXIT_USAGE
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from common.privacy.audit import AuditInputError, AuditReport, run_audit, write_plot, write_report
+    from common.privacy.audit.model import DEFAULT_TOLERANCE
+
     if not args.paths and not args.empirical:
-        console.print(
-            "[red]fedtransfer audit: give site state directories and/or coordinator run directories, or "
-            "--empirical[/red]"
-        )
-        return EXIT_USAGE
+        return _usage_error("give site state directories and/or coordinator run directories, or --empirical")
     if args.report and Path(args.report).suffix.lower() not in (".md", ".html", ".htm"):
-        console.print(f"[red]--report {args.report}: the report must end in .md or .html[/red]")
-        return EXIT_USAGE
+        return _usage_error(f"--report {args.report}: the report must end in .md or .html")
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
     try:
         report = (
             run_audit(
                 [Path(p) for p in args.paths],
-                tolerance=args.tolerance,
+                tolerance=tolerance,
                 method=args.method,
                 coordinator_fingerprint=args.coordinator_fingerprint,
             )
             if args.paths
-            else AuditReport(inputs=[], tolerance=args.tolerance, method=args.method or "matching")
+            else AuditReport(inputs=[], tolerance=tolerance, method=args.method or "matching")
         )
     except (AuditInputError, ValueError) as exc:
-        console.print(f"[red]fedtransfer audit: {exc}[/red]")
-        return EXIT_USAGE
+        return _usage_error(str(exc))
     if args.empirical:
         from client.canary_audit import CanaryAuditError
 
         try:
             _empirical(args, report)
         except CanaryAuditError as exc:
-            console.print(f"[red]fedtransfer audit --empirical: {exc}[/red]")
-            return EXIT_USAGE
+            return _usage_error(f"--empirical: {exc}")
+    written = []
     if args.report:
-        write_report(report, Path(args.report))
+        written.append(write_report(report, Path(args.report)))
     if args.plot:
-        write_plot(report, Path(args.plot))
+        written.append(write_plot(report, Path(args.plot)))
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     else:
         _print(report)
-        for written in (args.report, args.plot):
-            if written:
-                console.print(f"Wrote {written}")
+    for path in written:
+        say(f"Wrote {path}")
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
@@ -150,14 +154,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--json", action="store_true", help="print the audit as JSON instead of tables")
     audit.add_argument("--report", default="", help="also write a report: PATH.md (Markdown) or PATH.html")
     audit.add_argument(
-        "--plot", default="", help="also write PATH.png: cumulative epsilon per site over rounds and runs, caps dashed"
+        "--plot",
+        default="",
+        help="also write a PNG plot (PATH, or PATH.png when PATH does not end in .png): cumulative epsilon per site "
+        "over rounds and runs, caps dashed",
     )
     audit.add_argument(
         "--tolerance",
         type=float,
-        default=DEFAULT_TOLERANCE,
+        default=None,
         help="how far below the recomputed epsilon a claim may lie, at most the accountant's documented error "
-        "(default: %(default)s)",
+        "(default: that error)",
     )
     audit.add_argument(
         "--method",

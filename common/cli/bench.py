@@ -9,6 +9,7 @@ from rich.markdown import Markdown
 
 from common.cli.console import console
 
+COMMANDS = ("bench",)
 DEFAULT_OUT = "fedtransfer-runs/benchmarks"
 
 

@@ -9,24 +9,8 @@ from rich.table import Table
 
 from common.cli.console import console
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
-from common.deploy.provision import (
-    DEFAULT_RUNTIME_PORT,
-    REGISTER_SCRIPT,
-    RUN_SCRIPT,
-    SUPERLINK_SCRIPT,
-    SUPERNODE_SCRIPT,
-    Endpoint,
-    ProvisionError,
-    ProvisionRequest,
-    provision,
-)
-from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
-from common.privacy.ledger import LEDGER_FILE, Ledger
-from common.privacy.policy import PolicyError, SitePolicy
-from common.security.keys import KeyFileError, passphrase_from_env, read_identity
-from common.security.manifest import ManifestError
 
-_STYLE = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
+COMMANDS = ("provision", "site")
 
 
 def _names(text: str) -> list[str]:
@@ -34,6 +18,20 @@ def _names(text: str) -> list[str]:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
+    from common.deploy.provision import (
+        REGISTER_SCRIPT,
+        RUN_SCRIPT,
+        SUPERLINK_SCRIPT,
+        SUPERNODE_SCRIPT,
+        Endpoint,
+        ProvisionError,
+        ProvisionRequest,
+        provision,
+    )
+    from common.privacy.policy import PolicyError, SitePolicy
+    from common.security.keys import KeyFileError
+    from common.security.manifest import ManifestError
+
     sites = _names(args.sites)
     try:
         endpoints = [Endpoint.parse(a) for a in _names(",".join(args.superlink_address))]
@@ -87,12 +85,15 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
 
 def _cmd_site_check(args: argparse.Namespace) -> int:
+    from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
+
+    styles = {OK: "green", WARNING: "yellow", ERROR: "bold red"}
     findings = check_kit(Path(args.kit), Path(args.model_card) if args.model_card else None, probe=args.probe)
     table = Table(title=f"Check of {args.kit}")
     for column in ("", "check", "finding"):
         table.add_column(column)
     for finding in findings:
-        style = _STYLE[finding.level]
+        style = styles[finding.level]
         table.add_row(f"[{style}]{finding.level}[/{style}]", finding.check, finding.message)
     console.print(table)
     if has_errors(findings):
@@ -103,6 +104,9 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign_ledger(args: argparse.Namespace) -> int:
+    from common.privacy.ledger import LEDGER_FILE, Ledger
+    from common.security.keys import passphrase_from_env, read_identity
+
     config_path = Path(args.site) / SITE_CONFIG_FILE if Path(args.site).is_dir() else Path(args.site)
     config = SiteConfig.load(config_path)
     identity = read_identity(config.keys_dir, config.site_id, passphrase_from_env())
@@ -143,8 +147,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--runtime-port",
         type=int,
         default=0,
-        help=f"first local runtime port of the SuperNodes, one per site (default: {DEFAULT_RUNTIME_PORT}, "
-        f"{DEFAULT_RUNTIME_PORT + 1}, ...)",
+        help="first local runtime port of the SuperNodes, one per site (default: Flower's SuperNode port, then one "
+        "more per site)",
     )
     prov.add_argument(
         "--app-dir", default="", help="the fedtransfer checkout on the coordinator machine (default: this one)"

@@ -17,6 +17,8 @@ from common.security.keys import (
 )
 from common.security.manifest import read_manifest, sign_manifest, write_manifest
 
+COMMANDS = ("keys",)
+
 
 def _passphrase(args: argparse.Namespace, confirm: bool) -> bytes | None:
     if args.passphrase_env:

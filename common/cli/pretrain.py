@@ -23,6 +23,8 @@ PRETRAIN_HELP = {
 }
 CHOICES = {"optimizer": OPTIMIZERS, "class_weights": CLASS_WEIGHTS}
 
+COMMANDS = ("pretrain", "scenarios")
+
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from common.data.scenarios import load_scenario

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import shutil
+import signal
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from common.cli.console import console
-from common.settings import RunSettings
+from common.cli.console import console, error_line, say
+from common.cli.main import interrupted_status
+from common.io import make_output_dir
+from common.settings import RunSettings, SettingsError
+
+COMMANDS = ("simulate",)
 
 if TYPE_CHECKING:
+    from common.cli.supervisor import Outcome
     from common.run_record import RunRecord
     from simulations.simulate import SimulationResult
 
@@ -23,7 +32,8 @@ def simulate_flags() -> list[str]:
     return [f.name.replace("_", "-") for f in fields(RunSettings) if f.metadata["simulate"]]
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per run setting that a simulation offers, with its help and default."""
     defaults = RunSettings()
     for spec in fields(RunSettings):
         if not spec.metadata["simulate"]:
@@ -50,14 +60,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[RunSettings, frozenset
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.simulate import simulate
+    from common.cli.supervisor import supervise
 
     settings, open_settings = settings_from_args(args)
+    if settings.resume and not settings.out:
+        raise SettingsError("--resume needs --out DIR: the folder of the run to continue")
+    settings = settings.with_(out=str(make_output_dir(settings.output_dir())))
     if settings.resume:
         console.print(
             f"[bold]fedtransfer simulate[/bold]: resuming the run in {settings.out} with the settings it started with"
         )
-        return _report(simulate(settings))
+    else:
+        _banner(settings)
+    return _conclude(supervise(settings, open_settings, args.verbose), settings)
+
+
+def _banner(settings: RunSettings) -> None:
     rounds = f"{settings.rounds} round{'s' if settings.rounds != 1 else ''}"
     console.print(
         f"[bold]fedtransfer simulate[/bold]: scenario {settings.scenario}, {rounds}, "
@@ -73,7 +91,80 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             "[bold red]NOT PRIVATE: --no-dp asks the sites to train WITHOUT differential privacy. Only sites whose "
             "policy allows it will; nothing protects their records.[/bold red]"
         )
-    return _report(simulate(settings, open_settings))
+
+
+def _program() -> str:
+    """How the user called fedtransfer, as they can type it again."""
+    invoked = Path(sys.argv[0])
+    on_path = shutil.which("fedtransfer")
+    if invoked.name != "fedtransfer" or (on_path and Path(on_path).resolve() == invoked.resolve()):
+        return "fedtransfer"
+    return str(invoked)
+
+
+def resume_command(out: str) -> str:
+    return shlex.join([_program(), "simulate", "--resume", "--out", out])
+
+
+def _conclude(outcome: Outcome, settings: RunSettings) -> int:
+    """Print how the run ended; the exit status says the same (0, an error family's, or 128 + the signal)."""
+    from common.cli.simulation_worker import EVENT_CRASH, EVENT_ERROR, EVENT_INTERRUPTED
+    from common.run_record import COMPLETED, INTERRUPTED, RUN_RECORD_FILE
+
+    event = outcome.event or {}
+    log_note = f"; the run's log: {outcome.log_path}" if outcome.log_path else ""
+    stopped_by = interrupted_status(outcome.signum or signal.SIGINT)
+    resume = f"\n  {resume_command(settings.out)}"
+    if outcome.forced:
+        say(
+            "Stopped at once: every process of the run was killed, and a site may have been cut off mid-step. The "
+            f"run can still be resumed from its last completed round:{resume}"
+        )
+        return stopped_by
+    if event.get("event") == EVENT_INTERRUPTED or (not event and outcome.signum):
+        record = Path(settings.out) / RUN_RECORD_FILE
+        if event.get("status") == COMPLETED:
+            say(f"Interrupted after the federated run completed ({record}); the baselines were not computed.")
+        elif event.get("completed"):
+            say(
+                f"Interrupted after round {event['completed']} of {event['rounds']}: {record} says "
+                f'"{INTERRUPTED}"; the round in progress was abandoned. Resume the run with:{resume}'
+            )
+        elif settings.resume and event.get("status"):
+            say(f"Interrupted before the resumed run began; {record} is as it was. Resume it with:{resume}")
+        else:
+            say("Interrupted before any round completed: nothing to resume; start the run again.")
+        return stopped_by
+    if event.get("event") == EVENT_ERROR:
+        error_line(event["type"], event["message"] + log_note)
+        return int(event["exit_status"])
+    if event.get("event") == EVENT_CRASH:
+        error_line("", f"the simulation failed unexpectedly ({event['type']}: {event['message']}){log_note}")
+        return 1
+    if not event:
+        error_line("", f"the simulation process ended with status {outcome.returncode} without a result{log_note}")
+        return 1
+    return _finished(outcome)
+
+
+def _finished(outcome: Outcome) -> int:
+    from common.run_record import RUN_RECORD_FILE, RunRecord
+    from simulations.baselines import MethodScores
+    from simulations.simulate import SimulationResult
+
+    out = Path(outcome.event["out"])
+    record = RunRecord.load(out / RUN_RECORD_FILE)
+    methods = [MethodScores(**scores) for scores in record.simulator_comparison["methods"]]
+    status = _report(SimulationResult(record, out, methods, record.simulator_comparison["metric"]))
+    if outcome.worker_crashes:
+        pids = ", ".join(map(str, outcome.worker_crashes))
+        say(
+            f"{len(outcome.worker_crashes)} Ray worker process(es) died during the run (pid {pids}); the run went on, "
+            f"and its record lists any site that missed a round. Details: {outcome.log_path}"
+        )
+    if outcome.log_path is not None:
+        say(f"Flower's and Ray's own log: {outcome.log_path}")
+    return status
 
 
 SHORT_NAMES = {
@@ -180,5 +271,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "engine, and compare with source-only, local-only and pooled baselines. Every flag is a run setting "
         "(pyproject.toml's [tool.flwr.app.config] lists the same keys); defaults in parentheses.",
     )
-    _add_setting_flags(sim)
+    add_setting_flags(sim)
     sim.set_defaults(func=_cmd_simulate)

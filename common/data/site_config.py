@@ -11,6 +11,8 @@ from typing import Any
 from common.errors import ConfigurationError
 
 SITE_CONFIG_FILE = "site.toml"
+#: Under a simulation root: the simulated sites' names in Flower's partition order (JSON list).
+SIMULATED_SITES_FILE = "simulated-sites.json"
 _REQUIRED = ("site-id", "data-path", "state-dir", "keys-dir", "manifest", "coordinator-fingerprint")
 _OPTIONAL = ("label-column", "privacy-policy")
 
@@ -85,6 +87,20 @@ class SiteConfig:
         return cls.from_mapping(raw, str(path))
 
 
-def site_dir(root: Path, partition_id: int) -> Path:
-    """The folder of simulated site ``partition_id`` under a simulation root."""
-    return Path(root) / f"site-{partition_id}"
+def site_dir(root: Path, site_id: str) -> Path:
+    """The folder of simulated site ``site_id`` under a simulation root: it bears the site's name."""
+    if not site_id or site_id in (".", "..") or any(c in site_id for c in "/\\\0") or site_id != site_id.strip():
+        raise SiteConfigError(f"site name {site_id!r} cannot name a folder; use letters, digits, '-', '_' and '.'")
+    return Path(root) / site_id
+
+
+def simulated_site_dir(root: Path, partition_id: int) -> Path:
+    """The folder of the simulated site that Flower runs as ``partition_id``, from the root's index of sites."""
+    index = Path(root) / SIMULATED_SITES_FILE
+    try:
+        names = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SiteConfigError(f"{index}: cannot read the index of simulated sites: {err}") from err
+    if not isinstance(names, list) or not 0 <= partition_id < len(names):
+        raise SiteConfigError(f"{index} lists no simulated site for Flower partition {partition_id}")
+    return site_dir(root, str(names[partition_id]))

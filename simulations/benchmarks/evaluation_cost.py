@@ -341,8 +341,8 @@ def _run(
     seconds = time.perf_counter() - start
     final, _ = load_checkpoint(Path(record.final_checkpoint))
     costs = {
-        site.name: _site_cost(site_dir(root / "sites", index) / "state", site.name, accounting)
-        for index, site in enumerate(scenario.sites)
+        site.name: _site_cost(site_dir(root / "sites", site.name) / "state", site.name, accounting)
+        for site in scenario.sites
     }
     return RunResult(
         seed=seed,

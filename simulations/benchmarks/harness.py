@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from client.app import app as client_app  # noqa: E402
 from common.data.scenarios import Scenario  # noqa: E402
-from common.data.site_config import site_dir  # noqa: E402
+from common.data.site_config import simulated_site_dir, site_dir  # noqa: E402
 from common.data.site_data import SiteData  # noqa: E402
 from common.model.checkpoint import load_checkpoint  # noqa: E402
 from common.model.metrics import classification_metrics  # noqa: E402
@@ -56,8 +56,8 @@ def prewrite_policies(sim_root: Path, scenario: Scenario, allow_non_private: boo
     The simulated policy (``simulations.sites.simulated_policy``) carries the site's declared
     size; a site keeps a policy it already has, so ``materialize_sites`` leaves these alone.
     """
-    for index, site in enumerate(scenario.sites):
-        state = site_dir(sim_root, index) / "state"
+    for site in scenario.sites:
+        state = site_dir(sim_root, site.name) / "state"
         state.mkdir(parents=True, exist_ok=True)
         write_policy(replace(simulated_policy(site, scenario, allow_non_private), **changes), state / POLICY_FILE)
 
@@ -100,7 +100,7 @@ def ledger_epsilons(sim_root: Path, num_sites: int) -> list[float]:
     """The largest recorded epsilon in each site's ledger (its dataset's total spend), NaN if it spent none."""
     spent = []
     for index in range(num_sites):
-        entries = Ledger(site_dir(sim_root, index) / "state").entries()
+        entries = Ledger(simulated_site_dir(sim_root, index) / "state").entries()
         spent.append(max((e.epsilon for e in entries), default=math.nan))
     return spent
 

@@ -50,7 +50,7 @@ import server.channel
 import server.federation
 from client.session import SiteSession
 from common.data.scenarios import load_scenario
-from common.data.site_config import site_dir
+from common.data.site_config import simulated_site_dir
 from common.data.site_data import SiteData, load_site_data
 from common.model.checkpoint import ModelCard, load_checkpoint
 from common.model.pretraining import pretrain_source
@@ -148,7 +148,7 @@ def _peer_card(checkpoint: str) -> ModelCard:
 def _peer_data(sim_root: str, partition: int, checkpoint: str) -> SiteData:
     card = _peer_card(checkpoint)
     return load_site_data(
-        site_dir(Path(sim_root), partition) / "data",
+        simulated_site_dir(Path(sim_root), partition) / "data",
         tuple(card.input_shape),
         card.num_classes,
         require_two_train_classes=False,
@@ -281,7 +281,8 @@ class _PeerFedAvg(FedAvg):
 
 def _train_noise(sim_root: Path, index: int) -> float:
     """The noise multiplier site ``index`` calibrated for its training rounds (its ledger's first training entry)."""
-    return next(e.noise_multiplier for e in Ledger(site_dir(sim_root, index) / "state").entries() if e.kind == TRAIN)
+    entries = Ledger(simulated_site_dir(sim_root, index) / "state").entries()
+    return next(e.noise_multiplier for e in entries if e.kind == TRAIN)
 
 
 def _targets() -> tuple[list[tuple[Any, str, str]], list[str]]:

@@ -43,8 +43,11 @@ from common.privacy.audit.recompute import Accounting
 from common.privacy.audit.render import (
     BUDGET_HEADER,
     EMPIRICAL_HEADER,
+    SUMMARY_HEADER,
     budget_rows,
     empirical_rows,
+    explanation,
+    summary_rows,
     write_html,
     write_markdown,
     write_plot,
@@ -61,10 +64,13 @@ __all__ = [
     "BUDGET_HEADER",
     "DEFAULT_TOLERANCE",
     "EMPIRICAL_HEADER",
+    "SUMMARY_HEADER",
     "AuditInputError",
     "AuditReport",
     "budget_rows",
     "empirical_rows",
+    "explanation",
+    "summary_rows",
     "run_audit",
     "write_html",
     "write_markdown",
@@ -103,8 +109,9 @@ def run_audit(
             recompute_ledger(site, report, accounting, method)
             ledger_budgets(site, report, accounting)
     runs: dict[str, list[Reported]] = {}
+    site_fingerprints = {s.coordinator_fingerprint: s.site_id for s in site_inputs if s.coordinator_fingerprint}
     for path in run_paths:
-        audited = audit_run(path, report, coordinator_fingerprint)
+        audited = audit_run(path, report, coordinator_fingerprint, site_fingerprints)
         if audited:
             runs[audited[0]] = audited[1]
     report.runs = list(runs)

@@ -23,7 +23,8 @@ class SiteInput:
 
     ``site_key`` comes from the coordinator-signed manifest the site holds (checked against the
     coordinator fingerprint in its ``site.toml``), else from its public key file; ``key_source``
-    says which, or why there is none.
+    says which, or why there is none. From ``site.toml`` too, when there is one: the site's data
+    (to name the dataset it holds now) and the coordinator fingerprint it received out of band.
     """
 
     site_id: str
@@ -31,6 +32,17 @@ class SiteInput:
     policy_path: Path
     site_key: PublicIdentity | None
     key_source: str
+    data_path: Path | None = None
+    coordinator_fingerprint: str | None = None
+
+    @property
+    def data_name(self) -> str:
+        """The site's data as an officer knows it: its path within the site folder, else in full."""
+        if self.data_path is None:
+            return ""
+        folder = self.state_dir.parent
+        path = self.data_path.expanduser().resolve()
+        return f"{folder.name}/{path.relative_to(folder)}" if path.is_relative_to(folder) else str(path)
 
 
 def _site_key(config: SiteConfig) -> tuple[PublicIdentity | None, str]:
@@ -58,7 +70,15 @@ def site_input(state_dir: Path) -> SiteInput:
         else:
             if config.state_dir.expanduser().resolve() == state_dir:
                 key, source = _site_key(config)
-                return SiteInput(config.site_id, state_dir, config.policy_path, key, source)
+                return SiteInput(
+                    config.site_id,
+                    state_dir,
+                    config.policy_path,
+                    key,
+                    source,
+                    config.data_path,
+                    config.coordinator_fingerprint.strip().lower(),
+                )
     name = state_dir.parent.name if state_dir.name == "state" else state_dir.name
     return SiteInput(
         name,

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from common.data.site_data import DataError, dataset_fingerprint
 from common.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from common.privacy.audit.inputs import SiteInput
 from common.privacy.audit.model import (
@@ -47,6 +48,11 @@ class SiteLedger:
     policy: SitePolicy | None
     usable: bool
     dataset_of: dict[int, str]  # entry index -> the dataset id it counts under
+    current_dataset: str = ""  # the identity of the files at the site's data path now, if the audit can tell
+
+    def dataset_name(self, dataset_id: str) -> str:
+        """The name of a dataset the site holds now (its data path); empty for any other."""
+        return self.site.data_name if dataset_id and dataset_id == self.current_dataset else ""
 
     def dataset(self, entry: LedgerEntry) -> str:
         return self.dataset_of.get(entry.index, entry.dataset_id)
@@ -88,14 +94,29 @@ def _entry_format(entry: LedgerEntry) -> list[str]:
     return problems
 
 
+def _dataset_key(site: SiteInput) -> bytes | None:
+    """The site's dataset-identity key, if it has one (read only: the audit never creates it)."""
+    try:
+        return (site.state_dir / STATE_IN_USE_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def _current_dataset(site: SiteInput) -> str:
+    """The identity of the files at the site's data path now, as the site computes it ("" if unknown)."""
+    key = _dataset_key(site)
+    if key is None or site.data_path is None:
+        return ""
+    try:
+        return keyed_id(key, dataset_fingerprint(site.data_path.expanduser()))
+    except (DataError, OSError):
+        return ""
+
+
 def _dataset_map(site: SiteInput, entries: list[LedgerEntry]) -> dict[int, str]:
     """Entries recorded under a content hash (before keyed ids) count under the keyed id the site now uses."""
-    key_file = site.state_dir / STATE_IN_USE_FILE
-    if not key_file.is_file():
-        return {}
-    try:
-        key = key_file.read_bytes()
-    except OSError:
+    key = _dataset_key(site)
+    if key is None:
         return {}
     recorded = {e.dataset_id for e in entries}
     mapped = {e.index: keyed_id(key, e.dataset_id) for e in entries}
@@ -129,7 +150,7 @@ def audit_ledger(site: SiteInput, report: AuditReport) -> SiteLedger:
     report.add(
         "info", where, f"ledger hash chain, head anchor{signed} verify ({count} entries; key from {site.key_source})"
     )
-    result = SiteLedger(site, entries, policy, True, _dataset_map(site, entries))
+    result = SiteLedger(site, entries, policy, True, _dataset_map(site, entries), _current_dataset(site))
     seen: dict[tuple[str, str, int, str], int] = {}
     last_epsilon: dict[str, tuple[int, float]] = {}
     for entry in entries:
@@ -238,7 +259,8 @@ def _one_budget(
     accounting: Accounting,
 ) -> DatasetBudget:
     policy = site.policy
-    where = f"site {site.site.site_id}: dataset {dataset_id[:12]}"
+    name = site.dataset_name(dataset_id)
+    where = f"site {site.site.site_id}: dataset {name or dataset_id[:12]}"
     history = [e.to_step() for e in entries]
     claimed = entries[-1].epsilon if entries else 0.0
     delta = policy.delta if policy else (entries[-1].delta if entries else None)
@@ -249,6 +271,7 @@ def _one_budget(
     common = dict(
         site=site.site.site_id,
         dataset_id=dataset_id,
+        dataset_name=name,
         source="ledger",
         rounds=len(rounds),
         runs=len({e.run_id for e in entries}),

@@ -90,6 +90,12 @@ class DatasetBudget:
     status: Literal["ok", "over-cap", "not-private", "unknown-cap"]
     curve: list[CurvePoint] = field(default_factory=list)
     releases: int = 0
+    dataset_name: str = ""  # the site's data path, for the dataset it holds now (ids alone for others)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset as the tables show it: its name, else the start of its keyed identity."""
+        return self.dataset_name or self.dataset_id[:12]
 
 
 @dataclass

@@ -28,7 +28,7 @@ def budget_rows(report: AuditReport) -> list[list[str]]:
     return [
         [
             b.site,
-            b.dataset_id[:12],
+            b.dataset,
             str(b.rounds),
             str(b.releases),
             str(b.runs),
@@ -58,12 +58,34 @@ BUDGET_HEADER = [
     "rounds left",
     "status",
 ]
+#: The budget table on a terminal: what a privacy officer reads first (the reports hold every column).
+SUMMARY_HEADER = ["site", "dataset", "epsilon", "delta", "cap", "remaining", "rounds left", "status"]
+
+
+def summary_rows(report: AuditReport) -> list[list[str]]:
+    """Rows of the terminal's budget table (see :data:`SUMMARY_HEADER`)."""
+    return [
+        [
+            b.site,
+            b.dataset,
+            _fmt(max(b.spent_claimed, b.spent_recomputed)),
+            "n/a" if b.delta is None else f"{b.delta:g}",
+            "n/a" if b.cap is None else f"{b.cap:g}",
+            _fmt(b.remaining),
+            rounds_left_text(b),
+            b.status,
+        ]
+        for b in report.budgets
+    ]
+
+
 RECOMPUTED_HEADER = [
     "site",
     "source",
     "entry",
     "run",
     "round",
+    "delta",
     "claimed",
     "recomputed",
     "method",
@@ -80,6 +102,7 @@ def recomputed_rows(report: AuditReport) -> list[list[str]]:
             str(r.index),
             r.run_id,
             str(r.server_round),
+            f"{r.delta:g}",
             _fmt(r.claimed, 4),
             _fmt(r.recomputed, 4),
             r.method,
@@ -95,6 +118,7 @@ def empirical_rows(report: AuditReport) -> list[list[str]]:
         [
             e["label"],
             str(e["canaries"]),
+            f"{e['delta']:g}",
             _fmt(e["noise_multiplier"], 4),
             _fmt(e["accounted_epsilon"]),
             _fmt(e["lower_bound"]),
@@ -105,13 +129,43 @@ def empirical_rows(report: AuditReport) -> list[list[str]]:
     ]
 
 
-EMPIRICAL_HEADER = ["run", "canaries", "noise", "accounted epsilon", "lower bound (95%)", "correct guesses", "verdict"]
+EMPIRICAL_HEADER = [
+    "run",
+    "canaries",
+    "delta",
+    "noise",
+    "accounted epsilon",
+    "lower bound (95%)",
+    "correct guesses",
+    "verdict",
+]
+
+
+def explanation(report: AuditReport) -> str:
+    """What the figures mean, in plain words and with this audit's largest spend."""
+    private = [b for b in report.budgets if b.private and b.delta is not None]
+    if not private:
+        return ""
+    worst = max(private, key=lambda b: max(b.spent_claimed, b.spent_recomputed))
+    epsilon, delta = max(worst.spent_claimed, worst.spent_recomputed), worst.delta
+    return (
+        "What the figures mean: epsilon measures how much any one patient's record can change what a site has "
+        "released (its model updates and noisy evaluations), over every run that used the dataset; smaller is more "
+        f"private. The largest here, epsilon {epsilon:.2f} at delta {delta:g} ({worst.site}), means that whatever "
+        "anyone concludes from everything that site released, the coordinator included, is at most "
+        f"{math.exp(epsilon):.1f} times (e to the power epsilon) more likely with a given patient's record in the "
+        f"data than without it, except with a probability of at most delta (1 in {1 / delta:,.0f}). The cap is the "
+        "most the site's policy allows over the dataset's lifetime; remaining is what is left for future runs; "
+        "rounds left is how many more rounds like the last one fit under the cap."
+    )
 
 
 def _intro(report: AuditReport) -> list[str]:
     verdict = "PASSED" if report.passed else f"FAILED ({len(report.failures())} failure(s))"
+    meaning = explanation(report)
     return [
         f"Verdict: {verdict}",
+        *([meaning] if meaning else []),
         f"Inputs: {', '.join(report.inputs) or 'none'}",
         f"Sites: {', '.join(report.sites) or 'none'}; runs: {', '.join(report.runs) or 'none'}",
         f"Recomputation: dp-accounting, method {report.method}; a claimed epsilon fails when "
@@ -199,8 +253,14 @@ def write_report(report: AuditReport, path: Path) -> Path:
     raise ValueError(f"{path}: the report must end in .md or .html")
 
 
+def plot_path(path: Path) -> Path:
+    """Where :func:`write_plot` writes for ``path``: ``path`` itself if it ends in .png, else ``path`` + .png."""
+    path = Path(path)
+    return path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
+
+
 def write_plot(report: AuditReport, path: Path) -> Path:
-    """PNG of cumulative epsilon per site dataset over its rounds (all runs), caps dashed."""
+    """PNG of cumulative epsilon per site dataset over its rounds (all runs), caps dashed; returns the file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +273,7 @@ def write_plot(report: AuditReport, path: Path) -> Path:
         colour = colours[number % len(colours)]
         xs = list(range(1, len(budget.curve) + 1))
         ys = [p.epsilon for p in budget.curve]
-        label = f"{budget.site} ({budget.dataset_id[:8]})"
+        label = f"{budget.site} ({budget.dataset})"
         ax.plot(xs, ys, marker="o", color=colour, label=label)
         starts = [x for x, prev, point in zip(xs[1:], budget.curve, budget.curve[1:]) if point.run_id != prev.run_id]
         for x in starts:
@@ -230,7 +290,7 @@ def write_plot(report: AuditReport, path: Path) -> Path:
     if report.budgets:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
+    path = plot_path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

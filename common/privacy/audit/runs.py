@@ -23,6 +23,7 @@ from common.privacy.egress import EgressViolation, check_reply
 from common.privacy.ledger import PERSONALISE
 from common.privacy.report import ReportInvalid, verify_report
 from common.run_record import RunRecord
+from common.security.keys import PublicIdentity
 from common.security.manifest import Manifest, ManifestError
 
 #: Spend fields of a report compared with the ledger entry they name: report key -> entry attribute.
@@ -62,7 +63,51 @@ def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(json_safe(value), sort_keys=True))
 
 
-def audit_run(path: Path, report: AuditReport, fingerprint: str | None) -> tuple[str, list[Reported]] | None:
+def _claimed_coordinator(manifest_json: str) -> str | None:
+    """The coordinator fingerprint a manifest names (its signature is checked when it is opened)."""
+    try:
+        return PublicIdentity.from_dict(json.loads(manifest_json)["coordinator"]).fingerprint()
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _open_manifest(
+    record: RunRecord, report: AuditReport, fingerprint: str | None, site_fingerprints: dict[str, str]
+) -> Manifest:
+    """The run's manifest, authenticated by the fingerprint given, else by one a site's site.toml holds.
+
+    Without either, it is opened on its own key (trust on first use) and the audit says, once, how to
+    check it.
+    """
+    claimed = _claimed_coordinator(record.manifest)
+    manifest = Manifest.from_json(record.manifest, fingerprint or claimed)
+    if fingerprint is not None:
+        return manifest
+    if claimed in site_fingerprints:
+        report.add(
+            "info",
+            f"run {record.run_id}",
+            f"manifest signed by the coordinator key {claimed[:16]}... that site {site_fingerprints[claimed]}'s "
+            "site.toml names",
+        )
+    else:
+        report.add(
+            "warn",
+            f"run {record.run_id}",
+            f"its manifest is signed by coordinator key {manifest.coordinator.fingerprint()[:16]}..., which nothing "
+            "given to the audit confirms. Pass --coordinator-fingerprint with the fingerprint the coordinator gave "
+            "you out of band (a deployed site keeps it in its site.toml as coordinator-fingerprint), or audit the "
+            "run together with its sites' folders: a simulation keeps each simulated site's site.toml under its "
+            "--sim-root (by default OUT/sites/).",
+        )
+    return manifest
+
+
+def audit_run(
+    path: Path, report: AuditReport, fingerprint: str | None, site_fingerprints: dict[str, str] | None = None
+) -> tuple[str, list[Reported]] | None:
+    """Check one run's signed privacy reports; ``site_fingerprints`` maps a coordinator fingerprint that a
+    given site's site.toml holds to that site."""
     where = f"run record {path}"
     try:
         record = RunRecord.load(path)
@@ -75,17 +120,10 @@ def audit_run(path: Path, report: AuditReport, fingerprint: str | None) -> tuple
         report.add("fail", where, "the run record holds no federation manifest, so no report signature can be checked")
         return run_id, []
     try:
-        manifest = Manifest.from_json(record.manifest, fingerprint)
+        manifest = _open_manifest(record, report, fingerprint, site_fingerprints or {})
     except ManifestError as exc:
         report.add("fail", where, f"the run's manifest does not verify: {exc}")
         return run_id, []
-    if fingerprint is None:
-        report.add(
-            "warn",
-            where,
-            f"manifest signature checked against its own coordinator key {manifest.coordinator.fingerprint()[:16]}...; "
-            "pass --coordinator-fingerprint (received out of band) to prove it is your coordinator's",
-        )
     base = str(record.base_model.get("fingerprint", ""))
     reported: list[Reported] = []
     for rnd in record.rounds:
