@@ -30,8 +30,8 @@ from tests.deployment_harness import (
     free_port,
     give_site_data,
     register_sites,
+    start_coordinator,
     start_run,
-    start_superlink,
     wait_until_finished,
 )
 
@@ -48,7 +48,9 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     port = free_port()
     address = [Endpoint("127.0.0.1", port)]
     ports = {site: free_port() for site in SITES}
-    fed = provision(ProvisionRequest("loopback", SITES, address, tmp_path / "kits", runtime_ports=ports))
+    fed = provision(
+        ProvisionRequest("loopback", SITES, address, tmp_path / "kits", runtime_ports=ports, control_port=free_port())
+    )
     ca = tmp_path / "kits" / "ca"
     foreign = provision(
         ProvisionRequest(
@@ -68,7 +70,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     coordinator = fed.coordinator_kit
     coordinator_home = coordinator / "flower-home"
 
-    start_superlink(coordinator, port, processes)
+    start_coordinator(coordinator, processes)
     register_sites(coordinator, processes)
     # the coordinator's mistake: it registers a SuperNode whose site kit belongs to another federation
     stranger = flwr(

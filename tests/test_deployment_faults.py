@@ -34,6 +34,7 @@ from tests.deployment_harness import (
     give_site_data,
     register_sites,
     run_status,
+    start_coordinator,
     start_run,
     start_superlink,
     wait_for,
@@ -68,6 +69,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
             [Endpoint("127.0.0.1", port)],
             tmp_path / "kits",
             runtime_ports={site: free_port() for site in SITES},
+            control_port=free_port(),
         )
     )
     scenario = load_scenario("wdbc")
@@ -76,7 +78,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     coordinator = fed.coordinator_kit
     home = coordinator / "flower-home"
 
-    start_superlink(coordinator, port, processes)
+    start_coordinator(coordinator, processes)
     register_sites(coordinator, processes)
     for site in SITES:
         processes.start(site, [str(fed.site_kits[site] / "start-supernode.sh")], fed.site_kits[site] / "flower-home")
@@ -86,7 +88,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     wait_for(lambda: round_begun(out, 2), 400, "round 2 to begin", interval=0.5)
     processes.kill("superlink")
     print(f"killed the SuperLink at {time.monotonic() - began:.0f} s")
-    start_superlink(coordinator, port, processes, name="superlink-restarted")
+    start_superlink(coordinator, processes, name="superlink-restarted")
 
     resumed = start_run(coordinator, f'resume=true out="{out}"', processes)
     assert resumed != first

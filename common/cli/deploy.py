@@ -9,8 +9,10 @@ from rich.table import Table
 
 from common.cli.console import console
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
+from common.deploy.gateway import GatewayConfig, serve_gateway
 from common.deploy.provision import (
     DEFAULT_RUNTIME_PORT,
+    GATEWAY_SCRIPT,
     REGISTER_SCRIPT,
     RUN_SCRIPT,
     SUPERLINK_SCRIPT,
@@ -21,6 +23,7 @@ from common.deploy.provision import (
     provision,
 )
 from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
+from common.errors import ConfigurationError
 from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.privacy.policy import PolicyError, SitePolicy
 from common.security.keys import KeyFileError, passphrase_from_env, read_identity
@@ -49,6 +52,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
             app_dir=Path(args.app_dir).resolve() if args.app_dir else None,
             policy=SitePolicy(max_epsilon=args.max_epsilon, delta=args.delta),
             min_sites=args.min_sites,
+            control_port=args.control_port,
         )
         result = provision(request)
     except (ProvisionError, KeyFileError, ManifestError, PolicyError) as err:
@@ -61,7 +65,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     table.add_row(
         "coordinator (SuperLink + ServerApp)",
         str(result.coordinator_kit),
-        f"{SUPERLINK_SCRIPT}, then {REGISTER_SCRIPT}, then {RUN_SCRIPT}",
+        f"{SUPERLINK_SCRIPT} and {GATEWAY_SCRIPT}, then {REGISTER_SCRIPT}, then {RUN_SCRIPT}",
     )
     for site, kit in sorted(result.site_kits.items()):
         table.add_row(f"site {site}", str(kit), SUPERNODE_SCRIPT)
@@ -99,6 +103,25 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
         console.print("[bold red]Fix the errors above before this machine joins the federation.[/bold red]")
         return 1
     console.print("[green]Ready to join.[/green]")
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    try:
+        listen = Endpoint.parse(args.listen)
+        Endpoint.parse(args.superlink)
+    except ProvisionError as err:
+        raise ConfigurationError(str(err)) from None
+    serve_gateway(
+        GatewayConfig(
+            listen.host,
+            listen.port,
+            args.superlink,
+            Path(args.ssl_certfile),
+            Path(args.ssl_keyfile),
+            Path(args.ssl_ca_certfile),
+        )
+    )
     return 0
 
 
@@ -161,7 +184,29 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     prov.add_argument(
         "--min-sites", type=int, default=0, help="fewest sites a round may aggregate (default: 2, or 1 for one site)"
     )
+    prov.add_argument(
+        "--control-port",
+        type=int,
+        default=0,
+        help="port of the SuperLink itself on the coordinator's loopback (Control API; default: the sites' port + 1)",
+    )
     prov.set_defaults(func=_cmd_provision)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve the Fleet API to the sites, and nothing else (coordinator)",
+        description="Listen where the sites dial (TLS with the SuperLink's certificate) and forward only Flower Fleet "
+        "API calls to the SuperLink on the coordinator's loopback; the Control and Runtime APIs are not reachable "
+        "here. The coordinator kit's start-gateway.sh runs it.",
+    )
+    gateway.add_argument("--listen", required=True, help="HOST:PORT the sites dial, e.g. 0.0.0.0:8000")
+    gateway.add_argument(
+        "--superlink", required=True, help="HOST:PORT of the SuperLink on loopback, e.g. 127.0.0.1:8001"
+    )
+    gateway.add_argument("--ssl-certfile", required=True, help="the SuperLink's TLS certificate (PEM)")
+    gateway.add_argument("--ssl-keyfile", required=True, help="its private key (PEM)")
+    gateway.add_argument("--ssl-ca-certfile", required=True, help="the federation's CA certificate (PEM)")
+    gateway.set_defaults(func=_cmd_gateway)
 
     site = commands.add_parser(
         "site", help="site operator commands", description="Commands for a data site's operator."

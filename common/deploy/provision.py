@@ -9,8 +9,8 @@ take part, and no private key that belongs to another machine::
         keys/coordinator.{enc,sign}.key  keys/coordinator.pub.json
         manifest.json            the coordinator-signed list of sites
         supernode-keys/SITE.pub  the sites' Flower authentication keys, to register
-        flower-home/config.toml  Flower's connection to the SuperLink (FLWR_HOME)
-        start-superlink.sh  register-supernodes.sh  run.sh
+        flower-home/config.toml  Flower's connection to the SuperLink's loopback address (FLWR_HOME)
+        start-superlink.sh  start-gateway.sh  register-supernodes.sh  run.sh
         kit.json
     OUT/sites/SITE/              one data site
         tls/ca.pem
@@ -19,6 +19,10 @@ take part, and no private key that belongs to another machine::
         manifest.json  site.toml  state/privacy-policy.toml  data/
         start-supernode.sh
         kit.json
+
+The SuperLink listens on the coordinator's loopback only (``control_address``): Flower 1.42
+serves its unauthenticated Control API on the same port as the Fleet API. The sites dial the
+fleet gateway (:mod:`common.deploy.gateway`), which forwards only Fleet API calls to it.
 
 Every path written into a kit is absolute: it is where the kit will live on its machine
 (``install_root/coordinator`` and ``install_root/SITE``, or where it was written when no
@@ -79,6 +83,7 @@ AUTH_KEY = "supernode-auth.key"
 AUTH_PUB = "supernode-auth.pub"
 FLOWER_HOME = "flower-home"
 SUPERLINK_SCRIPT = "start-superlink.sh"
+GATEWAY_SCRIPT = "start-gateway.sh"
 REGISTER_SCRIPT = "register-supernodes.sh"
 RUN_SCRIPT = "run.sh"
 SUPERNODE_SCRIPT = "start-supernode.sh"
@@ -139,6 +144,7 @@ class KitInfo:
     coordinator_fingerprint: str
     runtime_port: int = 0
     created: str = ""
+    control_address: str = ""  # coordinator only: the SuperLink's own loopback address (Control API)
     format: str = KIT_FORMAT
 
     def write(self, directory: Path) -> None:
@@ -339,6 +345,13 @@ class ProvisionRequest:
     app_dir: Path | None = None
     policy: SitePolicy = field(default_factory=lambda: SitePolicy(max_epsilon=10.0, delta=1e-5))
     min_sites: int = 0
+    control_port: int = 0  # the SuperLink's port on the coordinator's loopback (0: the sites' port + 1)
+
+    @property
+    def control_address(self) -> Endpoint:
+        """Where the SuperLink itself listens: loopback only, reached by the gateway, flwr and the ServerApp."""
+        public = self.superlink_addresses[0].port
+        return Endpoint("127.0.0.1", self.control_port or (public + 1 if public < 65535 else public - 1))
 
 
 @dataclass(frozen=True)
@@ -376,6 +389,10 @@ def _validate(request: ProvisionRequest) -> None:
         )
     if (request.ca_cert is None) != (request.ca_key is None):
         raise ProvisionError("give both --ca-cert and --ca-key, or neither")
+    if request.control_address.port == request.superlink_addresses[0].port:
+        raise ProvisionError("--control-port must differ from the port the sites dial")
+    if not 0 <= request.control_port < 65536:
+        raise ProvisionError(f"--control-port {request.control_port} is not a TCP port")
 
 
 def _install_dir(request: ProvisionRequest, generated: Path, name: str) -> Path:
@@ -463,29 +480,46 @@ def _write_coordinator_kit(
     (kit / "state").mkdir(mode=0o700)
     (kit / "runs").mkdir(mode=0o700)
     (kit / FLOWER_HOME).mkdir(mode=0o700)
-    address = request.superlink_addresses[0]
+    address, control = request.superlink_addresses[0], request.control_address
     write_public_file(
         kit / FLOWER_HOME / "config.toml",
-        flower_connection_toml(request.federation, address, install / "tls" / CA_CERT),
+        flower_connection_toml(request.federation, control, install / "tls" / CA_CERT),
     )
     listen = "127.0.0.1" if address.ip is not None and address.ip.is_loopback else "0.0.0.0"
     flower_home = install / FLOWER_HOME
+    tls = {name: shlex.quote(str(install / "tls" / name)) for name in (CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY)}
     _write_script(
         kit / SUPERLINK_SCRIPT,
         [
             f"# SuperLink of fedtransfer federation {request.federation}: TLS, SuperNode authentication, state on "
             "disk.",
-            f"# Sites dial {address}; open TCP port {address.port} to them (and only that port).",
+            f"# It listens on loopback only ({control}): its Control API has no authentication. The sites reach its",
+            f"# Fleet API through the fleet gateway ({GATEWAY_SCRIPT}) at {address}.",
             "set -eu",
             *_flower_env_lines(flower_home),
             "exec flower-superlink \\",
-            f"  --ssl-ca-certfile {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
-            f"  --ssl-certfile {shlex.quote(str(install / 'tls' / SUPERLINK_CERT))} \\",
-            f"  --ssl-keyfile {shlex.quote(str(install / 'tls' / SUPERLINK_KEY))} \\",
+            f"  --ssl-ca-certfile {tls[CA_CERT]} \\",
+            f"  --ssl-certfile {tls[SUPERLINK_CERT]} \\",
+            f"  --ssl-keyfile {tls[SUPERLINK_KEY]} \\",
             "  --enable-supernode-auth \\",
             f"  --database {shlex.quote(str(install / 'state' / 'superlink.db'))} \\",
             "  --disable-runtime-dependency-installation \\",
-            f"  --host {listen} --port {address.port}",
+            f"  --host {control.host} --port {control.port}",
+        ],
+    )
+    _write_script(
+        kit / GATEWAY_SCRIPT,
+        [
+            f"# Fleet gateway of fedtransfer federation {request.federation}: the only address the sites dial.",
+            f"# Sites dial {address}; open TCP port {address.port} to them (and only that port). It forwards",
+            f"# only Fleet API calls to the SuperLink at {control}; the Control API stays unreachable from the sites.",
+            "set -eu",
+            "exec fedtransfer gateway \\",
+            f"  --listen {shlex.quote(str(Endpoint(listen, address.port)))} \\",
+            f"  --superlink {shlex.quote(str(control))} \\",
+            f"  --ssl-certfile {tls[SUPERLINK_CERT]} \\",
+            f"  --ssl-keyfile {tls[SUPERLINK_KEY]} \\",
+            f"  --ssl-ca-certfile {tls[CA_CERT]}",
         ],
     )
     KitInfo(
@@ -496,6 +530,7 @@ def _write_coordinator_kit(
         str(address),
         coordinator.public().fingerprint(),
         created=_now(),
+        control_address=str(control),
     ).write(kit)
 
 
