@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.io import write_atomic
+from common.io import parse_json, write_atomic
 
 RUN_RECORD_FILE = "run-record.json"
 RUN_RECORD_FORMAT = 3
@@ -130,7 +130,7 @@ class RunRecord:
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
-        raw = json.loads(Path(path).read_text())
+        raw = parse_json(Path(path).read_bytes())
         if raw.get("format") != RUN_RECORD_FORMAT:
             raise ValueError(
                 f"{path}: run record format {raw.get('format', 1)}, this version reads format "

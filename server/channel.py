@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common.errors import SecurityError
+from common.model.metrics import counts_shape
 from common.model.transfer import state_fingerprint
 from common.privacy.egress import EgressViolation, check_reply
 from common.privacy.policy import SIZE_RANGE
@@ -74,6 +75,7 @@ class UpdateLimits:
     dtypes: dict[str, torch.dtype]
     max_norm: float = 0.0  # bound on ||update - global||; 0 means no bound
     max_bytes: int = 64 * 2**20
+    num_classes: int = 2  # released evaluation histograms have counts_shape(num_classes)
 
 
 class CoordinatorChannel:
@@ -126,6 +128,7 @@ class CoordinatorChannel:
             raise ReplyRejected(site_id, f"{type(err).__name__}: {err}") from err
         if reply.status == STATUS_OK:
             self._check_weight(site_id, reply.values.get("num-examples"))
+            self._check_counts(site_id, reply.values)
         if phase == "train" and reply.status == STATUS_OK:
             self._check_update(site_id, reply.tensors, global_state)
         return OpenedReply(
@@ -137,6 +140,21 @@ class CoordinatorChannel:
         low, high = SIZE_RANGE
         if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
             raise ReplyRejected(site_id, f"aggregation weight {weight!r} is not a declared size in [{low}, {high}]")
+
+    def _check_counts(self, site_id: str, values: dict) -> None:
+        """Released evaluation histograms must have the model's shape (they are turned into metrics)."""
+        rows, columns = counts_shape(self.limits.num_classes)
+        for name in ("eval-counts", "personalised-eval-counts"):
+            counts = values.get(name)
+            if counts is None:
+                continue
+            if not (
+                isinstance(counts, list)
+                and len(counts) == rows
+                and all(isinstance(row, list) and len(row) == columns for row in counts)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in counts for v in row)
+            ):
+                raise ReplyRejected(site_id, f"{name} is not a {rows} x {columns} histogram")
 
     def _check_update(
         self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]

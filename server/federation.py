@@ -239,6 +239,7 @@ def _site_aware_strategy(
         shapes={name: t.shape for name, t in trainable.items()},
         dtypes={name: t.dtype for name, t in trainable.items()},
         max_norm=settings.max_update_norm,
+        num_classes=start.card.num_classes,
     )
     personalises = settings.personalise_epochs > 0 and (settings.personalise_fraction > 0 or not settings.dp)
     strategy = SiteAwareStrategy(
@@ -323,21 +324,28 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         return metrics
 
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=strategy.latest_arrays if start.resumed else ArrayRecord(trainable),
-            num_rounds=settings.rounds - start.offset,
-            timeout=settings.round_timeout,
-            train_config=ConfigRecord(round_config),
-            evaluate_config=ConfigRecord(round_config),
-            evaluate_fn=central_evaluate,
-        )
-    except TooFewSites as err:
-        log.error("%s; stopping and saving the last global model", err)
-        record.finish("stopped", str(err))
-    else:
-        record.finish("completed")
-    return _finish(start, strategy, record, run_id)
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=strategy.latest_arrays if start.resumed else ArrayRecord(trainable),
+                num_rounds=settings.rounds - start.offset,
+                timeout=settings.round_timeout,
+                train_config=ConfigRecord(round_config),
+                evaluate_config=ConfigRecord(round_config),
+                evaluate_fn=central_evaluate,
+            )
+        except TooFewSites as err:
+            log.error("%s; stopping and saving the last global model", err)
+            record.finish("stopped", str(err))
+        else:
+            record.finish("completed")
+        return _finish(start, strategy, record, run_id)
+    except FederationFailed:
+        raise  # _finish recorded it
+    except Exception as err:
+        record.finish("failed", f"the coordinator stopped on an unexpected {type(err).__name__}: {str(err)[:300]}")
+        record.save(out)
+        raise
 
 
 def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: int) -> RunRecord:

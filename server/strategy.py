@@ -241,6 +241,11 @@ class SiteAwareStrategy(Strategy):
                 claim = "" if err.site == sender else f" (claims to be {err.site})"
                 self._mark(server_round, sender, "rejected", f"{phase}{claim}: {err.reason}")
                 continue
+            except Exception as err:  # noqa: BLE001 - whatever a reply holds, it is one dropped reply, never a crash
+                log.exception("round %d: the reply of node %d could not be opened", server_round, node)
+                reason = f"{phase}: the reply could not be opened ({type(err).__name__})"
+                self._mark(server_round, self._node_name(node), "rejected", reason)
+                continue
             if opened.site_id in seen:
                 self._mark(server_round, opened.site_id, "rejected", f"{phase}: a second reply in one round")
                 continue

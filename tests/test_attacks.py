@@ -71,8 +71,14 @@ class Campaign:
         site: Identity | None = None,
         run_shift: int = 0,
         recipient=None,
+        values: dict | None = None,
+        report_payload: bytes | None = None,
     ) -> bytes:
-        """An update built by site 0 itself (a malicious but authenticated site) or by an impostor."""
+        """An update built by site 0 itself (a malicious but authenticated site) or by an impostor.
+
+        ``values`` replace the reply's values (encoded as given, NaN included); ``report_payload`` replaces the
+        signed report's JSON with any bytes (still signed by the site).
+        """
         site = site or self.site_key()
         server_round = int(msg.content[CONFIG]["server-round"])
         base = self.base_fingerprint(msg)
@@ -90,9 +96,25 @@ class Campaign:
             },
         }
         signed = sign_report(report, run_id, server_round, base, site)
+        if report_payload is not None:
+            context = EnvelopeContext(run_id, server_round, site.name, "privacy-report", base)
+            signed = base64.b64encode(sign_instruction(report_payload, context, site)).decode()
         reply = SiteReply(site.name, "train", "ok", "", {"num-examples": 10, "steps": 1}, signed, tensors)
+        payload = reply.encode()
+        if values is not None:
+            header = json.dumps(
+                {
+                    "site-id": site.name,
+                    "phase": "train",
+                    "status": "ok",
+                    "reason": "",
+                    "values": values,
+                    "report": signed,
+                }
+            ).encode()
+            payload = b"FTR2" + len(header).to_bytes(4, "big") + header + payload[8 + int.from_bytes(payload[4:8]) :]
         context = EnvelopeContext(run_id, server_round, site.name, "train-reply", base)
-        return seal(reply.encode(), context, site, recipient or self.coordinator_public())
+        return seal(payload, context, site, recipient or self.coordinator_public())
 
 
 def _honest_shapes(msg: Message) -> dict[str, torch.Tensor]:
@@ -156,7 +178,33 @@ UPLINK_ATTACKS = {
         ),
     ),
     "oversized": ("PayloadTooLarge", lambda c, msg, reply: _with_envelope(reply, b"\0" * (64 * 2**20 + 1))),
+    # security review finding 2: 2,000 nested levels in a 4 KB header, no key needed; then inside a signed report
+    "nested-header": ("MalformedEnvelope", lambda c, msg, reply: _with_envelope(reply, _nested_header_envelope())),
+    "nested-report": (
+        "ReportInvalid",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, _honest_shapes(msg), report_payload=b"[" * 5000 + b"]" * 5000)
+        ),
+    ),
+    # security review finding 3: aggregation weights the site chose
+    "nan-weight": (
+        "not a finite number",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, _honest_shapes(msg), values={"num-examples": float("nan"), "steps": 1})
+        ),
+    ),
+    "negative-weight": (
+        "aggregation weight",
+        lambda c, msg, reply: _with_envelope(
+            reply, c.crafted(msg, _honest_shapes(msg), values={"num-examples": -179.9, "steps": 1})
+        ),
+    ),
 }
+
+
+def _nested_header_envelope() -> bytes:
+    header = b"[" * 2000 + b"]" * 2000
+    return b"FTEV" + bytes([1, 1]) + len(header).to_bytes(2, "big") + header + bytes(8) + bytes(64)
 
 
 def _forged_signature(c: Campaign, msg: Message) -> Message:

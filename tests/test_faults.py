@@ -41,6 +41,7 @@ from common.security.keys import read_identity
 from common.security.manifest import MANIFEST_FILE, Manifest
 from common.settings import RunSettings
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
+from server.strategy import SiteAwareStrategy
 from simulations.benchmarks import BENCHMARKS
 from simulations.inprocess import DirectGrid
 from tests.conftest import write_shifted_study
@@ -324,6 +325,35 @@ def test_too_few_sites_online_stops_after_the_wait_with_a_clear_reason(tmp_path:
         run_federation(grid, settings, grid.run_id)
     record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
     assert record.status == "failed" and "only 1 site(s) connected within 2 s" in record.stop_reason
+
+
+def test_a_crash_inside_the_coordinator_leaves_a_failed_run_record(tmp_path: Path, monkeypatch) -> None:
+    """Security review finding 2: the ServerApp died and the run record stayed "running"."""
+    study = write_shifted_study(tmp_path / "study", sites=2)
+    grid = DirectGrid(client_app, num_nodes=2)
+    original = SiteAwareStrategy.aggregate_train
+
+    def crash_in_round_two(self, server_round, replies):
+        if server_round == 2:
+            raise RecursionError("maximum recursion depth exceeded")
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(SiteAwareStrategy, "aggregate_train", crash_in_round_two)
+    settings = RunSettings(
+        scenario=str(study),
+        rounds=3,
+        local_epochs=1,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+    )
+    with pytest.raises(RecursionError):
+        run_federation(grid, settings, grid.run_id)
+    record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
+    assert record.status == "failed" and record.finished, record.status
+    assert "RecursionError" in record.stop_reason
+    assert record.round(1).aggregated_sites == ["site-0", "site-1"]
 
 
 # robust aggregation ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.errors import DeploymentError
+from common.io import JsonError, parse_json
 from common.privacy.policy import SitePolicy, write_policy
 from common.security.keys import (
     COORDINATOR_NAME,
@@ -156,9 +157,9 @@ class KitInfo:
         if not path.is_file():
             raise ProvisionError(f"{directory} is not a fedtransfer kit: {KIT_FILE} is missing")
         try:
-            raw = json.loads(path.read_text())
+            raw = parse_json(path.read_bytes())
             info = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (JsonError, TypeError) as err:
             raise ProvisionError(f"{path} is damaged ({err}); ask the coordinator for a fresh kit") from err
         if info.format != KIT_FORMAT or info.role not in ("coordinator", "site"):
             raise ProvisionError(f"{path} is not a fedtransfer kit description")

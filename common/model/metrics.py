@@ -90,6 +90,11 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     return {"roc-auc": auc, **values, "loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1.0), labels=labels))}
 
 
+def counts_shape(num_classes: int) -> tuple[int, int]:
+    """The shape of :func:`evaluation_counts`' histogram for a model with ``num_classes`` classes."""
+    return (2, len(LOGIT_EDGES) + 1) if num_classes == 2 else (num_classes, num_classes)
+
+
 def evaluation_counts(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """The evaluation histogram (see the module docstring): (2, 8) for two classes, else (K, K)."""
     y_true = np.asarray(y_true, dtype=np.int64)

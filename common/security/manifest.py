@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from common.errors import SecurityError
-from common.io import canonical_json
+from common.io import JsonError, canonical_json, parse_json
 from common.security.keys import Identity, PublicIdentity, write_public_file
 
 logger = logging.getLogger(__name__)
@@ -146,8 +146,8 @@ class Manifest:
 
 def _parse(text: str) -> Manifest:
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as exc:
+        data = parse_json(text)
+    except JsonError as exc:
         raise ManifestFormatError(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ManifestFormatError("this is not a fedtransfer manifest")
