@@ -20,7 +20,6 @@ from common.errors import SecurityError
 from common.model.metrics import counts_shape
 from common.model.transfer import state_fingerprint
 from common.privacy.egress import EgressViolation, check_reply
-from common.privacy.policy import SIZE_RANGE
 from common.privacy.report import ReportInvalid, verify_report
 from common.protocol import (
     INSTRUCTION_KINDS,
@@ -41,7 +40,7 @@ from common.security.envelope import (
     sign_instruction,
 )
 from common.security.keys import Identity, validate_name
-from common.security.manifest import Manifest, ManifestError
+from common.security.manifest import SIZE_RANGE, Manifest, ManifestError
 
 
 class ReplyRejected(SecurityError):
@@ -127,7 +126,7 @@ class CoordinatorChannel:
         except (EnvelopeError, ReplyFormatError, ReportInvalid, ManifestError, EgressViolation) as err:
             raise ReplyRejected(site_id, f"{type(err).__name__}: {err}") from err
         if reply.status == STATUS_OK:
-            self._check_weight(site_id, reply.values.get("num-examples"))
+            self._check_weight(site_id, reply.values.get("num-examples"), report.get("declared-size"))
             self._check_counts(site_id, reply.values)
         if phase == "train" and reply.status == STATUS_OK:
             self._check_update(site_id, reply.tensors, global_state)
@@ -135,11 +134,24 @@ class CoordinatorChannel:
             site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors
         )
 
-    @staticmethod
-    def _check_weight(site_id: str, weight: object) -> None:
+    def _check_weight(self, site_id: str, weight: object, reported: object) -> None:
+        """The aggregation weight is the site's public declared size: an integer in range, the one its signed
+        report states, and the one it declared when it enrolled (the manifest), when the manifest lists one."""
         low, high = SIZE_RANGE
-        if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
+        if type(weight) is not int or not low <= weight <= high:
             raise ReplyRejected(site_id, f"aggregation weight {weight!r} is not a declared size in [{low}, {high}]")
+        if reported != weight:
+            raise ReplyRejected(
+                site_id,
+                f"aggregation weight {weight} differs from the declared size {reported!r} in the site's signed report",
+            )
+        enrolled = self.manifest.declared_size(site_id)
+        if enrolled is not None and weight != enrolled:
+            raise ReplyRejected(
+                site_id,
+                f"aggregation weight {weight} differs from the size {enrolled} the site declared in the federation "
+                "manifest; the site must enrol its new size with the coordinator",
+            )
 
     def _check_counts(self, site_id: str, values: dict) -> None:
         """Released evaluation histograms must have the model's shape (they are turned into metrics)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from common.data.scenario import Scenario
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, site_dir
 from common.data.site_data import SiteData, write_site_data
-from common.privacy.policy import SitePolicy, write_policy
+from common.privacy.policy import PolicyError, SitePolicy, load_policy, write_policy
 from common.security.keys import (
     COORDINATOR_NAME,
     Identity,
@@ -95,10 +95,6 @@ def materialize_sites(
     identities = [
         _site_identity(site_dir(root, index).resolve() / "keys", site.name) for index, site in enumerate(scenario.sites)
     ]
-    manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
-    shutil.rmtree(coordinator_dir, ignore_errors=True)
-    write_identity(coordinator, coordinator_dir)
-    write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
     configs = []
     for index, site in enumerate(scenario.sites):
         folder = site_dir(root, index).resolve()
@@ -115,7 +111,27 @@ def materialize_sites(
         config.state_dir.mkdir(parents=True, exist_ok=True)
         if not config.policy_path.exists():
             write_policy(simulated_policy(site, scenario, allow_non_private), config.policy_path)
-        write_manifest(manifest, config.manifest)
         (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
         configs.append(config)
+    manifest = sign_manifest(
+        federation, coordinator, [i.public() for i in identities], declared_sizes=_declared_sizes(configs)
+    )
+    shutil.rmtree(coordinator_dir, ignore_errors=True)
+    write_identity(coordinator, coordinator_dir)
+    write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
+    for config in configs:
+        write_manifest(manifest, config.manifest)
     return SimulatedFederation(configs, coordinator, manifest)
+
+
+def _declared_sizes(configs: list[SiteConfig]) -> dict[str, int]:
+    """What each simulated site declares in its policy: the size it enrols with."""
+    sizes = {}
+    for config in configs:
+        try:
+            declared = load_policy(config.policy_path).declared_size
+        except PolicyError:
+            continue  # the site reports its broken policy when asked to train
+        if declared is not None:
+            sizes[config.site_id] = declared
+    return sizes

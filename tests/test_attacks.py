@@ -57,9 +57,11 @@ class Campaign:
     def site_key(self) -> Identity:
         return read_identity(self.root / "sites" / "site-0" / "keys", "site-0")
 
+    def manifest(self) -> Manifest:
+        return Manifest.from_json((self.root / "sites" / "site-0" / "keys" / "manifest.json").read_text(), None)
+
     def coordinator_public(self):
-        manifest = json.loads((self.root / "sites" / "site-0" / "keys" / "manifest.json").read_text())
-        return Manifest.from_json(json.dumps(manifest), None).coordinator
+        return self.manifest().coordinator
 
     def base_fingerprint(self, msg: Message) -> str:
         return str(msg.content[CONFIG]["base-fingerprint"])
@@ -83,12 +85,14 @@ class Campaign:
         server_round = int(msg.content[CONFIG]["server-round"])
         base = self.base_fingerprint(msg)
         run_id = self.grid.run_id + run_shift
+        declared = self.manifest().declared_size("site-0")
+        values = values or {"num-examples": declared, "steps": 1}
         report = {
             "phase": "train",
             "status": "ok",
             "dp": False,
             "dataset-id": "a" * 64,
-            "declared-size": 10,
+            "declared-size": values["num-examples"] if isinstance(values["num-examples"], int) else declared,
             "egress": {
                 "update": declaration(NOT_PRIVATE, "plain SGD"),
                 "num-examples": declaration(PUBLIC, "declared"),
@@ -99,9 +103,9 @@ class Campaign:
         if report_payload is not None:
             context = EnvelopeContext(run_id, server_round, site.name, "privacy-report", base)
             signed = base64.b64encode(sign_instruction(report_payload, context, site)).decode()
-        reply = SiteReply(site.name, "train", "ok", "", {"num-examples": 10, "steps": 1}, signed, tensors)
+        reply = SiteReply(site.name, "train", "ok", "", {"num-examples": declared, "steps": 1}, signed, tensors)
         payload = reply.encode()
-        if values is not None:
+        if values["num-examples"] != declared:
             header = json.dumps(
                 {
                     "site-id": site.name,
@@ -197,6 +201,15 @@ UPLINK_ATTACKS = {
         "aggregation weight",
         lambda c, msg, reply: _with_envelope(
             reply, c.crafted(msg, _honest_shapes(msg), values={"num-examples": -179.9, "steps": 1})
+        ),
+    ),
+    "other-weight": (
+        "differs from the size",
+        lambda c, msg, reply: _with_envelope(
+            reply,
+            c.crafted(
+                msg, _honest_shapes(msg), values={"num-examples": c.manifest().declared_size("site-0") * 50, "steps": 1}
+            ),
         ),
     ),
 }

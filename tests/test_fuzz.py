@@ -238,6 +238,7 @@ def _evaluate_reply(counts: Any) -> Message:
         "phase": "evaluate",
         "status": "ok",
         "dp": True,
+        "declared-size": 10,
         "spends": [{"ledger-index": 4, "kind": "evaluate", "noise-multiplier": 3.0}],
         "releases": {"eval-counts": 4},
         "egress": {"num-examples": "public: x", "eval-counts": "dp-release: x"},

@@ -247,6 +247,24 @@ def _check_site_keys(site: SiteConfig, info: KitInfo, found: _Findings) -> None:
             "keys",
             f"site keys match the manifest of federation {manifest.federation!r}, signed by the expected coordinator",
         )
+        _check_enrolled_size(site, manifest.declared_size(site.site_id), found)
+
+
+def _check_enrolled_size(site: SiteConfig, enrolled: int | None, found: _Findings) -> None:
+    """The policy's declared size must be the one the site enrolled with: the coordinator weights it by that."""
+    if enrolled is None:
+        return
+    try:
+        declared = load_policy(site.policy_path).declared_size
+    except PolicyError:
+        return  # the policy check reports it
+    if declared != enrolled:
+        found.add(
+            ERROR,
+            "privacy policy",
+            f"{site.policy_path}: declared_size {declared} differs from the size {enrolled} this site enrolled with "
+            "(the manifest); the coordinator would drop its updates. Enrol the new size or restore the old one",
+        )
 
 
 def _card(model_card: Path | None) -> ModelCard | None:
