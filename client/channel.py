@@ -100,13 +100,15 @@ def _public_error(err: Exception) -> str:
     return f"the site could not complete this instruction ({type(err).__name__}); the details are in the site's own log"
 
 
-def answer(msg: Message, context: Context, phase: str, handler: Handler) -> Message:
-    """Verify the instruction, run ``handler``, and seal its outcome (or a public error) to the coordinator."""
+def answer(msg: Message, context: Context, phase: str, handler: Handler, sim_root: str = "") -> Message:
+    """Verify the instruction, run ``handler``, and seal its outcome (or a public error) to the coordinator.
+
+    ``sim_root`` is where this machine's simulated sites live (local configuration, never a message's).
+    """
     if phase not in INSTRUCTION_KINDS:
         raise SiteUnavailable(f"message type {phase!r} is not one fedtransfer answers")
-    sim_root = msg.content[CONFIG].get("sim-root", "")
     try:
-        session = site_session(context.node_config, sim_root if isinstance(sim_root, str) else "")
+        session = site_session(context.node_config, sim_root)
     except Exception as err:  # noqa: BLE001 - nothing is sealed without the site's keys; say only what failed
         log.exception("this site cannot load its configuration, keys, manifest or policy")
         raise SiteUnavailable(

@@ -58,7 +58,6 @@ class RoundInstruction:
     personalise_epochs: int
     dp: int
     run_id: str
-    sim_root: str = ""
     local_steps: int = 0
     personalise_fraction: float = 0.0
     personalise_lr: float = 0.0

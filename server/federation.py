@@ -41,7 +41,6 @@ from server.strategy import (
     flower_strategy,
     server_optimiser_args,
 )
-from simulations.sites import materialize_sites
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +76,12 @@ def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path)
 
 
 def coordinator_keys(settings: RunSettings) -> tuple[Identity, Manifest]:
-    """The coordinator's identity and the signed manifest of a deployed federation."""
+    """The coordinator's identity and the signed manifest of the federation (simulated sites have them too)."""
     if not settings.coordinator_keys or not settings.manifest:
         raise FederationFailed(
-            "a deployed run needs the coordinator's keys and the federation manifest: set run-config "
-            "coordinator-keys (a directory made by `fedtransfer keys coordinator`) and manifest"
+            "a run needs the coordinator's keys and the federation manifest: set run-config coordinator-keys "
+            "(a directory made by `fedtransfer keys coordinator`) and manifest; `fedtransfer simulate` makes "
+            "both for simulated sites"
         )
     identity = read_identity(Path(settings.coordinator_keys).expanduser(), COORDINATOR_NAME, passphrase_from_env())
     manifest = read_manifest(Path(settings.manifest).expanduser(), identity.public().fingerprint())
@@ -150,7 +150,6 @@ class RunStart:
     transfer: TransferPolicy
     identity: Identity
     manifest: Manifest
-    sim_root: str
 
     @property
     def offset(self) -> int:
@@ -158,7 +157,7 @@ class RunStart:
         return self.resumed.last_round_begun if self.resumed else 0
 
 
-def start_run(settings: RunSettings, run_id: int) -> RunStart:
+def start_run(settings: RunSettings) -> RunStart:
     """Resolve the settings, the output folder, the base model and the coordinator's keys."""
     out = make_output_dir(settings.output_dir())
     resumed = resume_point(out) if settings.resume else None
@@ -169,20 +168,8 @@ def start_run(settings: RunSettings, run_id: int) -> RunStart:
     checkpoint = base_checkpoint(settings, scenario, out)
     model, card = load_checkpoint(checkpoint)
     transfer = TransferPolicy.parse(settings.transfer_policy or card.default_transfer_policy)
-    sim_root = ""
-    if settings.sim_root and scenario is not None:
-        sim_root = str(Path(settings.sim_root).expanduser().resolve())
-        simulated = materialize_sites(
-            scenario,
-            Path(sim_root),
-            f"simulation-{run_id}",
-            allow_non_private=not settings.dp,
-            reuse_keys=resumed is not None,
-        )
-        identity, manifest = simulated.coordinator, simulated.manifest
-    else:
-        identity, manifest = coordinator_keys(settings)
-    return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest, sim_root)
+    identity, manifest = coordinator_keys(settings)
+    return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest)
 
 
 def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
@@ -206,7 +193,6 @@ def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
         personalise_lr=settings.personalise_lr,
         dp=int(settings.dp),
         run_id=str(start.resumed.record.run_id if start.resumed else run_id),
-        sim_root=start.sim_root,
         federated_evaluation=settings.federated_evaluation,
         release_loss=int(settings.release_loss),
         reproducible_noise=int(settings.reproducible_noise),
@@ -279,7 +265,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     completed round, with that run's settings, keys and round numbers, so the sites keep
     their run plan and nothing they recorded is rolled back.
     """
-    start = start_run(settings, run_id)
+    start = start_run(settings)
     settings, out, card = start.settings, start.out, start.card
     instruction = round_instruction(start, run_id)
     request = PrivacyRequest(

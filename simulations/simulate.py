@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flwr.simulation import run_simulation
 
-from client.app import app as client_app
+from client.app import make_client_app
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
@@ -26,6 +26,7 @@ from server.app import make_server_app
 from server.federation import ROUND_CHECKPOINT_DIR
 from server.report import write_report
 from simulations.baselines import Baselines, compute_baselines
+from simulations.sites import prepare_sites
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +154,14 @@ def simulate(settings: RunSettings) -> SimulationResult:
             min_sites=min(settings.min_sites, len(scenario.sites)),
             expected_sites=len(scenario.sites),
         )
+    bound = prepare_sites(bound)
     num_sites = len(scenario.sites)
     os.environ.setdefault(
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"
     )  # CPU only: keep Ray from touching device variables
     run_simulation(
         server_app=make_server_app(bound),
-        client_app=client_app,
+        client_app=make_client_app(Path(bound.sim_root)),
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -1,9 +1,13 @@
 """Simulated sites on one machine: each scenario site gets a folder like a real site's.
 
-``<root>/site-<partition>/`` holds ``site.toml``, its data under ``data/``, throwaway keys
-and the federation manifest under ``keys/``, and its state (privacy policy, ledger) under
-``state/``. A simulated ClientApp finds its folder from its Flower partition id, then
-behaves exactly like a deployed site. Keys are new for every run; state is kept.
+``<root>/site-<partition>/`` holds ``site.toml``, its data under ``data/``, its keys and the
+federation manifest under ``keys/``, and its state (privacy policy, ledger) under ``state/``;
+``<root>/coordinator-keys/`` holds the simulated coordinator's keys and the signed manifest.
+This is the simulator's work, done before the run starts: the coordinator (``server/``) reads
+them like a deployed coordinator's keys, and a simulated ClientApp learns where its folder is
+only from its own node's configuration (``site-config``, or the simulation root the simulator
+bound it to, with its partition id), never from a message. The coordinator's keys and the
+manifest are new for every run; the sites' keys and state are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.scenario import Scenario
+from common.data.scenarios import load_scenario
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, site_dir
 from common.data.site_data import SiteData, write_site_data
 from common.privacy.policy import PolicyError, SitePolicy, load_policy, write_policy
@@ -30,6 +35,7 @@ from common.security.manifest import (
     sign_manifest,
     write_manifest,
 )
+from common.settings import RunSettings
 
 COORDINATOR_KEYS_DIR = "coordinator-keys"
 
@@ -70,6 +76,32 @@ def _site_identity(keys_dir: Path, name: str) -> Identity:
         identity = Identity.generate(name)
         write_identity(identity, keys_dir)
         return identity
+
+
+def prepare_sites(settings: RunSettings) -> RunSettings:
+    """Write the simulated sites of ``settings.scenario`` under ``settings.sim_root`` (default ``OUT/sites``).
+
+    Returns the settings with ``sim_root`` resolved and ``coordinator-keys`` and ``manifest`` pointing at the
+    simulated coordinator's keys. A resumed run (``settings.resume``) keeps the keys and manifest it started with.
+    """
+    root = Path(settings.sim_root or settings.output_dir() / "sites").expanduser().resolve()
+    scenario = load_scenario(
+        settings.scenario,
+        seed=settings.seed,
+        data_dir=Path(settings.data_dir) if settings.data_dir else None,
+        private=not settings.per_site_scaling,
+    )
+    materialize_sites(scenario, root, "simulation", allow_non_private=not settings.dp, reuse_keys=settings.resume)
+    return settings.with_(
+        sim_root=str(root),
+        coordinator_keys=str(root / COORDINATOR_KEYS_DIR),
+        manifest=str(root / COORDINATOR_KEYS_DIR / MANIFEST_FILE),
+    )
+
+
+def site_configs(root: Path, sites: int) -> list[Path]:
+    """The ``site.toml`` of each simulated site under ``root``, in partition order."""
+    return [site_dir(Path(root), index) / SITE_CONFIG_FILE for index in range(sites)]
 
 
 def materialize_sites(

@@ -16,15 +16,17 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.app import app as client_app
+from common.data.scenarios import load_scenario
+from common.model.transfer import state_fingerprint
 from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
 from common.privacy.report import sign_report
-from common.protocol import CONFIG, SEALED, SIGNED_INSTRUCTION, SiteReply
+from common.protocol import ARRAYS, CONFIG, SEALED, SIGNED_INSTRUCTION, SiteReply, instruction_payload
 from common.security.envelope import EnvelopeContext, seal, sign_instruction
 from common.security.keys import Identity, read_identity
 from common.security.manifest import Manifest
 from common.settings import RunSettings
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
+from simulations.sites import materialize_sites
 
 pytestmark = pytest.mark.federation
 
@@ -53,6 +55,7 @@ class Campaign:
         self.round = 0
         self.previous_reply: Message | None = None
         self.attacks: dict[int, str] = {}
+        self.study = root / "study" / "study.toml"
 
     def site_key(self) -> Identity:
         return read_identity(self.root / "sites" / "site-0" / "keys", "site-0")
@@ -244,6 +247,20 @@ def _unsigned(c: Campaign, msg: Message) -> Message:
     return _replace_config(msg, config)
 
 
+def _redirected_root(c: Campaign, msg: Message) -> Message:
+    """Security review finding 6: the relay points the site at a federation it wrote and signs what it likes."""
+    relay = materialize_sites(load_scenario(str(c.study)), c.root / "relay-sites", "relay", allow_non_private=True)
+    config = dict(msg.content[CONFIG].items())
+    config.update({"sim-root": str(c.root / "relay-sites"), "dp": 0})
+    context = EnvelopeContext(
+        c.grid.run_id, int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg)
+    )
+    plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
+    arrays = state_fingerprint(msg.content[ARRAYS].to_torch_state_dict())
+    config[SIGNED_INSTRUCTION] = sign_instruction(instruction_payload(plain, arrays), context, relay.coordinator)
+    return _replace_config(msg, config)
+
+
 def _replace_config(msg: Message, config: dict) -> Message:
     content = RecordDict({**dict(msg.content.items()), CONFIG: ConfigRecord(config)})
     return Message(content=content, message_type=msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
@@ -253,6 +270,7 @@ DOWNLINK_ATTACKS = {
     "forged-instruction": ("BadSignature", _forged_signature),
     "weaker-privacy": ("differ from what the coordinator signed", _weaker_privacy),
     "unsigned-instruction": ("not signed by the coordinator", _unsigned),
+    "redirected-root": ("BadSignature", _redirected_root),
 }
 
 
@@ -299,7 +317,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory):
         dp=False,
         max_update_norm=50.0,
     )
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     return record, schedule
 
 
@@ -320,6 +338,13 @@ def test_attack_is_rejected_with_its_reason_and_the_round_goes_on(campaign, atta
     assert any(part in victim.reason for part in expected.split("|")), victim.reason
     assert current.aggregated_sites == ["site-1", "site-2"]
     assert current.sites["site-1"].status == "ok" and current.sites["site-2"].status == "ok"
+
+
+def test_a_relay_written_site_folder_is_never_used(campaign, tmp_path_factory) -> None:
+    record, schedule = campaign
+    relay_sites = next(p for p in tmp_path_factory.getbasetemp().rglob("relay-sites"))
+    written = sorted(p.name for p in relay_sites.rglob("state/*"))
+    assert written and written == ["privacy-policy.toml"] * len(written), written  # nothing trained there
 
 
 def test_signed_privacy_reports_are_kept_in_the_run_record(campaign) -> None:

@@ -16,8 +16,7 @@ from client.app import app as client_app
 from common.privacy.ledger import Ledger
 from common.privacy.policy import SitePolicy, write_policy
 from common.settings import RunSettings
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 
 pytestmark = pytest.mark.federation
 
@@ -51,7 +50,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory):
             delta=1e-5,
             max_grad_norm=5.0,
         )
-        records.append(run_federation(grid, settings, run_id))
+        records.append(run_on_grid(grid, settings))
     return root, records
 
 

@@ -14,6 +14,7 @@ from common.cli import bench as cli_bench
 from common.cli import deploy as cli_deploy
 from common.cli import keys as cli_keys
 from common.cli import pretrain as cli_pretrain
+from common.cli import simsites as cli_simsites
 from common.cli import simulate as cli_simulate
 from common.cli.console import log_console
 from common.errors import ConfigurationError, FedtransferError
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(verbose=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (cli_simulate, cli_pretrain, cli_keys, cli_deploy, cli_audit, cli_bench):
+    for module in (cli_simulate, cli_simsites, cli_pretrain, cli_keys, cli_deploy, cli_audit, cli_bench):
         module.add_commands(commands)
     return parser
 

@@ -567,7 +567,6 @@ def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Mani
         [
             f"coordinator-keys={json.dumps(str(install / 'keys'))}",
             f"manifest={json.dumps(str(install / MANIFEST_FILE))}",
-            'sim-root=""',
             f"expected-sites={sites}",
             f"min-sites={min_sites}",
         ]
