@@ -12,7 +12,7 @@ from typing import Any
 from common.io import parse_json, write_atomic
 
 RUN_RECORD_FILE = "run-record.json"
-RUN_RECORD_FORMAT = 3
+RUN_RECORD_FORMAT = 4
 
 
 def _now() -> str:
@@ -74,12 +74,12 @@ class RoundRecord:
     sites: dict[str, SiteRound] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
     aggregated_sites: list[str] = field(default_factory=list)
-    flower_run_id: int = 0  # the Flower run that executed this round (a resumed run has several)
+    flower_run_id: int = 0  # the Flower (SuperLink) run that executed this round (a resumed run has several)
 
 
 @dataclass
 class RunRecord:
-    run_id: int
+    run_id: str  # chosen by the coordinator (128 random bits, hex); binds every envelope, report and ledger entry
     settings: dict[str, Any]
     base_model: dict[str, Any]
     transfer_policy: str

@@ -81,7 +81,7 @@ class CoordinatorChannel:
     """Signs every instruction of one run and opens every reply, against the signed manifest."""
 
     def __init__(
-        self, identity: Identity, manifest: Manifest, run_id: int, base_fingerprint: str, limits: UpdateLimits
+        self, identity: Identity, manifest: Manifest, run_id: str, base_fingerprint: str, limits: UpdateLimits
     ) -> None:
         self.identity = identity
         self.manifest = manifest

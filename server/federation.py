@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +173,12 @@ def start_run(settings: RunSettings) -> RunStart:
     return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest)
 
 
-def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
+def new_run_id() -> str:
+    """A run id chosen by the coordinator: 128 random bits, so no relay can predict or reuse one."""
+    return secrets.token_hex(16)
+
+
+def round_instruction(start: RunStart, run_id: str) -> RoundInstruction:
     """The instruction every site receives (the coordinator signs it per message, with the round number)."""
     settings = start.settings
     return RoundInstruction(
@@ -192,14 +198,14 @@ def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
         personalise_fraction=settings.personalise_fraction,
         personalise_lr=settings.personalise_lr,
         dp=int(settings.dp),
-        run_id=str(start.resumed.record.run_id if start.resumed else run_id),
+        run_id=run_id,
         federated_evaluation=settings.federated_evaluation,
         release_loss=int(settings.release_loss),
         reproducible_noise=int(settings.reproducible_noise),
     )
 
 
-def _new_record(start: RunStart, run_id: int) -> RunRecord:
+def _new_record(start: RunStart, run_id: str) -> RunRecord:
     card = start.card
     return RunRecord(
         run_id=run_id,
@@ -217,7 +223,7 @@ def _new_record(start: RunStart, run_id: int) -> RunRecord:
 
 
 def _site_aware_strategy(
-    start: RunStart, run_id: int, instruction: RoundInstruction, record: RunRecord
+    start: RunStart, run_id: str, flower_run_id: int, instruction: RoundInstruction, record: RunRecord
 ) -> SiteAwareStrategy:
     settings = start.settings
     trainable = start.transfer.trainable_state(start.model)
@@ -246,6 +252,7 @@ def _site_aware_strategy(
         evaluates=lambda server_round: (
             instruction.evaluates(server_round) or (server_round == settings.rounds and personalises)
         ),
+        flower_run_id=flower_run_id,
     )
     if start.resumed is not None:
         strategy.load_state(start.resumed.strategy_state)
@@ -258,15 +265,17 @@ def _global_model(start: RunStart, arrays: ArrayRecord) -> FedModel:
     return with_trainable(with_trainable(start.card.build(), ArrayRecord(start.model.state_dict())), arrays)
 
 
-def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
+def run_federation(grid: Grid, settings: RunSettings, flower_run_id: int) -> RunRecord:
     """Run ``settings.rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``.
 
-    With ``settings.resume`` the run recorded in ``settings.out`` continues from its last
-    completed round, with that run's settings, keys and round numbers, so the sites keep
-    their run plan and nothing they recorded is rolled back.
+    The coordinator chooses the run id (:func:`new_run_id`); ``flower_run_id``, the SuperLink's number
+    for this Flower run, is only noted in the record. With ``settings.resume`` the run recorded in
+    ``settings.out`` continues from its last completed round, with that run's id, settings, keys and
+    round numbers, so the sites keep their run plan and nothing they recorded is rolled back.
     """
     start = start_run(settings)
     settings, out, card = start.settings, start.out, start.card
+    run_id = start.resumed.record.run_id if start.resumed else new_run_id()
     instruction = round_instruction(start, run_id)
     request = PrivacyRequest(
         settings.target_epsilon,
@@ -278,11 +287,12 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
     )
     round_config = instruction.to_config() | request.to_config()
     record = start.resumed.record if start.resumed else _new_record(start, run_id)
-    strategy = _site_aware_strategy(start, run_id, instruction, record)
+    strategy = _site_aware_strategy(start, run_id, flower_run_id, instruction, record)
     trainable = start.transfer.trainable_state(start.model)
     log.info(
-        "run %s: %s from %s, transfer policy %s (%d of %d parameters travel), strategy %s",
+        "run %s (Flower run %d): %s from %s, transfer policy %s (%d of %d parameters travel), strategy %s",
         run_id,
+        flower_run_id,
         settings.scenario or "deployment",
         start.checkpoint,
         start.transfer,
@@ -334,7 +344,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> RunRecord:
         raise
 
 
-def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: int) -> RunRecord:
+def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: str) -> RunRecord:
     """Save the final global model, the record and the report; a run without any global model failed."""
     out = start.out
     if strategy.latest_arrays is None:

@@ -25,8 +25,9 @@ from common.security.envelope import EnvelopeContext, seal, sign_instruction
 from common.security.keys import Identity, read_identity
 from common.security.manifest import Manifest
 from common.settings import RunSettings
+from server.federation import run_federation
 from simulations.inprocess import DirectGrid, run_on_grid
-from simulations.sites import materialize_sites
+from simulations.sites import materialize_sites, prepare_sites
 
 pytestmark = pytest.mark.federation
 
@@ -74,7 +75,7 @@ class Campaign:
         msg: Message,
         tensors: dict[str, torch.Tensor],
         site: Identity | None = None,
-        run_shift: int = 0,
+        other_run: bool = False,
         recipient=None,
         values: dict | None = None,
         report_payload: bytes | None = None,
@@ -87,7 +88,7 @@ class Campaign:
         site = site or self.site_key()
         server_round = int(msg.content[CONFIG]["server-round"])
         base = self.base_fingerprint(msg)
-        run_id = self.grid.run_id + run_shift
+        run_id = "0" * 32 if other_run else str(msg.content[CONFIG]["run-id"])
         declared = self.manifest().declared_size("site-0")
         values = values or {"num-examples": declared, "steps": 1}
         report = {
@@ -148,7 +149,7 @@ UPLINK_ATTACKS = {
     ),
     "other-run": (
         "ReplayedEnvelope",
-        lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), run_shift=1)),
+        lambda c, msg, reply: _with_envelope(reply, c.crafted(msg, _honest_shapes(msg), other_run=True)),
     ),
     "unknown-key": (
         "BadSignature",
@@ -226,7 +227,7 @@ def _nested_header_envelope() -> bytes:
 def _forged_signature(c: Campaign, msg: Message) -> Message:
     config = dict(msg.content[CONFIG].items())
     context = EnvelopeContext(
-        c.grid.run_id, int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg)
+        str(config["run-id"]), int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg)
     )
     plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
     payload = json.dumps({"config": plain, "arrays": "0" * 64}, sort_keys=True).encode()
@@ -253,7 +254,7 @@ def _redirected_root(c: Campaign, msg: Message) -> Message:
     config = dict(msg.content[CONFIG].items())
     config.update({"sim-root": str(c.root / "relay-sites"), "dp": 0})
     context = EnvelopeContext(
-        c.grid.run_id, int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg)
+        str(config["run-id"]), int(config["server-round"]), "*", "train-instruction", c.base_fingerprint(msg)
     )
     plain = {k: v for k, v in config.items() if k != SIGNED_INSTRUCTION}
     arrays = state_fingerprint(msg.content[ARRAYS].to_torch_state_dict())
@@ -352,3 +353,57 @@ def test_signed_privacy_reports_are_kept_in_the_run_record(campaign) -> None:
     reply = record.round(1).sites["site-1"].train
     assert base64.b64decode(reply.report_signed)[:4] == b"FTEV"
     assert reply.report["dp"] is False
+
+
+def test_a_relay_that_reuses_a_run_number_cannot_replay_across_runs(tmp_path: Path) -> None:
+    """Security review finding 8: the run id that blocks cross-run replay was the relay's own run number.
+
+    The relay gives two runs the same Flower run number, replays site-0's round-1 reply of the first
+    run into the second, and hands site-1 the first run's round-2 instruction in the second run.
+    """
+    from tests.conftest import write_shifted_study
+
+    study = write_shifted_study(tmp_path / "study", sites=2)
+    settings = RunSettings(
+        scenario=str(study), rounds=2, local_epochs=1, sim_root=str(tmp_path / "sites"), min_sites=1, dp=False
+    )
+    first = DirectGrid(client_app, num_nodes=2, run_id=4242)
+    kept: dict[str, RecordDict] = {}  # copies: the apps replace records of the messages they handle
+
+    def keep_instruction(node: int, msg: Message) -> Message:
+        if node == 102 and msg.metadata.message_type == "train" and msg.content[CONFIG]["server-round"] == 2:
+            kept["instruction"] = RecordDict(dict(msg.content.items()))
+        return msg
+
+    def keep_reply(node: int, reply: Message) -> Message:
+        current = next(m for n, m in reversed(first.delivered) if n == node)
+        if node == 101 and reply.metadata.message_type == "train" and current.content[CONFIG]["server-round"] == 1:
+            kept["reply"] = RecordDict(dict(reply.content.items()))
+        return reply
+
+    first.on_instruction, first.on_reply = keep_instruction, keep_reply
+    deployed = prepare_sites(settings)  # one federation, its keys kept across runs as in a deployment
+    first.place_sites(tmp_path / "sites")
+    earlier = run_federation(first, deployed.with_(out=str(tmp_path / "first")), 4242)
+    second = DirectGrid(client_app, num_nodes=2, run_id=4242)
+
+    def replay_instruction(node: int, msg: Message) -> Message:
+        if node == 102 and msg.metadata.message_type == "train" and msg.content[CONFIG]["server-round"] == 2:
+            return Message(content=kept["instruction"], message_type="train", dst_node_id=node)
+        return msg
+
+    def replay_reply(node: int, reply: Message) -> Message:
+        current = next(m for n, m in reversed(second.delivered) if n == node)
+        if node == 101 and reply.metadata.message_type == "train" and current.content[CONFIG]["server-round"] == 1:
+            return Message(content=kept["reply"], reply_to=current)
+        return reply
+
+    second.on_instruction, second.on_reply = replay_instruction, replay_reply
+    second.place_sites(tmp_path / "sites")
+    later = run_federation(second, deployed.with_(out=str(tmp_path / "second")), 4242)
+    assert earlier.run_id != later.run_id and earlier.round(1).flower_run_id == later.round(1).flower_run_id == 4242
+    replayed_reply = later.round(1).sites["node-101"]  # its first reply did not prove who node 101 is
+    assert replayed_reply.status == "rejected" and "ReplayedEnvelope" in replayed_reply.reason, replayed_reply
+    replayed_instruction = later.round(2).sites["site-1"]
+    assert replayed_instruction.status == "failed", replayed_instruction
+    assert f"belongs to run {earlier.run_id}, not the current run {later.run_id}" in replayed_instruction.reason

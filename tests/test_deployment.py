@@ -145,7 +145,8 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]
 
     record = RunRecord.load(out / "run-record.json")
-    assert record.status == "completed"
+    assert record.status == "completed" and record.round(1).flower_run_id == run_id
+    assert len(record.run_id) == 32 and record.run_id != str(run_id)  # the coordinator's, not the relay's
     assert (out / "final-model" / "model.safetensors").is_file() and record.final_checkpoint == str(out / "final-model")
     manifest = read_manifest(coordinator / "manifest.json", fed.coordinator_fingerprint)
     base = record.base_model["fingerprint"]
@@ -155,12 +156,12 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
         for site in SITES:
             entry = current.sites[site]
             assert entry.status == "ok", (site, entry.reason)
-            report = verify_report(entry.train.report_signed, int(run_id), server_round, base, manifest.site(site))
+            report = verify_report(entry.train.report_signed, record.run_id, server_round, base, manifest.site(site))
             assert report == entry.train.report and report["dp"] is True
         refused = {name: s for name, s in current.sites.items() if name not in SITES}
         assert len(refused) == 1 and next(iter(refused.values())).status in ("failed", "rejected"), current.sites
     for site in SITES:
-        entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == str(run_id)]
+        entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == record.run_id]
         assert sorted(e.server_round for e in entries) == [1, 2], site
     assert not Ledger(foreign.site_kits["stranger"] / "state").entries(), (
         "the stranger must not train for a coordinator it does not trust"

@@ -377,7 +377,11 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
         arrays["head.bias"] = torch.tensor([0.0, 1.0])  # logit 1 for everyone: every record in one bin
         plain = {k: v for k, v in msg.content[CONFIG].items() if k != SIGNED_INSTRUCTION}
         context = EnvelopeContext(
-            grid.run_id, int(plain["server-round"]), BROADCAST, "evaluate-instruction", str(plain["base-fingerprint"])
+            str(plain["run-id"]),
+            int(plain["server-round"]),
+            BROADCAST,
+            "evaluate-instruction",
+            str(plain["base-fingerprint"]),
         )
         signed = sign_instruction(instruction_payload(plain, state_fingerprint(arrays)), context, coordinator)
         content = RecordDict(

@@ -107,10 +107,9 @@ def private_settings(study: Path, root: Path, rounds: int, sites: int, min_sites
     )
 
 
-def forged_update(
-    sim_root: Path, instruction: Message, run_id: int, tensors: dict[str, torch.Tensor], num_examples: int
-) -> Message:
+def forged_update(sim_root: Path, instruction: Message, tensors: dict[str, torch.Tensor], num_examples: int) -> Message:
     """A reply site-0 itself built and signed: authentic, but with whatever weights it likes."""
+    run_id = str(instruction.content[CONFIG]["run-id"])
     keys = site_dir(sim_root, 0) / "keys"
     site = read_identity(keys, "site-0")
     coordinator = Manifest.from_json((keys / MANIFEST_FILE).read_text(), None).coordinator
@@ -433,7 +432,7 @@ def shifted_by(norm: float) -> Attack:
         global_state = instruction.content[ARRAYS].to_torch_state_dict()
         count = sum(t.numel() for t in global_state.values())
         tensors = {name: t + norm / math.sqrt(count) for name, t in global_state.items()}
-        return forged_update(sim_root, instruction, grid.run_id, tensors, num_examples=120)
+        return forged_update(sim_root, instruction, tensors, num_examples=120)
 
     return attack
 

@@ -39,7 +39,7 @@ from server.strategy import BasePayload, SiteAwareStrategy, flower_strategy
 
 COORDINATOR, SITE = Identity.generate("coordinator"), Identity.generate("site-0")
 MANIFEST = sign_manifest("fuzz", COORDINATOR, [SITE.public()])
-RUN, ROUND, BASE = 5, 3, "ab" * 32
+RUN, ROUND, BASE = "5eed", 3, "ab" * 32
 REPLY = EnvelopeContext(RUN, ROUND, "site-0", "train-reply", BASE)
 SHAPES = {"head.weight": torch.Size([2, 3]), "head.bias": torch.Size([2])}
 GLOBAL = {name: torch.zeros(shape) for name, shape in SHAPES.items()}

@@ -74,7 +74,9 @@ def test_spend_carries_into_the_next_run(two_runs) -> None:
     after_first = first.round(2).sites["site-0"].train.report["epsilon"]
     assert 2.5 < after_first <= 3.0
     entries = _ledger(root, 0).entries()
-    assert [(e.run_id, e.server_round) for e in entries] == [("7001", 1), ("7001", 2), ("7002", 1), ("7002", 2)]
+    runs = [first.run_id, second.run_id]
+    assert first.run_id != second.run_id and all(len(r) == 32 for r in runs)  # chosen by the coordinator
+    assert [(e.run_id, e.server_round) for e in entries] == [(run, r) for run in runs for r in (1, 2)]
     assert entries[2].epsilon > after_first
     assert second.round(2).sites["site-0"].train.report["epsilon"] == pytest.approx(entries[3].epsilon)
 
