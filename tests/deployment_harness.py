@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.data.site_data import SiteData, write_site_data
-from common.deploy.provision import Endpoint, KitInfo
+from common.deploy.provision import COORDINATOR_KIT, Endpoint, KitInfo, ProvisionResult
 from common.privacy.policy import load_policy, write_policy
 from simulations.sites import declared_size
 from tests.conftest import FLOWER_ENV
@@ -260,6 +261,15 @@ def start_run(coordinator: Path, run_config: str, processes: Processes) -> int:
     )
     assert started.returncode == 0, started.stdout + started.stderr
     return int(last_json(started.stdout)["run-id"])
+
+
+def install_kits(result: ProvisionResult, homes: Path) -> ProvisionResult:
+    """Copy every kit into its machine's folder (``homes/coordinator``, ``homes/SITE``: where a site made its keys)."""
+    kits = {site: homes / site for site in result.site_kits}
+    for site, kit in result.site_kits.items():
+        shutil.copytree(kit, kits[site], dirs_exist_ok=True)
+    shutil.copytree(result.coordinator_kit, homes / COORDINATOR_KIT)
+    return replace(result, coordinator_kit=homes / COORDINATOR_KIT, site_kits=kits)
 
 
 def give_site_data(kit: Path, site: SiteData, feature_names: tuple[str, ...] | None) -> None:

@@ -17,11 +17,13 @@ import pytest
 
 from common.data.scenarios import load_scenario
 from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
+from common.deploy.site_keys import make_site_keys
 from common.privacy.ledger import Ledger
 from common.privacy.report import verify_report
 from common.run_record import RunRecord
 from common.security.keys import read_public_identity, write_private_file
 from common.security.manifest import read_manifest
+from simulations.sites import declared_size
 from tests.deployment_harness import (
     BIN,
     HAS_FLOWER,
@@ -29,6 +31,7 @@ from tests.deployment_harness import (
     flwr,
     free_port,
     give_site_data,
+    install_kits,
     register_sites,
     start_coordinator,
     start_run,
@@ -48,9 +51,28 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     port = free_port()
     address = [Endpoint("127.0.0.1", port)]
     ports = {site: free_port() for site in SITES}
-    fed = provision(
-        ProvisionRequest("loopback", SITES, address, tmp_path / "kits", runtime_ports=ports, control_port=free_port())
+    scenario = load_scenario("wdbc")
+    homes = tmp_path / "srv"  # each machine's folder: the hospitals make their keys there, then copy their kit in
+    enrolments = [
+        make_site_keys(site, homes / site, declared_size(len(scenario.sites[index].train)), None)
+        for index, site in enumerate(SITES)
+    ]
+    fed = install_kits(
+        provision(
+            ProvisionRequest(
+                "loopback",
+                [],
+                address,
+                tmp_path / "kits",
+                install_root=homes,
+                runtime_ports=ports,
+                control_port=free_port(),
+                enrolments=enrolments,
+            )
+        ),
+        homes,
     )
+    assert not [p for p in (tmp_path / "kits").rglob("*.key") if "sites" in p.parts]  # no site key left home
     ca = tmp_path / "kits" / "ca"
     foreign = provision(
         ProvisionRequest(
@@ -63,7 +85,6 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
             runtime_ports={"stranger": free_port()},
         )
     )
-    scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
         give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
     give_site_data(foreign.site_kits["stranger"], scenario.sites[3], scenario.feature_names)

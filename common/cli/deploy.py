@@ -26,6 +26,7 @@ from common.deploy.site_check import ERROR, OK, WARNING, check_kit, has_errors
 from common.errors import ConfigurationError
 from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.privacy.policy import PolicyError, SitePolicy
+from common.security.enrolment import EnrolmentError, read_enrolment
 from common.security.keys import KeyFileError, passphrase_from_env, read_identity
 from common.security.manifest import ManifestError
 
@@ -39,25 +40,38 @@ def _names(text: str) -> list[str]:
 def _cmd_provision(args: argparse.Namespace) -> int:
     sites = _names(args.sites)
     try:
+        enrolments = [read_enrolment(Path(path)) for path in args.enrolment]
         endpoints = [Endpoint.parse(a) for a in _names(",".join(args.superlink_address))]
         request = ProvisionRequest(
             federation=args.federation,
             sites=sites,
+            enrolments=enrolments,
             superlink_addresses=endpoints,
             out=Path(args.out),
             ca_cert=Path(args.ca_cert) if args.ca_cert else None,
             ca_key=Path(args.ca_key) if args.ca_key else None,
             install_root=Path(args.install_root) if args.install_root else None,
-            runtime_ports={site: args.runtime_port + i for i, site in enumerate(sites)} if args.runtime_port else {},
+            runtime_ports={
+                site: args.runtime_port + i for i, site in enumerate([*sites, *(e.site_id for e in enrolments)])
+            }
+            if args.runtime_port
+            else {},
             app_dir=Path(args.app_dir).resolve() if args.app_dir else None,
             policy=SitePolicy(max_epsilon=args.max_epsilon, delta=args.delta),
             min_sites=args.min_sites,
             control_port=args.control_port,
         )
         result = provision(request)
-    except (ProvisionError, KeyFileError, ManifestError, PolicyError) as err:
+    except (ProvisionError, KeyFileError, ManifestError, PolicyError, EnrolmentError) as err:
         console.print(f"[bold red]Cannot provision:[/bold red] {err}")
         return 1
+    if sites:
+        console.print(
+            f"[bold red]TEST PROVISIONING: the private keys of {', '.join(sites)} were made on this machine and are in "
+            "their kits. Whoever holds them can sign as those sites, and their signed privacy reports prove nothing "
+            "against this machine. For a real federation each site runs `fedtransfer keys site` and sends its "
+            "enrolment (--enrolment).[/bold red]"
+        )
     table = Table(title=f"Kits of federation {result.federation}")
     table.add_column("machine")
     table.add_column("kit")
@@ -79,8 +93,15 @@ def _cmd_provision(args: argparse.Namespace) -> int:
             f"Added {', '.join(result.added_sites)}; copy the coordinator kit's new manifest.json and "
             f"{REGISTER_SCRIPT} to the coordinator, then register the new keys."
         )
+    for enrolment in request.enrolments:
+        console.print(
+            f"Enrolled {enrolment.site_id} with key fingerprint [bold]{enrolment.identity.fingerprint()}[/bold]"
+            f"{'' if enrolment.declared_size is None else f', declared size {enrolment.declared_size}'}: confirm it "
+            "with the site by phone before you send its kit."
+        )
     console.print(
-        "Copy each kit to its machine only. Tell every site, by phone or in person, the coordinator fingerprint:"
+        "Copy each kit to its machine only (a site copies it into the folder holding its keys). Tell every site, by "
+        "phone or in person, the coordinator fingerprint:"
     )
     console.print(f"  [bold]{result.coordinator_fingerprint}[/bold]")
     console.print(
@@ -147,7 +168,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "scripts. Run it again on the same --out to add sites.",
     )
     prov.add_argument("--federation", required=True, help="federation name (letters, digits, . _ -)")
-    prov.add_argument("--sites", required=True, help="comma-separated site ids, e.g. hospital-a,hospital-b")
+    prov.add_argument(
+        "--enrolment",
+        action="append",
+        default=[],
+        help="a site's SITE.enrolment.json (made by `fedtransfer keys site` at the site); repeat for every site",
+    )
+    prov.add_argument(
+        "--sites",
+        default="",
+        help="TEST ONLY: comma-separated site ids whose private keys are made here, in their kits (simulations and "
+        "tests; whoever provisions can then sign as those sites)",
+    )
     prov.add_argument(
         "--superlink-address",
         required=True,

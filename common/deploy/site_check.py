@@ -194,6 +194,13 @@ def _check_site(kit: Path, info: KitInfo, model_card: Path | None, probe: bool, 
             f"paths in {SITE_CONFIG_FILE} must be absolute (the ClientApp runs elsewhere): {', '.join(relative)}",
         )
     _check_site_keys(site, info, found)
+    if info.site_keys != "site":
+        found.add(
+            WARNING,
+            "keys",
+            "this kit's private keys were made by whoever provisioned it (test provisioning), who can therefore sign "
+            "as this site; for a real federation make your own with `fedtransfer keys site` and enrol them",
+        )
     bundled = kit / CARD_FILE
     _check_data(site, model_card or (bundled if bundled.is_file() else None), found)
     _check_policy_and_ledger(site, found)
