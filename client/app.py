@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -11,6 +15,7 @@ from client.local_data import Features, frozen_features, load_local_data
 from client.model_state import adopt_base, round_model
 from client.private_round import Outcome, evaluate_round, train_round
 from client.session import DatasetIdentity, SiteSession
+from common.data.site_config import SIM_ROOT_ENV
 from common.model.training import use_one_torch_thread
 from common.model.transfer import TransferPolicy
 from common.model.zoo import FedModel
@@ -51,11 +56,22 @@ def _evaluate(session: SiteSession, instruction: RoundInstruction, msg: Message,
     return evaluate_round(session, dataset, model, transfer, features, instruction, personalise)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return answer(msg, context, "train", _train)
+def _serve(bound: ClientApp, sim_root: Callable[[], str]) -> ClientApp:
+    @bound.train()
+    def train(msg: Message, context: Context) -> Message:
+        return answer(msg, context, "train", _train, sim_root())
+
+    @bound.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return answer(msg, context, "evaluate", _evaluate, sim_root())
+
+    return bound
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return answer(msg, context, "evaluate", _evaluate)
+_serve(app, lambda: os.environ.get(SIM_ROOT_ENV, ""))
+
+
+def make_client_app(sim_root: Path) -> ClientApp:
+    """A ClientApp whose simulated nodes (identified by partition id) find their site folder under ``sim_root``."""
+    root = str(Path(sim_root).resolve())
+    return _serve(ClientApp(), lambda: root)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import PrivacyError
-from common.io import write_atomic
+from common.io import parse_json, write_atomic
 from common.privacy.accounting import (
     Accountant,
     AccountingError,
@@ -234,7 +234,7 @@ class BudgetGuard:
     def _stored_plan(self, run_id: str) -> RunPlan | None:
         path = self._plan_path(run_id)
         try:
-            plan = RunPlan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            plan = RunPlan.from_dict(parse_json(path.read_bytes()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:

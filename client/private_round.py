@@ -185,6 +185,13 @@ def _declared_size(session: SiteSession) -> int:
             "number of training records (for example to the nearest 50): the coordinator weights this site "
             "by it and the DP sample rate is set from it, so the exact count never leaves"
         )
+    enrolled = session.manifest.declared_size(session.site_id)
+    if enrolled is not None and enrolled != size:
+        raise PlanConflict(
+            f"{session.config.policy_path}: declared_size {size} differs from the size {enrolled} this site "
+            "enrolled with (the federation manifest); the coordinator would drop every update. Enrol the new size "
+            "with the coordinator (fedtransfer keys enrol) or restore the old declaration"
+        )
     return size
 
 

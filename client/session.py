@@ -76,11 +76,11 @@ class SiteSession:
 
 
 def site_config(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:
-    """The site's configuration.
+    """The site's configuration, from this node's own configuration only (never from a message).
 
     A deployed SuperNode points at its site file (``--node-config 'site-config="/srv/site/site.toml"'``)
-    or gives the same keys inline. A simulated node has only a Flower ``partition-id``;
-    its site folder lies under the simulation root the coordinator created on this machine.
+    or gives the same keys inline. A node of Flower's simulation engine has only a ``partition-id``;
+    its site folder lies under ``sim_root``, the simulation root the ClientApp was bound to on this machine.
     """
     if "site-config" in node_config:
         return SiteConfig.load(Path(str(node_config["site-config"])).expanduser())
@@ -89,7 +89,8 @@ def site_config(node_config: Mapping[str, Any], sim_root: str) -> SiteConfig:
     if "partition-id" in node_config:
         if not sim_root:
             raise SiteConfigError(
-                "this node is a simulated site (it has a partition-id) but the coordinator sent no sim-root"
+                "this node is a simulated site (it has a partition-id) but this machine names no simulation root: "
+                "run it with `fedtransfer simulate`, or set FEDTRANSFER_SIM_ROOT where the simulation runs"
             )
         return SiteConfig.load(simulated_site_dir(Path(sim_root), int(node_config["partition-id"])) / SITE_CONFIG_FILE)
     raise SiteConfigError(

@@ -58,7 +58,6 @@ class RoundInstruction:
     personalise_epochs: int
     dp: int
     run_id: str
-    sim_root: str = ""
     local_steps: int = 0
     personalise_fraction: float = 0.0
     personalise_lr: float = 0.0
@@ -120,9 +119,9 @@ def instruction_payload(config: Mapping[str, Any], arrays_fingerprint: str) -> b
 
 def parse_instruction_payload(payload: bytes) -> tuple[dict[str, Any], str]:
     try:
-        body = json.loads(payload)
+        body = parse_json(payload)
         return dict(body["config"]), str(body["arrays"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (JsonError, KeyError, TypeError, ValueError) as err:
         raise InstructionError(f"signed instruction payload is malformed: {err}") from err
 
 

@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.io import write_atomic
+from common.io import parse_json, write_atomic
 
 RUN_RECORD_FILE = "run-record.json"
-RUN_RECORD_FORMAT = 3
+RUN_RECORD_FORMAT = 4
 
 #: How a run stands: running; completed (every round); stopped (too few sites, the last global model kept);
 #: interrupted (by the operator: resumable from its last completed round); failed (no global model).
@@ -78,12 +78,12 @@ class RoundRecord:
     sites: dict[str, SiteRound] = field(default_factory=dict)
     central: dict[str, float] = field(default_factory=dict)
     aggregated_sites: list[str] = field(default_factory=list)
-    flower_run_id: int = 0  # the Flower run that executed this round (a resumed run has several)
+    flower_run_id: int = 0  # the Flower (SuperLink) run that executed this round (a resumed run has several)
 
 
 @dataclass
 class RunRecord:
-    run_id: int
+    run_id: str  # chosen by the coordinator (128 random bits, hex); binds every envelope, report and ledger entry
     settings: dict[str, Any]
     base_model: dict[str, Any]
     transfer_policy: str
@@ -137,7 +137,7 @@ class RunRecord:
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
-        raw = json.loads(Path(path).read_text())
+        raw = parse_json(Path(path).read_bytes())
         if raw.get("format") != RUN_RECORD_FORMAT:
             raise ValueError(
                 f"{path}: run record format {raw.get('format', 1)}, this version reads format "

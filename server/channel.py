@@ -17,9 +17,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common.errors import SecurityError
+from common.model.metrics import counts_shape
 from common.model.transfer import state_fingerprint
 from common.privacy.egress import EgressViolation, check_reply
-from common.privacy.policy import SIZE_RANGE
 from common.privacy.report import ReportInvalid, verify_report
 from common.protocol import (
     INSTRUCTION_KINDS,
@@ -40,7 +40,7 @@ from common.security.envelope import (
     sign_instruction,
 )
 from common.security.keys import Identity, validate_name
-from common.security.manifest import Manifest, ManifestError
+from common.security.manifest import SIZE_RANGE, Manifest, ManifestError
 
 
 class ReplyRejected(SecurityError):
@@ -74,13 +74,14 @@ class UpdateLimits:
     dtypes: dict[str, torch.dtype]
     max_norm: float = 0.0  # bound on ||update - global||; 0 means no bound
     max_bytes: int = 64 * 2**20
+    num_classes: int = 2  # released evaluation histograms have counts_shape(num_classes)
 
 
 class CoordinatorChannel:
     """Signs every instruction of one run and opens every reply, against the signed manifest."""
 
     def __init__(
-        self, identity: Identity, manifest: Manifest, run_id: int, base_fingerprint: str, limits: UpdateLimits
+        self, identity: Identity, manifest: Manifest, run_id: str, base_fingerprint: str, limits: UpdateLimits
     ) -> None:
         self.identity = identity
         self.manifest = manifest
@@ -125,18 +126,47 @@ class CoordinatorChannel:
         except (EnvelopeError, ReplyFormatError, ReportInvalid, ManifestError, EgressViolation) as err:
             raise ReplyRejected(site_id, f"{type(err).__name__}: {err}") from err
         if reply.status == STATUS_OK:
-            self._check_weight(site_id, reply.values.get("num-examples"))
+            self._check_weight(site_id, reply.values.get("num-examples"), report.get("declared-size"))
+            self._check_counts(site_id, reply.values)
         if phase == "train" and reply.status == STATUS_OK:
             self._check_update(site_id, reply.tensors, global_state)
         return OpenedReply(
             site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors
         )
 
-    @staticmethod
-    def _check_weight(site_id: str, weight: object) -> None:
+    def _check_weight(self, site_id: str, weight: object, reported: object) -> None:
+        """The aggregation weight is the site's public declared size: an integer in range, the one its signed
+        report states, and the one it declared when it enrolled (the manifest), when the manifest lists one."""
         low, high = SIZE_RANGE
-        if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
+        if type(weight) is not int or not low <= weight <= high:
             raise ReplyRejected(site_id, f"aggregation weight {weight!r} is not a declared size in [{low}, {high}]")
+        if reported != weight:
+            raise ReplyRejected(
+                site_id,
+                f"aggregation weight {weight} differs from the declared size {reported!r} in the site's signed report",
+            )
+        enrolled = self.manifest.declared_size(site_id)
+        if enrolled is not None and weight != enrolled:
+            raise ReplyRejected(
+                site_id,
+                f"aggregation weight {weight} differs from the size {enrolled} the site declared in the federation "
+                "manifest; the site must enrol its new size with the coordinator",
+            )
+
+    def _check_counts(self, site_id: str, values: dict) -> None:
+        """Released evaluation histograms must have the model's shape (they are turned into metrics)."""
+        rows, columns = counts_shape(self.limits.num_classes)
+        for name in ("eval-counts", "personalised-eval-counts"):
+            counts = values.get(name)
+            if counts is None:
+                continue
+            if not (
+                isinstance(counts, list)
+                and len(counts) == rows
+                and all(isinstance(row, list) and len(row) == columns for row in counts)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in counts for v in row)
+            ):
+                raise ReplyRejected(site_id, f"{name} is not a {rows} x {columns} histogram")
 
     def _check_update(
         self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]

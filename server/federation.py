@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,6 @@ from server.strategy import (
     flower_strategy,
     server_optimiser_args,
 )
-from simulations.sites import materialize_sites
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,12 @@ def base_checkpoint(settings: RunSettings, scenario: Scenario | None, out: Path)
 
 
 def coordinator_keys(settings: RunSettings) -> tuple[Identity, Manifest]:
-    """The coordinator's identity and the signed manifest of a deployed federation."""
+    """The coordinator's identity and the signed manifest of the federation (simulated sites have them too)."""
     if not settings.coordinator_keys or not settings.manifest:
         raise FederationFailed(
-            "a deployed run needs the coordinator's keys and the federation manifest: set run-config "
-            "coordinator-keys (a directory made by `fedtransfer keys coordinator`) and manifest"
+            "a run needs the coordinator's keys and the federation manifest: set run-config coordinator-keys "
+            "(a directory made by `fedtransfer keys coordinator`) and manifest; `fedtransfer simulate` makes "
+            "both for simulated sites"
         )
     identity = read_identity(Path(settings.coordinator_keys).expanduser(), COORDINATOR_NAME, passphrase_from_env())
     manifest = read_manifest(Path(settings.manifest).expanduser(), identity.public().fingerprint())
@@ -160,7 +161,6 @@ class RunStart:
     transfer: TransferPolicy
     identity: Identity
     manifest: Manifest
-    sim_root: str
 
     @property
     def offset(self) -> int:
@@ -168,7 +168,7 @@ class RunStart:
         return self.resumed.last_round_begun if self.resumed else 0
 
 
-def start_run(settings: RunSettings, run_id: int) -> RunStart:
+def start_run(settings: RunSettings) -> RunStart:
     """Resolve the settings, the output folder, the base model and the coordinator's keys."""
     out = make_output_dir(settings.output_dir())
     resumed = resume_point(out) if settings.resume else None
@@ -179,23 +179,16 @@ def start_run(settings: RunSettings, run_id: int) -> RunStart:
     checkpoint = base_checkpoint(settings, scenario, out)
     model, card = load_checkpoint(checkpoint)
     transfer = TransferPolicy.parse(settings.transfer_policy or card.default_transfer_policy)
-    sim_root = ""
-    if settings.sim_root and scenario is not None:
-        sim_root = str(Path(settings.sim_root).expanduser().resolve())
-        simulated = materialize_sites(
-            scenario,
-            Path(sim_root),
-            f"simulation-{run_id}",
-            allow_non_private=not settings.dp,
-            reuse_keys=resumed is not None,
-        )
-        identity, manifest = simulated.coordinator, simulated.manifest
-    else:
-        identity, manifest = coordinator_keys(settings)
-    return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest, sim_root)
+    identity, manifest = coordinator_keys(settings)
+    return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest)
 
 
-def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
+def new_run_id() -> str:
+    """A run id chosen by the coordinator: 128 random bits, so no relay can predict or reuse one."""
+    return secrets.token_hex(16)
+
+
+def round_instruction(start: RunStart, run_id: str) -> RoundInstruction:
     """The instruction every site receives (the coordinator signs it per message, with the round number)."""
     settings = start.settings
     return RoundInstruction(
@@ -215,8 +208,7 @@ def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
         personalise_fraction=settings.personalise_fraction,
         personalise_lr=settings.personalise_lr,
         dp=int(settings.dp),
-        run_id=str(start.resumed.record.run_id if start.resumed else run_id),
-        sim_root=start.sim_root,
+        run_id=run_id,
         federated_evaluation=settings.federated_evaluation,
         release_loss=int(settings.release_loss),
         reproducible_noise=int(settings.reproducible_noise),
@@ -224,7 +216,7 @@ def round_instruction(start: RunStart, run_id: int) -> RoundInstruction:
     )
 
 
-def _new_record(start: RunStart, run_id: int) -> RunRecord:
+def _new_record(start: RunStart, run_id: str) -> RunRecord:
     card = start.card
     return RunRecord(
         run_id=run_id,
@@ -242,7 +234,7 @@ def _new_record(start: RunStart, run_id: int) -> RunRecord:
 
 
 def _site_aware_strategy(
-    start: RunStart, run_id: int, instruction: RoundInstruction, record: RunRecord
+    start: RunStart, run_id: str, flower_run_id: int, instruction: RoundInstruction, record: RunRecord
 ) -> SiteAwareStrategy:
     settings = start.settings
     trainable = start.transfer.trainable_state(start.model)
@@ -250,6 +242,7 @@ def _site_aware_strategy(
         shapes={name: t.shape for name, t in trainable.items()},
         dtypes={name: t.dtype for name, t in trainable.items()},
         max_norm=settings.max_update_norm,
+        num_classes=start.card.num_classes,
     )
     personalises = settings.personalise_epochs > 0 and (settings.personalise_fraction > 0 or not settings.dp)
     strategy = SiteAwareStrategy(
@@ -270,6 +263,7 @@ def _site_aware_strategy(
         evaluates=lambda server_round: (
             instruction.evaluates(server_round) or (server_round == settings.rounds and personalises)
         ),
+        flower_run_id=flower_run_id,
     )
     if start.resumed is not None:
         strategy.load_state(start.resumed.strategy_state)
@@ -282,18 +276,21 @@ def _global_model(start: RunStart, arrays: ArrayRecord) -> FedModel:
     return with_trainable(with_trainable(start.card.build(), ArrayRecord(start.model.state_dict())), arrays)
 
 
-def run_federation(grid: Grid, settings: RunSettings, run_id: int, stop: StopRequest | None = None) -> RunRecord:
+def run_federation(grid: Grid, settings: RunSettings, flower_run_id: int, stop: StopRequest | None = None) -> RunRecord:
     """Run ``settings.rounds`` rounds on the sites ``grid`` reaches; write everything to ``settings.out``.
 
-    With ``settings.resume`` the run recorded in ``settings.out`` continues from its last
-    completed round, with that run's settings, keys and round numbers, so the sites keep
-    their run plan and nothing they recorded is rolled back. Once ``stop`` is requested the
-    run stops waiting for the sites, abandons the round in progress and ends "interrupted".
+    The coordinator chooses the run id (:func:`new_run_id`); ``flower_run_id``, the SuperLink's number
+    for this Flower run, is only noted in the record. With ``settings.resume`` the run recorded in
+    ``settings.out`` continues from its last completed round, with that run's id, settings, keys and
+    round numbers, so the sites keep their run plan and nothing they recorded is rolled back. Once
+    ``stop`` is requested the run stops waiting for the sites, abandons the round in progress and
+    ends "interrupted".
     """
     if stop is not None:
         grid = InterruptibleGrid(grid, stop)
-    start = start_run(settings, run_id)
+    start = start_run(settings)
     settings, out, card = start.settings, start.out, start.card
+    run_id = start.resumed.record.run_id if start.resumed else new_run_id()
     instruction = round_instruction(start, run_id)
     request = PrivacyRequest(
         settings.target_epsilon,
@@ -305,11 +302,12 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int, stop: StopReq
     )
     round_config = instruction.to_config() | request.to_config()
     record = start.resumed.record if start.resumed else _new_record(start, run_id)
-    strategy = _site_aware_strategy(start, run_id, instruction, record)
+    strategy = _site_aware_strategy(start, run_id, flower_run_id, instruction, record)
     trainable = start.transfer.trainable_state(start.model)
     log.info(
-        "run %s: %s from %s, transfer policy %s (%d of %d parameters travel), strategy %s",
+        "run %s (Flower run %d): %s from %s, transfer policy %s (%d of %d parameters travel), strategy %s",
         run_id,
+        flower_run_id,
         settings.scenario or "deployment",
         start.checkpoint,
         start.transfer,
@@ -344,23 +342,30 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int, stop: StopReq
         return metrics
 
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=strategy.latest_arrays if start.resumed else ArrayRecord(trainable),
-            num_rounds=settings.rounds - start.offset,
-            timeout=settings.round_timeout,
-            train_config=ConfigRecord(round_config),
-            evaluate_config=ConfigRecord(round_config),
-            evaluate_fn=central_evaluate,
-        )
-    except TooFewSites as err:
-        log.error("%s; stopping and saving the last global model", err)
-        record.finish(STOPPED, str(err))
-    except RunInterrupted as err:
-        return _interrupted(start, record, str(err))
-    else:
-        record.finish(COMPLETED)
-    return _finish(start, strategy, record, run_id)
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=strategy.latest_arrays if start.resumed else ArrayRecord(trainable),
+                num_rounds=settings.rounds - start.offset,
+                timeout=settings.round_timeout,
+                train_config=ConfigRecord(round_config),
+                evaluate_config=ConfigRecord(round_config),
+                evaluate_fn=central_evaluate,
+            )
+        except TooFewSites as err:
+            log.error("%s; stopping and saving the last global model", err)
+            record.finish(STOPPED, str(err))
+        except RunInterrupted as err:
+            return _interrupted(start, record, str(err))
+        else:
+            record.finish(COMPLETED)
+        return _finish(start, strategy, record, run_id)
+    except FederationFailed:
+        raise  # _finish recorded it
+    except Exception as err:
+        record.finish(FAILED, f"the coordinator stopped on an unexpected {type(err).__name__}: {str(err)[:300]}")
+        record.save(out)
+        raise
 
 
 def _interrupted(start: RunStart, record: RunRecord, reason: str) -> RunRecord:
@@ -372,7 +377,7 @@ def _interrupted(start: RunStart, record: RunRecord, reason: str) -> RunRecord:
     return record
 
 
-def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: int) -> RunRecord:
+def _finish(start: RunStart, strategy: SiteAwareStrategy, record: RunRecord, run_id: str) -> RunRecord:
     """Save the final global model, the record and the report; a run without any global model failed."""
     out = start.out
     if strategy.latest_arrays is None:

@@ -111,8 +111,10 @@ class SiteAwareStrategy(Strategy):
         expected_sites: int = 0,
         site_wait: float = 600.0,
         evaluates: Callable[[int], bool] = lambda server_round: True,
+        flower_run_id: int = 0,
     ) -> None:
         self.inner = inner
+        self.flower_run_id = flower_run_id
         self.evaluates = evaluates
         self.expected_sites = max(expected_sites, min_sites)
         self.site_wait = site_wait
@@ -186,7 +188,7 @@ class SiteAwareStrategy(Strategy):
         self._started = True
         self._global = arrays.to_torch_state_dict()
         messages = self.inner.configure_train(server_round, arrays, config, grid)
-        self.record.round(server_round).flower_run_id = self.channel.run_id
+        self.record.round(server_round).flower_run_id = self.flower_run_id
         self.persist()  # durably note the round began: sites may spend budget on it from now on
         return self._outgoing(messages, arrays, "train", server_round)
 
@@ -240,6 +242,11 @@ class SiteAwareStrategy(Strategy):
                 sender = self._sites_by_node.get(node, f"node-{node}")
                 claim = "" if err.site == sender else f" (claims to be {err.site})"
                 self._mark(server_round, sender, "rejected", f"{phase}{claim}: {err.reason}")
+                continue
+            except Exception as err:  # noqa: BLE001 - whatever a reply holds, it is one dropped reply, never a crash
+                log.exception("round %d: the reply of node %d could not be opened", server_round, node)
+                reason = f"{phase}: the reply could not be opened ({type(err).__name__})"
+                self._mark(server_round, self._node_name(node), "rejected", reason)
                 continue
             if opened.site_id in seen:
                 self._mark(server_round, opened.site_id, "rejected", f"{phase}: a second reply in one round")

@@ -10,6 +10,7 @@ Flower's simulation engine for each. ``fedtransfer simulate`` uses Flower's engi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -17,6 +18,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from common.run_record import RunRecord
+from common.settings import RunSettings
+from server.federation import run_federation
+from simulations.sites import prepare_sites, site_configs
 
 Interceptor = Callable[[int, Message], Message | None]
 
@@ -43,6 +49,11 @@ class DirectGrid(Grid):
         self.delivered: list[tuple[int, Message]] = []
         self.unpulled: list[Message] = []
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+
+    def place_sites(self, sim_root: Path) -> None:
+        """Give node i the site configuration of simulated site i (its node config, as a SuperNode's would)."""
+        for node, config in zip(self.node_ids, site_configs(sim_root, len(self.node_ids))):
+            self.contexts[node].node_config["site-config"] = str(config)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
@@ -94,3 +105,10 @@ class DirectGrid(Grid):
 
     def set_run(self, run_id: int) -> None:
         self.run_id = run_id
+
+
+def run_on_grid(grid: DirectGrid, settings: RunSettings) -> RunRecord:
+    """Write the simulated sites, point each node at its own, and run the federation over ``grid``."""
+    bound = prepare_sites(settings)
+    grid.place_sites(Path(bound.sim_root))
+    return run_federation(grid, bound, grid.run_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flwr.simulation import run_simulation
 
-from client.app import app as client_app
+from client.app import make_client_app
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
@@ -37,6 +37,7 @@ from simulations.comparison import (
     personalised_scores,
     plot_comparison,
 )
+from simulations.sites import prepare_sites
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def simulate(
             min_sites=min(settings.min_sites, len(scenario.sites)),
             expected_sites=len(scenario.sites),
         )
+    bound = prepare_sites(bound)
     num_sites = len(scenario.sites)
     os.environ.setdefault(
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"
@@ -156,7 +158,7 @@ def simulate(
     with stop.graceful() if stop is not None else nullcontext():
         run_simulation(
             server_app=make_server_app(bound, stop),
-            client_app=client_app,
+            client_app=make_client_app(Path(bound.sim_root)),
             num_supernodes=num_sites,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

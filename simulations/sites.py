@@ -1,10 +1,14 @@
 """Simulated sites on one machine: each scenario site gets a folder like a real site's.
 
-``<root>/<site name>/`` holds ``site.toml``, its data under ``data/``, throwaway keys
-and the federation manifest under ``keys/``, and its state (privacy policy, ledger) under
-``state/``. ``<root>/simulated-sites.json`` lists the sites in Flower's partition order: a
-simulated ClientApp finds its folder from its partition id, then behaves exactly like a
-deployed site. The coordinator's keys are new for every run; the sites' keys and state are kept.
+``<root>/<site name>/`` holds ``site.toml``, its data under ``data/``, its keys and the
+federation manifest under ``keys/``, and its state (privacy policy, ledger) under ``state/``;
+``<root>/simulated-sites.json`` lists the sites in Flower's partition order, and
+``<root>/coordinator-keys/`` holds the simulated coordinator's keys and the signed manifest.
+This is the simulator's work, done before the run starts: the coordinator (``server/``) reads
+them like a deployed coordinator's keys, and a simulated ClientApp learns where its folder is
+only from its own node's configuration (``site-config``, or the simulation root the simulator
+bound it to, with its partition id), never from a message. The coordinator's keys and the
+manifest are new for every run; the sites' keys and state are kept.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.data.scenario import Scenario
-from common.data.site_config import SIMULATED_SITES_FILE, SITE_CONFIG_FILE, SiteConfig, site_dir
+from common.data.scenarios import load_scenario
+from common.data.site_config import SIMULATED_SITES_FILE, SITE_CONFIG_FILE, SiteConfig, simulated_site_dir, site_dir
 from common.data.site_data import SiteData, write_site_data
 from common.io import write_atomic
-from common.privacy.policy import SitePolicy, write_policy
+from common.privacy.policy import PolicyError, SitePolicy, load_policy, write_policy
 from common.security.keys import (
     COORDINATOR_NAME,
     Identity,
@@ -33,6 +38,7 @@ from common.security.manifest import (
     sign_manifest,
     write_manifest,
 )
+from common.settings import RunSettings
 
 COORDINATOR_KEYS_DIR = "coordinator-keys"
 
@@ -75,6 +81,32 @@ def _site_identity(keys_dir: Path, name: str) -> Identity:
         return identity
 
 
+def prepare_sites(settings: RunSettings) -> RunSettings:
+    """Write the simulated sites of ``settings.scenario`` under ``settings.sim_root`` (default ``OUT/sites``).
+
+    Returns the settings with ``sim_root`` resolved and ``coordinator-keys`` and ``manifest`` pointing at the
+    simulated coordinator's keys. A resumed run (``settings.resume``) keeps the keys and manifest it started with.
+    """
+    root = Path(settings.sim_root or settings.output_dir() / "sites").expanduser().resolve()
+    scenario = load_scenario(
+        settings.scenario,
+        seed=settings.seed,
+        data_dir=Path(settings.data_dir) if settings.data_dir else None,
+        private=not settings.per_site_scaling,
+    )
+    materialize_sites(scenario, root, "simulation", allow_non_private=not settings.dp, reuse_keys=settings.resume)
+    return settings.with_(
+        sim_root=str(root),
+        coordinator_keys=str(root / COORDINATOR_KEYS_DIR),
+        manifest=str(root / COORDINATOR_KEYS_DIR / MANIFEST_FILE),
+    )
+
+
+def site_configs(root: Path, sites: int) -> list[Path]:
+    """The ``site.toml`` of each simulated site under ``root``, in partition order."""
+    return [simulated_site_dir(Path(root), index) / SITE_CONFIG_FILE for index in range(sites)]
+
+
 def materialize_sites(
     scenario: Scenario, root: Path, federation: str, allow_non_private: bool, reuse_keys: bool = False
 ) -> SimulatedFederation:
@@ -99,10 +131,6 @@ def materialize_sites(
         _adopt_numbered_folder(root, index, site.name)
     coordinator = Identity.generate(COORDINATOR_NAME)
     identities = [_site_identity(site_dir(root, site.name) / "keys", site.name) for site in scenario.sites]
-    manifest = sign_manifest(federation, coordinator, [i.public() for i in identities])
-    shutil.rmtree(coordinator_dir, ignore_errors=True)
-    write_identity(coordinator, coordinator_dir)
-    write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
     configs = []
     for site in scenario.sites:
         folder = site_dir(root, site.name)
@@ -119,9 +147,16 @@ def materialize_sites(
         config.state_dir.mkdir(parents=True, exist_ok=True)
         if not config.policy_path.exists():
             write_policy(simulated_policy(site, scenario, allow_non_private), config.policy_path)
-        write_manifest(manifest, config.manifest)
         (folder / SITE_CONFIG_FILE).write_text(config.to_toml())
         configs.append(config)
+    manifest = sign_manifest(
+        federation, coordinator, [i.public() for i in identities], declared_sizes=_declared_sizes(configs)
+    )
+    shutil.rmtree(coordinator_dir, ignore_errors=True)
+    write_identity(coordinator, coordinator_dir)
+    write_manifest(manifest, coordinator_dir / MANIFEST_FILE)
+    for config in configs:
+        write_manifest(manifest, config.manifest)
     write_atomic(root / SIMULATED_SITES_FILE, json.dumps([site.name for site in scenario.sites]).encode("utf-8"))
     return SimulatedFederation(configs, coordinator, manifest)
 
@@ -134,3 +169,16 @@ def _adopt_numbered_folder(root: Path, index: int, name: str) -> None:
         return
     if SiteConfig.load(old / SITE_CONFIG_FILE).site_id == name:
         old.rename(new)
+
+
+def _declared_sizes(configs: list[SiteConfig]) -> dict[str, int]:
+    """What each simulated site declares in its policy: the size it enrols with."""
+    sizes = {}
+    for config in configs:
+        try:
+            declared = load_policy(config.policy_path).declared_size
+        except PolicyError:
+            continue  # the site reports its broken policy when asked to train
+        if declared is not None:
+            sizes[config.site_id] = declared
+    return sizes

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.data.site_data import SiteData, write_site_data
+from common.deploy.provision import COORDINATOR_KIT, Endpoint, KitInfo, ProvisionResult
 from common.privacy.policy import load_policy, write_policy
 from simulations.sites import declared_size
 from tests.conftest import FLOWER_ENV
@@ -216,11 +218,25 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def start_superlink(coordinator: Path, port: int, processes: Processes, name: str = "superlink") -> subprocess.Popen:
-    """Start the coordinator kit's SuperLink (on its database) and wait until it listens."""
+def start_superlink(coordinator: Path, processes: Processes, name: str = "superlink") -> subprocess.Popen:
+    """Start the coordinator kit's SuperLink (on its database, on loopback) and wait until it listens."""
+    control = Endpoint.parse(KitInfo.load(coordinator).control_address)
     superlink = processes.start(name, [str(coordinator / "start-superlink.sh")], coordinator / "flower-home")
-    wait_for_port(port, superlink)
+    wait_for_port(control.port, superlink)
     return superlink
+
+
+def start_gateway(coordinator: Path, processes: Processes) -> subprocess.Popen:
+    """Start the coordinator kit's fleet gateway (where the sites dial) and wait until it listens."""
+    gateway = processes.start("gateway", [str(coordinator / "start-gateway.sh")], coordinator / "flower-home")
+    wait_for_port(Endpoint.parse(KitInfo.load(coordinator).superlink_address).port, gateway)
+    return gateway
+
+
+def start_coordinator(coordinator: Path, processes: Processes) -> None:
+    """The SuperLink on loopback and the fleet gateway in front of it, as the deployment walkthrough starts them."""
+    start_superlink(coordinator, processes)
+    start_gateway(coordinator, processes)
 
 
 def register_sites(coordinator: Path, processes: Processes) -> None:
@@ -245,6 +261,15 @@ def start_run(coordinator: Path, run_config: str, processes: Processes) -> int:
     )
     assert started.returncode == 0, started.stdout + started.stderr
     return int(last_json(started.stdout)["run-id"])
+
+
+def install_kits(result: ProvisionResult, homes: Path) -> ProvisionResult:
+    """Copy every kit into its machine's folder (``homes/coordinator``, ``homes/SITE``: where a site made its keys)."""
+    kits = {site: homes / site for site in result.site_kits}
+    for site, kit in result.site_kits.items():
+        shutil.copytree(kit, kits[site], dirs_exist_ok=True)
+    shutil.copytree(result.coordinator_kit, homes / COORDINATOR_KIT)
+    return replace(result, coordinator_kit=homes / COORDINATOR_KIT, site_kits=kits)
 
 
 def give_site_data(kit: Path, site: SiteData, feature_names: tuple[str, ...] | None) -> None:

@@ -24,7 +24,7 @@ from common.security.keys import Identity, write_identity
 from common.security.manifest import MANIFEST_FILE, sign_manifest, write_manifest
 
 DATASET = "ab" * 32
-RUN_ID = 4242
+RUN_ID = "4242"
 BASE = "c0" * 32
 Q, STEPS = 0.05, 40
 COORDINATOR = Identity.generate("coordinator")
@@ -63,7 +63,7 @@ def make_site(tmp_path: Path):
         state = _site_folder(tmp_path / name, name)
         guard = BudgetGuard(state, _policy(), DATASET, SITES[name])
         request = PrivacyRequest(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=rounds)
-        plan = guard.plan_run(str(RUN_ID), request, sample_rate=Q, steps_per_round=STEPS)
+        plan = guard.plan_run(RUN_ID, request, sample_rate=Q, steps_per_round=STEPS)
         for server_round in range(1, rounds + 1):
             with guard.spend(plan, TRAIN, server_round) as record:
                 record(STEPS, "f" * 64)
@@ -256,7 +256,7 @@ def test_run_record_and_ledger_agree(tmp_path: Path, make_site) -> None:
     run, _ = _run_dir(tmp_path, state, SITES["hospital-a"])
     report = run_audit([state, run])
     assert report.passed, failures(report)
-    assert report.runs == [str(RUN_ID)]
+    assert report.runs == [RUN_ID]
     assert any("3 signed privacy report(s) verify" in f.message for f in report.findings)
 
 

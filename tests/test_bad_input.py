@@ -44,8 +44,8 @@ from common.privacy.ledger import LEDGER_FILE, LOCK_FILE, Ledger
 from common.protocol import BASE_MODEL
 from common.run_record import RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
-from server.federation import SOURCE_MODEL_DIR, run_federation
-from simulations.inprocess import DirectGrid
+from server.federation import SOURCE_MODEL_DIR
+from simulations.inprocess import DirectGrid, run_on_grid
 from tests.conftest import write_shifted_study
 from tests.test_faults import (
     FIRST_NODE,
@@ -121,7 +121,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         min_sites=2,
         expected_sites=2,
     )
-    run_federation(grid, settings, grid.run_id)
+    run_on_grid(grid, settings)
     return study, root / "out" / SOURCE_MODEL_DIR
 
 
@@ -151,7 +151,7 @@ def test_damaged_checkpoint_stops_the_run_with_its_error_and_loses_nothing(
     )
     grid = DirectGrid(client_app, num_nodes=2)
     with pytest.raises(error, match=message) as raised:
-        run_federation(grid, settings, grid.run_id)
+        run_on_grid(grid, settings)
     assert str(checkpoint) in str(raised.value)
     assert grid.delivered == []  # no site was contacted
     assert {name: (checkpoint / name).read_bytes() for name in damaged} == damaged  # left as found, for inspection
@@ -337,9 +337,7 @@ def bad_input_run(tmp_path_factory: pytest.TempPathFactory):
 
         grid.on_instruction, grid.on_reply = on_instruction, on_reply
         try:
-            record = run_federation(
-                grid, private_settings(study, root, rounds=BAD_ROUND, sites=SITES, min_sites=2), grid.run_id
-            )
+            record = run_on_grid(grid, private_settings(study, root, rounds=BAD_ROUND, sites=SITES, min_sites=2))
         finally:
             logging.getLogger("client").removeHandler(site_log)
     return sim_root, record, before, holder["pid"], disk.partial_writes, "\n".join(site_log.lines)

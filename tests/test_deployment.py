@@ -17,11 +17,13 @@ import pytest
 
 from common.data.scenarios import load_scenario
 from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
+from common.deploy.site_keys import make_site_keys
 from common.privacy.ledger import Ledger
 from common.privacy.report import verify_report
 from common.run_record import RunRecord
 from common.security.keys import read_public_identity, write_private_file
 from common.security.manifest import read_manifest
+from simulations.sites import declared_size
 from tests.deployment_harness import (
     BIN,
     HAS_FLOWER,
@@ -29,9 +31,10 @@ from tests.deployment_harness import (
     flwr,
     free_port,
     give_site_data,
+    install_kits,
     register_sites,
+    start_coordinator,
     start_run,
-    start_superlink,
     wait_until_finished,
 )
 
@@ -48,7 +51,28 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     port = free_port()
     address = [Endpoint("127.0.0.1", port)]
     ports = {site: free_port() for site in SITES}
-    fed = provision(ProvisionRequest("loopback", SITES, address, tmp_path / "kits", runtime_ports=ports))
+    scenario = load_scenario("wdbc")
+    homes = tmp_path / "srv"  # each machine's folder: the hospitals make their keys there, then copy their kit in
+    enrolments = [
+        make_site_keys(site, homes / site, declared_size(len(scenario.sites[index].train)), None)
+        for index, site in enumerate(SITES)
+    ]
+    fed = install_kits(
+        provision(
+            ProvisionRequest(
+                "loopback",
+                [],
+                address,
+                tmp_path / "kits",
+                install_root=homes,
+                runtime_ports=ports,
+                control_port=free_port(),
+                enrolments=enrolments,
+            )
+        ),
+        homes,
+    )
+    assert not [p for p in (tmp_path / "kits").rglob("*.key") if "sites" in p.parts]  # no site key left home
     ca = tmp_path / "kits" / "ca"
     foreign = provision(
         ProvisionRequest(
@@ -61,14 +85,13 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
             runtime_ports={"stranger": free_port()},
         )
     )
-    scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
         give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
     give_site_data(foreign.site_kits["stranger"], scenario.sites[3], scenario.feature_names)
     coordinator = fed.coordinator_kit
     coordinator_home = coordinator / "flower-home"
 
-    start_superlink(coordinator, port, processes)
+    start_coordinator(coordinator, processes)
     register_sites(coordinator, processes)
     # the coordinator's mistake: it registers a SuperNode whose site kit belongs to another federation
     stranger = flwr(
@@ -143,7 +166,8 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]
 
     record = RunRecord.load(out / "run-record.json")
-    assert record.status == "completed"
+    assert record.status == "completed" and record.round(1).flower_run_id == run_id
+    assert len(record.run_id) == 32 and record.run_id != str(run_id)  # the coordinator's, not the relay's
     assert (out / "final-model" / "model.safetensors").is_file() and record.final_checkpoint == str(out / "final-model")
     manifest = read_manifest(coordinator / "manifest.json", fed.coordinator_fingerprint)
     base = record.base_model["fingerprint"]
@@ -153,12 +177,12 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
         for site in SITES:
             entry = current.sites[site]
             assert entry.status == "ok", (site, entry.reason)
-            report = verify_report(entry.train.report_signed, int(run_id), server_round, base, manifest.site(site))
+            report = verify_report(entry.train.report_signed, record.run_id, server_round, base, manifest.site(site))
             assert report == entry.train.report and report["dp"] is True
         refused = {name: s for name, s in current.sites.items() if name not in SITES}
         assert len(refused) == 1 and next(iter(refused.values())).status in ("failed", "rejected"), current.sites
     for site in SITES:
-        entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == str(run_id)]
+        entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == record.run_id]
         assert sorted(e.server_round for e in entries) == [1, 2], site
     assert not Ledger(foreign.site_kits["stranger"] / "state").entries(), (
         "the stranger must not train for a coordinator it does not trust"

@@ -34,6 +34,7 @@ from tests.deployment_harness import (
     give_site_data,
     register_sites,
     run_status,
+    start_coordinator,
     start_run,
     start_superlink,
     wait_for,
@@ -68,6 +69,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
             [Endpoint("127.0.0.1", port)],
             tmp_path / "kits",
             runtime_ports={site: free_port() for site in SITES},
+            control_port=free_port(),
         )
     )
     scenario = load_scenario("wdbc")
@@ -76,7 +78,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     coordinator = fed.coordinator_kit
     home = coordinator / "flower-home"
 
-    start_superlink(coordinator, port, processes)
+    start_coordinator(coordinator, processes)
     register_sites(coordinator, processes)
     for site in SITES:
         processes.start(site, [str(fed.site_kits[site] / "start-supernode.sh")], fed.site_kits[site] / "flower-home")
@@ -86,7 +88,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     wait_for(lambda: round_begun(out, 2), 400, "round 2 to begin", interval=0.5)
     processes.kill("superlink")
     print(f"killed the SuperLink at {time.monotonic() - began:.0f} s")
-    start_superlink(coordinator, port, processes, name="superlink-restarted")
+    start_superlink(coordinator, processes, name="superlink-restarted")
 
     resumed = start_run(coordinator, f'resume=true out="{out}"', processes)
     assert resumed != first
@@ -107,7 +109,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
 
     assert run_status(first, FEDERATION, processes, home) == "finished:failed"
     record = RunRecord.load(out / "run-record.json")
-    assert record.status == "completed" and record.run_id == first
+    assert record.status == "completed" and len(record.run_id) == 32
     assert [r.server_round for r in record.rounds if r.server_round > 0] == [1, 3]
     assert [r.server_round for r in record.abandoned_rounds] == [2]
     assert record.round(1).aggregated_sites == SITES and record.round(1).flower_run_id == first
@@ -122,7 +124,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
             assert (
                 verify_report(
                     signed,
-                    record.round(server_round).flower_run_id,
+                    record.run_id,
                     server_round,
                     record.base_model["fingerprint"],
                     manifest.site(site),
@@ -132,7 +134,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
 
     for site in SITES:
         ledger = Ledger(fed.site_kits[site] / "state")
-        rounds = [e.server_round for e in ledger.entries() if e.run_id == str(first)]
+        rounds = [e.server_round for e in ledger.entries() if e.run_id == record.run_id]
         assert ledger.verify() == len(ledger.entries()) and len(rounds) == len(set(rounds)), (site, rounds)
         assert 1 in rounds and set(rounds) <= ({1, 2} if site == DOOMED else {1, 2, 3}), (site, rounds)
         assert site == DOOMED or 3 in rounds, (site, rounds)

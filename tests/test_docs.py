@@ -206,7 +206,13 @@ def imaging(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The provision blocks' folder, holding the enrolments that step 1 has each hospital send."""
     folder = tmp_path_factory.mktemp("provision")
+    for site in ("hospital-a", "hospital-b", "hospital-c", "hospital-d"):
+        site_folder = folder / "at-the-sites" / site
+        enrol = [str(VENV_BIN / "fedtransfer"), "keys", "site", "--site-id", site, "--out", str(site_folder)]
+        subprocess.run([*enrol, "--declared-size", "500"], check=True, capture_output=True, timeout=120)
+        (folder / f"{site}.enrolment.json").write_bytes((site_folder / f"{site}.enrolment.json").read_bytes())
     execute(run_block("provision"), folder, timeout=300)
     return folder
 

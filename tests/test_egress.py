@@ -38,8 +38,7 @@ from common.run_record import RunRecord
 from common.security.envelope import BROADCAST, EnvelopeContext, sign_instruction
 from common.security.keys import COORDINATOR_NAME, read_identity
 from common.settings import RunSettings
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 from simulations.sites import COORDINATOR_KEYS_DIR
 from tests.conftest import write_shifted_study
 
@@ -98,7 +97,7 @@ def every_reply(tmp_path_factory: pytest.TempPathFactory):
         personalise_epochs=3,
         personalise_fraction=0.3,
     )
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     return root, record
 
 
@@ -195,7 +194,7 @@ def test_a_site_never_sends_a_value_it_did_not_declare(tmp_path: Path, monkeypat
     )
     grid = DirectGrid(client_app, num_nodes=2)
     with pytest.raises(Exception, match="no global model"):
-        run_federation(grid, settings, grid.run_id)
+        run_on_grid(grid, settings)
     reasons = [s.reason for s in RunRecord.load(tmp_path / "out" / "run-record.json").round(1).sites.values()]
     assert all("broke the egress rule" in reason for reason in reasons), reasons
 
@@ -378,7 +377,11 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
         arrays["head.bias"] = torch.tensor([0.0, 1.0])  # logit 1 for everyone: every record in one bin
         plain = {k: v for k, v in msg.content[CONFIG].items() if k != SIGNED_INSTRUCTION}
         context = EnvelopeContext(
-            grid.run_id, int(plain["server-round"]), BROADCAST, "evaluate-instruction", str(plain["base-fingerprint"])
+            str(plain["run-id"]),
+            int(plain["server-round"]),
+            BROADCAST,
+            "evaluate-instruction",
+            str(plain["base-fingerprint"]),
         )
         signed = sign_instruction(instruction_payload(plain, state_fingerprint(arrays)), context, coordinator)
         content = RecordDict(
@@ -402,7 +405,7 @@ def test_a_crafted_evaluation_head_gets_noisy_counts_only(tmp_path: Path) -> Non
         target_epsilon=2.0,
         transfer_policy="head",
     )
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     for site in range(2):
         reply = record.round(1).sites[f"site-{site}"].evaluate
         assert reply.status == "ok"

@@ -44,7 +44,7 @@ PREFIX = struct.Struct(">4sBBH")
 
 
 def ctx(
-    site: str = "cleveland", run_id: int = 7, rnd: int = 3, kind: str = "train-reply", base_model: str = BASE_MODEL
+    site: str = "cleveland", run_id: str = "7", rnd: int = 3, kind: str = "train-reply", base_model: str = BASE_MODEL
 ) -> EnvelopeContext:
     return EnvelopeContext(run_id, rnd, site, kind, base_model)
 
@@ -100,8 +100,9 @@ def test_seal_refuses_to_label_an_update_as_another_site() -> None:
 
 
 def test_context_validation() -> None:
-    with pytest.raises(ValueError, match="run_id"):
-        ctx(run_id=-1)
+    for bad in (-1, 7, "", "7A", "g", "0" * 65, "7\n"):
+        with pytest.raises(ValueError, match="run_id"):
+            ctx(run_id=bad)
     with pytest.raises(ValueError, match="server_round"):
         ctx(rnd=True)
     with pytest.raises(ValueError, match="kind"):
@@ -198,7 +199,7 @@ def test_update_replayed_from_an_earlier_round() -> None:
 
 
 def test_update_replayed_from_another_run() -> None:
-    other_run = sealed(context=ctx(run_id=6))
+    other_run = sealed(context=ctx(run_id="6"))
     with pytest.raises(ReplayedEnvelope, match="run 6, not the current run 7"):
         open_(other_run)
 
@@ -297,7 +298,7 @@ def test_instruction_round_rule_accepts_equal_or_newer_rejects_older() -> None:
 
 def test_instruction_from_another_run() -> None:
     with pytest.raises(ReplayedEnvelope, match="run 7, not the current run 8"):
-        verify(BROADCAST, ictx("cleveland", run_id=8))
+        verify(BROADCAST, ictx("cleveland", run_id="8"))
 
 
 def test_instruction_addressed_to_one_site() -> None:
@@ -394,7 +395,7 @@ tensor_dicts = st.dictionaries(
 )
 contexts = st.builds(
     EnvelopeContext,
-    run_id=st.integers(0, 2**64 - 1),
+    run_id=st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True),
     server_round=st.integers(0, 2**32 - 1),
     site_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True),
     kind=st.from_regex(r"[a-z][a-z0-9-]{0,31}", fullmatch=True),

@@ -28,6 +28,7 @@ from flwr.simulation import run_simulation
 
 import client.private_round
 from client.app import app as client_app
+from client.app import make_client_app
 from common.data.site_config import site_dir
 from common.model.checkpoint import load_checkpoint
 from common.privacy.egress import NOT_PRIVATE, PUBLIC, declaration
@@ -41,8 +42,10 @@ from common.security.keys import read_identity
 from common.security.manifest import MANIFEST_FILE, Manifest
 from common.settings import RunSettings
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
+from server.strategy import SiteAwareStrategy
 from simulations.benchmarks import BENCHMARKS
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
+from simulations.sites import prepare_sites
 from tests.conftest import write_shifted_study
 
 pytestmark = pytest.mark.federation
@@ -104,10 +107,9 @@ def private_settings(study: Path, root: Path, rounds: int, sites: int, min_sites
     )
 
 
-def forged_update(
-    sim_root: Path, instruction: Message, run_id: int, tensors: dict[str, torch.Tensor], num_examples: int
-) -> Message:
+def forged_update(sim_root: Path, instruction: Message, tensors: dict[str, torch.Tensor], num_examples: int) -> Message:
     """A reply site-0 itself built and signed: authentic, but with whatever weights it likes."""
+    run_id = str(instruction.content[CONFIG]["run-id"])
     keys = site_dir(sim_root, "site-0") / "keys"
     site = read_identity(keys, "site-0")
     coordinator = Manifest.from_json((keys / MANIFEST_FILE).read_text(), None).coordinator
@@ -203,9 +205,7 @@ def dropout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunReco
         else reply
     )
     with diverging_training(lambda: fault["now"] == "diverges-to-nan"):
-        record = run_federation(
-            grid, private_settings(study, root, rounds=2, sites=DROPOUT_SITES, min_sites=2), grid.run_id
-        )
+        record = run_on_grid(grid, private_settings(study, root, rounds=2, sites=DROPOUT_SITES, min_sites=2))
     return root / "sites", record
 
 
@@ -263,7 +263,7 @@ def test_too_few_sites_stops_cleanly_with_a_saved_checkpoint(tmp_path: Path) -> 
         min_sites=2,
         expected_sites=3,
     )
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     assert record.status == "stopped"
     assert "round 2: only 1 site(s) sent usable updates, fewer than min-sites=2" in record.stop_reason
     assert RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE).status == "stopped"
@@ -298,7 +298,7 @@ def test_a_site_gone_for_good_is_not_waited_for_and_the_rest_complete(tmp_path: 
         round_timeout=600.0,
     )
     start = time.monotonic()
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     assert record.status == "completed" and time.monotonic() - start < 300
     names = record.round(1).aggregated_sites
     assert len(names) == 3 and all(len(record.round(r).aggregated_sites) == 2 for r in (2, 3))
@@ -321,9 +321,38 @@ def test_too_few_sites_online_stops_after_the_wait_with_a_clear_reason(tmp_path:
         round_timeout=2.0,
     )
     with pytest.raises(FederationFailed, match="only 1 site\\(s\\) connected within 2 s, fewer than min-sites=2"):
-        run_federation(grid, settings, grid.run_id)
+        run_on_grid(grid, settings)
     record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
     assert record.status == "failed" and "only 1 site(s) connected within 2 s" in record.stop_reason
+
+
+def test_a_crash_inside_the_coordinator_leaves_a_failed_run_record(tmp_path: Path, monkeypatch) -> None:
+    """Security review finding 2: the ServerApp died and the run record stayed "running"."""
+    study = write_shifted_study(tmp_path / "study", sites=2)
+    grid = DirectGrid(client_app, num_nodes=2)
+    original = SiteAwareStrategy.aggregate_train
+
+    def crash_in_round_two(self, server_round, replies):
+        if server_round == 2:
+            raise RecursionError("maximum recursion depth exceeded")
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(SiteAwareStrategy, "aggregate_train", crash_in_round_two)
+    settings = RunSettings(
+        scenario=str(study),
+        rounds=3,
+        local_epochs=1,
+        dp=False,
+        out=str(tmp_path / "out"),
+        sim_root=str(tmp_path / "sites"),
+        min_sites=2,
+    )
+    with pytest.raises(RecursionError):
+        run_on_grid(grid, settings)
+    record = RunRecord.load(tmp_path / "out" / RUN_RECORD_FILE)
+    assert record.status == "failed" and record.finished, record.status
+    assert "RecursionError" in record.stop_reason
+    assert record.round(1).aggregated_sites == ["site-0", "site-1"]
 
 
 # robust aggregation ---------------------------------------------------------------------------
@@ -347,7 +376,7 @@ def robust_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         expected_sites=ROBUST_SITES,
     )
     grid = DirectGrid(client_app, num_nodes=ROBUST_SITES)
-    run_federation(grid, settings, grid.run_id)
+    run_on_grid(grid, settings)
     return study, root / "seed-run" / SOURCE_MODEL_DIR
 
 
@@ -387,7 +416,7 @@ def federate_with_site0(
         expected_sites=ROBUST_SITES,
         max_update_norm=bound,
     )
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     final, _ = load_checkpoint(tmp_path / f"out-{strategy}" / FINAL_MODEL_DIR)
     return record, seen["global"], final.state_dict()
 
@@ -403,7 +432,7 @@ def shifted_by(norm: float) -> Attack:
         global_state = instruction.content[ARRAYS].to_torch_state_dict()
         count = sum(t.numel() for t in global_state.values())
         tensors = {name: t + norm / math.sqrt(count) for name, t in global_state.items()}
-        return forged_update(sim_root, instruction, grid.run_id, tensors, num_examples=120)
+        return forged_update(sim_root, instruction, tensors, num_examples=120)
 
     return attack
 
@@ -460,13 +489,13 @@ def test_median_moves_far_less_than_fedavg_under_a_large_in_bound_update(tmp_pat
 ROUND_TIMEOUT = 10.0
 
 
-def sleepy_client(partition: int, server_round: int, seconds: float) -> ClientApp:
-    """fedtransfer's ClientApp, except that one partition sleeps through one training round.
+def sleepy_client(sim_root: Path, partition: int, server_round: int, seconds: float) -> ClientApp:
+    """fedtransfer's ClientApp bound to ``sim_root``, except that one partition sleeps through one training round.
 
     It also answers an empty ``query``, which the test's ServerApp sends once to load the app
     in Flower's workers before the timed rounds.
     """
-    sleepy = ClientApp()
+    sleepy, client_app = ClientApp(), make_client_app(sim_root)
 
     @sleepy.train()
     def train(msg: Message, context: Context) -> Message:
@@ -522,10 +551,11 @@ def test_site_past_the_round_timeout_is_dropped_on_flowers_engine(tmp_path: Path
         expected_sites=3,
         round_timeout=ROUND_TIMEOUT,
     )
+    settings = prepare_sites(settings)
     started = time.monotonic()
     run_simulation(
         server_app=warmed_server_app(settings, nodes=3),
-        client_app=sleepy_client(partition=0, server_round=2, seconds=ROUND_TIMEOUT + 3),
+        client_app=sleepy_client(Path(settings.sim_root), partition=0, server_round=2, seconds=ROUND_TIMEOUT + 3),
         num_supernodes=3,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

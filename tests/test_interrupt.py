@@ -47,6 +47,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from common.settings import RunSettings
     from server.federation import run_federation
     from simulations.inprocess import DirectGrid
+    from simulations.sites import prepare_sites
     from tests.conftest import write_shifted_study
 
     root = tmp_path_factory.mktemp("interrupt")
@@ -59,8 +60,10 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         min_sites=2,
         expected_sites=3,
     )
+    settings = prepare_sites(settings)
     stop = StopRequest()
     grid = DirectGrid(client_app, 3, run_id=601)
+    grid.place_sites(Path(settings.sim_root))
 
     def stop_in_round_two(node: int, reply):
         if reply.metadata.message_type == "train" and len(grid.delivered) > 3:
@@ -72,7 +75,9 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         first = run_federation(grid, settings, 601, stop)
     saved = RunRecord.load(root / "out" / RUN_RECORD_FILE)
     final_after_stop = (root / "out" / "final-model").exists()
-    resumed = run_federation(DirectGrid(client_app, 3, run_id=602), settings.with_(resume=True), 602)
+    again = DirectGrid(client_app, 3, run_id=602)
+    again.place_sites(Path(settings.sim_root))
+    resumed = run_federation(again, prepare_sites(settings.with_(resume=True)), 602)
     return {"root": root, "first": first, "saved": saved, "final": final_after_stop, "resumed": resumed}
 
 
@@ -94,7 +99,7 @@ def test_the_resumed_run_never_reuses_the_abandoned_round(interrupted: dict) -> 
     from common.privacy.ledger import TRAIN, Ledger
 
     record = interrupted["resumed"]
-    assert record.status == "completed" and record.run_id == 601
+    assert record.status == "completed" and record.run_id == interrupted["first"].run_id
     assert [r.server_round for r in record.rounds] == [0, 1, 3]
     assert [r.server_round for r in record.abandoned_rounds] == [2]
     for site in range(3):

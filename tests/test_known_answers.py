@@ -33,7 +33,8 @@ def _identity(name: str, seed: int) -> Identity:
 
 
 COORDINATOR, SITE = _identity("coordinator", 1), _identity("hospital-a", 3)
-CONTEXT = EnvelopeContext(run_id=42, server_round=3, site_id="hospital-a", kind="train-reply", base_model="ab" * 32)
+RUN_ID = "0123456789abcdef0123456789abcdef"  # the coordinator's run id: 128 bits, hex
+CONTEXT = EnvelopeContext(RUN_ID, server_round=3, site_id="hospital-a", kind="train-reply", base_model="ab" * 32)
 
 
 def vectors() -> dict[str, str]:
@@ -46,7 +47,7 @@ def vectors() -> dict[str, str]:
         COORDINATOR.public(),
     )
     instruction = sign_instruction(
-        b'{"config":{},"arrays":"00"}', EnvelopeContext(42, 3, "*", "train-instruction", "ab" * 32), COORDINATOR
+        b'{"config":{},"arrays":"00"}', EnvelopeContext(RUN_ID, 3, "*", "train-instruction", "ab" * 32), COORDINATOR
     )
     manifest = _sign_manifest_at("kat-federation", COORDINATOR, [SITE.public()], "2026-01-01T00:00:00+00:00")
     with tempfile.TemporaryDirectory() as folder:
@@ -54,7 +55,7 @@ def vectors() -> dict[str, str]:
         with ledger.lock():
             ledger.append(
                 dataset_id="cd" * 32,
-                run_id="42",
+                run_id=RUN_ID,
                 server_round=3,
                 noise_multiplier=1.5,
                 sample_rate=0.25,
@@ -99,7 +100,7 @@ def test_the_recorded_bytes_still_open_and_verify() -> None:
     assert (
         verify_instruction(
             bytes.fromhex(recorded["signed-instruction-hex"]),
-            EnvelopeContext(42, 3, "hospital-a", "train-instruction", "ab" * 32),
+            EnvelopeContext(RUN_ID, 3, "hospital-a", "train-instruction", "ab" * 32),
             COORDINATOR.public(),
         )
         == b'{"config":{},"arrays":"00"}'

@@ -32,7 +32,7 @@ def _modules(package: str) -> list[Path]:
     ("package", "forbidden"),
     [
         ("client", ("server", "simulations")),
-        ("server", ("client",)),
+        ("server", ("client", "simulations")),
     ],
 )
 def test_client_and_server_never_import_each_other(package: str, forbidden: tuple[str, ...]) -> None:
@@ -79,3 +79,12 @@ def test_a_deployed_site_loads_no_scenario_or_downloader() -> None:
     }
     assert not {m for m in loaded if m in unused or m.split(".")[0] in ("server", "simulations")}
     assert {"client.app", "common.privacy.egress", "common.privacy.ledger"} <= loaded
+
+
+def test_the_coordinator_loads_no_simulator() -> None:
+    """Simulated sites are the simulator's work, done before a run: the ServerApp never writes a site's folder."""
+    script = (
+        "import sys, server.app\nprint('\\n'.join(sorted(m for m in sys.modules if m.startswith('simulations'))))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []

@@ -114,8 +114,7 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
     from common.privacy.ledger import Ledger
     from common.privacy.policy import SitePolicy, write_policy
     from common.settings import RunSettings
-    from server.federation import run_federation
-    from simulations.inprocess import DirectGrid
+    from simulations.inprocess import DirectGrid, run_on_grid
     from tests.conftest import write_shifted_study
 
     use_one_torch_thread()
@@ -139,7 +138,7 @@ def test_a_private_run_with_local_steps_spends_exactly_those_steps(tmp_path) -> 
         target_epsilon=3.0,
         personalise_epochs=0,
     )
-    record = run_federation(DirectGrid(client_app, num_nodes=2, run_id=9001), settings, 9001)
+    record = run_on_grid(DirectGrid(client_app, num_nodes=2, run_id=9001), settings)
     for site in range(2):
         entries = Ledger(tmp_path / "sites" / f"site-{site}" / "state").entries()
         assert [e.steps for e in entries] == [7, 7]

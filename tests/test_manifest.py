@@ -1,6 +1,6 @@
 import json
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -9,6 +9,7 @@ from common.security.keys import Identity, PublicIdentity
 from common.security.manifest import (
     Manifest,
     ManifestError,
+    ManifestExpired,
     ManifestFingerprintMismatch,
     ManifestFormatError,
     ManifestSignatureInvalid,
@@ -151,3 +152,62 @@ def test_duplicate_sites_and_shared_keys_are_rejected(coordinator: Identity) -> 
 def test_missing_manifest_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "absent.json", None)
+
+
+def test_declared_sizes_are_signed_and_checked(coordinator: Identity, sites: list[PublicIdentity]) -> None:
+    signed = sign_manifest("heart-disease", coordinator, sites, declared_sizes={"va": 150})
+    loaded = Manifest.from_json(signed.to_json(), coordinator.public().fingerprint())
+    assert loaded.declared_size("va") == 150 and loaded.declared_size("hungary") is None
+    text = _tampered(signed, lambda d: d["declared-sizes"].__setitem__("va", 15000))
+    with pytest.raises(ManifestSignatureInvalid):
+        Manifest.from_json(text, coordinator.public().fingerprint())
+    for bad in ({"va": 0}, {"va": 1.5}, {"va": True}, {"mallory": 10}):
+        with pytest.raises(ManifestFormatError, match="declared"):
+            sign_manifest("heart-disease", coordinator, sites, declared_sizes=bad)
+
+
+@pytest.mark.parametrize("name", ["cardio\n2026-01-01 INFO site hospital-a approved", "cardio\x1b[2J", "a\u2028b", ""])
+def test_federation_names_with_control_characters_are_refused(
+    name: str, manifest: Manifest, coordinator: Identity, sites: list[PublicIdentity]
+) -> None:
+    """Security review finding 9: newlines and ANSI escapes in the federation name make fake log lines."""
+    with pytest.raises(ManifestFormatError, match="printable"):
+        sign_manifest(name, coordinator, sites)
+    with pytest.raises(ManifestFormatError, match="printable"):
+        Manifest.from_json(_tampered(manifest, lambda d: d.__setitem__("federation", name)), None)
+
+
+def test_a_repeated_key_in_the_manifest_json_is_an_error(manifest: Manifest) -> None:
+    """Security review finding 9: a duplicate key used to be accepted, the last one winning."""
+    text = manifest.to_json()
+    doubled = text.replace('"federation":', '"federation": "other",\n  "federation":', 1)
+    with pytest.raises(ManifestFormatError, match="appears twice"):
+        Manifest.from_json(doubled, None)
+
+
+def test_a_manifest_expires(coordinator: Identity, sites: list[PublicIdentity]) -> None:
+    signed = sign_manifest("heart-disease", coordinator, sites, validity_days=30)
+    signed.check_current()
+    later = datetime.fromisoformat(signed.expires) + timedelta(seconds=1)
+    assert signed.expired(later)
+    with pytest.raises(ManifestExpired, match="expired on"):
+        signed.check_current(later)
+    assert not sign_manifest("heart-disease", coordinator, sites, validity_days=0).expired(later)
+
+
+def test_a_revoked_key_cannot_be_listed(coordinator: Identity, sites: list[PublicIdentity]) -> None:
+    revoked = {sites[0].fingerprint(): "2026-01-01T00:00:00+00:00"}
+    with pytest.raises(ManifestFormatError, match="revoked"):
+        sign_manifest("heart-disease", coordinator, sites, revoked=revoked)
+    signed = sign_manifest("heart-disease", coordinator, sites[1:], revoked=revoked, serial=2)
+    assert Manifest.from_json(signed.to_json(), None).revoked == revoked
+
+
+def test_a_key_rotation_carries_the_old_keys_endorsement(coordinator: Identity, sites: list[PublicIdentity]) -> None:
+    new = Identity.generate("coordinator")
+    rotated = sign_manifest("heart-disease", new, sites, serial=2, previous=coordinator)
+    loaded = Manifest.from_json(rotated.to_json(), new.public().fingerprint())
+    assert loaded.endorsed_by(coordinator.public()) and not loaded.endorsed_by(new.public())
+    forged = _tampered(rotated, lambda d: d.__setitem__("endorsement", json.loads(rotated.to_json())["signature"]))
+    with pytest.raises(ManifestSignatureInvalid, match="endorsement"):
+        Manifest.from_json(forged, None)

@@ -16,8 +16,7 @@ from client.app import app as client_app
 from common.privacy.ledger import Ledger
 from common.privacy.policy import SitePolicy, write_policy
 from common.settings import RunSettings
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 
 pytestmark = pytest.mark.federation
 
@@ -51,7 +50,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory):
             delta=1e-5,
             max_grad_norm=5.0,
         )
-        records.append(run_federation(grid, settings, run_id))
+        records.append(run_on_grid(grid, settings))
     return root, records
 
 
@@ -75,7 +74,9 @@ def test_spend_carries_into_the_next_run(two_runs) -> None:
     after_first = first.round(2).sites["site-0"].train.report["epsilon"]
     assert 2.5 < after_first <= 3.0
     entries = _ledger(root, 0).entries()
-    assert [(e.run_id, e.server_round) for e in entries] == [("7001", 1), ("7001", 2), ("7002", 1), ("7002", 2)]
+    runs = [first.run_id, second.run_id]
+    assert first.run_id != second.run_id and all(len(r) == 32 for r in runs)  # chosen by the coordinator
+    assert [(e.run_id, e.server_round) for e in entries] == [(run, r) for run in runs for r in (1, 2)]
     assert entries[2].epsilon > after_first
     assert second.round(2).sites["site-0"].train.report["epsilon"] == pytest.approx(entries[3].epsilon)
 

@@ -18,8 +18,7 @@ from common.privacy.policy import PrivacyRequest, SitePolicy, write_policy
 from common.protocol import RoundInstruction
 from common.security.keys import Identity, read_identity
 from common.settings import RunSettings, SettingsError
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 
 DATASET = "d" * 64
 SITE = Identity.generate("site-a")
@@ -182,7 +181,7 @@ def personalised_run(tmp_path_factory: pytest.TempPathFactory):
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(private_round, "noisy_counts", spy)
-        record = run_federation(DirectGrid(client_app, num_nodes=3, run_id=7301), settings, 7301)
+        record = run_on_grid(DirectGrid(client_app, num_nodes=3, run_id=7301), settings)
     return root, record, seen
 
 

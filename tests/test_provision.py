@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import stat
 import tomllib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -100,11 +101,19 @@ def test_site_config_scripts_and_flower_connection(kits) -> None:
     assert connection["superlink"]["demo"]["root-certificates"] == str(
         kits.coordinator_kit.resolve() / "tls" / "ca.pem"
     )
+    assert connection["superlink"]["demo"]["address"] == "127.0.0.1:8001"  # the Control API, on loopback only
     superlink = (kits.coordinator_kit / "start-superlink.sh").read_text()
     assert (
         "--enable-supernode-auth" in superlink
-        and "--host 0.0.0.0 --port 8000" in superlink
+        and "--host 127.0.0.1 --port 8001" in superlink
         and "--database" in superlink
+        and "0.0.0.0" not in superlink
+    )
+    gateway = (kits.coordinator_kit / "start-gateway.sh").read_text()
+    assert (
+        "fedtransfer gateway" in gateway
+        and "--listen 0.0.0.0:8000" in gateway
+        and "--superlink 127.0.0.1:8001" in gateway
     )
     assert "expected-sites=3" in (kits.coordinator_kit / "run.sh").read_text()
 
@@ -247,7 +256,8 @@ def test_cli_provision_and_check(tmp_path: Path) -> None:
     )
     assert args.func(args) == 0
     assert KitInfo.load(out / "sites" / "b").runtime_port == 9501
-    assert "--host 127.0.0.1 --port 9000" in (out / "coordinator" / "start-superlink.sh").read_text()
+    assert "--host 127.0.0.1 --port 9001" in (out / "coordinator" / "start-superlink.sh").read_text()
+    assert "--listen 127.0.0.1:9000" in (out / "coordinator" / "start-gateway.sh").read_text()
     _write_csv(out / "sites" / "a" / "data", 2)
     _declare(out / "sites" / "a")
     check = parser.parse_args(["site", "check", "--kit", str(out / "sites" / "a")])
@@ -268,3 +278,12 @@ def test_cli_provision_and_check(tmp_path: Path) -> None:
         ]
     )
     assert again.func(again) == 1
+
+
+def test_a_coordinator_kit_that_exposes_the_superlink_fails_the_check(tmp_path: Path) -> None:
+    """Finding 1 of the security review: the SuperLink served its Control API where the sites dial."""
+    kit = _provision(tmp_path / "out").coordinator_kit
+    assert any(f.check == "control plane" and f.level == "ok" for f in check_kit(kit))
+    exposed = replace(KitInfo.load(kit), control_address="0.0.0.0:8000")
+    (kit / "kit.json").write_text(json.dumps(asdict(exposed)))
+    assert any(f.check == "control plane" and f.level == ERROR for f in check_kit(kit))

@@ -12,8 +12,7 @@ from client.app import app as client_app
 from common.privacy.ledger import Ledger
 from common.privacy.policy import SitePolicy, write_policy
 from common.settings import RunSettings
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 from tests.conftest import write_shifted_study
 
 pytestmark = pytest.mark.federation
@@ -87,20 +86,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     for name in ("straight", "resumed", "midround"):
         _rdp_policies(root / f"sites-{name}")
     straight = DirectGrid(client_app, 3, run_id=501)
-    run_federation(straight, _settings(study, root, "straight"), 501)
+    run_on_grid(straight, _settings(study, root, "straight"))
 
     first = CrashingGrid(3, client_app, 3, run_id=502)
     with pytest.raises(CoordinatorCrash):
-        run_federation(first, _settings(study, root, "resumed"), 502)
+        run_on_grid(first, _settings(study, root, "resumed"))
     second = DirectGrid(client_app, 3, run_id=503)
-    run_federation(second, _settings(study, root, "resumed", resume=True), 503)
+    run_on_grid(second, _settings(study, root, "resumed", resume=True))
 
     first = DirectGrid(client_app, 3, run_id=504)
     _crash_after_sites_answered(first, 3)
     with pytest.raises(CoordinatorCrash):
-        run_federation(first, _settings(study, root, "midround"), 504)
+        run_on_grid(first, _settings(study, root, "midround"))
     second = DirectGrid(client_app, 3, run_id=505)
-    run_federation(second, _settings(study, root, "midround", resume=True), 505)
+    run_on_grid(second, _settings(study, root, "midround", resume=True))
     return root
 
 
@@ -112,14 +111,15 @@ def test_resume_between_rounds_reaches_the_uninterrupted_model(runs: Path) -> No
     straight, resumed = _card(runs, "straight"), _card(runs, "resumed")
     assert resumed["model_fingerprint"] == straight["model_fingerprint"]
     record = json.loads((runs / "resumed" / "run-record.json").read_text())
-    assert record["status"] == "completed" and record["run_id"] == 502
+    assert record["status"] == "completed" and len(record["run_id"]) == 32  # chosen by the coordinator
     assert [r["flower_run_id"] for r in record["rounds"][1:]] == [502, 502, 503, 503]
 
 
 def test_resume_keeps_the_run_plan_and_every_ledger_round_once(runs: Path) -> None:
     for site in range(3):
         entries = Ledger(runs / "sites-resumed" / f"site-{site}" / "state").entries()
-        assert [(e.run_id, e.server_round) for e in entries] == [("502", r) for r in (1, 2, 3, 4)]
+        run_id = json.loads((runs / "resumed" / "run-record.json").read_text())["run_id"]
+        assert [(e.run_id, e.server_round) for e in entries] == [(run_id, r) for r in (1, 2, 3, 4)]
         assert len({e.noise_multiplier for e in entries}) == 1
 
 

@@ -24,8 +24,8 @@ from common.data.site_config import simulated_site_dir
 from common.model.checkpoint import load_checkpoint
 from common.privacy.ledger import Ledger
 from common.settings import RunSettings
-from server.federation import FINAL_MODEL_DIR, run_federation
-from simulations.inprocess import DirectGrid
+from server.federation import FINAL_MODEL_DIR
+from simulations.inprocess import DirectGrid, run_on_grid
 
 pytestmark = pytest.mark.federation
 
@@ -47,7 +47,7 @@ def summary(root: Path) -> dict[str, Any]:
         reproducible_noise=True,
     )
     grid = DirectGrid(client_app, num_nodes=SITES, run_id=777)
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     model, _ = load_checkpoint(root / "out" / FINAL_MODEL_DIR)
     state = model.state_dict()
     return {

@@ -177,7 +177,6 @@ def _instruction(**changes) -> RoundInstruction:
         personalise_epochs=1,
         dp=1,
         run_id="42",
-        sim_root="/tmp/sites",
     )
     values.update(changes)
     return RoundInstruction(**values)
@@ -197,14 +196,13 @@ def test_instruction_config_uses_hyphenated_keys():
     assert set(config) == {name.replace("_", "-") for name in asdict(_instruction())}
     assert config["server-round"] == 2
     assert config["base-fingerprint"] == "a" * 64
-    assert config["sim-root"] == "/tmp/sites"
     assert not any("_" in key for key in config)
 
 
-def test_instruction_optional_sim_root_defaults_to_empty():
-    config = _instruction().to_config()
-    del config["sim-root"]
-    assert RoundInstruction.from_config(config).sim_root == ""
+def test_the_instruction_carries_no_site_location():
+    """Security review finding 6: the site's root came from the instruction, before its signature was checked."""
+    assert "sim-root" not in _instruction().to_config()
+    assert not any("root" in f.name or "path" in f.name for f in fields(RoundInstruction))
 
 
 def test_instruction_without_local_steps_trains_whole_epochs():
@@ -233,7 +231,6 @@ def test_instruction_missing_a_key_is_rejected(key):
         ("lr", "0.05"),
         ("proximal-mu", None),
         ("seed", 42.0),
-        ("sim-root", 0),
     ],
 )
 def test_instruction_wrong_types_are_rejected(key, value):

@@ -10,8 +10,7 @@ import torch
 from client.app import app as client_app
 from common.model.checkpoint import load_checkpoint
 from common.settings import STRATEGIES, RunSettings
-from server.federation import run_federation
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 from tests.conftest import write_shifted_study
 
 pytestmark = pytest.mark.federation
@@ -32,7 +31,7 @@ def test_strategy_completes_and_moves_only_the_trainable_part(strategy: str, tmp
         min_sites=3,
         expected_sites=4,
     )
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     assert record.status == "completed"
     assert record.round(2).aggregated_sites == [f"site-{i}" for i in range(4)]
     base, _ = load_checkpoint(tmp_path / "out" / "source-model")

@@ -29,6 +29,7 @@ from typing import Any
 from common.cli.console import console, say
 from common.cli.main import FLOWER_ENV, Signalled, interrupted_status
 from common.cli.simulate import add_setting_flags, settings_from_args
+from common.data.site_config import SIM_ROOT_ENV
 from common.errors import DeploymentError
 from common.io import make_output_dir
 from common.settings import RunSettings, SettingsError
@@ -77,11 +78,11 @@ def run_config_args(settings: RunSettings) -> list[str]:
 class LocalFederation:
     """A SuperLink in simulation mode that this process started, and the ``flwr`` calls that use it."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, sim_root: Path) -> None:
         self.out = out
         self.home = out / FLWR_HOME_DIR
         self.home.mkdir(parents=True, exist_ok=True)
-        self.env = flower_env(self.home)
+        self.env = flower_env(self.home) | {SIM_ROOT_ENV: str(sim_root)}
         self.port = _free_port()
         self.superlink: subprocess.Popen | None = None
         self.run: subprocess.Popen | None = None
@@ -192,24 +193,30 @@ def _groups_under(root: int) -> set[int]:
 
 def _with_scenario(settings: RunSettings, open_settings: frozenset[str]) -> tuple[RunSettings, int]:
     """The settings with the scenario's recipe applied to those left open, as ``fedtransfer simulate`` does, and
-    the number of simulated sites; a resumed run keeps its own settings."""
+    the simulated sites and the coordinator's keys written (a resumed run keeps its own settings and keys);
+    returns the settings bound to them and the number of simulated sites."""
     from common.data.scenarios import load_scenario
     from common.run_record import RUN_RECORD_FILE, RunRecord
     from simulations.simulate import with_recipe
+    from simulations.sites import prepare_sites
 
     chosen = settings
     if settings.resume:
         record = Path(settings.out) / RUN_RECORD_FILE
         if not record.is_file():
             raise AppRunFailed(f"nothing to resume in {settings.out}: it holds no {RUN_RECORD_FILE}")
-        chosen = RunSettings(**RunRecord.load(record).settings)
+        chosen = RunSettings(**{**RunRecord.load(record).settings, "resume": True, "out": settings.out})
     scenario = load_scenario(
         chosen.scenario,
         seed=chosen.seed,
         data_dir=Path(chosen.data_dir) if chosen.data_dir else None,
         private=not chosen.per_site_scaling,
     )
-    return (settings if settings.resume else with_recipe(settings, scenario, open_settings)), len(scenario.sites)
+    if not settings.resume:
+        chosen = settings = with_recipe(settings, scenario, open_settings)
+    prepared = prepare_sites(chosen)
+    keys = {"coordinator_keys": prepared.coordinator_keys, "manifest": prepared.manifest}
+    return settings.with_(sim_root=prepared.sim_root, **keys), len(scenario.sites)
 
 
 def _cmd_app_run(args: argparse.Namespace) -> int:
@@ -223,7 +230,7 @@ def _cmd_app_run(args: argparse.Namespace) -> int:
         f"[bold]fedtransfer app run[/bold]: the Flower App in {APP_DIR} on a local SuperLink, {sites} simulated "
         f"sites; logs in {out / RUN_LOG}"
     )
-    federation = LocalFederation(out)
+    federation = LocalFederation(out, Path(settings.sim_root))
     try:
         federation.start()
         code = federation.run_app(settings, sites, show=args.verbose)

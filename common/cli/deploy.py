@@ -10,7 +10,7 @@ from rich.table import Table
 from common.cli.console import console
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
 
-COMMANDS = ("provision", "site")
+COMMANDS = ("provision", "gateway", "site")
 
 
 def _names(text: str) -> list[str]:
@@ -19,6 +19,7 @@ def _names(text: str) -> list[str]:
 
 def _cmd_provision(args: argparse.Namespace) -> int:
     from common.deploy.provision import (
+        GATEWAY_SCRIPT,
         REGISTER_SCRIPT,
         RUN_SCRIPT,
         SUPERLINK_SCRIPT,
@@ -29,29 +30,44 @@ def _cmd_provision(args: argparse.Namespace) -> int:
         provision,
     )
     from common.privacy.policy import PolicyError, SitePolicy
+    from common.security.enrolment import EnrolmentError, read_enrolment
     from common.security.keys import KeyFileError
     from common.security.manifest import ManifestError
 
     sites = _names(args.sites)
     try:
+        enrolments = [read_enrolment(Path(path)) for path in args.enrolment]
         endpoints = [Endpoint.parse(a) for a in _names(",".join(args.superlink_address))]
         request = ProvisionRequest(
             federation=args.federation,
             sites=sites,
+            enrolments=enrolments,
             superlink_addresses=endpoints,
             out=Path(args.out),
             ca_cert=Path(args.ca_cert) if args.ca_cert else None,
             ca_key=Path(args.ca_key) if args.ca_key else None,
             install_root=Path(args.install_root) if args.install_root else None,
-            runtime_ports={site: args.runtime_port + i for i, site in enumerate(sites)} if args.runtime_port else {},
+            runtime_ports={
+                site: args.runtime_port + i for i, site in enumerate([*sites, *(e.site_id for e in enrolments)])
+            }
+            if args.runtime_port
+            else {},
             app_dir=Path(args.app_dir).resolve() if args.app_dir else None,
             policy=SitePolicy(max_epsilon=args.max_epsilon, delta=args.delta),
             min_sites=args.min_sites,
+            control_port=args.control_port,
         )
         result = provision(request)
-    except (ProvisionError, KeyFileError, ManifestError, PolicyError) as err:
+    except (ProvisionError, KeyFileError, ManifestError, PolicyError, EnrolmentError) as err:
         console.print(f"[bold red]Cannot provision:[/bold red] {err}")
         return 1
+    if sites:
+        console.print(
+            f"[bold red]TEST PROVISIONING: the private keys of {', '.join(sites)} were made on this machine and are in "
+            "their kits. Whoever holds them can sign as those sites, and their signed privacy reports prove nothing "
+            "against this machine. For a real federation each site runs `fedtransfer keys site` and sends its "
+            "enrolment (--enrolment).[/bold red]"
+        )
     table = Table(title=f"Kits of federation {result.federation}")
     table.add_column("machine")
     table.add_column("kit")
@@ -59,7 +75,7 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     table.add_row(
         "coordinator (SuperLink + ServerApp)",
         str(result.coordinator_kit),
-        f"{SUPERLINK_SCRIPT}, then {REGISTER_SCRIPT}, then {RUN_SCRIPT}",
+        f"{SUPERLINK_SCRIPT} and {GATEWAY_SCRIPT}, then {REGISTER_SCRIPT}, then {RUN_SCRIPT}",
     )
     for site, kit in sorted(result.site_kits.items()):
         table.add_row(f"site {site}", str(kit), SUPERNODE_SCRIPT)
@@ -73,8 +89,15 @@ def _cmd_provision(args: argparse.Namespace) -> int:
             f"Added {', '.join(result.added_sites)}; copy the coordinator kit's new manifest.json and "
             f"{REGISTER_SCRIPT} to the coordinator, then register the new keys."
         )
+    for enrolment in request.enrolments:
+        console.print(
+            f"Enrolled {enrolment.site_id} with key fingerprint [bold]{enrolment.identity.fingerprint()}[/bold]"
+            f"{'' if enrolment.declared_size is None else f', declared size {enrolment.declared_size}'}: confirm it "
+            "with the site by phone before you send its kit."
+        )
     console.print(
-        "Copy each kit to its machine only. Tell every site, by phone or in person, the coordinator fingerprint:"
+        "Copy each kit to its machine only (a site copies it into the folder holding its keys). Tell every site, by "
+        "phone or in person, the coordinator fingerprint:"
     )
     console.print(f"  [bold]{result.coordinator_fingerprint}[/bold]")
     console.print(
@@ -103,6 +126,29 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from common.deploy.gateway import GatewayConfig, serve_gateway
+    from common.deploy.provision import Endpoint, ProvisionError
+    from common.errors import ConfigurationError
+
+    try:
+        listen = Endpoint.parse(args.listen)
+        Endpoint.parse(args.superlink)
+    except ProvisionError as err:
+        raise ConfigurationError(str(err)) from None
+    serve_gateway(
+        GatewayConfig(
+            listen.host,
+            listen.port,
+            args.superlink,
+            Path(args.ssl_certfile),
+            Path(args.ssl_keyfile),
+            Path(args.ssl_ca_certfile),
+        )
+    )
+    return 0
+
+
 def _cmd_sign_ledger(args: argparse.Namespace) -> int:
     from common.privacy.ledger import LEDGER_FILE, Ledger
     from common.security.keys import passphrase_from_env, read_identity
@@ -128,7 +174,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "scripts. Run it again on the same --out to add sites.",
     )
     prov.add_argument("--federation", required=True, help="federation name (letters, digits, . _ -)")
-    prov.add_argument("--sites", required=True, help="comma-separated site ids, e.g. hospital-a,hospital-b")
+    prov.add_argument(
+        "--enrolment",
+        action="append",
+        default=[],
+        help="a site's SITE.enrolment.json (made by `fedtransfer keys site` at the site); repeat for every site",
+    )
+    prov.add_argument(
+        "--sites",
+        default="",
+        help="TEST ONLY: comma-separated site ids whose private keys are made here, in their kits (simulations and "
+        "tests; whoever provisions can then sign as those sites)",
+    )
     prov.add_argument(
         "--superlink-address",
         required=True,
@@ -165,7 +222,29 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     prov.add_argument(
         "--min-sites", type=int, default=0, help="fewest sites a round may aggregate (default: 2, or 1 for one site)"
     )
+    prov.add_argument(
+        "--control-port",
+        type=int,
+        default=0,
+        help="port of the SuperLink itself on the coordinator's loopback (Control API; default: the sites' port + 1)",
+    )
     prov.set_defaults(func=_cmd_provision)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve the Fleet API to the sites, and nothing else (coordinator)",
+        description="Listen where the sites dial (TLS with the SuperLink's certificate) and forward only Flower Fleet "
+        "API calls to the SuperLink on the coordinator's loopback; the Control and Runtime APIs are not reachable "
+        "here. The coordinator kit's start-gateway.sh runs it.",
+    )
+    gateway.add_argument("--listen", required=True, help="HOST:PORT the sites dial, e.g. 0.0.0.0:8000")
+    gateway.add_argument(
+        "--superlink", required=True, help="HOST:PORT of the SuperLink on loopback, e.g. 127.0.0.1:8001"
+    )
+    gateway.add_argument("--ssl-certfile", required=True, help="the SuperLink's TLS certificate (PEM)")
+    gateway.add_argument("--ssl-keyfile", required=True, help="its private key (PEM)")
+    gateway.add_argument("--ssl-ca-certfile", required=True, help="the federation's CA certificate (PEM)")
+    gateway.set_defaults(func=_cmd_gateway)
 
     site = commands.add_parser(
         "site", help="site operator commands", description="Commands for a data site's operator."

@@ -13,6 +13,8 @@ from common.errors import ConfigurationError
 SITE_CONFIG_FILE = "site.toml"
 #: Under a simulation root: the simulated sites' names in Flower's partition order (JSON list).
 SIMULATED_SITES_FILE = "simulated-sites.json"
+#: Where a simulated ClientApp run by ``flwr run`` finds the simulation root (set on the machine that runs it).
+SIM_ROOT_ENV = "FEDTRANSFER_SIM_ROOT"
 _REQUIRED = ("site-id", "data-path", "state-dir", "keys-dir", "manifest", "coordinator-fingerprint")
 _OPTIONAL = ("label-column", "privacy-policy")
 

@@ -9,16 +9,24 @@ take part, and no private key that belongs to another machine::
         keys/coordinator.{enc,sign}.key  keys/coordinator.pub.json
         manifest.json            the coordinator-signed list of sites
         supernode-keys/SITE.pub  the sites' Flower authentication keys, to register
-        flower-home/config.toml  Flower's connection to the SuperLink (FLWR_HOME)
-        start-superlink.sh  register-supernodes.sh  run.sh
+        flower-home/config.toml  Flower's connection to the SuperLink's loopback address (FLWR_HOME)
+        start-superlink.sh  start-gateway.sh  register-supernodes.sh  run.sh
         kit.json
-    OUT/sites/SITE/              one data site
+    OUT/sites/SITE/              one data site: no private key (the site made its own)
         tls/ca.pem
-        flower/supernode-auth.key  flower/supernode-auth.pub
-        keys/SITE.{enc,sign}.key  keys/SITE.pub.json
         manifest.json  site.toml  state/privacy-policy.toml  data/
         start-supernode.sh
         kit.json
+
+A deployed site makes its keys itself (``fedtransfer keys site``, :mod:`common.deploy.site_keys`)
+and sends only its signed enrolment (:mod:`common.security.enrolment`); its kit is then copied
+into the folder that holds its keys. ``ProvisionRequest.sites`` instead makes each named site's
+private keys here, in its kit (``keys/``, ``flower/``): for simulations and tests only, since
+whoever provisions then holds every site's keys and can sign as any of them.
+
+The SuperLink listens on the coordinator's loopback only (``control_address``): Flower 1.42
+serves its unauthenticated Control API on the same port as the Fleet API. The sites dial the
+fleet gateway (:mod:`common.deploy.gateway`), which forwards only Fleet API calls to it.
 
 Every path written into a kit is absolute: it is where the kit will live on its machine
 (``install_root/coordinator`` and ``install_root/SITE``, or where it was written when no
@@ -45,7 +53,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig
 from common.errors import DeploymentError
+from common.io import JsonError, parse_json
 from common.privacy.policy import SitePolicy, write_policy
+from common.security.enrolment import Enrolment
 from common.security.keys import (
     COORDINATOR_NAME,
     Identity,
@@ -57,6 +67,7 @@ from common.security.keys import (
     write_public_file,
 )
 from common.security.manifest import (
+    DEFAULT_VALIDITY_DAYS,
     MANIFEST_FILE,
     Manifest,
     read_manifest,
@@ -77,8 +88,11 @@ SUPERLINK_CERT = "superlink.pem"
 SUPERLINK_KEY = "superlink.key"
 AUTH_KEY = "supernode-auth.key"
 AUTH_PUB = "supernode-auth.pub"
+KEYS_DIR = "keys"  # a site's fedtransfer key pairs, inside its folder
+SUPERNODE_DIR = "flower"  # its SuperNode authentication key pair
 FLOWER_HOME = "flower-home"
 SUPERLINK_SCRIPT = "start-superlink.sh"
+GATEWAY_SCRIPT = "start-gateway.sh"
 REGISTER_SCRIPT = "register-supernodes.sh"
 RUN_SCRIPT = "run.sh"
 SUPERNODE_SCRIPT = "start-supernode.sh"
@@ -139,6 +153,8 @@ class KitInfo:
     coordinator_fingerprint: str
     runtime_port: int = 0
     created: str = ""
+    control_address: str = ""  # coordinator only: the SuperLink's own loopback address (Control API)
+    site_keys: str = "site"  # site kits: "site" (made at the site) or "provisioner" (test provisioning)
     format: str = KIT_FORMAT
 
     def write(self, directory: Path) -> None:
@@ -150,9 +166,9 @@ class KitInfo:
         if not path.is_file():
             raise ProvisionError(f"{directory} is not a fedtransfer kit: {KIT_FILE} is missing")
         try:
-            raw = json.loads(path.read_text())
+            raw = parse_json(path.read_bytes())
             info = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (JsonError, TypeError) as err:
             raise ProvisionError(f"{path} is damaged ({err}); ask the coordinator for a fresh kit") from err
         if info.format != KIT_FORMAT or info.role not in ("coordinator", "site"):
             raise ProvisionError(f"{path} is not a fedtransfer kit description")
@@ -326,7 +342,11 @@ def default_app_dir() -> Path | None:
 
 @dataclass(frozen=True)
 class ProvisionRequest:
-    """What to provision. ``superlink_addresses[0]`` is the address sites dial."""
+    """What to provision. ``superlink_addresses[0]`` is the address sites dial.
+
+    ``enrolments`` are the sites that made their own keys (deployments). ``sites`` names sites whose
+    private keys are made here, in their kits: for simulations and tests only.
+    """
 
     federation: str
     sites: list[str]
@@ -339,6 +359,19 @@ class ProvisionRequest:
     app_dir: Path | None = None
     policy: SitePolicy = field(default_factory=lambda: SitePolicy(max_epsilon=10.0, delta=1e-5))
     min_sites: int = 0
+    control_port: int = 0  # the SuperLink's port on the coordinator's loopback (0: the sites' port + 1)
+    enrolments: list[Enrolment] = field(default_factory=list)
+    manifest_days: int = DEFAULT_VALIDITY_DAYS
+
+    @property
+    def site_ids(self) -> list[str]:
+        return [*self.sites, *(e.site_id for e in self.enrolments)]
+
+    @property
+    def control_address(self) -> Endpoint:
+        """Where the SuperLink itself listens: loopback only, reached by the gateway, flwr and the ServerApp."""
+        public = self.superlink_addresses[0].port
+        return Endpoint("127.0.0.1", self.control_port or (public + 1 if public < 65535 else public - 1))
 
 
 @dataclass(frozen=True)
@@ -359,23 +392,27 @@ def _validate(request: ProvisionRequest) -> None:
         validate_name(request.federation)
     except ValueError as err:
         raise ProvisionError(f"federation name: {err}") from None
-    if not request.sites:
-        raise ProvisionError("name at least one site with --sites")
-    for site in request.sites:
+    if not request.site_ids:
+        raise ProvisionError("give at least one site's enrolment with --enrolment (or, for a test, --sites)")
+    for site in request.site_ids:
         try:
             validate_name(site)
         except ValueError as err:
             raise ProvisionError(f"site name: {err}") from None
         if site in RESERVED_NAMES:
             raise ProvisionError(f"site name {site!r} is reserved; choose another")
-    if len(set(request.sites)) != len(request.sites):
-        raise ProvisionError("a site is listed twice in --sites")
+    if len(set(request.site_ids)) != len(request.site_ids):
+        raise ProvisionError("a site is listed twice (in --sites or --enrolment)")
     if not request.superlink_addresses:
         raise ProvisionError(
             "give the SuperLink address the sites dial, e.g. --superlink-address coordinator.example.org:8000"
         )
     if (request.ca_cert is None) != (request.ca_key is None):
         raise ProvisionError("give both --ca-cert and --ca-key, or neither")
+    if request.control_address.port == request.superlink_addresses[0].port:
+        raise ProvisionError("--control-port must differ from the port the sites dial")
+    if not 0 <= request.control_port < 65536:
+        raise ProvisionError(f"--control-port {request.control_port} is not a TCP port")
 
 
 def _install_dir(request: ProvisionRequest, generated: Path, name: str) -> Path:
@@ -405,7 +442,7 @@ def provision(request: ProvisionRequest) -> ProvisionResult:
         write_public_file(ca_dir / CA_CERT, certificate_pem(ca.certificate))
     coordinator = Identity.generate(COORDINATOR_NAME)
     _write_coordinator_kit(request, coordinator_dir, ca, coordinator)
-    site_kits, manifest = _write_sites(request, out, ca.certificate, coordinator, [], request.sites)
+    site_kits, manifest = _write_sites(request, out, ca.certificate, coordinator, None)
     _finish_coordinator_kit(request, coordinator_dir, manifest)
     logger.info(
         "provisioned federation %s: coordinator kit %s, %d site kits",
@@ -414,7 +451,7 @@ def provision(request: ProvisionRequest) -> ProvisionResult:
         len(site_kits),
     )
     return ProvisionResult(
-        request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), ca_dir, list(request.sites)
+        request.federation, coordinator_dir, site_kits, coordinator.public().fingerprint(), ca_dir, request.site_ids
     )
 
 
@@ -426,25 +463,23 @@ def _add_sites(request: ProvisionRequest, coordinator_dir: Path) -> ProvisionRes
     request = replace(request, install_root=None if installed == coordinator_dir.resolve() else installed.parent)
     coordinator = read_identity(coordinator_dir / "keys", COORDINATOR_NAME)
     manifest = read_manifest(coordinator_dir / MANIFEST_FILE, coordinator.public().fingerprint())
-    clash = sorted(set(request.sites) & set(manifest.sites))
+    clash = sorted(set(request.site_ids) & set(manifest.sites))
     if clash:
         raise ProvisionError(
             f"site(s) {', '.join(clash)} are already in federation {request.federation!r}; to replace a site's keys, "
             "revoke it first (see docs/deployment.md)"
         )
     ca_certificate = x509.load_pem_x509_certificate((coordinator_dir / "tls" / CA_CERT).read_bytes())
-    site_kits, new_manifest = _write_sites(
-        request, Path(request.out), ca_certificate, coordinator, list(manifest.sites.values()), request.sites
-    )
+    site_kits, new_manifest = _write_sites(request, Path(request.out), ca_certificate, coordinator, manifest)
     _finish_coordinator_kit(request, coordinator_dir, new_manifest)
-    logger.info("added %s to federation %s", ", ".join(request.sites), request.federation)
+    logger.info("added %s to federation %s", ", ".join(request.site_ids), request.federation)
     return ProvisionResult(
         request.federation,
         coordinator_dir,
         site_kits,
         coordinator.public().fingerprint(),
         None,
-        list(request.sites),
+        request.site_ids,
         extended=True,
     )
 
@@ -463,29 +498,46 @@ def _write_coordinator_kit(
     (kit / "state").mkdir(mode=0o700)
     (kit / "runs").mkdir(mode=0o700)
     (kit / FLOWER_HOME).mkdir(mode=0o700)
-    address = request.superlink_addresses[0]
+    address, control = request.superlink_addresses[0], request.control_address
     write_public_file(
         kit / FLOWER_HOME / "config.toml",
-        flower_connection_toml(request.federation, address, install / "tls" / CA_CERT),
+        flower_connection_toml(request.federation, control, install / "tls" / CA_CERT),
     )
     listen = "127.0.0.1" if address.ip is not None and address.ip.is_loopback else "0.0.0.0"
     flower_home = install / FLOWER_HOME
+    tls = {name: shlex.quote(str(install / "tls" / name)) for name in (CA_CERT, SUPERLINK_CERT, SUPERLINK_KEY)}
     _write_script(
         kit / SUPERLINK_SCRIPT,
         [
             f"# SuperLink of fedtransfer federation {request.federation}: TLS, SuperNode authentication, state on "
             "disk.",
-            f"# Sites dial {address}; open TCP port {address.port} to them (and only that port).",
+            f"# It listens on loopback only ({control}): its Control API has no authentication. The sites reach its",
+            f"# Fleet API through the fleet gateway ({GATEWAY_SCRIPT}) at {address}.",
             "set -eu",
             *_flower_env_lines(flower_home),
             "exec flower-superlink \\",
-            f"  --ssl-ca-certfile {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
-            f"  --ssl-certfile {shlex.quote(str(install / 'tls' / SUPERLINK_CERT))} \\",
-            f"  --ssl-keyfile {shlex.quote(str(install / 'tls' / SUPERLINK_KEY))} \\",
+            f"  --ssl-ca-certfile {tls[CA_CERT]} \\",
+            f"  --ssl-certfile {tls[SUPERLINK_CERT]} \\",
+            f"  --ssl-keyfile {tls[SUPERLINK_KEY]} \\",
             "  --enable-supernode-auth \\",
             f"  --database {shlex.quote(str(install / 'state' / 'superlink.db'))} \\",
             "  --disable-runtime-dependency-installation \\",
-            f"  --host {listen} --port {address.port}",
+            f"  --host {control.host} --port {control.port}",
+        ],
+    )
+    _write_script(
+        kit / GATEWAY_SCRIPT,
+        [
+            f"# Fleet gateway of fedtransfer federation {request.federation}: the only address the sites dial.",
+            f"# Sites dial {address}; open TCP port {address.port} to them (and only that port). It forwards",
+            f"# only Fleet API calls to the SuperLink at {control}; the Control API stays unreachable from the sites.",
+            "set -eu",
+            "exec fedtransfer gateway \\",
+            f"  --listen {shlex.quote(str(Endpoint(listen, address.port)))} \\",
+            f"  --superlink {shlex.quote(str(control))} \\",
+            f"  --ssl-certfile {tls[SUPERLINK_CERT]} \\",
+            f"  --ssl-keyfile {tls[SUPERLINK_KEY]} \\",
+            f"  --ssl-ca-certfile {tls[CA_CERT]}",
         ],
     )
     KitInfo(
@@ -496,6 +548,7 @@ def _write_coordinator_kit(
         str(address),
         coordinator.public().fingerprint(),
         created=_now(),
+        control_address=str(control),
     ).write(kit)
 
 
@@ -531,7 +584,6 @@ def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Mani
         [
             f"coordinator-keys={json.dumps(str(install / 'keys'))}",
             f"manifest={json.dumps(str(install / MANIFEST_FILE))}",
-            'sim-root=""',
             f"expected-sites={sites}",
             f"min-sites={min_sites}",
         ]
@@ -554,22 +606,58 @@ def _finish_coordinator_kit(request: ProvisionRequest, kit: Path, manifest: Mani
     )
 
 
+@dataclass(frozen=True)
+class _NewSite:
+    """A site joining the federation: its public keys, and its private keys only when made here (tests)."""
+
+    public: PublicIdentity
+    supernode_key: str
+    declared_size: int | None = None
+    identity: Identity | None = None
+    supernode_private: bytes = b""
+
+    @classmethod
+    def made_here(cls, site: str) -> _NewSite:
+        identity = Identity.generate(site)
+        private, public = supernode_auth_keypair()
+        return cls(identity.public(), public.decode("ascii"), None, identity, private)
+
+    @classmethod
+    def enrolled(cls, enrolment: Enrolment) -> _NewSite:
+        return cls(enrolment.identity, enrolment.supernode_key + "\n", enrolment.declared_size)
+
+
+def _new_sites(request: ProvisionRequest) -> list[_NewSite]:
+    return [*(_NewSite.made_here(site) for site in request.sites), *map(_NewSite.enrolled, request.enrolments)]
+
+
 def _write_sites(
     request: ProvisionRequest,
     out: Path,
     ca_certificate: x509.Certificate,
     coordinator: Identity,
-    existing: list[PublicIdentity],
-    new_sites: list[str],
+    previous: Manifest | None,
 ) -> tuple[dict[str, Path], Manifest]:
-    identities = {site: Identity.generate(site) for site in new_sites}
-    manifest = sign_manifest(request.federation, coordinator, existing + [i.public() for i in identities.values()])
+    joining = _new_sites(request)
+    existing = list(previous.sites.values()) if previous else []
+    sizes = {**(previous.declared_sizes if previous else {})}
+    sizes |= {new.public.name: new.declared_size for new in joining if new.declared_size is not None}
+    manifest = sign_manifest(
+        request.federation,
+        coordinator,
+        existing + [new.public for new in joining],
+        serial=previous.serial + 1 if previous else 1,
+        validity_days=request.manifest_days,
+        declared_sizes=sizes,
+        revoked=previous.revoked if previous else None,
+    )
     coordinator_dir = out / COORDINATOR_KIT
     info = KitInfo.load(coordinator_dir)
     address = Endpoint.parse(info.superlink_address)
     kits: dict[str, Path] = {}
     ordered = sorted(manifest.sites)
-    for site, identity in identities.items():
+    for new in joining:
+        site = new.public.name
         kit = out / SITES_DIR / site
         if kit.exists():
             raise ProvisionError(f"{kit} already exists; move it away before provisioning site {site!r} again")
@@ -577,11 +665,11 @@ def _write_sites(
         install = _install_dir(request, kit, site)
         port = request.runtime_ports.get(site, DEFAULT_RUNTIME_PORT + ordered.index(site))
         write_public_file_in(kit / "tls", CA_CERT, certificate_pem(ca_certificate))
-        auth_private, auth_public = supernode_auth_keypair()
-        write_private_file(kit / "flower" / AUTH_KEY, auth_private)
-        write_public_file(kit / "flower" / AUTH_PUB, auth_public.decode("ascii"))
-        write_public_file_in(coordinator_dir / "supernode-keys", f"{site}.pub", auth_public.decode("ascii"))
-        write_identity(identity, kit / "keys")
+        write_public_file_in(coordinator_dir / "supernode-keys", f"{site}.pub", new.supernode_key)
+        if new.identity is not None:  # test provisioning: the site's private keys are made here
+            write_private_file(kit / SUPERNODE_DIR / AUTH_KEY, new.supernode_private)
+            write_public_file(kit / SUPERNODE_DIR / AUTH_PUB, new.supernode_key)
+            write_identity(new.identity, kit / KEYS_DIR)
         write_manifest(manifest, kit / MANIFEST_FILE)
         (kit / "data").mkdir(mode=0o700)
         (kit / "state").mkdir(mode=0o700)
@@ -590,12 +678,15 @@ def _write_sites(
             site_id=site,
             data_path=install / "data",
             state_dir=install / "state",
-            keys_dir=install / "keys",
+            keys_dir=install / KEYS_DIR,
             manifest=install / MANIFEST_FILE,
             coordinator_fingerprint=coordinator.public().fingerprint(),
             privacy_policy=install / "state" / POLICY_FILE,
         )
-        write_policy(request.policy, kit / "state" / POLICY_FILE)
+        policy = (
+            request.policy if new.declared_size is None else replace(request.policy, declared_size=new.declared_size)
+        )
+        write_policy(policy, kit / "state" / POLICY_FILE)
         write_public_file(kit / SITE_CONFIG_FILE, config.to_toml())
         node_config = f"site-config={json.dumps(str(install / SITE_CONFIG_FILE))}"
         _write_script(
@@ -609,7 +700,7 @@ def _write_sites(
                 "exec flower-supernode \\",
                 f"  --superlink {shlex.quote(str(address))} \\",
                 f"  --root-certificates {shlex.quote(str(install / 'tls' / CA_CERT))} \\",
-                f"  --auth-supernode-private-key {shlex.quote(str(install / 'flower' / AUTH_KEY))} \\",
+                f"  --auth-supernode-private-key {shlex.quote(str(install / SUPERNODE_DIR / AUTH_KEY))} \\",
                 f"  --node-config {shlex.quote(node_config)} \\",
                 f"  --port {port}",
             ],
@@ -623,6 +714,7 @@ def _write_sites(
             coordinator.public().fingerprint(),
             runtime_port=port,
             created=_now(),
+            site_keys="site" if new.identity is None else "provisioner",
         ).write(kit)
         kits[site] = kit
     return kits, manifest

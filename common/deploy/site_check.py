@@ -8,6 +8,7 @@ privacy policy parsing, the ledger writable. It changes nothing on disk.
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import ssl
@@ -29,6 +30,7 @@ from common.data.site_data import DataError, infer_input_shape, load_site_data
 from common.deploy.provision import (
     AUTH_KEY,
     CA_CERT,
+    GATEWAY_SCRIPT,
     MANIFEST_FILE,
     SUPERLINK_CERT,
     SUPERLINK_KEY,
@@ -192,11 +194,22 @@ def _check_site(kit: Path, info: KitInfo, model_card: Path | None, probe: bool, 
             f"paths in {SITE_CONFIG_FILE} must be absolute (the ClientApp runs elsewhere): {', '.join(relative)}",
         )
     _check_site_keys(site, info, found)
+    if info.site_keys != "site":
+        found.add(
+            WARNING,
+            "keys",
+            "this kit's private keys were made by whoever provisioned it (test provisioning), who can therefore sign "
+            "as this site; for a real federation make your own with `fedtransfer keys site` and enrol them",
+        )
     bundled = kit / CARD_FILE
     _check_data(site, model_card or (bundled if bundled.is_file() else None), found)
     _check_policy_and_ledger(site, found)
-    if probe and ca is not None:
-        _probe_superlink(kit / "tls" / CA_CERT, Endpoint.parse(info.superlink_address), found)
+    if (
+        probe
+        and ca is not None
+        and _probe_superlink(kit / "tls" / CA_CERT, Endpoint.parse(info.superlink_address), found)
+    ):
+        _probe_control_plane(kit / "tls" / CA_CERT, Endpoint.parse(info.superlink_address), found)
 
 
 def _check_site_keys(site: SiteConfig, info: KitInfo, found: _Findings) -> None:
@@ -240,6 +253,24 @@ def _check_site_keys(site: SiteConfig, info: KitInfo, found: _Findings) -> None:
             OK,
             "keys",
             f"site keys match the manifest of federation {manifest.federation!r}, signed by the expected coordinator",
+        )
+        _check_enrolled_size(site, manifest.declared_size(site.site_id), found)
+
+
+def _check_enrolled_size(site: SiteConfig, enrolled: int | None, found: _Findings) -> None:
+    """The policy's declared size must be the one the site enrolled with: the coordinator weights it by that."""
+    if enrolled is None:
+        return
+    try:
+        declared = load_policy(site.policy_path).declared_size
+    except PolicyError:
+        return  # the policy check reports it
+    if declared != enrolled:
+        found.add(
+            ERROR,
+            "privacy policy",
+            f"{site.policy_path}: declared_size {declared} differs from the size {enrolled} this site enrolled with "
+            "(the manifest); the coordinator would drop its updates. Enrol the new size or restore the old one",
         )
 
 
@@ -333,7 +364,7 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
     found.add(OK, "ledger", f"privacy ledger in {state} is writable and intact ({signed}{entries} entries)")
 
 
-def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeout: float = 5.0) -> None:
+def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeout: float = 5.0) -> bool:
     context = ssl.create_default_context(cafile=str(ca_path))
     try:
         with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout) as raw:
@@ -353,6 +384,63 @@ def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeou
         )
     else:
         found.add(OK, "superlink", f"TLS connection to {endpoint} verified with the kit's CA")
+        return True
+    return False
+
+
+#: A harmless Control API call (list the runs) and a Runtime API path: neither may be served where the sites dial.
+CONTROL_PROBES = ("/v1/control/list-runs", "/v1/runtime/acquire-task")
+
+
+def control_api_status(ca_path: Path, endpoint: Endpoint, path: str, timeout: float = 5.0) -> int:
+    """The HTTP status the address the sites dial gives a POST to ``path`` (an empty protobuf request)."""
+    context = ssl.create_default_context(cafile=str(ca_path))
+    connection = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=timeout, context=context)
+    try:
+        connection.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _probe_control_plane(ca_path: Path, endpoint: Endpoint, found: _Findings) -> None:
+    """The Fleet address must not serve Flower's Control API (no authentication in open-source Flower)."""
+    for path in CONTROL_PROBES:
+        try:
+            status = control_api_status(ca_path, endpoint, path)
+        except (OSError, http.client.HTTPException) as err:
+            found.add(ERROR, "control plane", f"cannot ask {endpoint} whether it serves {path}: {err}")
+            return
+        if status != 404:
+            found.add(
+                ERROR,
+                "control plane",
+                f"{endpoint} answers {path} (HTTP {status}): the SuperLink's Control/Runtime API is reachable from "
+                "this site, so anyone here can start runs or unregister sites. Tell the coordinator: the SuperLink "
+                "must listen on loopback behind the fleet gateway (docs/deployment.md)",
+            )
+            return
+    found.add(OK, "control plane", f"{endpoint} serves the Fleet API only: the Control and Runtime APIs are not here")
+
+
+def _check_control_address(kit: Path, info: KitInfo, found: _Findings) -> None:
+    """The SuperLink itself (Control API) listens on loopback; the sites dial the fleet gateway."""
+    control = Endpoint.parse(info.control_address) if info.control_address else None
+    if control is None or control.ip is None or not control.ip.is_loopback:
+        found.add(
+            ERROR,
+            "control plane",
+            "this kit runs the SuperLink where the sites can reach it, and with it Flower's unauthenticated Control "
+            "API; provision the coordinator kit again (the SuperLink on loopback, start-gateway.sh in front of it)",
+        )
+    elif not (kit / GATEWAY_SCRIPT).is_file():
+        found.add(ERROR, "files", f"{kit / GATEWAY_SCRIPT} is missing: the sites reach the SuperLink through it")
+    else:
+        found.add(
+            OK,
+            "control plane",
+            f"the SuperLink listens on {control} only; sites dial the gateway at {info.superlink_address}",
+        )
 
 
 def _check_coordinator(kit: Path, info: KitInfo, found: _Findings) -> None:
@@ -377,6 +465,7 @@ def _check_coordinator(kit: Path, info: KitInfo, found: _Findings) -> None:
                 "tls",
                 f"the SuperLink certificate has no SAN for {endpoint.host}; sites dialling {endpoint} will refuse it",
             )
+    _check_control_address(kit, info, found)
     for suffix in ("enc.key", "sign.key"):
         _private_file(kit / "keys" / f"{COORDINATOR_NAME}.{suffix}", "coordinator private key", found)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from common.errors import ConfigurationError
-from common.io import write_atomic
+from common.io import JsonError, parse_json, write_atomic
 from common.model.transfer import state_fingerprint
 from common.model.zoo import FedModel, UnknownArchitecture, build_model
 from common.security.tensors import (
@@ -86,8 +86,8 @@ class ModelCard:
     @classmethod
     def from_json(cls, text: str, origin: str = "model card") -> ModelCard:
         try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
+            raw = parse_json(text)
+        except JsonError as err:
             raise CardInvalid(f"{origin} is not valid JSON: {err}") from err
         if not isinstance(raw, dict):
             raise CardInvalid(f"{origin} must hold a JSON object")

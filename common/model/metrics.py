@@ -140,6 +140,11 @@ def _fast_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     return {k: v for k, v in classification_metrics(y_true, proba).items() if k != "loss"}
 
 
+def counts_shape(num_classes: int) -> tuple[int, int]:
+    """The shape of :func:`evaluation_counts`' histogram for a model with ``num_classes`` classes."""
+    return (2, len(LOGIT_EDGES) + 1) if num_classes == 2 else (num_classes, num_classes)
+
+
 def evaluation_counts(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """The evaluation histogram (see the module docstring): (2, 8) for two classes, else (K, K)."""
     y_true = np.asarray(y_true, dtype=np.int64)

@@ -149,7 +149,12 @@ def check_reply(
         raise EgressViolation(f"the report declares {got} but the reply carries {sorted(carried)}")
     private = report.get("dp") is not False
     releases = report.get("releases", {})
-    spends = {s.get("ledger-index"): s for s in report.get("spends", []) if isinstance(s, dict)}
+    listed = report.get("spends", [])
+    if not isinstance(listed, list):
+        raise EgressViolation("the report's spends are not a list")
+    spends = {
+        s.get("ledger-index"): s for s in listed if isinstance(s, dict) and isinstance(s.get("ledger-index"), int)
+    }
     for name in sorted(carried):
         text = declared[name]
         kind = text.split(":", 1)[0] if isinstance(text, str) else None

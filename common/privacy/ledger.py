@@ -35,7 +35,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from common.errors import PrivacyError
-from common.io import canonical_json, fsync_dir, write_atomic
+from common.io import canonical_json, fsync_dir, parse_json, write_atomic
 from common.privacy.accounting import Step
 from common.security.keys import Identity, PublicIdentity
 
@@ -299,7 +298,7 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(f"{self.head_path}: cannot read: {exc}") from exc
         try:
-            head = json.loads(raw)
+            head = parse_json(raw)
             if not (isinstance(head.get("index"), int) and isinstance(head.get("hash"), str)):
                 raise ValueError("missing index or hash")
         except (ValueError, AttributeError) as exc:
@@ -348,7 +347,7 @@ class Ledger:
         for number, line in enumerate(lines, start=1):
             where = f"entry at line {number}"
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except ValueError as exc:
                 raise self._tampered(where, f"bad format, not JSON ({exc})") from exc
             if not isinstance(record, dict) or frozenset(record) not in _FIELD_SETS:

@@ -29,6 +29,7 @@ from typing import Any
 
 from common.errors import PrivacyError
 from common.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, Accountant
+from common.security.manifest import SIZE_RANGE
 
 
 class PolicyError(PrivacyError):
@@ -42,7 +43,6 @@ DELTA_RANGE = (0.0, 1e-2)  # (exclusive, inclusive]
 MIN_NOISE_RANGE = (0.0, 100.0)  # [inclusive, inclusive]
 GRAD_NORM_RANGE = (0.0, 1e4)  # (exclusive, inclusive]
 ROUNDS_RANGE = (1, 100_000)  # [inclusive, inclusive]
-SIZE_RANGE = (1, 1_000_000_000)  # [inclusive, inclusive]
 EVALUATIONS_RANGE = (0, 1_000)  # [inclusive, inclusive]
 RELEASE_SHARE_RANGE = (0.0, 0.5)  # (exclusive, inclusive]
 REQUEST_DELTA_RANGE = (0.0, 1.0)  # (exclusive, exclusive)

@@ -32,14 +32,14 @@ class ReportInvalid(SecurityError):
     """A signed privacy report does not verify or does not parse."""
 
 
-def sign_report(report: dict[str, Any], run_id: int, server_round: int, base_model: str, site: Identity) -> str:
+def sign_report(report: dict[str, Any], run_id: str, server_round: int, base_model: str, site: Identity) -> str:
     """The report signed by ``site``, as base64 text for JSON files."""
     context = EnvelopeContext(run_id, server_round, site.name, REPORT_KIND, base_model)
     payload = json.dumps(report, sort_keys=True, allow_nan=False).encode()
     return base64.b64encode(sign_instruction(payload, context, site)).decode()
 
 
-def verify_report(signed: str, run_id: int, server_round: int, base_model: str, site: PublicIdentity) -> dict[str, Any]:
+def verify_report(signed: str, run_id: str, server_round: int, base_model: str, site: PublicIdentity) -> dict[str, Any]:
     """The report, if ``site`` signed it for exactly this run, round and base model."""
     try:
         blob = base64.b64decode(signed, validate=True)

@@ -77,7 +77,7 @@ _SEALED_FIELDS = frozenset(_CONTEXT_FIELDS + ("ephemeral_key", "nonce", "recipie
 _INSTRUCTION_FIELDS = frozenset(_CONTEXT_FIELDS + ("signer",))
 _KIND_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_MAX_RUN_ID = 2**64 - 1
+_RUN_ID_RE = re.compile(r"[0-9a-f]{1,64}")
 _MAX_ROUND = 2**32 - 1
 
 
@@ -131,22 +131,23 @@ class PayloadTooLarge(EnvelopeError):
 class EnvelopeContext:
     """What a message is about; bound into every envelope and checked on opening.
 
-    ``run_id``: the Flower run (0 .. 2**64-1). ``server_round``: 0 .. 2**32-1.
+    ``run_id``: the coordinator's run, chosen by the coordinator (1-64 lowercase hex digits; a new run gets
+    128 random bits), never the relay's run number. ``server_round``: 0 .. 2**32-1.
     ``site_id``: for an update, the sending site; for an instruction, the
     addressed site or ``"*"`` (:data:`BROADCAST`) for all sites. ``kind``:
     lowercase message kind such as ``"train-reply"`` (1-32 of ``a-z 0-9 -``).
     ``base_model``: SHA-256 hex fingerprint of the base model.
     """
 
-    run_id: int
+    run_id: str
     server_round: int
     site_id: str
     kind: str
     base_model: str
 
     def __post_init__(self) -> None:
-        if type(self.run_id) is not int or not 0 <= self.run_id <= _MAX_RUN_ID:
-            raise ValueError(f"run_id must be an int in 0..2**64-1, got {self.run_id!r}")
+        if not isinstance(self.run_id, str) or _RUN_ID_RE.fullmatch(self.run_id) is None:
+            raise ValueError(f"run_id must be 1-64 lowercase hex digits, got {self.run_id!r}")
         if type(self.server_round) is not int or not 0 <= self.server_round <= _MAX_ROUND:
             raise ValueError(f"server_round must be an int in 0..2**32-1, got {self.server_round!r}")
         if self.site_id != BROADCAST:
@@ -492,7 +493,7 @@ def verify_instruction(
 
 
 def _max_context() -> EnvelopeContext:
-    return EnvelopeContext(_MAX_RUN_ID, _MAX_ROUND, "s" * 64, "k" * 32, "0" * 64)
+    return EnvelopeContext("f" * 64, _MAX_ROUND, "s" * 64, "k" * 32, "0" * 64)
 
 
 def envelope_overhead(payload_len: int, context: EnvelopeContext | None = None) -> int:
@@ -516,7 +517,8 @@ def envelope_overhead(payload_len: int, context: EnvelopeContext | None = None) 
 def signed_context(blob: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> EnvelopeContext:
     """The context a signed statement claims, read WITHOUT checking its signature.
 
-    Only for reporting what a statement says after :func:`verify_instruction` accepted it
-    (for example its exact round); never base a decision on an unverified context.
+    Only for reporting what a statement says after :func:`verify_instruction` accepted it (for
+    example its exact round), or to learn which run it claims before verifying that its signature
+    covers exactly that run; never base a decision on an unverified context.
     """
     return _parse(blob, "unknown", max_bytes, instruction=True).context

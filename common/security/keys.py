@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 
 from common.errors import SecurityError
-from common.io import write_atomic
+from common.io import JsonError, parse_json, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -303,11 +303,11 @@ def read_public_identity(path: Path) -> PublicIdentity:
     """Load a ``{name}.pub.json`` file and check its fingerprint against its keys."""
     path = Path(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = parse_json(path.read_bytes())
     except FileNotFoundError as exc:
         raise KeyFileError(f"public identity file {path} not found") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KeyFileError(f"public identity file {path} is not valid JSON") from exc
+    except JsonError as exc:
+        raise KeyFileError(f"public identity file {path} is not valid JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != PUBLIC_FORMAT:
         raise KeyFileError(f"{path} is not a fedtransfer public identity file")
     if document.get("version") != PUBLIC_FORMAT_VERSION:

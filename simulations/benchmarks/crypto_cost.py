@@ -257,7 +257,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
     model = scenario_model(scenario, seed)
     transfer.apply(model)
     base = state_fingerprint(model.state_dict())
-    run_id = 7_000_000 + seed
+    run_id = f"{7_000_000 + seed:x}"
     total = rounds + 1
     first_timed = 2 if rounds > 0 else 1
     samples: dict[str, list[float]] = {step: [] for step in (*CRYPTO_STEPS, *PROTOCOL_STEPS, "round", "dp_train")}
@@ -286,7 +286,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
                 seed=seed,
                 personalise_epochs=0,
                 dp=1,
-                run_id=str(run_id),
+                run_id=run_id,
                 federated_evaluation="none",
             )
             request = PrivacyRequest(

@@ -34,7 +34,7 @@ from common.model.training import use_one_torch_thread
 from common.model.zoo import FedModel
 from common.protocol import CONFIG
 from common.settings import RunSettings
-from server.federation import FINAL_MODEL_DIR, run_federation
+from server.federation import FINAL_MODEL_DIR
 from simulations.benchmarks.harness import prewrite_policies, site_scores
 from simulations.benchmarks.report import (
     Machine,
@@ -45,7 +45,7 @@ from simulations.benchmarks.report import (
     this_machine,
     write_result,
 )
-from simulations.inprocess import DirectGrid
+from simulations.inprocess import DirectGrid, run_on_grid
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def run_case(
         expected_sites=sites,
     )
     started = time.perf_counter()
-    record = run_federation(grid, settings, grid.run_id)
+    record = run_on_grid(grid, settings)
     seconds = time.perf_counter() - started
     model, _ = load_checkpoint(out / "run" / FINAL_MODEL_DIR)
     healthy = [i for i in range(sites) if i not in failed_indices]

@@ -40,8 +40,7 @@ from common.privacy.ledger import Ledger  # noqa: E402
 from common.privacy.policy import write_policy  # noqa: E402
 from common.run_record import RunRecord  # noqa: E402
 from common.settings import RunSettings  # noqa: E402
-from server.federation import run_federation  # noqa: E402
-from simulations.inprocess import DirectGrid  # noqa: E402
+from simulations.inprocess import DirectGrid, run_on_grid  # noqa: E402
 from simulations.sites import simulated_policy  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def prewrite_policies(sim_root: Path, scenario: Scenario, allow_non_private: boo
 def run_inprocess(settings: RunSettings, num_sites: int, run_id: int = 4242) -> RunRecord:
     """One federated run through the real apps over ``DirectGrid`` (no Flower engine)."""
     grid = DirectGrid(client_app, num_nodes=num_sites, run_id=run_id)
-    return run_federation(grid, settings, run_id)
+    return run_on_grid(grid, settings)
 
 
 def site_scores(model: FedModel, sites: Sequence[SiteData], metric: str = "accuracy") -> dict[str, float]:

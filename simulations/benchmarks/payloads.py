@@ -9,6 +9,7 @@ that way (see ``WIRE_MEASURE``). A sealed reply travels as ``ConfigRecord({"site
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ WIRE_MEASURE = (
     "the ObjectTree listed in the message push. Per-request node/run/session ids and gRPC, HTTP/2 and TLS framing "
     "are left out on both sides alike."
 )
-BENCH_RUN_ID = 1_000_003
+BENCH_RUN_ID = secrets.token_hex(16)  # a coordinator-chosen run id, as in a real run
 BENCH_ROUND = 1
 
 

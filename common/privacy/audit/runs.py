@@ -135,7 +135,7 @@ def audit_run(
                 try:
                     signed = verify_report(
                         reply.report_signed,
-                        rnd.flower_run_id or record.run_id,
+                        record.run_id,
                         rnd.server_round,
                         base,
                         manifest.site(site_id),
