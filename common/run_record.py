@@ -60,6 +60,7 @@ class SiteRound:
     evaluate: Reply | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     personalised: dict[str, float] = field(default_factory=dict)
+    update_norm: float | None = None  # L2 distance of its training update from the global model (when opened)
 
     def epsilon(self) -> float | None:
         """The dataset's cumulative epsilon after this round, as the site's signed reports state it."""
@@ -95,6 +96,7 @@ class RunRecord:
     final_checkpoint: str = ""
     finished: str = ""
     manifest: str = ""
+    max_update_norm: float = 0.0  # the update-norm bound applied: max-update-norm, or the transfer policy's default
     abandoned_rounds: list[RoundRecord] = field(default_factory=list)  # begun but not completed before a resume
     site_nodes: dict[str, int] = field(
         default_factory=dict

@@ -80,7 +80,11 @@ class RunSettings:
     round_timeout: float = setting(600.0, "seconds a round waits for the sites' replies")
     coordinator_keys: str = setting("", "the coordinator's key folder (deployments)", simulate=False)
     manifest: str = setting("", "the signed federation manifest (deployments)", simulate=False)
-    max_update_norm: float = setting(0.0, "drop site updates whose L2 norm exceeds this (0: no bound)")
+    max_update_norm: float = setting(
+        0.0,
+        "drop site updates farther than this (L2) from the global model (0: the bound measured for the transfer "
+        "policy, head 6, last:K 18, full 25)",
+    )
     dp: bool = setting(True, "ask the sites for DP-SGD (--no-dp: NOT PRIVATE, only sites whose policy allows it)")
     target_epsilon: float = setting(3.0, "epsilon the coordinator requests for this run; each site caps it")
     delta: float = setting(1e-5, "delta the coordinator requests; each site caps it")

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common.errors import SecurityError
 from common.model.metrics import counts_shape
-from common.model.transfer import state_fingerprint
+from common.model.transfer import TransferPolicy, state_fingerprint
 from common.privacy.egress import EgressViolation, check_reply
 from common.privacy.report import ReportInvalid, verify_report
 from common.protocol import (
@@ -59,6 +59,7 @@ class OpenedReply:
     site_id: str
     reply: Reply
     tensors: dict[str, torch.Tensor]
+    update_norm: float | None = None  # L2 distance of a training update from the global model
 
     @property
     def weight(self) -> int:
@@ -72,9 +73,20 @@ class UpdateLimits:
 
     shapes: dict[str, torch.Size]
     dtypes: dict[str, torch.dtype]
-    max_norm: float = 0.0  # bound on ||update - global||; 0 means no bound
+    max_norm: float  # bound on ||update - global|| (see update_bound)
     max_bytes: int = 64 * 2**20
     num_classes: int = 2  # released evaluation histograms have counts_shape(num_classes)
+
+
+#: The default bound on an update's L2 distance from the global model, per transfer policy kind: three times
+#: the largest honest update measured on the built-in scenarios at the default settings, with and without DP
+#: (``fedtransfer bench update-norms``, BENCHMARKS.md). ``max-update-norm`` overrides it.
+DEFAULT_UPDATE_BOUNDS = {"head": 6.0, "last": 18.0, "full": 25.0}
+
+
+def update_bound(max_update_norm: float, transfer: TransferPolicy) -> float:
+    """The run's bound: ``max-update-norm`` if set (> 0), else the measured default for the transfer policy."""
+    return max_update_norm if max_update_norm > 0 else DEFAULT_UPDATE_BOUNDS[transfer.kind]
 
 
 class CoordinatorChannel:
@@ -128,10 +140,13 @@ class CoordinatorChannel:
         if reply.status == STATUS_OK:
             self._check_weight(site_id, reply.values.get("num-examples"), report.get("declared-size"))
             self._check_counts(site_id, reply.values)
-        if phase == "train" and reply.status == STATUS_OK:
+        norm = (
             self._check_update(site_id, reply.tensors, global_state)
+            if phase == "train" and reply.status == STATUS_OK
+            else None
+        )
         return OpenedReply(
-            site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors
+            site_id, Reply(reply.status, reply.reason, reply.values, report, reply.report), reply.tensors, norm
         )
 
     def _check_weight(self, site_id: str, weight: object, reported: object) -> None:
@@ -170,7 +185,7 @@ class CoordinatorChannel:
 
     def _check_update(
         self, site_id: str, tensors: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]
-    ) -> None:
+    ) -> float:
         limits = self.limits
         if set(tensors) != set(limits.shapes):
             raise ReplyRejected(
@@ -189,5 +204,10 @@ class CoordinatorChannel:
                 raise ReplyRejected(site_id, f"{name} holds NaN or Inf")
             squared += float((tensor.double() - global_state[name].double()).pow(2).sum())
         norm = math.sqrt(squared)
-        if limits.max_norm > 0 and norm > limits.max_norm:
-            raise ReplyRejected(site_id, f"update norm {norm:.3g} exceeds the bound {limits.max_norm:.3g}")
+        if norm > limits.max_norm:
+            raise ReplyRejected(
+                site_id,
+                f"update norm {norm:.3g} exceeds the bound {limits.max_norm:.3g}; if honest sites meet this, "
+                "raise max-update-norm (docs/security.md)",
+            )
+        return norm

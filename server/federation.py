@@ -35,7 +35,7 @@ from common.security.keys import (
 )
 from common.security.manifest import Manifest, read_manifest
 from common.settings import RunSettings
-from server.channel import CoordinatorChannel, UpdateLimits
+from server.channel import CoordinatorChannel, UpdateLimits, update_bound
 from server.interruptible_grid import InterruptibleGrid
 from server.report import write_report
 from server.strategy import (
@@ -241,9 +241,10 @@ def _site_aware_strategy(
     limits = UpdateLimits(
         shapes={name: t.shape for name, t in trainable.items()},
         dtypes={name: t.dtype for name, t in trainable.items()},
-        max_norm=settings.max_update_norm,
+        max_norm=update_bound(settings.max_update_norm, start.transfer),
         num_classes=start.card.num_classes,
     )
+    record.max_update_norm = limits.max_norm
     personalises = settings.personalise_epochs > 0 and (settings.personalise_fraction > 0 or not settings.dp)
     strategy = SiteAwareStrategy(
         flower_strategy(

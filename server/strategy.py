@@ -259,6 +259,8 @@ class SiteAwareStrategy(Strategy):
                 self._has_base.add(node)
             site = self.record.site_round(server_round, opened.site_id)
             setattr(site, phase, opened.reply)
+            if opened.update_norm is not None:
+                site.update_norm = opened.update_norm
             if opened.reply.status == STATUS_DECLINED:
                 if phase == "train":
                     self._mark(server_round, opened.site_id, STATUS_DECLINED, f"{phase}: {opened.reply.reason}")

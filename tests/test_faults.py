@@ -41,6 +41,7 @@ from common.security.envelope import EnvelopeContext, seal
 from common.security.keys import read_identity
 from common.security.manifest import MANIFEST_FILE, Manifest
 from common.settings import RunSettings
+from server.channel import DEFAULT_UPDATE_BOUNDS
 from server.federation import FINAL_MODEL_DIR, ROUND_CHECKPOINT_DIR, SOURCE_MODEL_DIR, FederationFailed, run_federation
 from server.strategy import SiteAwareStrategy
 from simulations.benchmarks import BENCHMARKS
@@ -465,6 +466,20 @@ def test_huge_norm_update_cannot_move_a_robust_strategy(
         honest, _, honest_final = federate_with_site0(tmp_path / "honest", robust_study, strategy, silent, BOUND)
         assert honest.round(1).aggregated_sites == ["site-1", "site-2", "site-3"]
         assert all(torch.equal(t, honest_final[n]) for n, t in final.items())  # site-0 had no influence at all
+
+
+def test_the_norm_bound_is_on_by_default(tmp_path: Path, robust_study) -> None:
+    """Security review finding 5: max-update-norm was 0.0 (no bound) by default."""
+    assert RunSettings().max_update_norm == 0.0  # "0" now means: the default bound of the transfer policy
+    record, before, final = federate_with_site0(tmp_path, robust_study, "fedavg", shifted_by(100.0), 0.0)
+    bound = DEFAULT_UPDATE_BOUNDS["last"]  # the study trains last:1
+    assert record.max_update_norm == bound
+    victim = record.round(1).sites["site-0"]
+    assert victim.status == "rejected" and f"exceeds the bound {bound:.3g}" in victim.reason, victim
+    assert record.round(1).aggregated_sites == ["site-1", "site-2", "site-3"]
+    honest = [record.round(1).sites[f"site-{i}"].update_norm for i in (1, 2, 3)]
+    assert all(0 < norm < bound for norm in honest), honest
+    assert distance(final, before, list(before)) < bound
 
 
 def test_median_moves_far_less_than_fedavg_under_a_large_in_bound_update(tmp_path: Path, robust_study) -> None:

@@ -26,6 +26,7 @@ _MODULES = {
     "speed": "simulations.benchmarks.speed",
     "scale": "simulations.benchmarks.scale",
     "transfer": "simulations.benchmarks.transfer",
+    "update-norms": "simulations.benchmarks.update_norms",
 }
 
 
