@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.model.training import use_one_torch_thread
 from common.settings import RunSettings
 from server.federation import run_federation
+from simulations.waves import WaveGrid
 
 use_one_torch_thread()
 app = ServerApp()
@@ -20,11 +21,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def make_server_app(settings: RunSettings) -> ServerApp:
-    """A ServerApp bound to ``settings`` (the in-process simulation has no run config)."""
+    """A ServerApp bound to ``settings`` for Flower's simulation engine (which has no run config), handing
+    the engine a round's instructions a wave at a time (see :mod:`simulations.waves`)."""
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, settings, context.run_id)
+        run_federation(WaveGrid(grid), settings, context.run_id)
 
     return bound

@@ -225,24 +225,54 @@ def _phase_pld(sigma: float, q: float, n: int, interval: float) -> privacy_loss_
     return _gaussian_pld(sigma, q, interval).self_compose(n)
 
 
-@functools.lru_cache(maxsize=256)
-def _rdp_curve(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
-    """Opacus's RDP of one subsampled Gaussian step at ``orders`` (read-only: shared by every caller)."""
+@functools.lru_cache(maxsize=16384)
+def _rdp_at(q: float, sigma: float, order: float) -> float:
+    """Opacus's RDP of one subsampled Gaussian step at one order (memoised)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        curve = np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)))
-    curve.setflags(write=False)
-    return curve
+        return float(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=float(order)))
 
 
-_DEFAULT_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
+_DEFAULT_ORDERS = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
+_WHOLE_ORDERS = tuple(a for a in _DEFAULT_ORDERS if a.is_integer())
 
 
 def _rdp_epsilon(phases: list[tuple[float, float, int]], delta: float) -> float:
-    """Opacus's RDPAccountant epsilon of merged phases, the same sums it forms (``compute_rdp`` is the
-    one-step curve times the steps), from memoised one-step curves."""
-    rdp = sum(_rdp_curve(q, sigma, _DEFAULT_ORDERS) * n for sigma, q, n in phases)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(_DEFAULT_ORDERS), rdp=rdp, delta=delta)
+    """Opacus's RDPAccountant epsilon of merged phases, computed where it can be the minimum.
+
+    RDPAccountant sums each phase's RDP (``compute_rdp``: one step's value times the steps) at
+    its default orders and converts the sum at every order, keeping the smallest epsilon. The
+    integer orders are cheap; a fractional order a is only computed when a lower bound of its
+    epsilon, from the RDP at the integer order below it (RDP never decreases with the order; 0
+    below order 2), does not already exceed the best epsilon found. Orders left out cannot hold
+    the minimum, so the value is RDPAccountant's own, from the same per-order values.
+    """
+
+    def rdp(order: float) -> float:
+        return sum(_rdp_at(q, sigma, order) * n for sigma, q, n in phases)
+
+    def epsilons(orders: list[float]) -> np.ndarray:
+        values = np.array([rdp(a) for a in orders])
+        alphas = np.array(orders)
+        with np.errstate(all="ignore"):
+            return values - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+
+    whole = {a: rdp(a) for a in _WHOLE_ORDERS}
+    with np.errstate(all="ignore"):
+        finite = epsilons(list(_WHOLE_ORDERS))
+    best = float(np.nanmin(finite)) if not np.isnan(finite).all() else math.inf
+    chosen = []
+    for order in _DEFAULT_ORDERS:
+        if order in whole:
+            chosen.append(order)
+            continue
+        below = whole.get(math.floor(order), 0.0)
+        bound = below - (math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order)
+        if not bound > best:
+            chosen.append(order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps, _ = rdp_analysis.get_privacy_spent(orders=chosen, rdp=[rdp(a) for a in chosen], delta=delta)
     return float(eps)
 
 
@@ -330,21 +360,28 @@ def _integer_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarra
 
 
 def _rdp_solver(
-    prior: list[Step], sample_rate: float, planned_steps: int, delta: float, orders: Sequence[float]
+    prior: list[Step], sample_rate: float, planned_steps: int, delta: float, exact: bool
 ) -> Callable[[float], float]:
-    """Epsilon of prior + planned phase as a function of sigma, by Opacus's RDP analysis at ``orders``.
+    """Epsilon of prior + planned phase as a function of sigma, by Opacus's RDP analysis.
 
-    The prior's RDP curve is computed once; with Opacus's default orders it is the same sum RDPAccountant forms.
+    ``exact``: RDPAccountant's value (the ``rdp`` accountant); otherwise at the integer
+    :data:`GUESS_ORDERS`, in closed form (a calibration's starting guess).
     """
-    orders = tuple(orders)
-    curve = _integer_rdp if all(float(a).is_integer() and a >= 2 for a in orders) else _rdp_curve
-    prior_rdp = sum((curve(q, s, orders) * n for s, q, n in _merged(prior)), np.zeros(len(orders)))
+    if exact:
+
+        def exact_epsilon(sigma: float) -> float:
+            phases = sorted(_merged([*prior, Step(sigma, sample_rate, planned_steps)]))
+            eps = _rdp_epsilon(phases, delta)
+            return eps if math.isfinite(eps) else math.inf
+
+        return exact_epsilon
+    prior_rdp = sum((_integer_rdp(q, s, GUESS_ORDERS) * n for s, q, n in _merged(prior)), np.zeros(len(GUESS_ORDERS)))
 
     def epsilon(sigma: float) -> float:
-        rdp = prior_rdp + curve(sample_rate, sigma, orders) * planned_steps
+        rdp = prior_rdp + _integer_rdp(sample_rate, sigma, GUESS_ORDERS) * planned_steps
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+            eps, _ = rdp_analysis.get_privacy_spent(orders=list(GUESS_ORDERS), rdp=rdp, delta=delta)
         return float(eps) if math.isfinite(eps) else math.inf
 
     return epsilon
@@ -453,7 +490,7 @@ def _guess(
             return _calibrate(phases, sample_rate, planned_steps, target_epsilon, delta, "pld", lo), -1.5
         except BudgetExhausted:
             pass
-    rdp_epsilon = _rdp_solver([], sample_rate, planned_steps, delta, GUESS_ORDERS)
+    rdp_epsilon = _rdp_solver([], sample_rate, planned_steps, delta, exact=False)
     if rdp_epsilon(SIGMA_CEILING) > room:
         return SIGMA_CEILING / 2, -1.5
     rdp_lo = lo if rdp_epsilon(lo) > room else SIGMA_FLOOR / 2
@@ -538,7 +575,7 @@ def _calibrate(
     lo = max(min_noise, SIGMA_FLOOR)
     start = min(max(1.0, lo * 1.5), SIGMA_CEILING / 2)
     if accountant == "rdp":
-        rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps, delta, RDPAccountant.DEFAULT_ALPHAS)
+        rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps, delta, exact=True)
         if rdp_epsilon(lo) <= target_epsilon:
             return float(lo)
         if rdp_epsilon(SIGMA_CEILING) > target_epsilon:

@@ -25,6 +25,7 @@ _MODULES = {
     "evaluation-cost": "simulations.benchmarks.evaluation_cost",
     "speed": "simulations.benchmarks.speed",
     "scale": "simulations.benchmarks.scale",
+    "deployment": "simulations.benchmarks.deployment",
 }
 
 

@@ -10,9 +10,10 @@ in one process.
   trainable part with the operating system's CSPRNG as at a real site, signed ledger, egress
   rule, and after the last round a federated evaluation released as a DP-noisy histogram).
 - **minimal peer** (written here): Flower's FedAvg and a bare ClientApp that, every round,
-  builds the model, loads the weights, makes a fresh ``PrivacyEngine`` (same accountant),
-  runs the full model forward at every step (frozen layers included) with DP-SGD (Opacus's
-  seeded, non-cryptographic generator), asks the engine for epsilon, and replies with the
+  builds the model, loads the weights, makes a fresh ``PrivacyEngine``, runs the full model
+  forward at every step (frozen layers included) with DP-SGD (Opacus's seeded,
+  non-cryptographic generator), gets the round's epsilon with the same accountant (the
+  engine's; for PLD, which Opacus lacks, dp-accounting's over the engine's history), and replies with the
   plain weights; after the last round it evaluates (exact accuracy); no envelope, no ledger,
   no policy.
 
@@ -34,7 +35,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import torch
+from dp_accounting.pld import PLDAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -56,6 +59,7 @@ from common.model.checkpoint import ModelCard, load_checkpoint
 from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from common.model.transfer import TransferPolicy
+from common.privacy.accounting import DEFAULT_ACCOUNTANT, PLD_INTERVAL
 from common.privacy.ledger import TRAIN, Ledger
 from common.protocol import SiteReply
 from common.run_record import RunRecord
@@ -127,7 +131,14 @@ class SpeedConfig:
 
 
 FULL = SpeedConfig(
-    sites=4, rounds=3, local_epochs=2, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="prv"
+    sites=4,
+    rounds=3,
+    local_epochs=2,
+    batch_size=16,
+    lr=0.05,
+    max_grad_norm=1.0,
+    target_epsilon=3.0,
+    accountant=DEFAULT_ACCOUNTANT,
 )
 QUICK = SpeedConfig(
     sites=2, rounds=2, local_epochs=1, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="rdp"
@@ -174,9 +185,10 @@ def _peer_train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), momentum=0.9
     )
+    accountant = str(config["accountant"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        engine = PrivacyEngine(accountant=str(config["accountant"]))
+        engine = PrivacyEngine(accountant="rdp" if accountant == "pld" else accountant)
         module, dp_optimizer, dp_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -196,7 +208,7 @@ def _peer_train(msg: Message, context: Context) -> Message:
                 warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
                 loss_fn(module(xb), yb).backward()
             dp_optimizer.step()
-    epsilon = engine.get_epsilon(float(config["delta"]))
+    epsilon = _peer_epsilon(engine, accountant, float(config["delta"]))
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -204,6 +216,21 @@ def _peer_train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _peer_epsilon(engine: PrivacyEngine, accountant: str, delta: float) -> float:
+    """The round's epsilon as a minimal app gets it: from Opacus's engine, or for PLD (which Opacus lacks)
+    from dp-accounting's PLDAccountant over the engine's history, at our discretisation."""
+    if accountant != "pld":
+        return float(engine.get_epsilon(delta))
+    pld = PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+    for sigma, q, steps in engine.accountant.history:
+        pld.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
+        )
+    return float(pld.get_epsilon(delta))
 
 
 @peer_app.evaluate()
@@ -313,7 +340,8 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
         f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both "
         "sides "
-        "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first. The "
+        "(ours: the site policy; peer: its PrivacyEngine, or for pld dp-accounting's PLDAccountant over the engine's "
+        "history). Both over `DirectGrid` in one process, ours first. The "
         "simulated sites share one process, so `common.privacy.accounting`'s memoised compositions computed for one "
         "site are "
         "reused by another with the same sample rate and steps; deployed sites each pay for their own. Our sites draw "
