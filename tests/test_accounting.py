@@ -207,3 +207,26 @@ def test_calibration_after_a_prior_spend_is_tight(accountant):
     sigma = calibrate_noise(prior, 1.0, 1, target, DELTA, accountant)
     assert compose_epsilon([*prior, Step(sigma, 1.0, 1)], DELTA, accountant) <= target
     assert compose_epsilon([*prior, Step(sigma * 0.99, 1.0, 1)], DELTA, accountant) > target
+
+
+def test_rdp_from_the_orders_that_can_hold_the_minimum_is_rdpaccountants():
+    # The rdp accountant skips the fractional orders whose epsilon a lower bound already excludes:
+    # the value must stay RDPAccountant's own, on small and large epsilons alike.
+    import random
+
+    from common.privacy.accounting import _merged
+
+    rng = random.Random(7)
+    for _ in range(12):
+        history = [
+            Step(
+                round(rng.uniform(0.3, 20), 3),
+                rng.choice([1.0, 0.5, 0.25, 0.1, 0.01, 1 / 14]),
+                rng.randint(1, 3000),
+            )
+            for _ in range(rng.randint(1, 3))
+        ]
+        delta = rng.choice([1e-3, 1e-5, 1e-6])
+        accountant = RDPAccountant()
+        accountant.history = copy.deepcopy(sorted(_merged(history)))
+        assert compose_epsilon(history, delta, "rdp") == accountant.get_epsilon(delta), history
