@@ -5,8 +5,9 @@ it scans every instruction still stored (each checked for expiry and federation
 membership) until the node's reply is pulled. With all of a round's instructions stored at
 once, one sweep costs nodes x instructions checks, so a round grows with the square of the
 number of sites (at 1,000 sites the polling thread took most of the driver's time while the
-two Ray workers waited). Sending at most ``wave`` instructions at a time bounds the store,
-and with it each sweep, by the wave; the sites still train in parallel within a wave.
+two Ray workers waited). Sending the instructions in waves bounds each sweep by nodes x wave;
+the wave is sized so that a sweep stays within about :data:`CHECKS_PER_SWEEP` checks (all at
+once up to 256 sites), never below :data:`MIN_WAVE` so the engine's workers stay busy.
 """
 
 from __future__ import annotations
@@ -18,33 +19,43 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-#: Instructions in flight at once: enough to keep the engine's workers busy between two polls.
-DEFAULT_WAVE = 64
+#: Message checks one polling sweep of the engine may cost (nodes x instructions stored).
+CHECKS_PER_SWEEP = 16_384
+#: Fewest instructions in flight at once.
+MIN_WAVE = 16
 
 
 class WaveGrid(Grid):
-    """``grid`` with :meth:`send_and_receive` split into waves of at most ``wave`` messages.
+    """``grid`` with :meth:`send_and_receive` split into waves of instructions.
 
-    A wave starts when the previous one has all its replies or has used the call's timeout;
-    once the timeout is spent, the messages not yet sent are not sent (their sites miss the
-    round, as they would had they not replied in time).
+    A wave holds ``wave`` messages if given, else :data:`CHECKS_PER_SWEEP` / nodes (at least
+    :data:`MIN_WAVE`). A wave starts when the previous one has all its replies or has used the
+    call's timeout; once the timeout is spent, the messages not yet sent are not sent (their
+    sites miss the round, as they would had they not replied in time).
     """
 
-    def __init__(self, grid: Grid, wave: int = DEFAULT_WAVE) -> None:
-        if wave < 1:
+    def __init__(self, grid: Grid, wave: int | None = None) -> None:
+        if wave is not None and wave < 1:
             raise ValueError(f"wave must be at least 1, got {wave}")
         self.grid = grid
         self.wave = wave
+
+    def wave_size(self) -> int:
+        """Instructions per wave for the nodes connected now."""
+        if self.wave is not None:
+            return self.wave
+        return max(MIN_WAVE, CHECKS_PER_SWEEP // max(1, len(list(self.grid.get_node_ids()))))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         pending = list(messages)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        for start in range(0, len(pending), self.wave):
+        wave = self.wave_size()
+        for start in range(0, len(pending), wave):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            replies.extend(self.grid.send_and_receive(pending[start : start + self.wave], timeout=left))
+            replies.extend(self.grid.send_and_receive(pending[start : start + wave], timeout=left))
         return replies
 
     def set_run(self, run: Run) -> None:

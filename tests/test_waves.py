@@ -72,3 +72,12 @@ def test_a_run_in_waves_is_the_same_run(tmp_path: Path) -> None:
     assert record.status == "completed"
     assert record.round(1).aggregated_sites == sorted(record.round(1).sites)
     assert len(record.round(1).aggregated_sites) == 4
+
+
+def test_the_wave_shrinks_as_nodes_grow() -> None:
+    from simulations.waves import CHECKS_PER_SWEEP, MIN_WAVE
+
+    few = RecordingGrid(num_nodes=8)
+    assert WaveGrid(few).wave_size() == CHECKS_PER_SWEEP // 8  # everything at once
+    many = RecordingGrid(num_nodes=CHECKS_PER_SWEEP // MIN_WAVE * 4)
+    assert WaveGrid(many).wave_size() == MIN_WAVE

@@ -276,6 +276,13 @@ def _rdp_epsilon(phases: list[tuple[float, float, int]], delta: float) -> float:
     return float(eps)
 
 
+def forget_memoised() -> None:
+    """Drop every memoised composition, calibration, privacy loss distribution and RDP value, as a new process
+    starts (a benchmark measuring a first run calls it; a long-lived process may, to bound memory)."""
+    for memo in (_compose_phases, _calibrate, _gaussian_pld, _phase_pld, _rdp_at):
+        memo.cache_clear()
+
+
 def compose_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> float:
     """Epsilon of the whole history at ``delta``, composed afresh by ``accountant``.
 
