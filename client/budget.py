@@ -363,16 +363,13 @@ class BudgetGuard:
                     accountant=settings.accountant,
                     min_noise=settings.min_noise_multiplier,
                 )
-                sigma = max(
-                    calibrate_noise(
-                        prior=planned, target_epsilon=min(cumulative, 1.0) * settings.run_target_epsilon, **common
-                    ),
-                    calibrate_noise(
-                        prior=[*prior, *planned],
-                        target_epsilon=prior_epsilon + min(cumulative, 1.0) * (settings.cap_epsilon - prior_epsilon),
-                        **common,
-                    ),
-                )
+                share = min(cumulative, 1.0)
+                sigma = calibrate_noise(prior=planned, target_epsilon=share * settings.run_target_epsilon, **common)
+                cap_target = prior_epsilon + share * (settings.cap_epsilon - prior_epsilon)
+                whole = [*prior, *planned, Step(sigma, phase.sample_rate, phase.steps)]
+                if not self._fits(whole, settings, cap_target):
+                    # Only a dataset with earlier runs can need more noise for the cap than for the run's limit.
+                    sigma = max(sigma, calibrate_noise(prior=[*prior, *planned], target_epsilon=cap_target, **common))
                 sigmas.append(sigma)
                 planned.append(Step(sigma, phase.sample_rate, phase.steps))
         except BudgetExhausted as exc:
@@ -394,6 +391,13 @@ class BudgetGuard:
             release_counts={kind: n for kind, n in counts.items() if n},
             noise=noise,
         )
+
+    @staticmethod
+    def _fits(history: list[Step], settings: EffectiveSettings, target: float) -> bool:
+        try:
+            return compose_epsilon(history, settings.delta, settings.accountant) <= target
+        except AccountingError:
+            return False
 
     # admission and spending ---------------------------------------------------------
 

@@ -273,7 +273,11 @@ def train_round(
         entry.accountant,
         stats.mean_loss,
     )
-    outcome = Outcome(STATUS_OK, spends=[entry], privacy=_entry_report(entry, plan, session, overridden))
+    outcome = Outcome(
+        STATUS_OK,
+        spends=[entry],
+        privacy=_entry_report(entry, plan, session, overridden) | {"grad-sample-mode": stats.grad_sample_mode},
+    )
     outcome.tensors = finite_trainable_state(model, transfer)
     outcome.egress["update"] = declaration(
         UPDATE,

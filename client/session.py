@@ -7,6 +7,7 @@ messages do not re-read keys from disk.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,6 +116,23 @@ def _watched(config: SiteConfig) -> list[Path]:
 
 
 _SESSIONS: dict[SiteConfig, tuple[tuple[tuple[str, int, int], ...], SiteSession]] = {}
+_MANIFESTS: dict[tuple[str, str], Manifest] = {}
+MANIFEST_CACHE_SIZE = 4
+
+
+def _manifest(path: Path, coordinator_fingerprint: str) -> Manifest:
+    """The verified manifest in ``path``; one object per distinct content, so that the simulated sites a
+    process serves, each holding its own copy of the federation's manifest, do not each keep one."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return read_manifest(path, coordinator_fingerprint)  # it says what is wrong with the file
+    key = (hashlib.sha256(text.encode("utf-8")).hexdigest(), coordinator_fingerprint)
+    if key not in _MANIFESTS:
+        if len(_MANIFESTS) >= MANIFEST_CACHE_SIZE:
+            del _MANIFESTS[next(iter(_MANIFESTS))]
+        _MANIFESTS[key] = Manifest.from_json(text, coordinator_fingerprint)
+    return _MANIFESTS[key]
 
 
 def site_session(node_config: Mapping[str, Any], sim_root: str) -> SiteSession:
@@ -131,7 +149,7 @@ def site_session(node_config: Mapping[str, Any], sim_root: str) -> SiteSession:
     session = SiteSession(
         config=config,
         identity=read_identity(config.keys_dir, config.site_id, passphrase_from_env()),
-        manifest=read_manifest(config.manifest, config.coordinator_fingerprint),
+        manifest=_manifest(config.manifest, config.coordinator_fingerprint),
         loaded_policy=policy,
         policy_error=problem,
     )

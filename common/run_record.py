@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,16 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _finite_or_none(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of ``value`` in one pass: dataclasses as dicts, non-finite floats as None."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -129,7 +132,7 @@ class RunRecord:
         self.status, self.stop_reason, self.finished = status, reason, _now()
 
     def to_json(self) -> str:
-        return json.dumps(_finite_or_none(asdict(self)), indent=2, sort_keys=True)
+        return json.dumps(_plain(self), indent=2, sort_keys=True)
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)

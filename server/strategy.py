@@ -206,7 +206,8 @@ class SiteAwareStrategy(Strategy):
 
     def _learn_site(self, server_round: int, node: int, site_id: str) -> None:
         """Map a node to the site it proved to be; an earlier entry under its node id this round moves to the site."""
-        for stale in [n for n, s in self._sites_by_node.items() if s == site_id and n != node]:
+        stale = self.record.site_nodes.get(site_id)  # a site maps to one node: the record holds the reverse map
+        if stale is not None and stale != node and self._sites_by_node.get(stale) == site_id:
             del self._sites_by_node[stale]
         self._sites_by_node[node] = site_id
         self.record.site_nodes[site_id] = node

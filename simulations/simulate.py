@@ -25,7 +25,6 @@ from common.model.transfer import TransferPolicy
 from common.progress import BASELINES, PRETRAINING, STARTUP, progress
 from common.run_record import FAILED, INTERRUPTED, RUN_RECORD_FILE, RunRecord
 from common.settings import RunSettings
-from server.app import make_server_app
 from server.federation import ROUND_CHECKPOINT_DIR
 from server.report import write_report
 from simulations.baselines import MethodScores, PrivateBaseline, compute_baselines
@@ -38,6 +37,7 @@ from simulations.comparison import (
     plot_comparison,
 )
 from simulations.sites import prepare_sites
+from simulations.waves import make_server_app
 
 log = logging.getLogger(__name__)
 

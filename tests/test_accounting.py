@@ -151,3 +151,82 @@ def test_calibrations_are_memoised_across_sites_sharing_their_inputs():
     first = calibrate_noise(prior, 0.05, 100, 4.0, DELTA, "pld")
     assert calibrate_noise(list(prior), 0.05, 100, 4.0, DELTA, "pld") == first
     assert _calibrate.cache_info().hits >= 1
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [Step(2.03, 0.25, 8)] * 3,
+        [Step(1.5, 0.1, 50), Step(1.2, 0.02, 300), Step(3.0, 1.0, 1)],
+        [Step(0.8, 0.05, 200), Step(5.0, 1.0, 1), Step(0.8, 0.05, 10)],
+    ],
+)
+def test_memoised_compositions_are_the_accountants_own_values(history):
+    # PLD from memoised phase distributions, RDP from memoised one-step curves: bit for bit what
+    # dp-accounting's PLDAccountant and Opacus's RDPAccountant give for the merged history.
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    from common.privacy.accounting import PLD_INTERVAL, _merged
+
+    phases = sorted(_merged(history))
+    pld = PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+    pld.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
+                )
+                for sigma, q, n in phases
+            ]
+        )
+    )
+    rdp = RDPAccountant()
+    rdp.history = copy.deepcopy(phases)
+    for _ in range(2):  # the second time from the memo
+        assert compose_epsilon(history, DELTA, "pld") == pld.get_epsilon(DELTA)
+        assert compose_epsilon(history, DELTA, "rdp") == rdp.get_epsilon(DELTA)
+
+
+@pytest.mark.parametrize(("q", "sigma"), [(0.25, 2.19), (0.01, 1.0), (1.0, 3.0), (1 / 14, 0.8), (0.001, 50.0)])
+def test_integer_order_rdp_matches_opacus(q, sigma):
+    import numpy as np
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    from common.privacy.accounting import GUESS_ORDERS, _integer_rdp
+
+    expected = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(GUESS_ORDERS))
+    np.testing.assert_allclose(_integer_rdp(q, sigma, GUESS_ORDERS), expected, rtol=1e-7)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "prv"])
+def test_calibration_after_a_prior_spend_is_tight(accountant):
+    # A release (one Gaussian step at sample rate 1) calibrated into what a run's rounds left of its target.
+    prior = [Step(2.19, 0.25, 24)]
+    target = compose_epsilon(prior, DELTA, accountant) + 0.3
+    sigma = calibrate_noise(prior, 1.0, 1, target, DELTA, accountant)
+    assert compose_epsilon([*prior, Step(sigma, 1.0, 1)], DELTA, accountant) <= target
+    assert compose_epsilon([*prior, Step(sigma * 0.99, 1.0, 1)], DELTA, accountant) > target
+
+
+def test_rdp_from_the_orders_that_can_hold_the_minimum_is_rdpaccountants():
+    # The rdp accountant skips the fractional orders whose epsilon a lower bound already excludes:
+    # the value must stay RDPAccountant's own, on small and large epsilons alike.
+    import random
+
+    from common.privacy.accounting import _merged
+
+    rng = random.Random(7)
+    for _ in range(12):
+        history = [
+            Step(
+                round(rng.uniform(0.3, 20), 3),
+                rng.choice([1.0, 0.5, 0.25, 0.1, 0.01, 1 / 14]),
+                rng.randint(1, 3000),
+            )
+            for _ in range(rng.randint(1, 3))
+        ]
+        delta = rng.choice([1e-3, 1e-5, 1e-6])
+        accountant = RDPAccountant()
+        accountant.history = copy.deepcopy(sorted(_merged(history)))
+        assert compose_epsilon(history, delta, "rdp") == accountant.get_epsilon(delta), history

@@ -102,7 +102,14 @@ def test_dp_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None:
         ("synthetic-imaging", "last:1"),
     }
     for case in dp["cases"]:
-        assert set(case["seconds"]) == {"plain_uncached", "plain_cached", "dp_uncached", "dp_cached", "dp_setup"}
+        modes = {f"dp_cached:{mode}" for mode in dp["modes"]}
+        assert (
+            set(case["seconds"]) == {"plain_uncached", "plain_cached", "dp_uncached", "dp_cached", "dp_setup"} | modes
+        )
+        assert (
+            case["mode"] in dp["modes"] and case["seconds"]["dp_cached"] == case["seconds"][f"dp_cached:{case['mode']}"]
+        )
+        assert case["fastest_mode"] in dp["modes"] and set(case["mode_over_plain"]) == set(dp["modes"])
         _positive(case["seconds"], tuple(case["seconds"]))
         _positive(
             case,

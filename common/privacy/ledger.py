@@ -232,8 +232,7 @@ class Ledger:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 self._flock(fd, fcntl.LOCK_EX, deadline, timeout)
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)  # fixed width: overwrites the last holder's
                 self._holder = threading.get_ident()
                 try:
                     yield
@@ -426,6 +425,8 @@ class Ledger:
         """Give a new state directory its signed genesis head (needs ``signer``); no-op if it has one."""
         if self.signer is None:
             raise LedgerError("Ledger.initialise needs the site's signing identity")
+        if self.head_path.exists():  # heads are replaced, never removed: nothing to do (readers verify it)
+            return
         with self.lock():
             if self._load().head_raw is None:
                 write_atomic(self.head_path, signed_head(-1, GENESIS_HASH, self.signer))
@@ -490,6 +491,7 @@ class Ledger:
         data["prev_hash"] = chain.entries[-1].hash if chain.entries else GENESIS_HASH
         data["hash"] = entry_hash(data)
         line = canonical_json(data) + b"\n"
+        created = not self.path.exists()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -502,7 +504,8 @@ class Ledger:
                 while written < len(line):
                     written += os.write(fd, line[written:])
                 os.fsync(fd)
-                fsync_dir(self.state_dir)
+                if created:  # a new file's name must be durable too; an existing one's fsync covers its growth
+                    fsync_dir(self.state_dir)
                 write_atomic(self.head_path, signed_head(data["index"], data["hash"], self.signer))
             except OSError as exc:
                 self._roll_back(fd, chain)

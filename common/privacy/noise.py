@@ -21,6 +21,7 @@ import math
 import os
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -29,7 +30,6 @@ NoiseKind = Literal["csprng", "seeded"]
 NOISE_KINDS: tuple[NoiseKind, ...] = ("csprng", "seeded")
 
 _MANTISSA = 2.0**-53
-_LOW_53 = (1 << 53) - 1
 
 
 class RandomSource(Protocol):
@@ -58,23 +58,25 @@ class SecureRandom:
         self._stream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
 
     def uniform(self, n: int) -> torch.Tensor:
-        if n <= 0:
-            return torch.zeros(0, dtype=torch.float64)
-        words = torch.frombuffer(bytearray(self._stream.update(bytes(8 * n))), dtype=torch.int64)
-        top = (words >> 11) & _LOW_53  # the top 53 bits (masked: >> on int64 keeps the sign)
-        return top.to(torch.float64) * _MANTISSA  # uniform on the float64 grid of [0, 1)
+        return torch.from_numpy(self._uniform(n))
 
-    def _gaussian(self, n: int) -> torch.Tensor:
+    def _uniform(self, n: int) -> np.ndarray:
+        if n <= 0:
+            return np.zeros(0, dtype=np.float64)
+        words = np.frombuffer(self._stream.update(bytes(8 * n)), dtype="<u8")
+        return (words >> np.uint64(11)) * _MANTISSA  # the top 53 bits: uniform on the float64 grid of [0, 1)
+
+    def _gaussian(self, n: int) -> np.ndarray:
         pairs = (n + 1) // 2
-        u = self.uniform(2 * pairs)
-        radius = torch.sqrt(-2.0 * torch.log1p(-u[:pairs]))  # 1 - u lies in (0, 1]: the log is finite
+        u = self._uniform(2 * pairs)
+        radius = np.sqrt(-2.0 * np.log1p(-u[:pairs]))  # 1 - u lies in (0, 1]: the log is finite
         angle = 2.0 * math.pi * u[pairs:]
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
 
     def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n = math.prod(shape)
-        total = sum(self._gaussian(n) for _ in range(4))
-        return (total * (std / 2.0)).reshape(shape).to(dtype)
+        total = self._gaussian(4 * n).reshape(4, n).sum(axis=0)  # four independent draws per value, in one pass
+        return torch.from_numpy(total * (std / 2.0)).reshape(shape).to(dtype)
 
 
 class SeededRandom:

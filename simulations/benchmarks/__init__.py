@@ -27,6 +27,7 @@ _MODULES = {
     "scale": "simulations.benchmarks.scale",
     "transfer": "simulations.benchmarks.transfer",
     "update-norms": "simulations.benchmarks.update_norms",
+    "deployment": "simulations.benchmarks.deployment",
 }
 
 

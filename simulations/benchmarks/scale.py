@@ -1,11 +1,12 @@
-"""Scale: wall time per round and peak memory of Flower simulations with 2, 8 and 32 sites.
+"""Scale: wall time per round and peak memory of Flower simulations with 2, 32, 256 and 1,000 sites.
 
-Each (scenario, number of sites) runs Flower's real simulation engine
-(``flwr.simulation.run_simulation`` with ``server.app.make_server_app(settings)`` and
-``client.app.app``, as ``fedtransfer simulate`` does) in a child process of its own, so that
-Ray starts fresh and memory is not carried over. The parent samples the resident memory of
-the child and all its descendants (Ray's GCS, raylet and workers) from ``/proc`` and keeps
-the peak. Round times come from the coordinator's "round N/M done" log lines.
+Each number of sites runs Flower's real simulation engine (``flwr.simulation.run_simulation``
+with ``simulations.waves.make_server_app(settings)`` and ``client.app.app``, as ``fedtransfer
+simulate`` does) in a child process of its own, so that Ray starts fresh and memory is not
+carried over. The parent samples the resident memory of the child and all its descendants
+(Ray's GCS, raylet and workers) from ``/proc`` and keeps the peak. Round times come from the
+coordinator's "round N/M done" log lines. Every site runs DP-SGD under its own policy and
+budget, and releases a DP evaluation every round.
 
 Sites beyond the scenario's 4 are deterministic copies: site k holds the data of scenario
 site k mod 4 (with 2 sites, the first two). Every site therefore does the same work at every
@@ -35,7 +36,6 @@ from common.data.scenarios import load_scenario
 from common.data.site_data import write_site_data
 from common.model.pretraining import pretrain_source
 from common.settings import RunSettings
-from server.app import make_server_app
 from simulations.benchmarks.harness import line_plot, round_clock
 from simulations.benchmarks.report import (
     bench_command,
@@ -45,12 +45,16 @@ from simulations.benchmarks.report import (
     this_machine,
     write_result,
 )
+from simulations.waves import make_server_app
 
 logger = logging.getLogger(__name__)
 
 NAME = "scale"
-SCENARIOS = ("wdbc", "synthetic-imaging")
-SIZES = (2, 8, 32)
+SCENARIOS = ("wdbc",)
+SIZES = (2, 32, 256, 1000)
+#: The size per-site time and memory are compared with (targets: flat per-site time, memory <= 1.2x beyond it).
+REFERENCE_SITES = 32
+TARGET_MEMORY_FACTOR = 1.2
 QUICK_SCENARIOS = ("wdbc",)
 QUICK_SIZES = (2,)
 ROUNDS = 3
@@ -137,7 +141,9 @@ def _tree_rss_mb(root: int) -> float:
     return sum(_rss_kb(pid) for pid in _descendants(root)) / 1024
 
 
-def _run_child(study: Path, checkpoint: Path, sites: int, rounds: int, seed: int, work: Path) -> dict[str, Any]:
+def _run_child(
+    study: Path, checkpoint: Path, sites: int, rounds: int, seed: int, work: Path, dp: bool = True
+) -> dict[str, Any]:
     """Run one simulation in a child process while sampling its process tree's memory."""
     spec = {
         "study": str(study),
@@ -146,6 +152,7 @@ def _run_child(study: Path, checkpoint: Path, sites: int, rounds: int, seed: int
         "rounds": rounds,
         "seed": seed,
         "work": str(work),
+        "dp": dp,
     }
     env = {
         **os.environ,
@@ -189,7 +196,7 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
         checkpoint=spec["checkpoint"],
         rounds=spec["rounds"],
         local_epochs=LOCAL_EPOCHS,
-        dp=False,
+        dp=spec["dp"],
         seed=spec["seed"],
         personalise_epochs=0,
         federated_evaluation="every",
@@ -221,7 +228,7 @@ def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: st
             p.sites,
             f"{p.first_round_seconds:.2f}",
             f"{p.steady_round_seconds:.2f}",
-            f"{p.steady_round_seconds / p.sites:.3f}",
+            f"{1000 * p.steady_round_seconds / p.sites:.1f}",
             f"{p.process_seconds:.1f}",
             f"{p.peak_rss_mb:.0f}",
             f"{p.driver_peak_rss_mb:.0f}",
@@ -232,29 +239,26 @@ def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: st
         [
             g["scenario"],
             f"{g['from_sites']} -> {g['to_sites']}",
-            f"{g['sites_factor']:.0f}x",
-            f"{g['round_time_factor']:.2f}x",
+            f"{g['sites_factor']:g}x",
+            f"{g['per_site_time_factor']:.2f}x",
             f"{g['memory_factor']:.2f}x",
+            "yes" if g["memory_factor"] <= TARGET_MEMORY_FACTOR else "NO",
         ]
         for g in result["growth"]
     ]
     lines = [
         machine_text,
         f"Flower's simulation engine (`run_simulation`, Ray, 1 CPU per client on a 2-CPU Ray instance, so two sites "
-        "train "
-        f"at a time), `make_server_app(settings)` + `client.app.app`; {result['rounds']} round(s) of {LOCAL_EPOCHS} "
-        "local "
-        "epoch(s), FedAvg, the scenario's default model and transfer policy, **without DP** (DP accounting per "
-        "site-round is "
-        "the same "
-        "at every size; its cost is in the `speed` benchmark), envelopes on. Sites beyond 4 are copies of the "
-        "scenario's "
-        "sites (site k = site k mod 4). Round time: between the coordinator's round-done log lines (training, "
-        "federated evaluation, asked for in every round so that rounds do the same work, and a checkpoint); the first "
-        "round also starts Ray's workers (each imports torch), so "
-        "growth is read on the later rounds (with a single round, later = first). Peak memory: summed resident memory "
-        "of the child process and every "
-        f"descendant (Ray's processes), sampled every {MEMORY_SAMPLE_SECONDS:g} s; driver: the child's own peak.",
+        f"train at a time), `make_server_app(settings)` + `client.app.app`; {result['rounds']} round(s) of "
+        f"{LOCAL_EPOCHS} local epoch(s), FedAvg, the scenario's default model and transfer policy, **DP-SGD at every "
+        "site** (its own policy, budget guard and signed ledger, the noise calibrated once per worker process for "
+        "each distinct sample rate), a DP evaluation released by every site in every round (so rounds do the same "
+        "work), envelopes on. Sites beyond 4 are copies of the scenario's sites (site k = site k mod 4). Round time: "
+        "between the coordinator's round-done log lines (training, federated evaluation and a checkpoint); the first "
+        "round also starts Ray's workers (each imports torch) and calibrates the noise, so growth is read on the "
+        "later rounds (with a single round, later = first). Peak memory: summed resident memory of the child process "
+        f"and every descendant (Ray's processes), sampled every {MEMORY_SAMPLE_SECONDS:g} s; driver: the child's own "
+        "peak (the ServerApp and Flower's engine).",
         "",
         markdown_table(
             [
@@ -262,7 +266,7 @@ def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: st
                 "sites",
                 "first round s",
                 "later rounds s",
-                "later s / site",
+                "later ms / site",
                 "process s",
                 "peak tree RSS MB",
                 "driver peak MB",
@@ -273,15 +277,41 @@ def _markdown(result: dict[str, Any], points: list[ScalePoint], machine_text: st
     ]
     if growth_rows:
         lines += [
-            "Growth from the smallest size:",
+            f"Growth from {REFERENCE_SITES} sites (targets: per-site time flat, memory <= {TARGET_MEMORY_FACTOR}x):",
             "",
             markdown_table(
-                ["scenario", "sites", "sites factor", "later-round time factor", "memory factor"], growth_rows
+                ["scenario", "sites", "sites factor", "per-site time factor", "memory factor", "memory target"],
+                growth_rows,
             ),
             "",
         ]
     lines += ["![scale](scale-rounds.png)"]
     return "\n".join(lines)
+
+
+def _growth(points: list[ScalePoint], scenarios: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per-site later-round time and peak memory of each size against the reference size (or the smallest)."""
+    growth = []
+    for name in scenarios:
+        mine = [p for p in points if p.scenario == name]
+        if len(mine) < 2:
+            continue
+        base = next((p for p in mine if p.sites == REFERENCE_SITES), mine[0])
+        for point in mine:
+            if point.sites <= base.sites:
+                continue
+            growth.append(
+                {
+                    "scenario": name,
+                    "from_sites": base.sites,
+                    "to_sites": point.sites,
+                    "sites_factor": point.sites / base.sites,
+                    "per_site_time_factor": (point.steady_round_seconds / point.sites)
+                    / (base.steady_round_seconds / base.sites),
+                    "memory_factor": point.peak_rss_mb / base.peak_rss_mb,
+                }
+            )
+    return growth
 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -321,20 +351,6 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                     points[-1].steady_round_seconds,
                     report["peak_rss_mb"],
                 )
-    growth = []
-    for name in scenarios:
-        mine = [p for p in points if p.scenario == name]
-        for point in mine[1:]:
-            growth.append(
-                {
-                    "scenario": name,
-                    "from_sites": mine[0].sites,
-                    "to_sites": point.sites,
-                    "sites_factor": point.sites / mine[0].sites,
-                    "round_time_factor": point.steady_round_seconds / mine[0].steady_round_seconds,
-                    "memory_factor": point.peak_rss_mb / mine[0].peak_rss_mb,
-                }
-            )
     result: dict[str, Any] = {
         "benchmark": NAME,
         "quick": quick,
@@ -343,18 +359,21 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "command": bench_command(NAME, quick, seed),
         "rounds": rounds,
         "local_epochs": LOCAL_EPOCHS,
-        "dp": False,
+        "dp": True,
         "points": [asdict(p) for p in points],
-        "growth": growth,
+        "growth": _growth(points, scenarios),
     }
     line_plot(
         out_dir / "scale-rounds.png",
         list(sizes),
-        {f"{name} s/round": [p.steady_round_seconds for p in points if p.scenario == name] for name in scenarios}
+        {
+            f"{name} ms/site/round": [1000 * p.steady_round_seconds / p.sites for p in points if p.scenario == name]
+            for name in scenarios
+        }
         | {f"{name} peak GB": [p.peak_rss_mb / 1024 for p in points if p.scenario == name] for name in scenarios},
         "sites",
-        "seconds per round / peak GB",
-        "Scale: Flower simulation engine",
+        "ms per site per round / peak GB",
+        "Scale: Flower simulation engine, DP on",
         xlog=True,
         xticklabels=[str(s) for s in sizes],
     )

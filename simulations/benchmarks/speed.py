@@ -10,9 +10,10 @@ in one process.
   trainable part with the operating system's CSPRNG as at a real site, signed ledger, egress
   rule, and after the last round a federated evaluation released as a DP-noisy histogram).
 - **minimal peer** (written here): Flower's FedAvg and a bare ClientApp that, every round,
-  builds the model, loads the weights, makes a fresh ``PrivacyEngine`` (same accountant),
-  runs the full model forward at every step (frozen layers included) with DP-SGD (Opacus's
-  seeded, non-cryptographic generator), asks the engine for epsilon, and replies with the
+  builds the model, loads the weights, makes a fresh ``PrivacyEngine``, runs the full model
+  forward at every step (frozen layers included) with DP-SGD (Opacus's seeded,
+  non-cryptographic generator), gets the round's epsilon with the same accountant (the
+  engine's; for PLD, which Opacus lacks, dp-accounting's over the engine's history), and replies with the
   plain weights; after the last round it evaluates (exact accuracy); no envelope, no ledger,
   no policy.
 
@@ -34,7 +35,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import dp_accounting
 import torch
+from dp_accounting.pld import PLDAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -56,6 +59,7 @@ from common.model.checkpoint import ModelCard, load_checkpoint
 from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from common.model.transfer import TransferPolicy
+from common.privacy.accounting import DEFAULT_ACCOUNTANT, PLD_INTERVAL, forget_memoised
 from common.privacy.ledger import TRAIN, Ledger
 from common.protocol import SiteReply
 from common.run_record import RunRecord
@@ -127,8 +131,17 @@ class SpeedConfig:
 
 
 FULL = SpeedConfig(
-    sites=4, rounds=3, local_epochs=2, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="prv"
+    sites=4,
+    rounds=3,
+    local_epochs=2,
+    batch_size=16,
+    lr=0.05,
+    max_grad_norm=1.0,
+    target_epsilon=3.0,
+    accountant=DEFAULT_ACCOUNTANT,
 )
+#: Pairs (ours, then the peer) run one after the other; medians are reported.
+REPETITIONS = 3
 QUICK = SpeedConfig(
     sites=2, rounds=2, local_epochs=1, batch_size=16, lr=0.05, max_grad_norm=1.0, target_epsilon=3.0, accountant="rdp"
 )
@@ -174,9 +187,10 @@ def _peer_train(msg: Message, context: Context) -> Message:
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=float(config["lr"]), momentum=0.9
     )
+    accountant = str(config["accountant"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        engine = PrivacyEngine(accountant=str(config["accountant"]))
+        engine = PrivacyEngine(accountant="rdp" if accountant == "pld" else accountant)
         module, dp_optimizer, dp_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -196,7 +210,7 @@ def _peer_train(msg: Message, context: Context) -> Message:
                 warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
                 loss_fn(module(xb), yb).backward()
             dp_optimizer.step()
-    epsilon = engine.get_epsilon(float(config["delta"]))
+    epsilon = _peer_epsilon(engine, accountant, float(config["delta"]))
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
@@ -204,6 +218,21 @@ def _peer_train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _peer_epsilon(engine: PrivacyEngine, accountant: str, delta: float) -> float:
+    """The round's epsilon as a minimal app gets it: from Opacus's engine, or for PLD (which Opacus lacks)
+    from dp-accounting's PLDAccountant over the engine's history, at our discretisation."""
+    if accountant != "pld":
+        return float(engine.get_epsilon(delta))
+    pld = PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+    for sigma, q, steps in engine.accountant.history:
+        pld.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
+        )
+    return float(pld.get_epsilon(delta))
 
 
 @peer_app.evaluate()
@@ -314,10 +343,13 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"{cfg['max_grad_norm']:g} at the noise multipliers our sites calibrated for epsilon {cfg['target_epsilon']:g} "
         f"({', '.join(f'{n:.3f}' for n in result['noise_multipliers'])}); accountant **{cfg['accountant']}** on both "
         "sides "
-        "(ours: the site policy; peer: its PrivacyEngine). Both over `DirectGrid` in one process, ours first. The "
-        "simulated sites share one process, so `common.privacy.accounting`'s memoised compositions computed for one "
-        "site are "
-        "reused by another with the same sample rate and steps; deployed sites each pay for their own. Our sites draw "
+        "(ours: the site policy; peer: its PrivacyEngine, or for pld dp-accounting's PLDAccountant over the engine's "
+        f"history). Both over `DirectGrid` in one process: {result['repetitions']} repetition(s) of ours then the "
+        "peer, each on fresh site folders, medians reported; before each of ours the accounting memos are "
+        "forgotten (`forget_memoised`), so every repetition is a first run as in a new process. The "
+        "simulated sites share that process, so `common.privacy.accounting`'s memoised compositions computed for one "
+        "site are reused by another with the same sample rate and steps; deployed sites each pay for their own. "
+        "Our sites draw "
         "their DP noise from the operating system's CSPRNG (as deployed), the peer from Opacus's seeded generator; "
         "both federations evaluate after the last round only (ours as a DP-noisy histogram, the peer exactly).",
         "",
@@ -326,9 +358,11 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"Ratio of medians: **{result['ratio_median']:.2f}x**; rounds after the first: "
         f"{result['ratio_after_first']:.2f}x "
         f"(our first round also calibrates the run's noise). Whole run: ours {total:.2f} s, peer "
-        f"{sum(peer):.2f} s ({result['ratio_total']:.2f}x).",
+        f"{result['peer']['total_seconds']:.2f} s (medians): **{result['ratio_total']:.2f}x** (per repetition: "
+        f"{', '.join(f'{r:.2f}x' for r in result['ratio_total_runs'])}).",
         "",
-        f"Where our {total:.2f} s went (all rounds; exclusive time, a nested timed call counts once):",
+        f"Where our {total:.2f} s went (all rounds, median over repetitions; exclusive time, a nested timed call "
+        "counts once):",
         "",
         markdown_table(["part", "seconds", "share", "calls"], breakdown_rows),
         "",
@@ -348,52 +382,74 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     return "\n".join(lines)
 
 
+def _our_run(
+    root: Path, rep: int, scenario: Any, checkpoint: Path, cfg: SpeedConfig, seed: int, targets: list
+) -> tuple[list[float], Stopwatch, list[float], Path]:
+    """One run of ours on fresh sites, accounting memos forgotten (a first run, as in a new process)."""
+    forget_memoised()
+    sim_root = root / f"sites-{rep}"
+    prewrite_policies(
+        sim_root, scenario, allow_non_private=False, accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm
+    )
+    settings = RunSettings(
+        scenario=SCENARIO,
+        checkpoint=str(checkpoint),
+        rounds=cfg.rounds,
+        local_epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        optimizer="sgd",
+        strategy="fedavg",
+        dp=True,
+        target_epsilon=cfg.target_epsilon,
+        delta=DELTA,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=seed,
+        out=str(root / f"out-{rep}"),
+        sim_root=str(sim_root),
+        min_sites=cfg.sites,
+        expected_sites=cfg.sites,
+    )
+    stopwatch = Stopwatch()
+    with round_clock() as clock, instrumented(stopwatch, targets):
+        run_inprocess(settings, cfg.sites)
+    noise = [_train_noise(sim_root, i) for i in range(cfg.sites)]
+    return clock.round_seconds(), stopwatch, noise, sim_root
+
+
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run ours, then the peer, on the same sites; write ``speed.json``, ``speed.md`` and ``speed-rounds.png``."""
+    """Run ours, then the peer, on the same sites, ``REPETITIONS`` times; write ``speed.json``, ``speed.md`` and
+    ``speed-rounds.png``."""
     use_one_torch_thread()
     machine = this_machine()
     out_dir = Path(out_dir)
     cfg = QUICK if quick else FULL
+    repetitions = 1 if quick else REPETITIONS
     scenario = load_scenario(SCENARIO, seed=seed)
+    targets, missing = _targets()
+    ours_runs: list[list[float]] = []
+    peer_runs: list[list[float]] = []
+    breakdowns: list[dict[str, float]] = []
+    calls: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="fedtransfer-speed-") as work:
         root = Path(work)
         checkpoint = root / "source-model"
         card = pretrain_source(scenario, checkpoint, seed=seed)
-        sim_root = root / "sites"
-        prewrite_policies(
-            sim_root, scenario, allow_non_private=False, accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm
-        )
-        settings = RunSettings(
-            scenario=SCENARIO,
-            checkpoint=str(checkpoint),
-            rounds=cfg.rounds,
-            local_epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            optimizer="sgd",
-            strategy="fedavg",
-            dp=True,
-            target_epsilon=cfg.target_epsilon,
-            delta=DELTA,
-            max_grad_norm=cfg.max_grad_norm,
-            seed=seed,
-            out=str(root / "out"),
-            sim_root=str(sim_root),
-            min_sites=cfg.sites,
-            expected_sites=cfg.sites,
-        )
-        targets, missing = _targets()
-        stopwatch = Stopwatch()
-        with round_clock() as clock, instrumented(stopwatch, targets):
-            start = time.perf_counter()
-            run_inprocess(settings, cfg.sites)
-            whole = time.perf_counter() - start
-        ours = clock.round_seconds()
-        noise = [_train_noise(sim_root, i) for i in range(cfg.sites)]
-        peer = _run_peer(checkpoint, sim_root, card.default_transfer_policy, cfg, noise, seed)
-    total = sum(ours)
-    breakdown = {category: stopwatch.seconds.get(category, 0.0) for category in CATEGORIES}
-    breakdown[OTHER] = max(0.0, total - sum(breakdown.values()))
+        for rep in range(repetitions):
+            ours, stopwatch, noise, sim_root = _our_run(root, rep, scenario, checkpoint, cfg, seed, targets)
+            peer = _run_peer(checkpoint, sim_root, card.default_transfer_policy, cfg, noise, seed)
+            ours_runs.append(ours)
+            peer_runs.append(peer)
+            parts = {category: stopwatch.seconds.get(category, 0.0) for category in CATEGORIES}
+            parts[OTHER] = max(0.0, sum(ours) - sum(parts.values()))
+            breakdowns.append(parts)
+            calls = dict(stopwatch.calls)
+            logger.info("speed repetition %d: ours %.2f s, peer %.2f s", rep + 1, sum(ours), sum(peer))
+    ours = [statistics.median(r[i] for r in ours_runs) for i in range(cfg.rounds)]
+    peer = [statistics.median(r[i] for r in peer_runs) for i in range(cfg.rounds)]
+    totals = [sum(r) for r in ours_runs]
+    peer_totals = [sum(r) for r in peer_runs]
+    breakdown = {category: statistics.median(b[category] for b in breakdowns) for category in breakdowns[0]}
     result: dict[str, Any] = {
         "benchmark": NAME,
         "quick": quick,
@@ -403,15 +459,17 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "scenario": SCENARIO,
         "transfer-policy": card.default_transfer_policy,
         "config": asdict(cfg),
+        "repetitions": repetitions,
         "noise_multipliers": noise,
-        "ours": {"round_seconds": ours, "total_seconds": total, "run_seconds_with_setup": whole},
-        "peer": {"round_seconds": peer, "total_seconds": sum(peer)},
+        "ours": {"round_seconds": ours, "total_seconds": statistics.median(totals), "runs": ours_runs},
+        "peer": {"round_seconds": peer, "total_seconds": statistics.median(peer_totals), "runs": peer_runs},
         "ratio_median": statistics.median(ours) / statistics.median(peer),
         "ratio_after_first": (statistics.median(ours[1:]) / statistics.median(peer[1:]))
         if len(ours) > 1
         else statistics.median(ours) / statistics.median(peer),
-        "ratio_total": total / sum(peer),
-        "breakdown": {"seconds": breakdown, "calls": dict(stopwatch.calls)},
+        "ratio_total": statistics.median(totals) / statistics.median(peer_totals),
+        "ratio_total_runs": [a / b for a, b in zip(totals, peer_totals)],
+        "breakdown": {"seconds": breakdown, "calls": calls},
         "not_instrumented": missing,
     }
     bar_plot(
