@@ -23,6 +23,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from common.model.batchnorm import check_per_sample_layers
 from common.model.training import TrainConfig, example_losses, make_optimizer
 from common.privacy.noise import RandomSource, poisson_sample
 
@@ -84,7 +85,8 @@ def dp_train(
     params = [p for p in trainable.parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        module = GradSampleModule(trainable, loss_reduction="sum")
+        check_per_sample_layers(trainable)  # Opacus's own check, except for the constants of fixed BatchNorm layers
+        module = GradSampleModule(trainable, loss_reduction="sum", strict=False)
         optimizer = _SourcedDPOptimizer(
             make_optimizer(params, config),
             noise_multiplier=noise_multiplier,

@@ -45,6 +45,8 @@ class Scenario:
     public_data: bool = False
     #: Pretraining options that differ from the defaults (common.model.pretraining.PretrainConfig).
     pretrain: dict = field(default_factory=dict)
+    #: The licence of the data (and so of the source model pretrained on it), recorded in the model card.
+    data_licence: str = ""
 
 
 def standardise(site: SiteData, mean: np.ndarray, std: np.ndarray) -> SiteData:

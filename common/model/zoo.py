@@ -3,6 +3,8 @@
 Every model computes ``head(backbone(x))`` and its backbone is an ``nn.Sequential`` of
 blocks, so a transfer policy can freeze a prefix of blocks and train the rest. The
 models avoid BatchNorm and in-place operations so Opacus can train any part of them.
+Pretrained families (``torchvision:NAME``, ``timm:NAME``) are built by
+:mod:`common.model.backbones` with the same shape: named stages and a linear head.
 """
 
 from __future__ import annotations
@@ -79,12 +81,24 @@ def architecture_arguments(arch: str) -> tuple[str, ...]:
     return tuple(inspect.signature(ARCHITECTURES[arch]).parameters)[2:]
 
 
+def known_architectures() -> list[str]:
+    """Every architecture name this version builds: the small zoo and the pretrained families."""
+    from common.model.backbones import known_architectures as pretrained
+
+    return sorted(ARCHITECTURES) + pretrained()
+
+
 def build_model(
     arch: str, input_shape: Sequence[int], num_classes: int, args: Mapping[str, Any] | None = None
 ) -> FedModel:
     """Build a freshly initialised model of architecture ``arch``."""
+    if ":" in arch:
+        from common.model import backbones
+
+        if backbones.is_pretrained_family(arch):
+            return backbones.build_pretrained(arch, input_shape, num_classes, dict(args or {}))
     if arch not in ARCHITECTURES:
-        raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}")
+        raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {known_architectures()}")
     try:
         return ARCHITECTURES[arch](tuple(input_shape), num_classes, **dict(args or {}))
     except (TypeError, ValueError) as err:
