@@ -228,7 +228,20 @@ def _new_record(start: RunStart, run_id: int) -> RunRecord:
         transfer_policy=str(start.transfer),
         strategy=start.settings.strategy,
         manifest=start.manifest.to_json(),
+        traffic=traffic(start.transfer, start.model),
     )
+
+
+def traffic(transfer: TransferPolicy, model: FedModel) -> dict[str, int]:
+    """Tensor bytes per site: the trainable tensors every round (down and up alike) and the base model once."""
+    trainable = transfer.trainable_state(model)
+    base = transfer.base_state(model)
+    return {
+        "trainable-tensors": len(trainable),
+        "trainable-parameters": sum(t.numel() for t in trainable.values()),
+        "update-bytes-per-site-per-round": sum(t.numel() * t.element_size() for t in trainable.values()),
+        "base-model-bytes-per-site": sum(t.numel() * t.element_size() for t in base.values()),
+    }
 
 
 def _site_aware_strategy(

@@ -13,6 +13,7 @@ from rich.text import Text
 from common.cli import audit as cli_audit
 from common.cli import bench as cli_bench
 from common.cli import deploy as cli_deploy
+from common.cli import import_model as cli_import_model
 from common.cli import keys as cli_keys
 from common.cli import pretrain as cli_pretrain
 from common.cli import simulate as cli_simulate
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(verbose=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (cli_simulate, cli_pretrain, cli_keys, cli_deploy, cli_audit, cli_bench):
+    for module in (cli_simulate, cli_pretrain, cli_import_model, cli_keys, cli_deploy, cli_audit, cli_bench):
         module.add_commands(commands)
     return parser
 

@@ -44,9 +44,7 @@ DIR_ENV = "FEDTRANSFER_PNEUMONIA_DIR"
 SHARED_DIR_ENV = "FEDTRANSFER_DATA_DIR"
 CLASS_NAMES = ("normal", "pneumonia")
 INPUT_SHAPE = (1, 28, 28)
-LICENCE = (
-    "CC BY 4.0 (PneumoniaMNIST, MedMNIST v2, Yang et al. 2023; images from Kermany et al., Cell 2018, CC BY 4.0)"
-)
+LICENCE = "CC BY 4.0 (PneumoniaMNIST, MedMNIST v2, Yang et al. 2023; images from Kermany et al., Cell 2018, CC BY 4.0)"
 SOURCE_IMAGES = 1300
 #: Pretraining of the source ResNet-18 (non-private, the coordinator's own data): few epochs, on 2 CPU cores; the
 #: epoch with the best AUC on a tenth of the source held out is kept.

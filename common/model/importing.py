@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def read_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().split(". ")[0] or type(err).__name__
             raise WeightsRefused(
                 f"{path} was refused by torch.load(weights_only=True) and was not unpickled ({first[:120]}); "
                 "save only the tensors (torch.save(model.state_dict(), path)) or convert the file to safetensors"
@@ -221,7 +222,10 @@ def import_model(request: ImportRequest, out_dir: Path) -> ModelCard:
         preprocessing += (
             f"; BatchNorm of stages {list(request.groupnorm_stages)} replaced by fresh GroupNorm (ModuleValidator.fix)"
         )
-    preprocessing += "; every other BatchNorm normalises with its pretrained statistics (FixedBatchNorm2d)"
+    preprocessing += (
+        f"; every {'other ' if request.groupnorm_stages else ''}BatchNorm normalises with its pretrained statistics "
+        "(FixedBatchNorm2d)"
+    )
     content = Path(request.weights).expanduser().read_bytes()
     return save_checkpoint(
         model,

@@ -168,8 +168,9 @@ class TransferPolicy:
     # --- states ----------------------------------------------------------------------
 
     def trainable_state(self, model: FedModel) -> dict[str, torch.Tensor]:
+        names = self.trainable_names(model)
         state = model.state_dict()
-        return {name: state[name].detach().clone() for name in self.trainable_names(model)}
+        return {name: state[name].detach().clone() for name in names}
 
     def base_state(self, model: FedModel) -> dict[str, torch.Tensor]:
         """The base model's own state under its own names: LoRA adapters left out."""
