@@ -162,30 +162,46 @@ def _pools(rng: np.random.Generator, y: np.ndarray) -> dict[int, np.ndarray]:
     return {label: rng.permutation(np.flatnonzero(y == label)) for label in (0, 1)}
 
 
-def split_hospitals(arrays: dict[str, np.ndarray], seed: int) -> tuple[SiteData, tuple[SiteData, ...]]:
-    """The source hospital (unaltered) and the target hospitals (skewed and shifted), for ``seed``."""
+@dataclass(frozen=True)
+class HospitalRows:
+    """Which rows of the official splits each hospital holds: the source's training rows, each target's pair."""
+
+    source: np.ndarray
+    targets: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+
+def hospital_rows(train_y: np.ndarray, test_y: np.ndarray, seed: int) -> HospitalRows:
+    """The source's training rows (at the split's pneumonia rate) and each target's training and test rows."""
     rng = np.random.default_rng([seed, 2018])
-    train_x, train_y, test_x, test_y = arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"]
     train_pools = _pools(rng, train_y)
-    source_rows = _take(rng, train_pools, SOURCE_IMAGES, float(train_y.mean()), "source")
-    source = SiteData("source", Split(train_x[source_rows], train_y[source_rows]), Split(test_x, test_y))
+    source = _take(rng, train_pools, SOURCE_IMAGES, float(train_y.mean()), "source")
     test_pools = _pools(rng, test_y)
-    test_sizes = _test_sizes(len(test_y))
-    sites = []
-    for target, test_size in zip(TARGETS, test_sizes):
+    targets = []
+    for target, test_size in zip(TARGETS, _test_sizes(len(test_y))):
         train_rows = _take(rng, train_pools, target.train_images, target.pneumonia_rate, target.name)
         if target is TARGETS[-1]:
             test_rows = rng.permutation(np.concatenate([test_pools[0], test_pools[1]]))
         else:
             test_rows = _take(rng, test_pools, test_size, target.pneumonia_rate, target.name)
-        sites.append(
-            SiteData(
-                target.name,
-                Split(target.apply(train_x[train_rows], rng), train_y[train_rows]),
-                Split(target.apply(test_x[test_rows], rng), test_y[test_rows]),
-            )
+        targets.append((train_rows, test_rows))
+    return HospitalRows(source, tuple(targets))
+
+
+def split_hospitals(arrays: dict[str, np.ndarray], seed: int) -> tuple[SiteData, tuple[SiteData, ...]]:
+    """The source hospital (unaltered) and the target hospitals (skewed and shifted), for ``seed``."""
+    train_x, train_y, test_x, test_y = arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"]
+    rows = hospital_rows(train_y, test_y, seed)
+    noise = np.random.default_rng([seed, 2018, 1])
+    source = SiteData("source", Split(train_x[rows.source], train_y[rows.source]), Split(test_x, test_y))
+    sites = tuple(
+        SiteData(
+            target.name,
+            Split(target.apply(train_x[train_rows], noise), train_y[train_rows]),
+            Split(target.apply(test_x[test_rows], noise), test_y[test_rows]),
         )
-    return source, tuple(sites)
+        for target, (train_rows, test_rows) in zip(TARGETS, rows.targets)
+    )
+    return source, sites
 
 
 def _test_sizes(total: int) -> list[int]:
