@@ -8,6 +8,7 @@ model saved under torchvision's state-dict names with ``torch.save``, as torchvi
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import pickle
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from common.cli.main import main
 from common.model.checkpoint import load_checkpoint
 from common.model.importing import ImportRequest, WeightsMismatch, import_model, torchvision_state_dict
 from common.model.torchvision_import import torchvision
+from common.model.training import compute_features
+from common.model.transfer import TransferPolicy
 from common.model.zoo import build_model
 
 SHAPE = (1, 28, 28)
@@ -179,3 +182,24 @@ def test_the_cli_writes_a_checkpoint_that_loads(tmp_path: Path, weights: Path, c
     model, card = load_checkpoint(tmp_path / "c")
     assert card.licence == "CC BY 4.0" and card.arch_args["mean"] == [0.485, 0.456, 0.406]
     assert "Wrote" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="the optional extra fedtransfer[timm] is absent")
+@pytest.mark.parametrize("name", ["resnet10t", "mobilenetv3_small_050"])
+def test_a_timm_model_imports_and_its_head_trains_under_dp(tmp_path: Path, name: str) -> None:
+    from common.model.torchvision_import import timm
+    from tests.test_backbones import _per_sample_matches_microbatches
+
+    torch.manual_seed(0)
+    torch.save(timm().create_model(name, pretrained=False).state_dict(), tmp_path / f"{name}.pth")
+    card = import_model(
+        _request(tmp_path / f"{name}.pth", arch=f"timm:{name}", resize=32, mean=(), std=()), tmp_path / "t"
+    )
+    model, _ = load_checkpoint(tmp_path / "t")
+    assert card.arch == f"timm:{name}" and list(model.backbone._modules) == ["input", "features"]
+    for policy in ("head", "lora:2"):
+        transfer = TransferPolicy.parse(policy)
+        transfer.apply(model)
+        frozen, trainable = transfer.split(model)
+        x = torch.rand(3, *SHAPE)
+        assert _per_sample_matches_microbatches(trainable, compute_features(frozen, x), torch.tensor([0, 1, 1])) > 0

@@ -380,7 +380,8 @@ def _timm_model(name: str, input_shape: Sequence[int], num_classes: int, args: M
     backbone = nn.Sequential(OrderedDict([("input", options.adapter()), ("features", features)]))
     make_deterministic_and_out_of_place(backbone)
     fix_batchnorm(backbone)
-    return FedModel(backbone, nn.Linear(network.num_features, num_classes))
+    width = getattr(network, "head_hidden_size", None) or network.num_features  # after a pre-logits layer, if any
+    return FedModel(backbone, nn.Linear(width, num_classes))
 
 
 def _groupnorm_list(args: Mapping[str, Any]) -> list[str]:

@@ -26,6 +26,8 @@ _MODULES = {
     "speed": "simulations.benchmarks.speed",
     "scale": "simulations.benchmarks.scale",
     "transfer": "simulations.benchmarks.transfer",
+    "backbone-cache": "simulations.benchmarks.backbone_cache",
+    "pneumonia": "simulations.benchmarks.pneumonia",
 }
 
 
