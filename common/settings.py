@@ -61,7 +61,9 @@ class RunSettings:
     server_lr: float = setting(0.0, "server learning rate of fedadam/fedyogi/fedadagrad (0: Flower's default)")
     server_tau: float = setting(0.0, "server tau of fedadam/fedyogi/fedadagrad (0: Flower's default)")
     server_beta_2: float = setting(0.0, "server beta-2 of fedadam/fedyogi (0: Flower's default)")
-    transfer_policy: str = setting("", "which layers train: head, last:K or full (empty: the model card's default)")
+    transfer_policy: str = setting(
+        "", "which layers train: head, last:K, full, bias or lora:R (empty: the model card's default)"
+    )
     checkpoint: str = setting("", "start from this checkpoint directory instead of pretraining the source model")
     seed: int = setting(0, "seed for data splits, initialisation and batch order")
     out: str = setting("", "output directory (empty: fedtransfer-runs/<date-time>)")

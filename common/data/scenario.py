@@ -11,6 +11,7 @@ from common.data.site_data import SiteData, Split
 from common.errors import ConfigurationError
 
 ARCHITECTURES = ("logreg", "mlp", "cnn")
+PRETRAINED_FAMILIES = ("torchvision", "timm")  # architectures named FAMILY:NAME (docs/models.md)
 
 
 class ScenarioError(ConfigurationError):

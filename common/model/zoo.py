@@ -19,6 +19,17 @@ from torch import nn
 from common.errors import ConfigurationError
 
 
+#: Families of pretrained architectures, named ``FAMILY:NAME`` and built by :mod:`common.model.backbones`.
+PRETRAINED_FAMILIES = ("torchvision", "timm")
+#: The arguments a pretrained family's architecture takes (its input adapter and BatchNorm choice; docs/models.md).
+PRETRAINED_ARGUMENTS = ("channels", "resize", "mean", "std", "groupnorm_stages")
+
+
+def is_pretrained(arch: str) -> bool:
+    """Whether ``arch`` names a pretrained family's architecture (``torchvision:resnet18``, ``timm:NAME``)."""
+    return arch.partition(":")[0] in PRETRAINED_FAMILIES
+
+
 class UnknownArchitecture(ConfigurationError, ValueError):
     """The model card or scenario names an architecture this version does not have."""
 
@@ -76,6 +87,8 @@ ARCHITECTURES: dict[str, Callable[..., FedModel]] = {"logreg": _logreg, "mlp": _
 
 def architecture_arguments(arch: str) -> tuple[str, ...]:
     """The keyword arguments architecture ``arch`` accepts beyond the input shape and the number of classes."""
+    if is_pretrained(arch):
+        return PRETRAINED_ARGUMENTS
     if arch not in ARCHITECTURES:
         raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}")
     return tuple(inspect.signature(ARCHITECTURES[arch]).parameters)[2:]
@@ -92,11 +105,10 @@ def build_model(
     arch: str, input_shape: Sequence[int], num_classes: int, args: Mapping[str, Any] | None = None
 ) -> FedModel:
     """Build a freshly initialised model of architecture ``arch``."""
-    if ":" in arch:
-        from common.model import backbones
+    if is_pretrained(arch):
+        from common.model.backbones import build_pretrained
 
-        if backbones.is_pretrained_family(arch):
-            return backbones.build_pretrained(arch, input_shape, num_classes, dict(args or {}))
+        return build_pretrained(arch, input_shape, num_classes, dict(args or {}))
     if arch not in ARCHITECTURES:
         raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {known_architectures()}")
     try:
