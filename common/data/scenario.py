@@ -11,7 +11,6 @@ from common.data.site_data import SiteData, Split
 from common.errors import ConfigurationError
 
 ARCHITECTURES = ("logreg", "mlp", "cnn")
-PRETRAINED_FAMILIES = ("torchvision", "timm")  # architectures named FAMILY:NAME (docs/models.md)
 
 
 class ScenarioError(ConfigurationError):

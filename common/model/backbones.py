@@ -39,11 +39,9 @@ from torch.nn import functional as F
 from common.errors import ConfigurationError
 from common.model.batchnorm import fix_batchnorm, to_groupnorm
 from common.model.torchvision_import import timm, torchvision
-from common.model.zoo import FedModel, UnknownArchitecture
+from common.model.zoo import PRETRAINED_FAMILIES, FedModel, UnknownArchitecture
 
-TORCHVISION = "torchvision"
-TIMM = "timm"
-FAMILIES = (TORCHVISION, TIMM)
+TORCHVISION, TIMM = PRETRAINED_FAMILIES
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHANNEL_MODES = ("repeat", "sum", "native")
@@ -220,10 +218,6 @@ class InputOptions:
 def split_arch(arch: str) -> tuple[str, str]:
     family, _, name = arch.partition(":")
     return family, name
-
-
-def is_pretrained_family(arch: str) -> bool:
-    return split_arch(arch)[0] in FAMILIES
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:

@@ -29,7 +29,6 @@ from torch import nn
 from common.errors import ConfigurationError
 from common.model.zoo import FedModel
 
-KINDS = ("head", "last:K", "full", "bias", "lora:R")
 LORA_INIT_SEED = 0
 _LORA_MARK = ".lora_"
 _BASE_LAYER = ".base_layer."

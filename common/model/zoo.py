@@ -18,7 +18,6 @@ from torch import nn
 
 from common.errors import ConfigurationError
 
-
 #: Families of pretrained architectures, named ``FAMILY:NAME`` and built by :mod:`common.model.backbones`.
 PRETRAINED_FAMILIES = ("torchvision", "timm")
 #: The arguments a pretrained family's architecture takes (its input adapter and BatchNorm choice; docs/models.md).
