@@ -71,7 +71,11 @@ class RunSettings:
         "",
         "where simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend (empty: OUT/sites)",
     )
-    data_dir: str = setting("", "folder with the heart-disease files (empty: $FEDTRANSFER_DATA_DIR)")
+    data_dir: str = setting(
+        "",
+        "folder with the heart-disease or PneumoniaMNIST files (empty: $FEDTRANSFER_DATA_DIR, "
+        "$FEDTRANSFER_PNEUMONIA_DIR)",
+    )
     min_sites: int = setting(2, "sites a round needs before it starts")
     expected_sites: int = setting(0, "sites the coordinator waits for, up to round-timeout (0: min-sites)")
     personalise_epochs: int = setting(2, "epochs of each site's own fine-tune after the last round (0: none)")
