@@ -40,7 +40,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     small = replace(
         scenario,
         source=SiteData("source", Split(source.train.x[:256], source.train.y[:256]), source.test),
-        model=replace(scenario.model, pretrain={**scenario.model.pretrain, "epochs": 1}),
+        pretrain={**scenario.pretrain, "epochs": 1},
     )
     card = pretrain_source(small, root / "source", seed=0)
     assert 0.5 < card.lineage["source_test"]["roc-auc"] <= 1.0  # the source model's test AUC is in its card

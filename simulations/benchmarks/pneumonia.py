@@ -7,9 +7,9 @@ at 28x28, about 0.944), then, with the ``head`` policy on the frozen backbone:
 - source as-is: the pretrained model at each target;
 - local-only without DP: each target fine-tunes the head alone, for as many epochs as the
   federated run's rounds x local epochs;
-- local-only with DP: the same with DP-SGD (``client.dp_training.dp_train``) at epsilon 1, 3
-  and 8, noise calibrated with the sites' default accountant for the whole training; seeded
-  noise (reproducible, NOT private: what is measured is the accuracy at that noise);
+- local-only with DP: the same with DP-SGD at epsilon 1, 3 and 8 (``simulations.baselines``'
+  DP baseline: noise calibrated with the sites' default accountant for the whole training;
+  seeded noise, reproducible and NOT private: what is measured is the accuracy at that noise);
 - federated with DP at epsilon 1, 3 and 8: the real apps in process (``run_federation`` and
   ``client.app.app``), FedAvg, the sites' own CSPRNG noise, their ledgers' epsilon;
 - pooled without DP: the head fine-tuned on all targets' training data in one place.
@@ -21,7 +21,6 @@ ROC AUC, balanced accuracy and F1, the targets' mean per seed, then mean and sd 
 
 from __future__ import annotations
 
-import copy
 import logging
 import resource
 import statistics
@@ -31,7 +30,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from client.dp_training import dp_train, sample_rate_and_steps
 from common.data.pneumonia import MEDMNIST_RESNET18_28_AUC
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
@@ -39,13 +37,12 @@ from common.data.site_data import SiteData, Split
 from common.model.checkpoint import load_checkpoint
 from common.model.metrics import classification_metrics
 from common.model.pretraining import pretrain_source
-from common.model.training import TrainConfig, as_tensors, compute_features, predict_proba, use_one_torch_thread
+from common.model.training import TrainConfig, as_tensors, predict_proba, use_one_torch_thread
 from common.model.transfer import TransferPolicy
 from common.model.zoo import FedModel
-from common.privacy.accounting import DEFAULT_ACCOUNTANT, Step, calibrate_noise, compose_epsilon
-from common.privacy.noise import SeededRandom
+from common.privacy.accounting import DEFAULT_ACCOUNTANT
 from common.settings import RunSettings
-from simulations.baselines import compute_baselines
+from simulations.baselines import PrivateBaseline, compute_baselines
 from simulations.benchmarks.harness import fmt, ledger_epsilons, mean_sd, prewrite_policies, run_inprocess
 from simulations.benchmarks.report import (
     bench_command,
@@ -55,7 +52,6 @@ from simulations.benchmarks.report import (
     this_machine,
     write_result,
 )
-from simulations.sites import declared_size
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +96,7 @@ def _scores(model: FedModel, sites: tuple[SiteData, ...]) -> dict[str, dict[str,
 
 def _reduced(scenario: Scenario, recipe: Recipe) -> Scenario:
     """The scenario with a smaller source or shorter pretraining (quick variant only)."""
-    source, model = scenario.source, scenario.model
+    source, pretrain = scenario.source, scenario.pretrain
     if recipe.source_images:
         source = SiteData(
             "source",
@@ -108,40 +104,8 @@ def _reduced(scenario: Scenario, recipe: Recipe) -> Scenario:
             source.test,
         )
     if recipe.pretrain_epochs:
-        model = replace(model, pretrain={**model.pretrain, "epochs": recipe.pretrain_epochs})
-    return replace(scenario, source=source, model=model)
-
-
-def _local_dp(
-    base: FedModel, scenario: Scenario, recipe: Recipe, epsilon: float, seed: int
-) -> tuple[dict[str, dict[str, float]], list[float]]:
-    """Each target alone with DP-SGD on the head over the frozen backbone's features (seeded noise)."""
-    transfer = TransferPolicy.parse(POLICY)
-    config = recipe.train_config(seed)
-    scores, spent = {}, []
-    for index, site in enumerate(scenario.sites):
-        model = copy.deepcopy(base)
-        transfer.apply(model)
-        frozen, trainable = transfer.split(model)
-        x, y = as_tensors(site.train.x, site.train.y)
-        declared = declared_size(len(y))
-        rate, steps = sample_rate_and_steps(declared, config.batch_size, config.epochs)
-        sigma = calibrate_noise([], rate, steps, epsilon, DELTA, DEFAULT_ACCOUNTANT)
-        dp_train(
-            trainable,
-            compute_features(frozen, x),
-            y,
-            config,
-            noise_multiplier=sigma,
-            max_grad_norm=recipe.max_grad_norm,
-            sample_rate=rate,
-            steps=steps,
-            expected_batch_size=rate * declared,
-            source=SeededRandom(seed * 1_000_003 + index),
-        )
-        spent.append(compose_epsilon([Step(sigma, rate, steps)], DELTA, DEFAULT_ACCOUNTANT))
-        scores.update(_scores(model, (site,)))
-    return scores, spent
+        pretrain = {**pretrain, "epochs": recipe.pretrain_epochs}
+    return replace(scenario, source=source, pretrain=pretrain)
 
 
 def _federated(
@@ -224,13 +188,15 @@ def _sweep(scenario: Scenario, seeds: list[int], epsilons: tuple[float, ...], re
         base, _ = load_checkpoint(work / f"source-{seed}")
         start = time.perf_counter()
         baselines = compute_baselines(scenario, base, transfer, recipe.train_config(seed))
-        elapsed = (time.perf_counter() - start) / 3
-        for method in ("source as-is", "local-only", "pooled"):
-            add((method, None), baselines.per_site[method], [], elapsed)
+        elapsed = (time.perf_counter() - start) / len(baselines)
+        for scores in baselines:
+            add((scores.method, None), scores.sites, [], elapsed)
         for epsilon in epsilons:
             start = time.perf_counter()
-            scores, eps = _local_dp(base, scenario, recipe, epsilon, seed)
-            add(("local-only", epsilon), scores, eps, time.perf_counter() - start)
+            promise = PrivateBaseline(epsilon, DELTA, recipe.max_grad_norm, DEFAULT_ACCOUNTANT)
+            private = compute_baselines(scenario, base, transfer, recipe.train_config(seed), promise)
+            scores = next(m for m in private if m.method == "local-only (DP)").sites
+            add(("local-only", epsilon), scores, [epsilon], time.perf_counter() - start)
             start = time.perf_counter()
             scores, eps, traffic = _federated(
                 scenario, work / f"source-{seed}", recipe, epsilon, seed, work / f"fed-{epsilon:g}-{seed}", data_dir
