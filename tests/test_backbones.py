@@ -300,3 +300,29 @@ def test_lora_adapters_start_the_same_everywhere() -> None:
     a, b = policy.trainable_state(first), policy.trainable_state(second)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert policy.frozen_state(first).keys() == TransferPolicy.parse("head").frozen_state(_model()).keys()
+
+
+def test_a_study_file_may_name_a_pretrained_architecture(tmp_path) -> None:
+    import numpy as np
+
+    from common.data.scenario import ScenarioError
+    from common.data.study import load_study
+    from common.model.pretraining import pretrain_source
+
+    rng = np.random.default_rng(0)
+    for name, n in (("source", 40), ("site0", 30), ("site1", 30)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.random((n, 1, 16, 16)).astype("float32"), y=np.arange(n) % 2)
+    text = (
+        '[scenario]\nname = "grey-study"\nclass_names = ["a", "b"]\n\n'
+        '[model]\narch = "torchvision:resnet18"\nresize = 0\nmean = [0.5, 0.5, 0.5]\nstd = [0.3, 0.3, 0.3]\n'
+        'transfer_policy = "lora:2"\n\n[pretrain]\nepochs = 1\n\n[source]\npath = "source.npz"\n\n'
+        '[[sites]]\nname = "s0"\npath = "site0.npz"\n\n[[sites]]\nname = "s1"\npath = "site1.npz"\n'
+    )
+    (tmp_path / "study.toml").write_text(text)
+    scenario = load_study(tmp_path / "study.toml", seed=0)
+    assert scenario.model.arch == "torchvision:resnet18" and scenario.transfer_policy == "lora:2"
+    card = pretrain_source(scenario, tmp_path / "source-model", seed=0)
+    assert card.arch_args["resize"] == 0 and "roc-auc" in card.lineage["source_test"]
+    (tmp_path / "study.toml").write_text(text.replace("resize = 0", "depth = 3"))
+    with pytest.raises(ScenarioError, match="unknown key 'depth'.*channels, resize"):
+        load_study(tmp_path / "study.toml", seed=0)
