@@ -10,6 +10,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.channel import answer
+from client.feature_cache import SPILL_DIR_NAME
 from client.fine_tune import class_prior, train_config
 from client.local_data import Features, frozen_features, load_local_data
 from client.model_state import adopt_base, round_model
@@ -32,7 +33,8 @@ def _prepare(
     model, card, transfer = round_model(msg.content, context, instruction)
     local = load_local_data(session.config, card)
     prior = class_prior(session.policy, card) if instruction.class_weights != "none" else ()
-    return session.dataset(local.content_hash), model, transfer, frozen_features(local, model, transfer), prior
+    features = frozen_features(local, model, transfer, session.config.state_dir / SPILL_DIR_NAME)
+    return session.dataset(local.content_hash), model, transfer, features, prior
 
 
 def _train(session: SiteSession, instruction: RoundInstruction, msg: Message, context: Context) -> Outcome:

@@ -32,6 +32,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
+from common.model.batchnorm import check_per_sample_layers
 from common.model.training import TrainConfig, example_losses, make_optimizer
 from common.privacy.noise import RandomSource, poisson_sample
 
@@ -171,7 +172,9 @@ class _PrivateStep:
                 self.module = (
                     GradSampleModuleExpandedWeights(trainable, loss_reduction="sum")
                     if mode == "ew"
-                    else GradSampleModule(trainable, loss_reduction="sum", force_functorch=mode == "functorch")
+                    else GradSampleModule(
+                        trainable, loss_reduction="sum", strict=False, force_functorch=mode == "functorch"
+                    )
                 )
                 self.optimizer = _SourcedDPOptimizer(make_optimizer(self.params, config), **settings)
                 self.loss_fn = loss_fn
@@ -213,6 +216,7 @@ def dp_train(
     ``mode`` is Opacus's grad-sample mode (default: :func:`grad_sample_mode`).
     """
     mode = mode or grad_sample_mode(trainable)
+    check_per_sample_layers(trainable)  # Opacus's own check, except for the constants of fixed BatchNorm layers
     private = _PrivateStep(trainable, config, mode, noise_multiplier, max_grad_norm, expected_batch_size, source)
     anchor = {n: p.detach().clone() for n, p in trainable.named_parameters()} if config.proximal_mu > 0 else {}
     updates, total = 0, 0.0

@@ -1,4 +1,4 @@
-"""The site's data, loaded and validated once per process, and its frozen-backbone features."""
+"""The site's data, loaded and validated once per process, and its frozen-prefix features (``client.feature_cache``)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
+from client.feature_cache import FeatureCache, Features
 from common.data.site_config import SiteConfig
 from common.data.site_data import SiteData, dataset_fingerprint, load_site_data
 from common.model.checkpoint import ModelCard
@@ -22,16 +21,6 @@ class LocalData:
 
     data: SiteData
     content_hash: str
-
-
-@dataclass(frozen=True)
-class Features:
-    """Frozen-prefix outputs for the train and test splits, with labels."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
 
 
 @lru_cache(maxsize=4)
@@ -52,18 +41,22 @@ def load_local_data(site: SiteConfig, card: ModelCard) -> LocalData:
     return LocalData(data=data, content_hash=fingerprint)
 
 
-_FEATURES: dict[tuple[str, str, str], Features] = {}
-FEATURE_CACHE_SIZE = 8  # a simulation worker serves several sites in turn: keep each one's features
+FEATURES = FeatureCache()  # one per process: a simulation worker serves several sites in turn
 
 
-def frozen_features(local: LocalData, model: FedModel, transfer: TransferPolicy) -> Features:
-    """Run the frozen prefix once per (dataset, frozen weights, policy) and reuse the result."""
+def frozen_features(
+    local: LocalData, model: FedModel, transfer: TransferPolicy, spill_dir: Path | None = None
+) -> Features:
+    """Run the frozen prefix once per (dataset, frozen prefix, policy) and reuse the result (see ``FeatureCache``).
+
+    ``spill_dir`` (the site's state directory's ``feature-cache``) holds features spilled above the memory budget.
+    """
     frozen, _ = transfer.split(model)
-    key = (local.content_hash, state_fingerprint(transfer.frozen_state(model)), str(transfer))
-    if key not in _FEATURES:
+    key = FEATURES.key(local.content_hash, repr(frozen), state_fingerprint(transfer.frozen_state(model)), str(transfer))
+
+    def compute() -> Features:
         train_x, train_y = as_tensors(local.data.train.x, local.data.train.y)
         test_x, test_y = as_tensors(local.data.test.x, local.data.test.y)
-        if len(_FEATURES) >= FEATURE_CACHE_SIZE:
-            del _FEATURES[next(iter(_FEATURES))]
-        _FEATURES[key] = Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
-    return _FEATURES[key]
+        return Features(compute_features(frozen, train_x), train_y, compute_features(frozen, test_x), test_y)
+
+    return FEATURES.get(key, compute, spill_dir)

@@ -111,6 +111,9 @@ class RunRecord:
     #: Filled by ``fedtransfer simulate`` only: every method (baselines, the federated model, the personalised
     #: copies as released) on every site's test split, every metric, bootstrap intervals; see simulations/comparison.py.
     simulator_comparison: dict[str, Any] = field(default_factory=dict)
+    #: What travels per site: the trainable tensors each round (each way) and the base model once per run
+    #: (``update-bytes-per-site-per-round``, ``base-model-bytes-per-site``, tensor bytes before sealing).
+    traffic: dict[str, int] = field(default_factory=dict)
     format: int = RUN_RECORD_FORMAT
 
     def round(self, server_round: int) -> RoundRecord:

@@ -61,7 +61,9 @@ class RunSettings:
     server_lr: float = setting(0.0, "server learning rate of fedadam/fedyogi/fedadagrad (0: Flower's default)")
     server_tau: float = setting(0.0, "server tau of fedadam/fedyogi/fedadagrad (0: Flower's default)")
     server_beta_2: float = setting(0.0, "server beta-2 of fedadam/fedyogi (0: Flower's default)")
-    transfer_policy: str = setting("", "which layers train: head, last:K or full (empty: the model card's default)")
+    transfer_policy: str = setting(
+        "", "which layers train: head, last:K, full, bias or lora:R (empty: the model card's default)"
+    )
     checkpoint: str = setting("", "start from this checkpoint directory instead of pretraining the source model")
     seed: int = setting(0, "seed for data splits, initialisation and batch order")
     out: str = setting("", "output directory (empty: fedtransfer-runs/<date-time>)")
@@ -69,7 +71,11 @@ class RunSettings:
         "",
         "where simulated sites keep data, keys, privacy policy and ledger; reuse it to carry spend (empty: OUT/sites)",
     )
-    data_dir: str = setting("", "folder with the heart-disease files (empty: $FEDTRANSFER_DATA_DIR)")
+    data_dir: str = setting(
+        "",
+        "folder with the heart-disease or PneumoniaMNIST files (empty: $FEDTRANSFER_DATA_DIR, "
+        "$FEDTRANSFER_PNEUMONIA_DIR)",
+    )
     min_sites: int = setting(2, "sites a round needs before it starts")
     expected_sites: int = setting(0, "sites the coordinator waits for, up to round-timeout (0: min-sites)")
     personalise_epochs: int = setting(2, "epochs of each site's own fine-tune after the last round (0: none)")

@@ -21,7 +21,7 @@ from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from common.model.metrics import classification_metrics
 from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba
-from common.model.transfer import TransferPolicy, state_fingerprint
+from common.model.transfer import PolicyParseError, TransferPolicy, state_fingerprint
 from common.model.zoo import FedModel
 from common.privacy.policy import PrivacyRequest
 from common.progress import ROUNDS, progress
@@ -142,11 +142,6 @@ def _save_strategy_state(state: dict[str, np.ndarray], directory: Path) -> None:
     write_atomic(directory / STRATEGY_STATE_FILE, save({k: np.ascontiguousarray(v) for k, v in state.items()}))
 
 
-def with_trainable(model: FedModel, arrays: ArrayRecord) -> FedModel:
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-    return model
-
-
 @dataclass(frozen=True)
 class RunStart:
     """What a run starts from: its settings (a resumed run's own), output folder, base model and keys."""
@@ -179,6 +174,11 @@ def start_run(settings: RunSettings) -> RunStart:
     checkpoint = base_checkpoint(settings, scenario, out)
     model, card = load_checkpoint(checkpoint)
     transfer = TransferPolicy.parse(settings.transfer_policy or card.default_transfer_policy)
+    if resumed is not None and transfer.kind == "lora":
+        raise PolicyParseError(
+            f"a {transfer} run cannot be resumed: its round checkpoints hold the adapters folded into the base "
+            "weights, not the adapters themselves; start the run again"
+        )
     identity, manifest = coordinator_keys(settings)
     return RunStart(settings, out, resumed, scenario, checkpoint, model, card, transfer, identity, manifest)
 
@@ -230,7 +230,20 @@ def _new_record(start: RunStart, run_id: str) -> RunRecord:
         transfer_policy=str(start.transfer),
         strategy=start.settings.strategy,
         manifest=start.manifest.to_json(),
+        traffic=traffic(start.transfer, start.model),
     )
+
+
+def traffic(transfer: TransferPolicy, model: FedModel) -> dict[str, int]:
+    """Tensor bytes per site: the trainable tensors every round (down and up alike) and the base model once."""
+    trainable = transfer.trainable_state(model)
+    base = transfer.base_state(model)
+    return {
+        "trainable-tensors": len(trainable),
+        "trainable-parameters": sum(t.numel() for t in trainable.values()),
+        "update-bytes-per-site-per-round": sum(t.numel() * t.element_size() for t in trainable.values()),
+        "base-model-bytes-per-site": sum(t.numel() * t.element_size() for t in base.values()),
+    }
 
 
 def _site_aware_strategy(
@@ -254,7 +267,7 @@ def _site_aware_strategy(
             server_optimiser_args(settings.server_lr, settings.server_tau, settings.server_beta_2),
         ),
         CoordinatorChannel(start.identity, start.manifest, run_id, start.card.model_fingerprint, limits),
-        BasePayload(ArrayRecord(start.model.state_dict()), start.card.to_json()),
+        BasePayload(ArrayRecord(start.transfer.base_state(start.model)), start.card.to_json()),
         record,
         settings.min_sites,
         persist=lambda: record.save(start.out),
@@ -273,8 +286,12 @@ def _site_aware_strategy(
 
 
 def _global_model(start: RunStart, arrays: ArrayRecord) -> FedModel:
-    """The base model with the trainable tensors of ``arrays``."""
-    return with_trainable(with_trainable(start.card.build(), ArrayRecord(start.model.state_dict())), arrays)
+    """The base model with the trainable tensors of ``arrays``, as a plain model of the card's architecture
+    (LoRA adapters folded into the base weights)."""
+    model = start.card.build()
+    model.load_state_dict(start.transfer.base_state(start.model), strict=True)
+    start.transfer.load_trainable(model, arrays.to_torch_state_dict())
+    return start.transfer.merged(model)
 
 
 def run_federation(grid: Grid, settings: RunSettings, flower_run_id: int, stop: StopRequest | None = None) -> RunRecord:
@@ -410,6 +427,8 @@ def _card_fields(card: ModelCard, record: RunRecord, rounds: int) -> dict:
         preprocessing=card.preprocessing,
         default_transfer_policy=record.transfer_policy,
         class_prior=card.class_prior,
+        licence=card.licence,
+        pretraining_data=card.pretraining_data,
         lineage={
             "kind": "federated",
             "base_model_fingerprint": card.model_fingerprint,

@@ -49,7 +49,7 @@ def _assert_valid(scenario: Scenario) -> None:
 
 
 def test_registry_names() -> None:
-    assert scenario_names() == ["wdbc", "heart-disease", "heart-disease-flamby", "synthetic-imaging"]
+    assert scenario_names() == ["wdbc", "heart-disease", "heart-disease-flamby", "synthetic-imaging", "pneumonia"]
     with pytest.raises(ScenarioError, match="unknown scenario"):
         load_scenario("mnist")
 

@@ -23,7 +23,7 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
 #: The command modules under common/cli; each lists the commands it adds in ``COMMANDS``.
-MODULES = ("simulate", "app", "simsites", "pretrain", "keys", "deploy", "audit", "bench")
+MODULES = ("simulate", "app", "simsites", "pretrain", "import_model", "keys", "deploy", "audit", "bench")
 OUR_LOGGERS = ("common", "server", "client", "simulations")
 
 

@@ -68,7 +68,10 @@ def _cmd_scenarios(args: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     defaults = RunSettings()
-    data_help = "folder with the heart-disease files (default: $FEDTRANSFER_DATA_DIR)"
+    data_help = (
+        "folder with the heart-disease or PneumoniaMNIST files (default: $FEDTRANSFER_DATA_DIR, "
+        "$FEDTRANSFER_PNEUMONIA_DIR)"
+    )
     pre = commands.add_parser(
         "pretrain",
         help="train a scenario's source model and write a checkpoint",

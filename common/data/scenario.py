@@ -49,6 +49,8 @@ class Scenario:
     #: validation splits by ``fedtransfer bench transfer``; ``fedtransfer simulate`` applies those the user
     #: did not set.
     recipe: dict = field(default_factory=dict)
+    #: The licence of the data (and so of the source model pretrained on it), recorded in the model card.
+    data_licence: str = ""
 
 
 def standardise(site: SiteData, mean: np.ndarray, std: np.ndarray) -> SiteData:

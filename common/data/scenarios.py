@@ -1,7 +1,8 @@
 """The scenario registry: the built-in scenarios by name, or a bring-your-own ``scenario.toml``.
 
 Built-in scenarios are ``wdbc`` (embedded, offline), ``heart-disease`` and
-``heart-disease-flamby`` (FLamby's Fed-Heart-Disease) and ``synthetic-imaging``. A path
+``heart-disease-flamby`` (FLamby's Fed-Heart-Disease), ``synthetic-imaging`` and ``pneumonia``
+(PneumoniaMNIST chest X-rays, a ResNet-18). A path
 ending in ``.toml`` loads a bring-your-own scenario (see docs/data.md).
 """
 
@@ -15,6 +16,7 @@ from common.data.heart_disease import (
     heart_disease_flamby_scenario,
     heart_disease_scenario,
 )
+from common.data.pneumonia import pneumonia_scenario
 from common.data.scenario import Scenario, ScenarioError
 from common.data.study import load_study
 from common.data.synthetic_imaging import imaging_scenario
@@ -27,6 +29,7 @@ _BUILTINS: dict[str, Callable[[int, Path | None, bool], Scenario]] = {
     "heart-disease": heart_disease_scenario,
     "heart-disease-flamby": heart_disease_flamby_scenario,
     "synthetic-imaging": imaging_scenario,
+    "pneumonia": pneumonia_scenario,
 }
 
 

@@ -20,7 +20,8 @@ from common.data.site_data import (
     site_files,
 )
 from common.model.pretrain_settings import PretrainConfig, PretrainError
-from common.model.zoo import architecture_arguments
+from common.model.transfer import PolicyParseError, TransferPolicy
+from common.model.zoo import architecture_arguments, is_pretrained
 
 TABLES = {
     "scenario": ("name", "description", "class_names", "label_column", "preprocessing", "input_shape"),
@@ -59,11 +60,13 @@ def _required(table: dict[str, Any], key: str, where: str, file: Path, kind: typ
 
 
 def _check_transfer_policy(transfer: Any, file: Path) -> str:
-    if transfer in ("head", "full"):
-        return transfer
-    if isinstance(transfer, str) and transfer.startswith("last:") and transfer[5:].isdigit() and int(transfer[5:]) >= 1:
-        return transfer
-    raise ScenarioError(f"{file}: [model] transfer_policy {transfer!r} must be 'head', 'last:K' (K >= 1) or 'full'")
+    try:
+        return str(TransferPolicy.parse(transfer if isinstance(transfer, str) else repr(transfer)))
+    except PolicyParseError:
+        raise ScenarioError(
+            f"{file}: [model] transfer_policy {transfer!r} must be 'head', 'last:K' (K >= 1), 'full', 'bias' or "
+            "'lora:R' (R >= 1)"
+        ) from None
 
 
 def _model_spec(document: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
@@ -71,8 +74,11 @@ def _model_spec(document: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
     if not isinstance(table, dict):
         raise ScenarioError(f"{file}: missing [model] table; see docs/data.md for a complete example")
     arch = _required(table, "arch", "[model]", file)
-    if arch not in ARCHITECTURES:
-        raise ScenarioError(f"{file}: [model] arch {arch!r} is unknown; use one of {list(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES and not is_pretrained(arch):
+        raise ScenarioError(
+            f"{file}: [model] arch {arch!r} is unknown; use one of {list(ARCHITECTURES)}, torchvision:NAME or "
+            "timm:NAME (see docs/models.md)"
+        )
     arguments = architecture_arguments(arch)
     _check_keys(table, (*TABLES["model"], *arguments), f"[model] (arch {arch!r})", file)
     transfer = _check_transfer_policy(table.get("transfer_policy", "head"), file)
@@ -81,12 +87,13 @@ def _model_spec(document: dict[str, Any], file: Path) -> tuple[ModelSpec, str]:
 
 
 def _check_shape(arch: str, shape: tuple[int, ...], file: Path) -> None:
-    if arch == "cnn" and len(shape) != 3:
+    image = arch == "cnn" or is_pretrained(arch)
+    if image and len(shape) != 3:
         raise ScenarioError(
-            f"{file}: arch 'cnn' needs image data: x of shape (n, C, H, W), or (n, H, W) for grey images, or set "
+            f"{file}: arch {arch!r} needs image data: x of shape (n, C, H, W), or (n, H, W) for grey images, or set "
             f"[scenario] input_shape; the data has rows of shape {shape}"
         )
-    if arch != "cnn" and len(shape) != 1:
+    if not image and len(shape) != 1:
         raise ScenarioError(
             f"{file}: arch {arch!r} needs tabular data (n, features); the data has rows of shape {shape}; "
             "use arch = 'cnn' for images"

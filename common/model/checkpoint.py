@@ -1,8 +1,9 @@
 """Checkpoints: a safetensors weights file plus a JSON model card.
 
-The card records the architecture and its arguments, input shape, class names, the
-sha256 of the weights file, a fingerprint of the tensors, where the weights came from
-and their lineage. Loading checks the card against the weights and refuses anything
+The card records the architecture and its arguments (for a pretrained family, the input
+adaptation every site applies), input shape, class names, the sha256 of the weights file,
+a fingerprint of the tensors, where the weights came from, their licence and pretraining
+data, and their lineage. Loading checks the card against the weights and refuses anything
 that does not match; it never unpickles.
 """
 
@@ -72,6 +73,10 @@ class ModelCard:
     default_transfer_policy: str = "full"
     #: Class shares of the source training labels (public): the prior of class-weighted fine-tuning.
     class_prior: list[float] | None = None
+    #: The licence of the weights (and of the data they were pretrained on, where it binds them).
+    licence: str = ""
+    #: What the weights were pretrained on, for a reader of the card (e.g. "ImageNet-1k", a source hospital).
+    pretraining_data: str = ""
     created: str = ""
     lineage: dict[str, Any] = field(default_factory=dict)
     format: int = CARD_FORMAT

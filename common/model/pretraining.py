@@ -21,6 +21,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from common.data.scenario import Scenario
+from common.model.batchnorm import batch_statistics
 from common.model.checkpoint import ModelCard, save_checkpoint
 from common.model.metrics import classification_metrics, headline_metric
 from common.model.pretrain_settings import PretrainConfig
@@ -129,7 +130,8 @@ def pretrain_source(
     else:
         config = PretrainConfig.for_scenario(scenario, overrides)
         source = scenario.source
-        fitted = fit_source(model, source.train.x, source.train.y, config, seed, num_classes)
+        with batch_statistics(model):  # the coordinator's own source data: no DP, ordinary BatchNorm
+            fitted = fit_source(model, source.train.x, source.train.y, config, seed, num_classes)
         prior = fitted.pop("class_prior")
         lineage.update(fitted, pretrain=config.__dict__, source_test=_score(model, source.test.x, source.test.y))
         description = scenario.source_description
@@ -164,5 +166,7 @@ def pretrain_source(
         preprocessing=scenario.preprocessing,
         default_transfer_policy=scenario.transfer_policy,
         class_prior=prior,
+        licence=scenario.data_licence,
+        pretraining_data=description,
         lineage=lineage,
     )

@@ -3,6 +3,8 @@
 Every model computes ``head(backbone(x))`` and its backbone is an ``nn.Sequential`` of
 blocks, so a transfer policy can freeze a prefix of blocks and train the rest. The
 models avoid BatchNorm and in-place operations so Opacus can train any part of them.
+Pretrained families (``torchvision:NAME``, ``timm:NAME``) are built by
+:mod:`common.model.backbones` with the same shape: named stages and a linear head.
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import torch
 from torch import nn
 
 from common.errors import ConfigurationError
+
+#: Families of pretrained architectures, named ``FAMILY:NAME`` and built by :mod:`common.model.backbones`.
+PRETRAINED_FAMILIES = ("torchvision", "timm")
+#: The arguments a pretrained family's architecture takes (its input adapter and BatchNorm choice; docs/models.md).
+PRETRAINED_ARGUMENTS = ("channels", "resize", "mean", "std", "groupnorm_stages")
+
+
+def is_pretrained(arch: str) -> bool:
+    """Whether ``arch`` names a pretrained family's architecture (``torchvision:resnet18``, ``timm:NAME``)."""
+    return arch.partition(":")[0] in PRETRAINED_FAMILIES
 
 
 class UnknownArchitecture(ConfigurationError, ValueError):
@@ -74,17 +86,30 @@ ARCHITECTURES: dict[str, Callable[..., FedModel]] = {"logreg": _logreg, "mlp": _
 
 def architecture_arguments(arch: str) -> tuple[str, ...]:
     """The keyword arguments architecture ``arch`` accepts beyond the input shape and the number of classes."""
+    if is_pretrained(arch):
+        return PRETRAINED_ARGUMENTS
     if arch not in ARCHITECTURES:
         raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}")
     return tuple(inspect.signature(ARCHITECTURES[arch]).parameters)[2:]
+
+
+def known_architectures() -> list[str]:
+    """Every architecture name this version builds: the small zoo and the pretrained families."""
+    from common.model.backbones import known_architectures as pretrained
+
+    return sorted(ARCHITECTURES) + pretrained()
 
 
 def build_model(
     arch: str, input_shape: Sequence[int], num_classes: int, args: Mapping[str, Any] | None = None
 ) -> FedModel:
     """Build a freshly initialised model of architecture ``arch``."""
+    if is_pretrained(arch):
+        from common.model.backbones import build_pretrained
+
+        return build_pretrained(arch, input_shape, num_classes, dict(args or {}))
     if arch not in ARCHITECTURES:
-        raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {sorted(ARCHITECTURES)}")
+        raise UnknownArchitecture(f"unknown model architecture {arch!r}; this version knows {known_architectures()}")
     try:
         return ARCHITECTURES[arch](tuple(input_shape), num_classes, **dict(args or {}))
     except (TypeError, ValueError) as err:

@@ -28,6 +28,8 @@ _MODULES = {
     "transfer": "simulations.benchmarks.transfer",
     "update-norms": "simulations.benchmarks.update_norms",
     "deployment": "simulations.benchmarks.deployment",
+    "backbone-cache": "simulations.benchmarks.backbone_cache",
+    "pneumonia": "simulations.benchmarks.pneumonia",
 }
 
 
