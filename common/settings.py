@@ -89,7 +89,7 @@ class RunSettings:
     max_update_norm: float = setting(
         0.0,
         "drop site updates farther than this (L2) from the global model (0: the bound measured for the transfer "
-        "policy, head 6, last:K 18, full 25)",
+        "policy at the default lr, local epochs and batch size, scaled up with lr x local epochs / batch size)",
     )
     dp: bool = setting(True, "ask the sites for DP-SGD (--no-dp: NOT PRIVATE, only sites whose policy allows it)")
     target_epsilon: float = setting(3.0, "epsilon the coordinator requests for this run; each site caps it")

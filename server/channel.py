@@ -41,6 +41,7 @@ from common.security.envelope import (
 )
 from common.security.keys import Identity, validate_name
 from common.security.manifest import SIZE_RANGE, Manifest, ManifestError
+from common.settings import RunSettings
 
 
 class ReplyRejected(SecurityError):
@@ -79,14 +80,21 @@ class UpdateLimits:
 
 
 #: The default bound on an update's L2 distance from the global model, per transfer policy kind: three times
-#: the largest honest update measured on the built-in scenarios at the default settings, with and without DP
-#: (``fedtransfer bench update-norms``, BENCHMARKS.md). ``max-update-norm`` overrides it.
+#: the largest honest update measured on the built-in scenarios at the default lr, local epochs and batch size,
+#: with and without DP (``fedtransfer bench update-norms``, BENCHMARKS.md). ``max-update-norm`` overrides it.
 DEFAULT_UPDATE_BOUNDS = {"head": 6.0, "last": 18.0, "full": 25.0, "bias": 25.0, "lora": 25.0}
 
 
-def update_bound(max_update_norm: float, transfer: TransferPolicy) -> float:
-    """The run's bound: ``max-update-norm`` if set (> 0), else the measured default for the transfer policy."""
-    return max_update_norm if max_update_norm > 0 else DEFAULT_UPDATE_BOUNDS[transfer.kind]
+def update_bound(settings: RunSettings, transfer: TransferPolicy) -> float:
+    """The run's bound: ``max-update-norm`` if set (> 0), else the measured default for the transfer policy,
+    scaled up when the run lets a site move further than the defaults did: a larger lr, more local epochs or a
+    smaller batch (more steps per epoch) by the ratio of lr x epochs / batch size to the defaults'."""
+    if settings.max_update_norm > 0:
+        return settings.max_update_norm
+    defaults = RunSettings()
+    epochs = 1.0 if settings.local_steps else settings.local_epochs / defaults.local_epochs
+    reach = (settings.lr / defaults.lr) * epochs * (defaults.batch_size / settings.batch_size)
+    return DEFAULT_UPDATE_BOUNDS[transfer.kind] * max(1.0, reach)
 
 
 class CoordinatorChannel:

@@ -254,7 +254,7 @@ def _site_aware_strategy(
     limits = UpdateLimits(
         shapes={name: t.shape for name, t in trainable.items()},
         dtypes={name: t.dtype for name, t in trainable.items()},
-        max_norm=update_bound(settings.max_update_norm, start.transfer),
+        max_norm=update_bound(settings, start.transfer),
         num_classes=start.card.num_classes,
     )
     record.max_update_norm = limits.max_norm

@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from common.data import pneumonia
 from simulations.benchmarks import BENCHMARKS
 from tests.conftest import numbers_in
+from tests.test_pneumonia import DATA_DIR
 from tests.test_pneumonia import pytestmark as data_present
 
 pytestmark = [data_present, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("name", ["backbone-cache", "pneumonia"])
-def test_quick_variant_writes_finite_figures(tmp_path: Path, name: str) -> None:
+def test_quick_variant_writes_finite_figures(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pneumonia.DIR_ENV, str(DATA_DIR))
     result = BENCHMARKS[name](tmp_path, quick=True, seed=0)
     written = json.loads((tmp_path / f"{name}.json").read_text())
     assert written == json.loads(json.dumps(result)) and written["quick"] is True

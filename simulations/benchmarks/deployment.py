@@ -185,7 +185,14 @@ def _deploy_and_run(harness: ModuleType, work: Path, sites: int, rounds: int, se
     port = harness.free_port()
     runtime_ports = {name: harness.free_port() for name in names}
     federation = provision(
-        ProvisionRequest("bench", names, [Endpoint("127.0.0.1", port)], work / "kits", runtime_ports=runtime_ports)
+        ProvisionRequest(
+            "bench",
+            names,
+            [Endpoint("127.0.0.1", port)],
+            work / "kits",
+            runtime_ports=runtime_ports,
+            control_port=harness.free_port(),
+        )
     )
     scenario = load_scenario(SCENARIO, seed=seed)
     for k, name in enumerate(names):
@@ -195,7 +202,7 @@ def _deploy_and_run(harness: ModuleType, work: Path, sites: int, rounds: int, se
     out = work / "run-out"
     processes = harness.Processes(work)
     try:
-        harness.start_superlink(coordinator, port, processes)
+        harness.start_coordinator(coordinator, processes)
         harness.register_sites(coordinator, processes)
         supernodes = {}
         for name in names:
@@ -226,7 +233,7 @@ def _deploy_and_run(harness: ModuleType, work: Path, sites: int, rounds: int, se
         return {
             "round_seconds": watcher.round_seconds(),
             "run_seconds": finished - watcher.started,
-            "aggregated_sites": [len(r["aggregated_sites"]) for r in record["rounds"]],
+            "aggregated_sites": [len(r["aggregated_sites"]) for r in record["rounds"] if r["server_round"] > 0],
             "supernodes": [
                 asdict(SuperNodeMemory(name, memory.peak_own[name], memory.peak_tree[name], end[name]))
                 for name in names
@@ -248,8 +255,9 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     lines = [
         machine_text,
         f"{result['sites']} sites, each a real `flower-supernode` process started by its kit's script (TLS to the "
-        "SuperLink, SuperNode authentication with the registered key, its own runtime port on 127.0.0.1), one "
-        f"`flower-superlink` started by the coordinator kit's script, one run of {result['rounds']} round(s) of 1 "
+        "fleet gateway in front of the SuperLink, SuperNode authentication with the registered key, its own runtime "
+        "port on 127.0.0.1), one `flower-superlink` on loopback and its gateway started by the coordinator kit's "
+        f"scripts, one run of {result['rounds']} round(s) of 1 "
         f"local epoch started with the kit's `run.sh`: scenario `{SCENARIO}` (site k holds scenario site k mod 4), "
         "DP-SGD at every site, a DP evaluation after the last round. Flower 1.42 starts a ClientApp process for "
         "every message, so every site imports torch and opens its keys, ledger and data once per round.",

@@ -31,7 +31,7 @@ from typing import Any
 
 from flwr.simulation import run_simulation
 
-from client.app import app as client_app
+from client.app import make_client_app
 from common.data.scenarios import load_scenario
 from common.data.site_data import write_site_data
 from common.model.pretraining import pretrain_source
@@ -45,6 +45,7 @@ from simulations.benchmarks.report import (
     this_machine,
     write_result,
 )
+from simulations.sites import prepare_sites
 from simulations.waves import make_server_app
 
 logger = logging.getLogger(__name__)
@@ -205,10 +206,11 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
         min_sites=spec["sites"],
         expected_sites=spec["sites"],
     )
+    settings = prepare_sites(settings)
     with round_clock() as clock:
         run_simulation(
             server_app=make_server_app(settings),
-            client_app=client_app,
+            client_app=make_client_app(Path(settings.sim_root)),
             num_supernodes=spec["sites"],
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
