@@ -82,7 +82,7 @@ class UpdateLimits:
 #: The default bound on an update's L2 distance from the global model, per transfer policy kind: three times
 #: the largest honest update measured on the built-in scenarios at the default lr, local epochs and batch size,
 #: with and without DP (``fedtransfer bench update-norms``, BENCHMARKS.md). ``max-update-norm`` overrides it.
-DEFAULT_UPDATE_BOUNDS = {"head": 6.0, "last": 18.0, "full": 25.0, "bias": 25.0, "lora": 25.0}
+DEFAULT_UPDATE_BOUNDS = {"head": 27.0, "last": 20.0, "full": 55.0, "bias": 26.0, "lora": 18.0}
 
 
 def update_bound(settings: RunSettings, transfer: TransferPolicy) -> float:
