@@ -63,6 +63,21 @@ def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> dict[int,
     return found
 
 
+def _await_gone(pids: dict[int, int], timeout: float = 30.0) -> None:
+    """Wait until every process of ``pids`` ({pid: start time}) that was SIGKILLed has died, reaping those this
+    process adopted: a kill is delivered asynchronously, and a loaded machine may take a moment to end a process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        table = _process_table()
+        left = [pid for pid, start in pids.items() if pid in table and table[pid][1] == start and table[pid][2] != "Z"]
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        if not left:
+            return
+        time.sleep(0.05)
+
+
 def become_subreaper() -> None:
     """Adopt the orphans of the processes this test starts (Flower's SuperExec leaves its parent's session and
     outlives it), so that stopping them can find them as descendants of this process (Linux PR_SET_CHILD_SUBREAPER)."""
@@ -118,6 +133,7 @@ class Processes:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
                 process.wait()
+                _await_gone(below)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
