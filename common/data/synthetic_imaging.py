@@ -142,4 +142,5 @@ def imaging_scenario(seed: int, data_dir: Path | None, private: bool) -> Scenari
         source_description=f"synthetic reference scanner, {len(source.train)} training images, seed {seed}",
         preprocessing=f"pixel intensities standardised with the source training mean {mean:.4f} and std {std:.4f}",
         public_data=True,
+        recipe={"batch_size": 64},  # chosen on validation splits by `fedtransfer bench transfer` (BENCHMARKS.md)
     )
