@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -72,6 +73,9 @@ class SuperNodeMemory:
 
 
 def _harness() -> ModuleType:
+    checkout = str(Path(__file__).resolve().parents[2])  # the source checkout this module runs from
+    if checkout not in sys.path:
+        sys.path.append(checkout)
     try:
         harness = importlib.import_module("tests.deployment_harness")
     except ImportError as err:
