@@ -106,6 +106,21 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path, mode: int) ->
     assert "swiss.sign.key" in str(info.value)
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_key_folder_others_may_write_to_is_refused(tmp_path: Path, mode: int) -> None:
+    """Security review finding 9: an existing 0777 key folder was used without warning."""
+    folder = tmp_path / "keys"
+    write_identity(Identity.generate("swiss"), folder)
+    folder.chmod(mode)
+    with pytest.raises(KeyFileError, match=f"chmod 700 {folder}"):
+        read_identity(folder, "swiss")
+    with pytest.raises(KeyFileError, match="writable by its group or by others"):
+        write_identity(Identity.generate("va"), folder)
+    assert not (folder / "va.sign.key").exists()
+    folder.chmod(0o700)
+    assert read_identity(folder, "swiss").name == "swiss"
+
+
 def test_refuses_to_overwrite_existing_keys(tmp_path: Path) -> None:
     first = Identity.generate("swiss")
     write_identity(first, tmp_path)

@@ -173,6 +173,19 @@ class Identity:
         )
 
 
+def _check_key_folder(folder: Path) -> None:
+    """Refuse a key folder that others may write to: they could swap or add key files in it."""
+    try:
+        mode = folder.stat().st_mode
+    except FileNotFoundError:
+        return  # a missing key file or folder is reported where it is read
+    if mode & 0o022:
+        raise KeyFileError(
+            f"key folder {folder} is writable by its group or by others (mode {stat.S_IMODE(mode):04o}); "
+            f"refusing to use it. Run: chmod 700 {folder}"
+        )
+
+
 def _key_paths(out_dir: Path, name: str) -> tuple[Path, Path, Path]:
     validate_name(name)
     return (
@@ -208,7 +221,8 @@ def write_public_file(path: Path, text: str) -> None:
 def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None = None) -> None:
     """Write ``identity`` as ``{name}.enc.key``, ``{name}.sign.key`` and ``{name}.pub.json``.
 
-    Private keys are created 0600 and are never overwritten (:class:`KeyFileError`).
+    Private keys are created 0600 in a folder no one else may write to, and are never overwritten
+    (:class:`KeyFileError`).
     With a ``passphrase`` they are encrypted with the best scheme ``cryptography``
     offers; ``None`` writes them unencrypted, an empty passphrase is refused.
     """
@@ -216,6 +230,7 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
         raise ValueError("passphrase must not be empty; pass None for unencrypted keys")
     out_dir = Path(out_dir)
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_key_folder(out_dir)
     enc_path, sign_path, pub_path = _key_paths(out_dir, identity.name)
     for path in (enc_path, sign_path):
         if path.exists() or path.is_symlink():
@@ -284,6 +299,7 @@ def _read_private_key(path: Path, passphrase: bytes | None) -> object:
 def read_identity(out_dir: Path, name: str, passphrase: bytes | None = None) -> Identity:
     """Load the private identity ``name`` written by :func:`write_identity`."""
     enc_path, sign_path, _ = _key_paths(Path(out_dir), name)
+    _check_key_folder(Path(out_dir))
     enc_key = _read_private_key(enc_path, passphrase)
     if not isinstance(enc_key, X25519PrivateKey):
         raise KeyFileError(
