@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigurationError
+from common.io import parse_json
 
 SITE_CONFIG_FILE = "site.toml"
 #: Under a simulation root: the simulated sites' names in Flower's partition order (JSON list).
@@ -100,7 +101,7 @@ def simulated_site_dir(root: Path, partition_id: int) -> Path:
     """The folder of the simulated site that Flower runs as ``partition_id``, from the root's index of sites."""
     index = Path(root) / SIMULATED_SITES_FILE
     try:
-        names = json.loads(index.read_text(encoding="utf-8"))
+        names = parse_json(index.read_bytes())
     except (OSError, ValueError) as err:
         raise SiteConfigError(f"{index}: cannot read the index of simulated sites: {err}") from err
     if not isinstance(names, list) or not 0 <= partition_id < len(names):
