@@ -11,7 +11,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from common.errors import SecurityError
-from common.model.checkpoint import ArchitectureMismatch, ModelCard, check_state_matches
+from common.model.checkpoint import ArchitectureMismatch, ModelCard, card_digest, check_state_matches
 from common.model.transfer import TransferPolicy, state_fingerprint
 from common.model.zoo import FedModel
 from common.protocol import ARRAYS, BASE_CARD, BASE_MODEL, RoundInstruction
@@ -37,10 +37,16 @@ class TrainableArraysInvalid(ModelStateError):
 
 
 def adopt_base(content: RecordDict, context: Context, instruction: RoundInstruction) -> None:
-    """Keep the base model sent on first contact, after checking it against its fingerprint."""
+    """Keep the base model sent on first contact, after checking it against the signed instruction.
+
+    The card's text must hash to the signed ``base-card-sha256`` before anything in it is used, and
+    the weights must fit the card's architecture built on the meta device, so no allocation follows
+    from arguments that were not checked first.
+    """
     if BASE_MODEL not in content:
         return
-    card = ModelCard.from_json(str(content[BASE_CARD]["json"]), origin="base model card from the coordinator")
+    card_json = str(content[BASE_CARD]["json"])
+    card = _signed_card(card_json, instruction, origin="base model card from the coordinator")
     state = content[BASE_MODEL].to_torch_state_dict()
     fingerprint = state_fingerprint(state)
     if fingerprint != instruction.base_fingerprint or fingerprint != card.model_fingerprint:
@@ -49,11 +55,13 @@ def adopt_base(content: RecordDict, context: Context, instruction: RoundInstruct
             f"{instruction.base_fingerprint[:16]}... and its card {card.model_fingerprint[:16]}...: refusing it"
         )
     try:
-        check_state_matches(card.build(), state, origin="base model from the coordinator")
+        with torch.device("meta"):
+            skeleton = card.build()
+        check_state_matches(skeleton, state, origin="base model from the coordinator")
     except ArchitectureMismatch as err:
         raise BaseModelMismatch(str(err)) from err
     context.state[STATE_BASE] = content[BASE_MODEL]
-    context.state[STATE_CARD] = ConfigRecord({"json": card.to_json()})
+    context.state[STATE_CARD] = ConfigRecord({"json": card_json})
 
 
 def round_model(
@@ -62,7 +70,7 @@ def round_model(
     """The base model with this round's trainable weights loaded, checked on the way."""
     if STATE_BASE not in context.state:
         raise BaseModelMissing("this site holds no base model for this run; the coordinator must send it first")
-    card = ModelCard.from_json(str(context.state[STATE_CARD]["json"]), origin="stored base model card")
+    card = _signed_card(str(context.state[STATE_CARD]["json"]), instruction, origin="stored base model card")
     base_state = context.state[STATE_BASE].to_torch_state_dict()
     if card.model_fingerprint != instruction.base_fingerprint:
         raise BaseModelMismatch(
@@ -83,6 +91,17 @@ def round_model(
     model.load_state_dict(trainable, strict=False)
     transfer.apply(model)
     return model, card, transfer
+
+
+def _signed_card(card_json: str, instruction: RoundInstruction, origin: str) -> ModelCard:
+    """The card, once its text matches the sha256 the coordinator signed in ``instruction``."""
+    digest = card_digest(card_json)
+    if digest != instruction.base_card_sha256:
+        raise BaseModelMismatch(
+            f"{origin} has sha256 {digest[:16]}..., but the signed instruction names "
+            f"{instruction.base_card_sha256[:16]}...: the card was changed on the way; refusing it"
+        )
+    return ModelCard.from_json(card_json, origin=origin)
 
 
 def check_trainable(model: FedModel, transfer: TransferPolicy, trainable: dict[str, torch.Tensor]) -> None:

@@ -48,6 +48,8 @@ class RoundInstruction:
     rounds: int
     transfer_policy: str
     base_fingerprint: str
+    #: sha256 of the base model's card exactly as sent: the signature covers class names, preprocessing, arch args.
+    base_card_sha256: str
     frozen_fingerprint: str
     local_epochs: int
     batch_size: int

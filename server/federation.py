@@ -17,7 +17,7 @@ from common.data.scenarios import load_scenario
 from common.errors import DeploymentError
 from common.interrupt import RunInterrupted, StopRequest
 from common.io import make_output_dir, write_atomic
-from common.model.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from common.model.checkpoint import ModelCard, card_digest, load_checkpoint, save_checkpoint
 from common.model.metrics import classification_metrics
 from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba
@@ -196,6 +196,7 @@ def round_instruction(start: RunStart, run_id: str) -> RoundInstruction:
         rounds=settings.rounds,
         transfer_policy=str(start.transfer),
         base_fingerprint=start.card.model_fingerprint,
+        base_card_sha256=card_digest(start.card.to_json()),
         frozen_fingerprint=state_fingerprint(start.transfer.frozen_state(start.model)),
         local_epochs=settings.local_epochs,
         local_steps=settings.local_steps,

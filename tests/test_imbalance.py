@@ -91,6 +91,7 @@ def test_a_site_without_a_prior_trains_unweighted_and_says_so(caplog: pytest.Log
         rounds=2,
         transfer_policy="head",
         base_fingerprint="a" * 64,
+        base_card_sha256="c" * 64,
         frozen_fingerprint="b" * 64,
         local_epochs=1,
         batch_size=8,

@@ -63,6 +63,7 @@ def test_round_config_carries_local_steps_but_personalisation_trains_epochs() ->
         rounds=2,
         transfer_policy="full",
         base_fingerprint="a",
+        base_card_sha256="c" * 64,
         frozen_fingerprint="b",
         local_epochs=2,
         batch_size=4,

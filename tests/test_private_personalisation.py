@@ -109,6 +109,7 @@ def _instruction(dp: int, fraction: float, epochs: int) -> RoundInstruction:
         rounds=3,
         transfer_policy="head",
         base_fingerprint="b" * 64,
+        base_card_sha256="c" * 64,
         frozen_fingerprint="f" * 64,
         local_epochs=1,
         batch_size=8,

@@ -167,6 +167,7 @@ def _instruction(**changes) -> RoundInstruction:
         rounds=5,
         transfer_policy="last:1",
         base_fingerprint="a" * 64,
+        base_card_sha256="c" * 64,
         frozen_fingerprint="b" * 64,
         local_epochs=3,
         batch_size=16,

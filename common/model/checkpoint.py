@@ -123,6 +123,11 @@ class ModelCard:
             raise ArchitectureMismatch(str(err)) from err
 
 
+def card_digest(card_json: str) -> str:
+    """The sha256 of a model card's JSON text, as signed in every round instruction."""
+    return hashlib.sha256(card_json.encode()).hexdigest()
+
+
 def make_card(model: FedModel, weights: bytes, **fields: Any) -> ModelCard:
     """A card for ``model`` whose weights file holds ``weights``."""
     fields.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))

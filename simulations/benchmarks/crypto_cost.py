@@ -277,6 +277,7 @@ def measure_round_share(rounds: int, seed: int, accountant: str = "prv") -> Roun
                 rounds=total,
                 transfer_policy=str(transfer),
                 base_fingerprint=base,
+                base_card_sha256="c" * 64,
                 frozen_fingerprint=state_fingerprint(transfer.frozen_state(model)),
                 local_epochs=settings.local_epochs,
                 batch_size=settings.batch_size,
