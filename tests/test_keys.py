@@ -68,7 +68,8 @@ def test_round_trip_without_passphrase(tmp_path: Path) -> None:
 def test_passphrase_round_trip(tmp_path: Path) -> None:
     identity = Identity.generate("va")
     write_identity(identity, tmp_path, passphrase=b"correct horse")
-    assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "va.sign.key").read_bytes()
+    sealed = json.loads((tmp_path / "va.sign.key").read_text())
+    assert sealed["kdf"]["name"] == "scrypt" and sealed["kdf"]["n"] >= 2**17
     assert _same_keys(identity, read_identity(tmp_path, "va", passphrase=b"correct horse"))
 
 
@@ -88,6 +89,63 @@ def test_missing_passphrase_for_encrypted_key_says_what_to_do(tmp_path: Path) ->
 def test_passphrase_for_unencrypted_key_is_refused(tmp_path: Path) -> None:
     write_identity(Identity.generate("va"), tmp_path)
     with pytest.raises(KeyFileError, match="not encrypted"):
+        read_identity(tmp_path, "va", passphrase=b"pw")
+
+
+def _legacy_pbkdf2_identity(identity: Identity, folder: Path, passphrase: bytes) -> None:
+    """Key files as versions before Scrypt wrote them: PKCS8 PEM under BestAvailableEncryption (PBKDF2)."""
+    from cryptography.hazmat.primitives import serialization
+
+    folder.mkdir(mode=0o700, exist_ok=True)
+    write_identity(identity, folder / "fresh")
+    (folder / "fresh" / "va.pub.json").rename(folder / "va.pub.json")
+    for suffix, key in (("enc", identity.encryption_key), ("sign", identity.signing_key)):
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+        keys.write_private_file(folder / f"va.{suffix}.key", pem)
+
+
+def test_a_pbkdf2_key_of_an_older_version_is_read_and_sealed_again_with_scrypt(tmp_path: Path) -> None:
+    identity = Identity.generate("va")
+    _legacy_pbkdf2_identity(identity, tmp_path, b"old pw")
+    assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "va.enc.key").read_bytes()
+    assert _same_keys(identity, read_identity(tmp_path, "va", passphrase=b"old pw"))
+    for suffix in ("enc", "sign"):
+        path = tmp_path / f"va.{suffix}.key"
+        assert json.loads(path.read_text())["kdf"]["name"] == "scrypt"
+        assert _mode(path) == 0o600
+    assert _same_keys(identity, read_identity(tmp_path, "va", passphrase=b"old pw"))
+
+
+def test_a_pbkdf2_key_with_the_wrong_passphrase_is_left_as_it_was(tmp_path: Path) -> None:
+    _legacy_pbkdf2_identity(Identity.generate("va"), tmp_path, b"old pw")
+    before = (tmp_path / "va.enc.key").read_bytes()
+    with pytest.raises(KeyFileError, match="wrong passphrase"):
+        read_identity(tmp_path, "va", passphrase=b"guess")
+    assert (tmp_path / "va.enc.key").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda d: d["kdf"].update(n=2**10), "wrong passphrase"),
+        (lambda d: d["kdf"].update(n=2**30), "outside"),
+        (lambda d: d["kdf"].update(n=3000), "power of two"),
+        (lambda d: d.update(cipher="none"), "unexpected fields or cipher"),
+        (lambda d: d.update(extra=1), "unexpected fields"),
+        (lambda d: d.update(ciphertext=d["ciphertext"][:-8] + "AAAAAAA="), "wrong passphrase"),
+    ],
+)
+def test_a_changed_scrypt_key_file_is_refused(tmp_path: Path, change, match) -> None:
+    write_identity(Identity.generate("va"), tmp_path, passphrase=b"pw")
+    path = tmp_path / "va.enc.key"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+    with pytest.raises(KeyFileError, match=match):
         read_identity(tmp_path, "va", passphrase=b"pw")
 
 

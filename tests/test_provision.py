@@ -203,6 +203,17 @@ def test_check_finds_what_is_wrong_with_a_broken_site_kit(tmp_path: Path) -> Non
     assert "not a fedtransfer kit" in _messages(tmp_path)
 
 
+def test_a_supernode_script_changed_to_insecure_fails_the_check(tmp_path: Path) -> None:
+    """Flower's SuperNode retries forever with --insecure against the TLS gateway; the check says why instead."""
+    kit = _provision(tmp_path / "out", sites=["a", "b"]).site_kits["a"]
+    script = kit / "start-supernode.sh"
+    text = script.read_text()
+    script.write_text(text.replace("--root-certificates", "--insecure \\\n  --ignored"))
+    messages = _messages(kit)
+    assert "--insecure" in messages and "speaks only TLS" in messages
+    assert "does not pass --root-certificates" in messages
+
+
 def test_check_finds_a_kit_from_another_federation(tmp_path: Path) -> None:
     ours = _provision(tmp_path / "ours", sites=["a"])
     theirs = _provision(tmp_path / "theirs", federation="theirs", sites=["a"])

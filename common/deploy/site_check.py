@@ -175,6 +175,8 @@ def _check_site(kit: Path, info: KitInfo, model_card: Path | None, probe: bool, 
     script = kit / SUPERNODE_SCRIPT
     if not script.is_file() or not os.access(script, os.X_OK):
         found.add(ERROR, "files", f"{script} is missing or not executable; run: chmod 755 {script}")
+    else:
+        _check_supernode_flags(script, found)
     try:
         site = SiteConfig.load(kit / SITE_CONFIG_FILE)
     except SiteConfigError as err:
@@ -210,6 +212,25 @@ def _check_site(kit: Path, info: KitInfo, model_card: Path | None, probe: bool, 
         and _probe_superlink(kit / "tls" / CA_CERT, Endpoint.parse(info.superlink_address), found)
     ):
         _probe_control_plane(kit / "tls" / CA_CERT, Endpoint.parse(info.superlink_address), found)
+
+
+def _check_supernode_flags(script: Path, found: _Findings) -> None:
+    """The SuperNode must dial over TLS with node authentication: Flower's ``--insecure`` retries forever."""
+    words = script.read_text().split()
+    if "--insecure" in words:
+        found.add(
+            ERROR,
+            "tls",
+            f"{script} starts the SuperNode with --insecure, but this federation's gateway speaks only TLS; the "
+            "SuperNode would retry forever without saying why. Remove --insecure: the kit dials with "
+            "--root-certificates tls/ca.pem",
+        )
+    for flag, what in (
+        ("--root-certificates", "the federation's CA certificate (TLS)"),
+        ("--auth-supernode-private-key", "the SuperNode authentication key"),
+    ):
+        if flag not in words:
+            found.add(ERROR, "tls", f"{script} does not pass {flag} ({what}); restore the script from the kit")
 
 
 def _check_site_keys(site: SiteConfig, info: KitInfo, found: _Findings) -> None:

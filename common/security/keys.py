@@ -3,8 +3,10 @@
 Every participant has two key pairs: an X25519 pair to receive sealed messages and
 an Ed25519 pair to sign. On disk an identity ``name`` is three files:
 
-- ``name.enc.key`` and ``name.sign.key``: PKCS8 PEM private keys, mode 0600,
-  optionally encrypted with a passphrase;
+- ``name.enc.key`` and ``name.sign.key``: the private keys, mode 0600, either
+  unencrypted PKCS8 PEM or sealed under a passphrase with Scrypt
+  (:mod:`common.security.key_encryption`); a PEM key encrypted by an older version
+  (PBKDF2) is still read and is sealed again with Scrypt when it is read;
 - ``name.pub.json``: both public keys (base64) and the identity fingerprint, mode
   0644, safe to hand to anyone.
 
@@ -40,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 
 from common.errors import SecurityError
 from common.io import JsonError, parse_json, write_atomic
+from common.security.key_encryption import KeyDecryptionError, is_sealed, open_private_key, seal_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +226,8 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
 
     Private keys are created 0600 in a folder no one else may write to, and are never overwritten
     (:class:`KeyFileError`).
-    With a ``passphrase`` they are encrypted with the best scheme ``cryptography``
-    offers; ``None`` writes them unencrypted, an empty passphrase is refused.
+    With a ``passphrase`` they are sealed with Scrypt and AES-256-GCM; ``None`` writes them
+    unencrypted, an empty passphrase is refused.
     """
     if passphrase is not None and not passphrase:
         raise ValueError("passphrase must not be empty; pass None for unencrypted keys")
@@ -238,12 +241,16 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
                 f"{path} already exists; refusing to overwrite a private key. Move it "
                 "away first if you really mean to replace this identity."
             )
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase is not None else serialization.NoEncryption()
-    )
 
     def pem(key: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        if passphrase is None:
+            return key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        der = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return seal_private_key(der, passphrase)
 
     write_private_file(enc_path, pem(identity.encryption_key))
     try:
@@ -259,7 +266,7 @@ def write_identity(identity: Identity, out_dir: Path, passphrase: bytes | None =
         identity.name,
         out_dir,
         public.fingerprint(),
-        "passphrase-protected" if passphrase is not None else "unencrypted",
+        "sealed with Scrypt" if passphrase is not None else "unencrypted",
     )
 
 
@@ -279,8 +286,20 @@ def _read_private_key(path: Path, passphrase: bytes | None) -> object:
             f"`chmod 600 {path}` and consider the key exposed if others could log in."
         )
     data = path.read_bytes()
+    if is_sealed(data):
+        if passphrase is None:
+            raise KeyFileError(
+                f"private key {path} is passphrase-protected; set "
+                f"{PASSPHRASE_ENV_VAR} or enter the passphrase when prompted"
+            )
+        try:
+            return serialization.load_der_private_key(open_private_key(data, passphrase, f"private key {path}"), None)
+        except KeyDecryptionError as exc:
+            raise KeyFileError(str(exc)) from exc
+        except ValueError as exc:
+            raise KeyFileError(f"private key {path} holds no PKCS8 key; restore it from backup") from exc
     try:
-        return serialization.load_pem_private_key(data, password=passphrase)
+        key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError as exc:
         if passphrase is None:
             raise KeyFileError(
@@ -294,6 +313,22 @@ def _read_private_key(path: Path, passphrase: bytes | None) -> object:
         if passphrase is not None and b"ENCRYPTED PRIVATE KEY" in data:
             raise KeyFileError(f"cannot decrypt private key {path}: wrong passphrase (or a corrupted file)") from exc
         raise KeyFileError(f"private key {path} is not a PKCS8 PEM private key; restore it from backup") from exc
+    if passphrase is not None:
+        _reseal_with_scrypt(path, key, passphrase)
+    return key
+
+
+def _reseal_with_scrypt(path: Path, key: Any, passphrase: bytes) -> None:
+    """Replace a PEM key encrypted with PBKDF2 (older versions) by the same key sealed with Scrypt."""
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        write_atomic(path, seal_private_key(der, passphrase), mode=0o600)
+    except OSError as exc:
+        logger.warning(
+            "private key %s is still encrypted with PBKDF2: could not re-encrypt it with Scrypt: %s", path, exc
+        )
+        return
+    logger.warning("private key %s was encrypted with PBKDF2 (2,048 iterations); it is now sealed with Scrypt", path)
 
 
 def read_identity(out_dir: Path, name: str, passphrase: bytes | None = None) -> Identity:
