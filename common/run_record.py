@@ -12,14 +12,15 @@ from typing import Any
 from common.io import parse_json, write_atomic
 
 RUN_RECORD_FILE = "run-record.json"
-RUN_RECORD_FORMAT = 4
+RUN_RECORD_FORMAT = 5
 
 #: How a run stands: running; completed (every round); stopped (too few sites, the last global model kept);
 #: interrupted (by the operator: resumable from its last completed round); failed (no global model).
 RUNNING, COMPLETED, STOPPED, INTERRUPTED, FAILED = "running", "completed", "stopped", "interrupted", "failed"
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current time in UTC, to the second (ISO 8601), as the run record writes it."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -77,6 +78,17 @@ class SiteRound:
 
 
 @dataclass
+class Participant:
+    """Who a site proved to be when it joined: its Flower node, its key's fingerprint, and when (UTC) and in
+    which round its first verified reply from that node arrived."""
+
+    node_id: int
+    key_fingerprint: str
+    joined: str
+    joined_round: int
+
+
+@dataclass
 class RoundRecord:
     server_round: int
     sites: dict[str, SiteRound] = field(default_factory=dict)
@@ -92,7 +104,7 @@ class RunRecord:
     base_model: dict[str, Any]
     transfer_policy: str
     strategy: str
-    started: str = field(default_factory=_now)
+    started: str = field(default_factory=utc_now)
     status: str = RUNNING
     stop_reason: str = ""
     rounds: list[RoundRecord] = field(default_factory=list)
@@ -101,9 +113,8 @@ class RunRecord:
     manifest: str = ""
     max_update_norm: float = 0.0  # the update-norm bound applied: max-update-norm, or the transfer policy's default
     abandoned_rounds: list[RoundRecord] = field(default_factory=list)  # begun but not completed before a resume
-    site_nodes: dict[str, int] = field(
-        default_factory=dict
-    )  # the Flower node each site proved to be, kept across a resume
+    #: Every site that joined, by name: the node it proved to be (kept across a resume), key and time.
+    participants: dict[str, Participant] = field(default_factory=dict)
     #: Filled by ``fedtransfer simulate`` only: the global model of each round evaluated directly on each simulated
     #: site's test split by the simulator, which holds every site's data ({round: {site: metrics}}). Nothing here
     #: came from a site; a deployed coordinator cannot compute it.
@@ -132,7 +143,7 @@ class RunRecord:
         return sorted({s for r in self.rounds for s in r.sites})
 
     def finish(self, status: str, reason: str = "") -> None:
-        self.status, self.stop_reason, self.finished = status, reason, _now()
+        self.status, self.stop_reason, self.finished = status, reason, utc_now()
 
     def to_json(self) -> str:
         return json.dumps(_plain(self), indent=2, sort_keys=True)
@@ -170,5 +181,7 @@ class RunRecord:
                 for r in raw.pop(key, [])
             ]
 
-        site_nodes = {name: int(node) for name, node in raw.pop("site_nodes", {}).items()}
-        return cls(rounds=rounds("rounds"), abandoned_rounds=rounds("abandoned_rounds"), site_nodes=site_nodes, **raw)
+        participants = {name: Participant(**value) for name, value in raw.pop("participants", {}).items()}
+        return cls(
+            rounds=rounds("rounds"), abandoned_rounds=rounds("abandoned_rounds"), participants=participants, **raw
+        )

@@ -148,6 +148,20 @@ def plot_metrics(
     return path
 
 
+def participant_lines(record: RunRecord) -> list[str]:
+    """Who joined: each site's Flower node, its key's fingerprint, and when its first verified reply came."""
+    lines = [
+        "## Sites that joined",
+        "",
+        "| site | Flower node | key fingerprint | joined (UTC) | round |",
+        "|---" * 5 + "|",
+    ]
+    for site, joined in sorted(record.participants.items()):
+        key = f"{joined.key_fingerprint[:16]}..."
+        lines.append(f"| {site} | {joined.node_id} | {key} | {joined.joined} | {joined.joined_round} |")
+    return lines
+
+
 def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None = None) -> Path:
     """Write ``report.md`` and ``metrics.png`` into ``out``; return the report path."""
     plot_metrics(record, out / PLOT_FILE)
@@ -187,6 +201,8 @@ def write_report(record: RunRecord, out: Path, extra_sections: list[str] | None 
         f"![metrics]({PLOT_FILE})",
         "",
         *privacy_lines(record),
+        "",
+        *participant_lines(record),
         "",
     ]
     for section in extra_sections or []:

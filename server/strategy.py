@@ -41,7 +41,7 @@ from common.protocol import (
     STATUS_ERROR,
     STATUS_OK,
 )
-from common.run_record import RunRecord, SiteRound
+from common.run_record import Participant, RunRecord, SiteRound, utc_now
 from server.channel import CoordinatorChannel, ReplyRejected
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class SiteAwareStrategy(Strategy):
         self._global: dict[str, torch.Tensor] = {}
         self._has_base: set[int] = set()
         self._sites_by_node: dict[int, str] = {
-            node: site for site, node in record.site_nodes.items()
+            joined.node_id: site for site, joined in record.participants.items()
         }  # a resumed run knows them
         self._sent: set[int] = set()
 
@@ -206,11 +206,14 @@ class SiteAwareStrategy(Strategy):
 
     def _learn_site(self, server_round: int, node: int, site_id: str) -> None:
         """Map a node to the site it proved to be; an earlier entry under its node id this round moves to the site."""
-        stale = self.record.site_nodes.get(site_id)  # a site maps to one node: the record holds the reverse map
-        if stale is not None and stale != node and self._sites_by_node.get(stale) == site_id:
-            del self._sites_by_node[stale]
+        known = self.record.participants.get(site_id)  # a site maps to one node: the record holds the reverse map
+        if known is not None and known.node_id != node and self._sites_by_node.get(known.node_id) == site_id:
+            del self._sites_by_node[known.node_id]
         self._sites_by_node[node] = site_id
-        self.record.site_nodes[site_id] = node
+        if known is None or known.node_id != node:
+            fingerprint = self.channel.manifest.site(site_id).fingerprint()
+            self.record.participants[site_id] = Participant(node, fingerprint, utc_now(), server_round)
+            log.info("round %d: %s joined as node %d (key %s)", server_round, site_id, node, fingerprint[:16])
         current = self.record.round(server_round)
         earlier = current.sites.pop(f"node-{node}", None)
         if earlier is not None and site_id not in current.sites:

@@ -355,6 +355,19 @@ def test_signed_privacy_reports_are_kept_in_the_run_record(campaign) -> None:
     assert reply.report["dp"] is False
 
 
+def test_the_run_record_says_who_joined_as_which_node_with_which_key(campaign) -> None:
+    """Security review: who joined. Attacks in later rounds (impostors, relabelled replies) change none of it."""
+    record, _ = campaign
+    keys = Path(record.settings["sim_root"]) / "site-0" / "keys"
+    manifest = Manifest.from_json((keys / "manifest.json").read_text(), None)
+    assert sorted(record.participants) == ["site-0", "site-1", "site-2"]
+    for name, joined in record.participants.items():
+        assert joined.key_fingerprint == manifest.site(name).fingerprint()
+        assert joined.joined_round == 1 and joined.joined.endswith("+00:00")
+    assert record.participants["site-0"].node_id == ATTACKER
+    assert len({joined.node_id for joined in record.participants.values()}) == 3
+
+
 def test_a_relay_that_reuses_a_run_number_cannot_replay_across_runs(tmp_path: Path) -> None:
     """Security review finding 8: the run id that blocks cross-run replay was the relay's own run number.
 

@@ -303,7 +303,8 @@ def test_a_site_gone_for_good_is_not_waited_for_and_the_rest_complete(tmp_path: 
     assert record.status == "completed" and time.monotonic() - start < 300
     names = record.round(1).aggregated_sites
     assert len(names) == 3 and all(len(record.round(r).aggregated_sites) == 2 for r in (2, 3))
-    assert record.site_nodes == {name: node_of(i) for i, name in enumerate(sorted(record.site_nodes))}
+    nodes = {name: joined.node_id for name, joined in record.participants.items()}
+    assert nodes == {name: node_of(i) for i, name in enumerate(sorted(nodes))}
 
 
 def test_too_few_sites_online_stops_after_the_wait_with_a_clear_reason(tmp_path: Path) -> None:

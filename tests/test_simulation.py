@@ -58,4 +58,5 @@ def test_three_sites_two_rounds_adapt_the_trainable_part_only(shifted_study: Pat
     assert saved["metric"] == "roc-auc" and [m["method"] for m in saved["methods"]] == list(methods)
     report = (out / "report.md").read_text()
     assert report.count("| federated |") == 2 and "bootstrap 95% intervals" in report
+    assert "## Sites that joined" in report and all(f"| {site} | " in report for site in ("site-0", "site-2"))
     assert (out / "metrics.png").stat().st_size > 0 and (out / "comparison.png").stat().st_size > 0
