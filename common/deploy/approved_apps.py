@@ -147,10 +147,7 @@ def read_approved_apps(path: Path, site_key: PublicIdentity) -> ApprovedApps:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ApprovedAppsError(
-            f"site {site_key.name} has approved no app yet ({path} does not exist); approve one with "
-            "`fedtransfer site approve-app`"
-        ) from None
+        raise ApprovedAppsError(f"site {site_key.name} has approved no app yet ({path} does not exist)") from None
     apps, signature = _parse(data, path)
     if apps.site != site_key.name:
         raise ApprovedAppsError(f"{path} lists the apps of site {apps.site!r}, not of {site_key.name!r}")
