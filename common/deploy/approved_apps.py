@@ -148,6 +148,8 @@ def read_approved_apps(path: Path, site_key: PublicIdentity) -> ApprovedApps:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ApprovedAppsError(f"site {site_key.name} has approved no app yet ({path} does not exist)") from None
+    except OSError as err:
+        raise ApprovedAppsError(f"cannot read the site's approved apps {path}: {err.strerror or err}") from None
     apps, signature = _parse(data, path)
     if apps.site != site_key.name:
         raise ApprovedAppsError(f"{path} lists the apps of site {apps.site!r}, not of {site_key.name!r}")
