@@ -72,6 +72,18 @@ def identity(kit: Path) -> Identity:
     return read_identity(kit / "keys", SITE)
 
 
+def test_flower_installs_the_fab_before_it_imports_the_app() -> None:
+    """The gate's seam: Flower's ClientApp process calls install_from_fab on the FAB's bytes before loading the app."""
+    import inspect
+
+    from flwr.supernode.runtime import run_clientapp
+
+    source = inspect.getsource(run_clientapp.run_clientapp)
+    assert "install_from_fab(fab.content" in source
+    assert source.index("install_from_fab(fab.content") < source.index("load_client_app_fn(")
+    assert source.index("pull_task_input(client)") < source.index("install_from_fab(fab.content")
+
+
 def load_site_approvals_or_error(kit: Path) -> ApprovedApps | ApprovedAppsError:
     try:
         return load_site_approvals(site(kit))

@@ -24,13 +24,15 @@ from typing import Any
 
 from common.data.site_config import SiteConfig
 from common.deploy.approved_apps import SHORT_HASH, AppNotApproved, ApprovedApps, check_approved, load_site_approvals
-from common.errors import FedtransferError
+from common.errors import DeploymentError, FedtransferError
 
 logger = logging.getLogger(__name__)
 
 #: Top-level packages of this project. The approved app brings its own copy of them; the gate's
 #: copies are forgotten before Flower imports the app, so the app runs its own code only.
 PROJECT_PACKAGES = ("common", "client", "server", "simulations")
+#: The function of :mod:`flwr.supernode.runtime.run_clientapp` that installs the run's FAB.
+SEAM = "install_from_fab"
 
 
 def gated_install(
@@ -42,15 +44,14 @@ def gated_install(
     is refused, with that error as the reason.
     """
 
-    def install_if_approved(fab_file: bytes | Path, *args: Any, **kwargs: Any) -> Path:
-        fab = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+    def install_if_approved(fab: bytes, *args: Any, **kwargs: Any) -> Path:
         try:
             fab_hash = check_approved(fab, approvals, site_config)
         except AppNotApproved as refusal:
             logger.error("%s", refusal)
             raise
         logger.info("app FAB sha256 %s is approved by this site; installing it", fab_hash[:SHORT_HASH])
-        return install(fab_file, *args, **kwargs)
+        return install(fab, *args, **kwargs)
 
     return install_if_approved
 
@@ -83,6 +84,11 @@ def run_gated_clientapp(site_config: Path, flower_args: list[str]) -> None:
     from flwr.supernode.cli import flwr_clientapp
 
     _log_plainly()
+    if not callable(getattr(runtime, SEAM, None)):
+        raise DeploymentError(
+            f"this Flower's flwr-clientapp has no {SEAM} to check apps at; refusing to run any app unchecked "
+            "(fedtransfer supports Flower 1.42)"
+        )
     runtime.install_from_fab = gated_install(runtime.install_from_fab, _load_approvals(site_config), site_config)
     _forget_project_modules()
     sys.argv = ["flwr-clientapp", *flower_args]
