@@ -17,13 +17,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from common.data.site_config import SiteConfig
 from common.data.site_data import SiteData, write_site_data
-from common.deploy.provision import COORDINATOR_KIT, Endpoint, KitInfo, ProvisionResult
+from common.deploy.approved_apps import approve_app
+from common.deploy.provision import COORDINATOR_KIT, Endpoint, KitInfo, ProvisionResult, default_app_dir
 from common.privacy.policy import load_policy, write_policy
+from common.security.keys import read_identity
 from simulations.sites import declared_size
 from tests.conftest import FLOWER_ENV
 
@@ -293,3 +296,25 @@ def give_site_data(kit: Path, site: SiteData, feature_names: tuple[str, ...] | N
     write_site_data(site, kit / "data", feature_names)
     policy = kit / "state" / "privacy-policy.toml"
     write_policy(replace(load_policy(policy), declared_size=declared_size(len(site.train))), policy)
+
+
+def approve_the_app(kits: Iterable[Path], processes: Processes, workdir: Path) -> bytes:
+    """What each site does once it has reviewed the app: build its FAB with ``flwr build`` from the same checkout
+    the coordinator's ``run.sh`` runs, and approve it with its own key (``fedtransfer site approve-app``, in
+    process here). Returns the FAB."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    built = subprocess.run(
+        [str(BIN / "flwr"), "build", "--app", str(default_app_dir())],
+        env=processes.env(workdir / "flower-home"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=workdir,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (fab_file,) = workdir.glob("*.fab")
+    fab = fab_file.read_bytes()
+    for kit in kits:
+        site = SiteConfig.load(kit / "site.toml")
+        approve_app(site, fab, "reviewed by the test", read_identity(site.keys_dir, site.site_id))
+    return fab

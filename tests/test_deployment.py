@@ -1,10 +1,12 @@
 """Loopback deployment: real flower-superlink and flower-supernode processes, TLS and SuperNode auth.
 
-Provision a 3-site federation, start everything with the kits' own scripts on 127.0.0.1,
-run 2 rounds with ``flwr run`` and check the outcome at the coordinator and at every site.
+Provision a federation of four hospitals, start everything with the kits' own scripts on
+127.0.0.1, run 2 rounds with ``flwr run`` and check the outcome at the coordinator and at every
+site. Three hospitals approved the app first (its FAB, built with ``flwr build``) and train.
 In the same harness: an unregistered SuperNode is refused, a SuperNode without the CA cannot
-connect, and a registered SuperNode holding a kit from another federation takes part in the
-run but refuses the coordinator's signed instructions, while the other sites complete.
+connect, a registered SuperNode holding a kit from another federation takes part in the
+run but refuses the coordinator's signed instructions, and a fourth hospital that did not
+approve the app refuses it before installing it, while the other sites complete.
 Every process is started in its own session and only those process groups are stopped.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from common.data.scenarios import load_scenario
+from common.deploy.approved_apps import SHORT_HASH, fab_sha256
 from common.deploy.provision import Endpoint, ProvisionRequest, provision, supernode_auth_keypair
 from common.deploy.site_keys import make_site_keys
 from common.privacy.ledger import Ledger
@@ -28,6 +31,7 @@ from tests.deployment_harness import (
     BIN,
     HAS_FLOWER,
     Processes,
+    approve_the_app,
     flwr,
     free_port,
     give_site_data,
@@ -39,6 +43,7 @@ from tests.deployment_harness import (
 )
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
+UNAPPROVED = "hospital-d"  # enrolled and registered, but it never approved the app
 RUN_TIMEOUT = 420.0
 
 pytestmark = [
@@ -50,12 +55,12 @@ pytestmark = [
 def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, processes: Processes) -> None:
     port = free_port()
     address = [Endpoint("127.0.0.1", port)]
-    ports = {site: free_port() for site in SITES}
+    ports = {site: free_port() for site in [*SITES, UNAPPROVED]}
     scenario = load_scenario("wdbc")
     homes = tmp_path / "srv"  # each machine's folder: the hospitals make their keys there, then copy their kit in
     enrolments = [
         make_site_keys(site, homes / site, declared_size(len(scenario.sites[index].train)), None)
-        for index, site in enumerate(SITES)
+        for index, site in enumerate([*SITES, UNAPPROVED])
     ]
     fed = install_kits(
         provision(
@@ -85,9 +90,12 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
             runtime_ports={"stranger": free_port()},
         )
     )
-    for index, site in enumerate(SITES):
+    for index, site in enumerate([*SITES, UNAPPROVED]):
         give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
     give_site_data(foreign.site_kits["stranger"], scenario.sites[3], scenario.feature_names)
+    fab = approve_the_app(
+        [*(fed.site_kits[s] for s in SITES), foreign.site_kits["stranger"]], processes, tmp_path / "app"
+    )
     coordinator = fed.coordinator_kit
     coordinator_home = coordinator / "flower-home"
 
@@ -110,7 +118,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     )
     assert registered.returncode == 0, registered.stdout + registered.stderr
 
-    for site in SITES:
+    for site in [*SITES, UNAPPROVED]:
         kit = fed.site_kits[site]
         processes.start(site, [str(kit / "start-supernode.sh")], kit / "flower-home")
     processes.start(
@@ -160,7 +168,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     )
 
     out = tmp_path / "run-out"
-    run_id = start_run(coordinator, f'rounds=2 local-epochs=1 expected-sites=4 min-sites=3 out="{out}"', processes)
+    run_id = start_run(coordinator, f'rounds=2 local-epochs=1 expected-sites=5 min-sites=3 out="{out}"', processes)
 
     status = wait_until_finished(run_id, "loopback", processes, coordinator_home, RUN_TIMEOUT)
     assert status == "finished:completed", f"run {run_id} is {status!r}\n" + processes.log("superlink")[-4000:]
@@ -171,6 +179,7 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
     assert (out / "final-model" / "model.safetensors").is_file() and record.final_checkpoint == str(out / "final-model")
     manifest = read_manifest(coordinator / "manifest.json", fed.coordinator_fingerprint)
     base = record.base_model["fingerprint"]
+    refusal_hash = fab_sha256(fab)[:SHORT_HASH]
     for server_round in (1, 2):
         current = record.round(server_round)
         assert current.aggregated_sites == SITES
@@ -180,10 +189,16 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
             report = verify_report(entry.train.report_signed, record.run_id, server_round, base, manifest.site(site))
             assert report == entry.train.report and report["dp"] is True
         refused = {name: s for name, s in current.sites.items() if name not in SITES}
-        assert len(refused) == 1 and next(iter(refused.values())).status in ("failed", "rejected"), current.sites
+        assert len(refused) == 2 and all(s.status in ("failed", "rejected") for s in refused.values()), current.sites
+        not_approved = [s for s in refused.values() if f"refusing app FAB sha256 {refusal_hash}" in s.reason]
+        assert len(not_approved) == 1, current.sites  # the stranger refused the instructions, not the app
     for site in SITES:
         entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == record.run_id]
         assert sorted(e.server_round for e in entries) == [1, 2], site
+    unapproved = fed.site_kits[UNAPPROVED]
+    assert not Ledger(unapproved / "state").entries() and not (unapproved / "flower-home" / "apps").exists()
+    assert f"ERROR fedtransfer: refusing app FAB sha256 {refusal_hash}" in processes.log(UNAPPROVED)
+    assert (fed.site_kits["hospital-a"] / "flower-home" / "apps").is_dir()  # where an approved app is installed
     assert not Ledger(foreign.site_kits["stranger"] / "state").entries(), (
         "the stranger must not train for a coordinator it does not trust"
     )

@@ -1,6 +1,7 @@
 """Loopback deployment faults: the SuperLink crashes and is restarted on its database, a SuperNode dies.
 
-Three provisioned hospitals under TLS and SuperNode auth start a 3-round run with ``flwr run``:
+Three provisioned hospitals under TLS and SuperNode auth, each having approved the app's FAB,
+start a 3-round run with ``flwr run``:
 
 1. as soon as round 2 has begun the SuperLink is killed with everything below it (SIGKILL: its
    SuperExec and the ServerApp die with it, as on a crashed coordinator machine) and the SuperLink
@@ -30,6 +31,7 @@ from common.security.manifest import read_manifest
 from tests.deployment_harness import (
     HAS_FLOWER,
     Processes,
+    approve_the_app,
     free_port,
     give_site_data,
     register_sites,
@@ -75,6 +77,7 @@ def test_superlink_restart_resumes_and_a_dead_supernode_is_dropped(tmp_path: Pat
     scenario = load_scenario("wdbc")
     for index, site in enumerate(SITES):
         give_site_data(fed.site_kits[site], scenario.sites[index], scenario.feature_names)
+    approve_the_app(fed.site_kits.values(), processes, tmp_path / "app")
     coordinator = fed.coordinator_kit
     home = coordinator / "flower-home"
 

@@ -153,14 +153,60 @@ def _cmd_sign_ledger(args: argparse.Namespace) -> int:
     from common.privacy.ledger import LEDGER_FILE, Ledger
     from common.security.keys import passphrase_from_env, read_identity
 
-    config_path = Path(args.site) / SITE_CONFIG_FILE if Path(args.site).is_dir() else Path(args.site)
-    config = SiteConfig.load(config_path)
+    config = SiteConfig.load(_site_config_path(args.site))
     identity = read_identity(config.keys_dir, config.site_id, passphrase_from_env())
     entries = Ledger(config.state_dir, signer=identity).sign_head()
     console.print(
         f"Signed the head of {config.state_dir / LEDGER_FILE} ({entries} entries) with site "
         f"{config.site_id}'s key {identity.public().fingerprint()[:16]}...; the site trains again."
     )
+    return 0
+
+
+def _site_config_path(site: str) -> Path:
+    return Path(site) / SITE_CONFIG_FILE if Path(site).is_dir() else Path(site)
+
+
+def _cmd_approve_app(args: argparse.Namespace) -> int:
+    from common.deploy.approved_apps import ApprovedAppsError, approve_app, approved_apps_path, describe_fab
+    from common.security.keys import passphrase_from_env, read_identity
+
+    config = SiteConfig.load(_site_config_path(args.site))
+    fab_file = Path(args.fab)
+    try:
+        fab = fab_file.read_bytes()
+    except OSError as err:
+        raise ApprovedAppsError(f"cannot read the FAB {fab_file}: {err.strerror or err}") from None
+    app = describe_fab(fab, fab_file)
+    identity = read_identity(config.keys_dir, config.site_id, passphrase_from_env())
+    approved = approve_app(config, fab, args.note or app, identity)
+    console.print(
+        f"Site {config.site_id} approves {app} (FAB sha256 [bold]{approved.fab_sha256}[/bold]), signed with its key "
+        f"{identity.public().fingerprint()[:16]}... in {approved_apps_path(config)}; its SuperNode runs this app from "
+        "the next run on."
+    )
+    return 0
+
+
+def _cmd_approved_apps(args: argparse.Namespace) -> int:
+    from common.deploy.approved_apps import load_site_approvals
+
+    config = SiteConfig.load(_site_config_path(args.site))
+    approvals = load_site_approvals(config)
+    table = Table(title=f"Apps site {config.site_id} runs (signature verified)")
+    for column in ("FAB sha256", "approved at", "note"):
+        table.add_column(column)
+    for app in approvals.apps:
+        table.add_row(app.fab_sha256, app.approved_at, app.note)
+    console.print(table)
+    return 0
+
+
+def _cmd_clientapp(args: argparse.Namespace) -> int:
+    from common.deploy.clientapp_gate import run_gated_clientapp
+
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    run_gated_clientapp(_site_config_path(args.site), flower_args)
     return 0
 
 
@@ -278,3 +324,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     sign.add_argument("site", help="the site folder (holding site.toml) or its site.toml")
     sign.set_defaults(func=_cmd_sign_ledger)
+    approve = sub.add_parser(
+        "approve-app",
+        help="approve an app (FAB) this site may run, after reviewing it",
+        description="Add the sha256 of a Flower App Bundle to the site's approved apps (STATE/approved-apps.json), "
+        "signed with the site's key. The site's SuperNode refuses, before touching any data, every app not in that "
+        "list. Build the FAB with `flwr build` in the checkout you reviewed (or review the .fab the coordinator "
+        "sends): the same files give the same hash as the app the coordinator runs.",
+    )
+    approve.add_argument("fab", help="the reviewed app's .fab file")
+    approve.add_argument("--site", required=True, help="the site folder (holding site.toml) or its site.toml")
+    approve.add_argument("--note", default="", help="what the app is and who reviewed it (default: its name, version)")
+    approve.set_defaults(func=_cmd_approve_app)
+    listing = sub.add_parser(
+        "approved-apps",
+        help="list the apps this site approved (after verifying the list's signature)",
+        description="Verify the site's approved apps against its key in the manifest and list them.",
+    )
+    listing.add_argument("--site", required=True, help="the site folder (holding site.toml) or its site.toml")
+    listing.set_defaults(func=_cmd_approved_apps)
+    gate = sub.add_parser(
+        "clientapp",
+        help="Flower's flwr-clientapp for approved apps only (started by the SuperNode, not by hand)",
+        description="Run Flower's flwr-clientapp, installing the run's FAB only if the site approved it. The kit's "
+        "bin/flwr-clientapp calls this; arguments after -- go to Flower.",
+    )
+    gate.add_argument("--site", required=True, help="the site folder (holding site.toml) or its site.toml")
+    gate.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flwr-clientapp's arguments")
+    gate.set_defaults(func=_cmd_clientapp)

@@ -16,6 +16,7 @@ take part, and no private key that belongs to another machine::
         tls/ca.pem
         manifest.json  site.toml  state/privacy-policy.toml  data/
         start-supernode.sh
+        bin/flwr-clientapp       Flower's flwr-clientapp, for the apps the site approved only
         kit.json
 
 A deployed site makes its keys itself (``fedtransfer keys site``, :mod:`common.deploy.site_keys`)
@@ -96,6 +97,8 @@ GATEWAY_SCRIPT = "start-gateway.sh"
 REGISTER_SCRIPT = "register-supernodes.sh"
 RUN_SCRIPT = "run.sh"
 SUPERNODE_SCRIPT = "start-supernode.sh"
+BIN_DIR = "bin"  # a site kit's commands that go first on its SuperNode's PATH
+CLIENTAPP_GATE = "flwr-clientapp"  # runs Flower's own, for apps the site approved (common.deploy.clientapp_gate)
 POLICY_FILE = "privacy-policy.toml"
 DEFAULT_RUNTIME_PORT = 9094
 CA_DAYS = 3650
@@ -689,14 +692,25 @@ def _write_sites(
         write_policy(policy, kit / "state" / POLICY_FILE)
         write_public_file(kit / SITE_CONFIG_FILE, config.to_toml())
         node_config = f"site-config={json.dumps(str(install / SITE_CONFIG_FILE))}"
+        (kit / BIN_DIR).mkdir(mode=0o755)
+        _write_script(
+            kit / BIN_DIR / CLIENTAPP_GATE,
+            [
+                f"# Flower's flwr-clientapp for site {site}, run only for an app (FAB) this site approved with",
+                "# `fedtransfer site approve-app`; any other app is refused before it is installed (docs/security.md).",
+                f'exec fedtransfer site clientapp --site {shlex.quote(str(install / SITE_CONFIG_FILE))} -- "$@"',
+            ],
+        )
         _write_script(
             kit / SUPERNODE_SCRIPT,
             [
                 f"# SuperNode of site {site} in fedtransfer federation {request.federation}.",
                 f"# It dials the SuperLink at {address} (outbound HTTPS only); its local runtime port {port} stays on "
                 "127.0.0.1.",
+                f"# Its ClientApps start as {BIN_DIR}/{CLIENTAPP_GATE}: only apps this site approved run.",
                 "set -eu",
                 *_flower_env_lines(install / FLOWER_HOME),
+                f'export PATH={shlex.quote(str(install / BIN_DIR))}:"$PATH"',
                 "exec flower-supernode \\",
                 f"  --superlink {shlex.quote(str(address))} \\",
                 f"  --root-certificates {shlex.quote(str(install / 'tls' / CA_CERT))} \\",

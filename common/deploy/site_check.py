@@ -3,7 +3,7 @@
 :func:`check_kit` looks at a site kit (or the coordinator's kit) and returns findings in
 an operator's words: files present, private keys private, keys and manifest consistent,
 TLS certificate dates and names, the site's data loading against the model card, the
-privacy policy parsing, the ledger writable. It changes nothing on disk.
+privacy policy parsing, the ledger writable, the approved apps signed. It changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from cryptography.hazmat.primitives.serialization import (
 
 from common.data.site_config import SITE_CONFIG_FILE, SiteConfig, SiteConfigError
 from common.data.site_data import DataError, infer_input_shape, load_site_data
+from common.deploy.approved_apps import SHORT_HASH, ApprovedAppsError, approved_apps_path, load_site_approvals
 from common.deploy.provision import (
     AUTH_KEY,
+    BIN_DIR,
     CA_CERT,
+    CLIENTAPP_GATE,
     GATEWAY_SCRIPT,
     MANIFEST_FILE,
     SUPERLINK_CERT,
@@ -206,6 +209,7 @@ def _check_site(kit: Path, info: KitInfo, model_card: Path | None, probe: bool, 
     bundled = kit / CARD_FILE
     _check_data(site, model_card or (bundled if bundled.is_file() else None), found)
     _check_policy_and_ledger(site, found)
+    _check_approved_apps(kit, site, found)
     if (
         probe
         and ca is not None
@@ -383,6 +387,33 @@ def _check_policy_and_ledger(site: SiteConfig, found: _Findings) -> None:
         return
     signed = "its head signed by this site's key, " if site_key is not None and entries else ""
     found.add(OK, "ledger", f"privacy ledger in {state} is writable and intact ({signed}{entries} entries)")
+
+
+def _check_approved_apps(kit: Path, site: SiteConfig, found: _Findings) -> None:
+    gate = kit / BIN_DIR / CLIENTAPP_GATE
+    if not gate.is_file() or not os.access(gate, os.X_OK):
+        found.add(
+            ERROR,
+            "approved apps",
+            f"{gate} is missing or not executable: without it the SuperNode runs any app it is sent; ask the "
+            "coordinator for a fresh kit (kits made before app approval lack it)",
+        )
+    path = approved_apps_path(site)
+    if not path.exists():
+        found.add(
+            WARNING,
+            "approved apps",
+            f"no app approved yet ({path}): the SuperNode refuses every run until you review the app, build its FAB "
+            f"(flwr build) and run `fedtransfer site approve-app FAB_FILE --site {kit}`",
+        )
+        return
+    try:
+        approvals = load_site_approvals(site)
+    except (ApprovedAppsError, ManifestError) as err:
+        found.add(ERROR, "approved apps", str(err))
+        return
+    hashes = ", ".join(f"{app.fab_sha256[:SHORT_HASH]}..." for app in approvals.apps)
+    found.add(OK, "approved apps", f"{len(approvals.apps)} app(s) approved, signed by this site's key: {hashes}")
 
 
 def _probe_superlink(ca_path: Path, endpoint: Endpoint, found: _Findings, timeout: float = 5.0) -> bool:

@@ -1,12 +1,13 @@
 """Deployment at scale: real SuperLink and SuperNode processes on loopback, TLS and SuperNode authentication.
 
 A federation of 16 sites (4 with ``--quick``) is provisioned with ``common.deploy.provision``,
-each site kit gets a copy of a ``wdbc`` site's data (site k holds scenario site k mod 4) and
-declares its size, and everything is started with the kits' own scripts through the loopback
-deployment harness of the tests (``tests/deployment_harness.py``: a private ``FLWR_HOME``
-per process, 127.0.0.1 only, every process it started stopped by pid). One run of 3 rounds
-(1 with ``--quick``) with the default settings (DP-SGD at every site, a DP evaluation after
-the last round) is started with the coordinator kit's ``run.sh``.
+each site kit gets a copy of a ``wdbc`` site's data (site k holds scenario site k mod 4),
+declares its size and approves the app (the FAB ``flwr build`` makes of this checkout), and
+everything is started with the kits' own scripts through the loopback deployment harness of
+the tests (``tests/deployment_harness.py``: a private ``FLWR_HOME`` per process, 127.0.0.1
+only, every process it started stopped by pid). One run of 3 rounds (1 with ``--quick``)
+with the default settings (DP-SGD at every site, a DP evaluation after the last round) is
+started with the coordinator kit's ``run.sh``.
 
 Measured while it runs:
 
@@ -206,6 +207,7 @@ def _deploy_and_run(harness: ModuleType, work: Path, sites: int, rounds: int, se
     out = work / "run-out"
     processes = harness.Processes(work)
     try:
+        harness.approve_the_app(federation.site_kits.values(), processes, work / "app")
         harness.start_coordinator(coordinator, processes)
         harness.register_sites(coordinator, processes)
         supernodes = {}
