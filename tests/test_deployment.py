@@ -192,6 +192,11 @@ def test_three_hospitals_on_loopback_with_tls_and_node_auth(tmp_path: Path, proc
         assert len(refused) == 2 and all(s.status in ("failed", "rejected") for s in refused.values()), current.sites
         not_approved = [s for s in refused.values() if f"refusing app FAB sha256 {refusal_hash}" in s.reason]
         assert len(not_approved) == 1, current.sites  # the stranger refused the instructions, not the app
+    assert sorted(record.participants) == SITES  # who joined: neither the stranger nor the unapproved site
+    for site in SITES:
+        joined = record.participants[site]
+        assert joined.key_fingerprint == manifest.site(site).fingerprint() and joined.joined_round == 1
+    assert len({record.participants[site].node_id for site in SITES}) == len(SITES)
     for site in SITES:
         entries = [e for e in Ledger(fed.site_kits[site] / "state").entries() if e.run_id == record.run_id]
         assert sorted(e.server_round for e in entries) == [1, 2], site
