@@ -569,8 +569,10 @@ def calibrate_noise(
     (candidates are rounded up) and the search stops when it is within a relative
     ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit, so it is at most about
     0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
-    RDP calibration at integer orders. Typical cost: a few RDP and three to five PLD (or
-    PRV) evaluations. Results are memoised: sites that share (prior, q, steps, target)
+    RDP calibration at integer orders; PLD then searches on a coarse grid
+    (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL`. Typical
+    cost: a few RDP, four to eight coarse PLD and two or three PLD (three to five PRV)
+    evaluations. Results are memoised: sites that share (prior, q, steps, target)
     calibrate once per process.
 
     Raises :class:`BudgetExhausted` if the prior history alone already reaches the
