@@ -139,6 +139,11 @@ def _merged(history: Sequence[Step]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in totals.items()]
 
 
+def phases(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
+    """The history as composition sees it: equal (sigma, q) phases merged, sorted; what memos and stores key on."""
+    return tuple(sorted(_merged(history)))
+
+
 def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> float:
     """Size of the grid Opacus's PRVAccountant would discretise this history on."""
     delta_error = delta / 1000
@@ -154,7 +159,7 @@ def _compose(history: Sequence[Step], delta: float, accountant: Accountant, max_
     _check_accountant(accountant)
     # Only PRV has a grid limit: other accountants share one memo entry per history.
     limit = max_grid_points if accountant == "prv" else math.inf
-    return _compose_phases(tuple(sorted(_merged(history))), delta, accountant, limit)
+    return _compose_phases(phases(history), delta, accountant, limit)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -588,9 +593,8 @@ def calibrate_noise(
         raise ValueError(f"min_noise must be in [0, {SIGMA_CEILING}], got {min_noise!r}")
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    phases = tuple(sorted(_merged(prior)))
     return _calibrate(
-        phases, float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
+        phases(prior), float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
     )
 
 
