@@ -61,6 +61,10 @@ DEFAULT_ACCOUNTANT: Accountant = "pld"
 PLD_INTERVAL = 1e-3
 #: The coarser grid a PLD calibration searches on before it brackets its answer at ``PLD_INTERVAL``.
 PLD_SEARCH_INTERVAL = 1e-2
+#: The coarse search stops when its next secant step on log(sigma) is below this (there the
+#: secant's landing is far more accurate than the step), after at most this many evaluations.
+PLD_SEARCH_STEP = 0.01
+PLD_SEARCH_EVALUATIONS = 8
 #: The reference column of the ledger shows each history under another, cheap accountant.
 REFERENCE: dict[str, Accountant] = {"pld": "rdp", "prv": "rdp", "rdp": "pld"}
 
@@ -521,7 +525,7 @@ def _guess(
     rdp_lo = lo if rdp_epsilon(lo) > room else SIGMA_FLOOR / 2
     guess, slope = _solve(rdp_epsilon, room, rdp_lo, SIGMA_CEILING, start, -1.5)
     if accountant == "pld":
-        return _coarse_pld_guess(phases, sample_rate, planned_steps, target_epsilon, delta, lo, guess, slope)
+        return _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
     return guess, slope
 
 
@@ -529,32 +533,70 @@ def _coarse_pld_guess(
     phases: tuple[tuple[float, float, int], ...],
     sample_rate: float,
     planned_steps: int,
-    target_epsilon: float,
+    room: float,
     delta: float,
     lo: float,
     guess: float,
     slope: float,
 ) -> tuple[float, float]:
-    """The sigma a PLD calibration at :data:`PLD_SEARCH_INTERVAL` finds (to a quarter of the tolerance), and its slope.
+    """Where the planned phase's share of the composed epsilon on the :data:`PLD_SEARCH_INTERVAL` grid fills
+    ``room`` (what the prior leaves of the target at :data:`PLD_INTERVAL`), and the local slope.
 
-    A coarser grid costs a fraction of a fine evaluation and, with the same pessimistic rounding,
-    lands within a few hundredths of a percent above the fine answer; the fine search that follows
-    then typically needs two evaluations: one that fits and one just below that does not. Only
-    where the search starts depends on it: every sigma a calibration returns was evaluated at
-    :data:`PLD_INTERVAL`. Falls back to ``(guess, slope)`` when the prior alone fills the coarse grid's room.
+    The share (composed epsilon less the prior's, both on the coarse grid) costs a fraction of a
+    fine evaluation and lands within a few hundredths of a percent of the fine one; the fine search
+    that follows then typically needs two evaluations: one that fits and one just below that does
+    not. Only where the search starts depends on it: every sigma a calibration returns was
+    evaluated at :data:`PLD_INTERVAL`.
     """
     spent = _pld_epsilon(list(phases), delta, PLD_SEARCH_INTERVAL) if phases else 0.0
-    room = target_epsilon - spent
-    if room <= 0:
-        return guess, slope
     prior = [Step(sigma, q, n) for sigma, q, n in phases]
 
     def excess(sigma: float) -> float:
         merged = sorted(_merged([*prior, Step(sigma, sample_rate, planned_steps)]))
         return max(_pld_epsilon(merged, delta, PLD_SEARCH_INTERVAL) - spent, 0.0)
 
-    # Where not even the ceiling fits, the search ends at it and the fine evaluation there says so.
-    return _solve(excess, room, lo, SIGMA_CEILING, guess, slope, rel_tol=SIGMA_REL_TOL / 4)
+    crossing, slope = _crossing(excess, room, lo, guess, slope)
+    # A little above the estimate, so the first fine evaluation fits and the second, just below, closes.
+    return crossing * (1 + SIGMA_REL_TOL / 4), slope
+
+
+def _crossing(
+    epsilon_of: Callable[[float], float], target: float, lo: float, guess: float, slope: float
+) -> tuple[float, float]:
+    """Where ``epsilon_of`` crosses ``target``, estimated by secant steps on log(sigma), and the last slope.
+
+    Works on f(x) = log(epsilon(e^x) / target), smooth and nearly linear in x. From ``guess``
+    (Newton with ``slope``), then secants through the last two evaluations, clamped to
+    [``lo``, :data:`SIGMA_CEILING`] and halved back toward the last evaluation where f is not
+    finite. Stops when the next step is below :data:`PLD_SEARCH_STEP` and returns where that step
+    lands, rounded up to the grid, without evaluating it: only an estimate, for a search that
+    certifies its answer itself. At most :data:`PLD_SEARCH_EVALUATIONS` evaluations.
+    """
+    lo_x, hi_x = math.log(lo), math.log(SIGMA_CEILING)
+    x = math.log(min(max(guess, lo), SIGMA_CEILING))
+    f = _log_ratio(epsilon_of(math.exp(x)), target)
+    if not math.isfinite(f):
+        return math.exp(x), slope
+    for _ in range(PLD_SEARCH_EVALUATIONS - 1):
+        step = -f / slope
+        landing = min(max(x + step, lo_x), hi_x)
+        if abs(landing - x) <= PLD_SEARCH_STEP:
+            return min(_grid_up(math.exp(landing)), SIGMA_CEILING), slope
+        f_new = _log_ratio(epsilon_of(math.exp(landing)), target)
+        while not math.isfinite(f_new) and abs(landing - x) > PLD_SEARCH_STEP:
+            landing = (landing + x) / 2
+            f_new = _log_ratio(epsilon_of(math.exp(landing)), target)
+        if not math.isfinite(f_new) or f_new == f:
+            break
+        slope = (f_new - f) / (landing - x)
+        if slope >= 0:  # not the decreasing curve this assumes: let the caller search from here
+            return math.exp(landing), -1.5
+        x, f = landing, f_new
+    return min(_grid_up(math.exp(x)), SIGMA_CEILING), slope
+
+
+def _log_ratio(value: float, target: float) -> float:
+    return math.log(value / target) if value > 0 else -math.inf
 
 
 def calibrate_noise(
