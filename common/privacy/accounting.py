@@ -509,10 +509,10 @@ def _guess(
 ) -> tuple[float, float]:
     """Where a PLD or PRV calibration starts: a sigma at or a little above the answer, and the local slope.
 
-    PRV starts from the PLD calibration (both are tight, PRV pads its bound by its error). PLD
-    starts from the same search on a coarse PLD (:func:`_coarse_pld_guess`), which itself starts
-    from RDP at integer orders (looser, so its sigma is larger): for the planned phase alone
-    against the room the prior leaves, which over-estimates the noise the composition needs.
+    PRV starts from the PLD calibration (both are tight, PRV pads its bound by its error); PLD from
+    RDP at integer orders (looser, so its sigma is larger): for the planned phase alone against
+    the room the prior leaves, which over-estimates the noise the composition needs. Unless the
+    floor fits, PLD then refines it on a coarse grid (:func:`_coarse_pld_guess`).
     """
     if accountant == "prv":
         try:
@@ -523,10 +523,7 @@ def _guess(
     if rdp_epsilon(SIGMA_CEILING) > room:
         return SIGMA_CEILING / 2, -1.5
     rdp_lo = lo if rdp_epsilon(lo) > room else SIGMA_FLOOR / 2
-    guess, slope = _solve(rdp_epsilon, room, rdp_lo, SIGMA_CEILING, start, -1.5)
-    if accountant == "pld":
-        return _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
-    return guess, slope
+    return _solve(rdp_epsilon, room, rdp_lo, SIGMA_CEILING, start, -1.5)
 
 
 def _coarse_pld_guess(
@@ -702,6 +699,8 @@ def _calibrate(
         # only end the search a grid step above the floor, never below a fitting sigma.
         if guess <= 2 * lo and excess(lo) <= room:
             return float(lo)
+        if accountant == "pld":
+            guess, slope = _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
         sigma, _ = _solve(excess, room, lo, SIGMA_CEILING, guess, slope)
         verified = numeric_epsilon(sigma)
     if verified > target_epsilon:
