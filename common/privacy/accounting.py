@@ -143,7 +143,7 @@ def _merged(history: Sequence[Step]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in totals.items()]
 
 
-def phases(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
+def merged_phases(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
     """The history as composition sees it: equal (sigma, q) phases merged, sorted; what memos and stores key on."""
     return tuple(sorted(_merged(history)))
 
@@ -163,7 +163,7 @@ def _compose(history: Sequence[Step], delta: float, accountant: Accountant, max_
     _check_accountant(accountant)
     # Only PRV has a grid limit: other accountants share one memo entry per history.
     limit = max_grid_points if accountant == "prv" else math.inf
-    return _compose_phases(phases(history), delta, accountant, limit)
+    return _compose_phases(merged_phases(history), delta, accountant, limit)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -615,7 +615,7 @@ def calibrate_noise(
     0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
     RDP calibration at integer orders; PLD then searches on a coarse grid
     (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL`. Typical
-    cost: a few RDP, four to eight coarse PLD and two or three PLD (three to five PRV)
+    cost: a few RDP, two to eight coarse PLD and two or three PLD (three to five PRV)
     evaluations. Results are memoised: sites that share (prior, q, steps, target)
     calibrate once per process.
 
@@ -632,8 +632,9 @@ def calibrate_noise(
         raise ValueError(f"min_noise must be in [0, {SIGMA_CEILING}], got {min_noise!r}")
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    prior_phases = merged_phases(prior)
     return _calibrate(
-        phases(prior), float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
+        prior_phases, float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
     )
 
 

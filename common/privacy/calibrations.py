@@ -84,7 +84,7 @@ class CalibrationKey:
         min_noise: float,
     ) -> CalibrationKey:
         return cls(
-            prior=accounting.phases(prior),
+            prior=accounting.merged_phases(prior),
             sample_rate=float(sample_rate),
             planned_steps=int(planned_steps),
             target_epsilon=float(target_epsilon),
