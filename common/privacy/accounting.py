@@ -13,7 +13,7 @@ Three accountants, as a site's policy names them:
   pessimistic rounding, so the value is an upper bound; tight, and fast enough to account
   a round in tens of milliseconds and to calibrate a run's noise in a fraction of a second.
   The history is composed entry by entry, as ``PLDAccountant`` composes a ComposedDpEvent of
-  one self-composed subsampled Gaussian per entry, in a canonical order (entries sorted), so
+  one self-composed subsampled Gaussian per entry, in a canonical order (:func:`history_entries`), so
   the value does not depend on the order of the ledger; every prefix of that composition is
   memoised, so a round adds one composition to its history's, not a new distribution.
 - ``"prv"``: Opacus's privacy random variables (Gopi et al. 2021); tight too, its upper
@@ -154,14 +154,18 @@ def merged_phases(history: Sequence[Step]) -> tuple[tuple[float, float, int], ..
 
 
 def history_entries(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
-    """The history as PLD composes it: one ``(sigma, q, steps)`` per entry with steps, sorted (the canonical order)."""
+    """The history as PLD composes it: one ``(sigma, q, steps)`` per entry with steps, in the canonical order.
+
+    Sorted by sample rate, then noise, then steps: a run's rounds (q < 1) come before its DP
+    releases (q = 1), so the next round's or release's history mostly extends a composed prefix.
+    """
     entries = []
     for step in history:
         if not isinstance(step, Step):
             raise TypeError(f"history entries must be Step, got {type(step).__name__}")
         if step.steps:
             entries.append((float(step.noise_multiplier), float(step.sample_rate), step.steps))
-    return tuple(sorted(entries))
+    return tuple(sorted(entries, key=lambda entry: (entry[1], entry[0], entry[2])))
 
 
 def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> float:
@@ -609,8 +613,9 @@ def _coarse_pld_guess(
     spent = coarse_epsilon(entries)
 
     def excess(sigma: float) -> float:
-        planned = ((sigma, sample_rate, planned_steps),) * repeats
-        return max(coarse_epsilon(tuple(sorted(entries + planned))) - spent, 0.0)
+        planned = [Step(sigma, sample_rate, planned_steps)] * repeats
+        history = history_entries([*(Step(s, q, n) for s, q, n in entries), *planned])
+        return max(coarse_epsilon(history) - spent, 0.0)
 
     crossing, slope = _crossing(excess, room, lo, guess, slope)
     # A little above the estimate, so the first fine evaluation fits and the second, just below, closes.
