@@ -197,17 +197,11 @@ class Admission:
 
 @dataclass(frozen=True)
 class _Phase:
-    """One planned phase for calibration: ``repeats`` ledger entries of ``steps`` steps at one sample rate (a
-    run's rounds: one entry per round), and its share of the budget."""
+    """One planned phase for calibration: its sample rate and total steps, and its share of the budget."""
 
     sample_rate: float
     steps: int
-    repeats: int
     share: float
-
-    def entries(self, sigma: float) -> list[Step]:
-        """The phase's ledger entries at noise ``sigma``, as the admissions will compose them."""
-        return [Step(sigma, self.sample_rate, self.steps)] * self.repeats
 
 
 class BudgetGuard:
@@ -350,9 +344,9 @@ class BudgetGuard:
                 f"{personal_share:g} leave nothing of the run's budget for training"
             )
         phases = [  # the rounds first: each phase's share is cumulative, and the first pays composition's fixed cost
-            _Phase(sample_rate, steps_per_round, settings.planned_rounds, rounds_share),
-            _Phase(1.0, 1, releases, release_share),
-            _Phase(personalisation.sample_rate, personalisation.steps, 1, personal_share) if personalisation else None,
+            _Phase(sample_rate, steps_per_round * settings.planned_rounds, rounds_share),
+            _Phase(1.0, releases, release_share),
+            _Phase(personalisation.sample_rate, personalisation.steps, personal_share) if personalisation else None,
         ]
         prior = self.history()
         prior_epsilon = compose_epsilon(prior, settings.delta, settings.accountant)
@@ -361,14 +355,13 @@ class BudgetGuard:
         cumulative = 0.0
         try:
             for phase in phases:
-                if phase is None or phase.steps == 0 or phase.repeats == 0:
+                if phase is None or phase.steps == 0:
                     sigmas.append(0.0)
                     continue
                 cumulative += phase.share
                 common = dict(
                     sample_rate=phase.sample_rate,
                     planned_steps=phase.steps,
-                    repeats=phase.repeats,
                     delta=settings.delta,
                     accountant=settings.accountant,
                     min_noise=settings.min_noise_multiplier,
@@ -378,7 +371,7 @@ class BudgetGuard:
                     prior=planned, target_epsilon=share * settings.run_target_epsilon, **common
                 )
                 cap_target = prior_epsilon + share * (settings.cap_epsilon - prior_epsilon)
-                whole = [*prior, *planned, *phase.entries(sigma)]
+                whole = [*prior, *planned, Step(sigma, phase.sample_rate, phase.steps)]
                 if not self._fits(whole, settings, cap_target):
                     # Only a dataset with earlier runs can need more noise for the cap than for the run's limit.
                     cap_sigma = self.calibrations.noise_multiplier(
@@ -386,7 +379,7 @@ class BudgetGuard:
                     )
                     sigma = max(sigma, cap_sigma)
                 sigmas.append(sigma)
-                planned.extend(phase.entries(sigma))
+                planned.append(Step(sigma, phase.sample_rate, phase.steps))
         except BudgetExhausted as exc:
             raise BudgetExhausted(f"dataset {self.dataset_id[:12]}...: run {run_id} cannot be planned: {exc}") from exc
         rounds_sigma, release_sigma, personal_sigma = sigmas

@@ -162,13 +162,12 @@ def test_calibrations_are_memoised_across_sites_sharing_their_inputs():
     ],
 )
 def test_memoised_compositions_are_the_accountants_own_values(history):
-    # PLD from memoised compositions of the entries, RDP from memoised one-step curves: bit for bit
-    # what dp-accounting's PLDAccountant gives for one event per entry in canonical (sorted) order,
-    # and Opacus's RDPAccountant for the merged history.
+    # PLD from memoised phase distributions, RDP from memoised one-step curves: bit for bit what
+    # dp-accounting's PLDAccountant and Opacus's RDPAccountant give for the merged history.
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
-    from common.privacy.accounting import PLD_INTERVAL, _merged, history_entries
+    from common.privacy.accounting import PLD_INTERVAL, _merged
 
     phases = sorted(_merged(history))
     pld = PLDAccountant(value_discretization_interval=PLD_INTERVAL)
@@ -178,7 +177,7 @@ def test_memoised_compositions_are_the_accountants_own_values(history):
                 dp_accounting.SelfComposedDpEvent(
                     dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), n
                 )
-                for sigma, q, n in history_entries(history)
+                for sigma, q, n in phases
             ]
         )
     )
@@ -234,68 +233,36 @@ def test_rdp_from_the_orders_that_can_hold_the_minimum_is_rdpaccountants():
 
 
 @pytest.mark.parametrize(
-    ("prior", "sample_rate", "steps", "repeats", "target", "most"),
+    ("prior", "sample_rate", "steps", "target", "most"),
     [
-        ([], 0.25, 8, 3, 2.7, 2),  # the quick start's rounds: 3 rounds of 8 steps at q = 0.25
-        ([Step(2.19, 0.25, 8)] * 3, 1.0, 1, 1, 3.0, 3),  # its evaluation release, into what the rounds left
-        ([], 0.05, 200, 1, 3.0, 3),
+        ([], 0.25, 24, 2.7, 2),  # the quick start's rounds: 3 rounds of 8 steps at q = 0.25
+        ([Step(2.19, 0.25, 24)], 1.0, 1, 3.0, 3),  # its evaluation release, into what the rounds left
+        ([], 0.05, 200, 3.0, 3),
     ],
 )
-def test_pld_calibration_searches_coarse_and_brackets_fine(
-    monkeypatch, prior, sample_rate, steps, repeats, target, most
-):
+def test_pld_calibration_searches_coarse_and_brackets_fine(monkeypatch, prior, sample_rate, steps, target, most):
     # The search runs on a coarse PLD grid; at PLD_INTERVAL it only brackets the answer, in a few
     # evaluations, and the sigma it returns is still tight there: it fits, and one within the
     # tolerance below it does not.
     from common.privacy import accounting
-    from common.privacy.accounting import SIGMA_REL_TOL, forget_memoised, history_entries
+    from common.privacy.accounting import PLD_INTERVAL, SIGMA_REL_TOL, forget_memoised
 
     forget_memoised()
     fine: set[tuple] = set()
-    original = accounting._compose_entries
+    original = accounting._pld_epsilon
 
-    def counting(entries, delta):
-        fine.add(entries)
-        return original(entries, delta)
+    def counting(phases, delta, interval):
+        if interval == PLD_INTERVAL:
+            fine.add(tuple(phases))
+        return original(phases, delta, interval)
 
-    monkeypatch.setattr(accounting, "_compose_entries", counting)
-    sigma = calibrate_noise(prior, sample_rate, steps, target, DELTA, "pld", min_noise=0.5, repeats=repeats)
+    monkeypatch.setattr(accounting, "_pld_epsilon", counting)
+    sigma = calibrate_noise(prior, sample_rate, steps, target, DELTA, "pld", min_noise=0.5)
     monkeypatch.undo()
     forget_memoised()
-    assert any(sigma in (s for s, *_ in entries) for entries in fine), "the returned sigma was evaluated finely"
-    assert len(fine - {history_entries(prior)}) <= most
-    planned = [Step(sigma, sample_rate, steps)] * repeats
-    assert compose_epsilon([*prior, *planned], DELTA, "pld") <= target
+    candidates = {p for p in fine if any(s == sigma for s, *_ in p)}
+    assert candidates, "the returned sigma was evaluated on the fine grid"
+    assert len(fine - {tuple(sorted((s.noise_multiplier, s.sample_rate, s.steps) for s in prior))}) <= most
+    assert compose_epsilon([*prior, Step(sigma, sample_rate, steps)], DELTA, "pld") <= target
     below = round(sigma * (1 - SIGMA_REL_TOL) - 1e-4, 4)
-    assert compose_epsilon([*prior, *[Step(below, sample_rate, steps)] * repeats], DELTA, "pld") > target
-
-
-def test_pld_composes_a_round_onto_its_history(monkeypatch):
-    # A round's history is its predecessor plus one entry: one composition, and the entry's own
-    # distribution is reused, not a new self-composition of the whole phase. The order of the
-    # entries does not change the value.
-    from dp_accounting.pld import privacy_loss_distribution
-
-    from common.privacy.accounting import forget_memoised
-
-    forget_memoised()
-    rounds = [Step(2.19, 0.25, 8)] * 3
-    release = Step(3.2, 1.0, 1)
-    whole = compose_epsilon([*rounds, release], DELTA, "pld")  # a plan's certification
-    calls = {"self_compose": 0, "compose": 0}
-    for name in calls:
-        original = getattr(privacy_loss_distribution.PrivacyLossDistribution, name)
-
-        def counting(self, *args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(privacy_loss_distribution.PrivacyLossDistribution, name, counting)
-    for r in (1, 2, 3):  # the rounds' admissions: every prefix was composed for the certification
-        compose_epsilon(rounds[:r], DELTA, "pld")
-    assert calls == {"self_compose": 0, "compose": 0}
-    fourth = compose_epsilon([*rounds, Step(2.19, 0.25, 8), release], DELTA, "pld")
-    assert calls == {"self_compose": 0, "compose": 2}  # onto three rounds: the fourth, then the release
-    assert compose_epsilon([release, *rounds], DELTA, "pld") == whole
-    assert whole < fourth
-    forget_memoised()
+    assert compose_epsilon([*prior, Step(below, sample_rate, steps)], DELTA, "pld") > target

@@ -12,10 +12,6 @@ Three accountants, as a site's policy names them:
   (Koskela et al.; Doroshenko et al. 2022), discretised at ``PLD_INTERVAL`` with the
   pessimistic rounding, so the value is an upper bound; tight, and fast enough to account
   a round in tens of milliseconds and to calibrate a run's noise in a fraction of a second.
-  The history is composed entry by entry, as ``PLDAccountant`` composes a ComposedDpEvent of
-  one self-composed subsampled Gaussian per entry, in a canonical order (:func:`history_entries`), so
-  the value does not depend on the order of the ledger; every prefix of that composition is
-  memoised, so a round adds one composition to its history's, not a new distribution.
 - ``"prv"``: Opacus's privacy random variables (Gopi et al. 2021); tight too, its upper
   bound includes its own discretisation error (``eps_error`` = 0.01), and ten times slower.
 - ``"rdp"``: Opacus's Renyi DP (Mironov 2017); looser.
@@ -37,7 +33,6 @@ import functools
 import logging
 import math
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -149,23 +144,8 @@ def _merged(history: Sequence[Step]) -> list[tuple[float, float, int]]:
 
 
 def merged_phases(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
-    """The history as RDP and PRV compose it: equal (sigma, q) phases merged, sorted (their memos' key)."""
+    """The history as composition sees it: equal (sigma, q) phases merged, sorted; what memos and stores key on."""
     return tuple(sorted(_merged(history)))
-
-
-def history_entries(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
-    """The history as PLD composes it: one ``(sigma, q, steps)`` per entry with steps, in the canonical order.
-
-    Sorted by sample rate, then noise, then steps: a run's rounds (q < 1) come before its DP
-    releases (q = 1), so the next round's or release's history mostly extends a composed prefix.
-    """
-    entries = []
-    for step in history:
-        if not isinstance(step, Step):
-            raise TypeError(f"history entries must be Step, got {type(step).__name__}")
-        if step.steps:
-            entries.append((float(step.noise_multiplier), float(step.sample_rate), step.steps))
-    return tuple(sorted(entries, key=lambda entry: (entry[1], entry[0], entry[2])))
 
 
 def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> float:
@@ -181,29 +161,16 @@ def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> fl
 def _compose(history: Sequence[Step], delta: float, accountant: Accountant, max_grid_points: float) -> float:
     _check_delta(delta)
     _check_accountant(accountant)
-    if accountant == "pld":
-        return _compose_entries(history_entries(history), delta)
-    # Only PRV has a grid limit: RDP shares one memo entry per history.
+    # Only PRV has a grid limit: other accountants share one memo entry per history.
     limit = max_grid_points if accountant == "prv" else math.inf
     return _compose_phases(merged_phases(history), delta, accountant, limit)
-
-
-@functools.lru_cache(maxsize=1024)
-def _compose_entries(entries: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """PLD epsilon of a history's entries (canonical order); memoised like :func:`_compose_phases`."""
-    if not entries:
-        return 0.0
-    epsilon = float(_pld_fold(entries, PLD_INTERVAL).get_epsilon_for_delta(delta))
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise AccountingError(f"the pld accountant returned an invalid epsilon {epsilon!r} for this history")
-    return epsilon
 
 
 @functools.lru_cache(maxsize=1024)
 def _compose_phases(
     phases: tuple[tuple[float, float, int], ...], delta: float, accountant: Accountant, max_grid_points: float
 ) -> float:
-    """RDP or PRV epsilon of merged phases; pure, so a site that checks, records and re-checks one
+    """Epsilon of merged phases; pure, so a site that checks, records and re-checks one
     history in a round pays for each accountant evaluation once."""
     phases = list(phases)
     if not phases:
@@ -214,6 +181,8 @@ def _compose_phases(
         warnings.simplefilter("ignore")
         if accountant == "rdp":
             epsilon = _rdp_epsilon(phases, delta)
+        elif accountant == "pld":
+            epsilon = _pld_epsilon(phases, delta, PLD_INTERVAL)
         else:
             points = _prv_grid_points(phases, delta)
             if points > max_grid_points:
@@ -237,44 +206,17 @@ def _compose_phases(
 
 
 def _pld_epsilon(phases: list[tuple[float, float, int]], delta: float, interval: float) -> float:
-    """dp-accounting's PLD epsilon of merged phases, pessimistic (an upper bound): the audit's recomputation.
+    """dp-accounting's PLD epsilon of merged phases, pessimistic (an upper bound).
 
     The same calls, in the same order, as ``PLDAccountant`` makes for the ComposedDpEvent of
-    the phases (identity, then each Poisson-subsampled Gaussian self-composed ``n`` times).
+    the phases (identity, then each Poisson-subsampled Gaussian self-composed ``n`` times), so
+    the value is the accountant's to the last bit; the phase PLDs are memoised, so a round that
+    adds steps to a known (sigma, q) pays for one self-composition, not a new distribution.
     """
     pld = privacy_loss_distribution.identity(value_discretization_interval=interval)
     for sigma, q, n in phases:
         pld = pld.compose(_phase_pld(sigma, q, n, interval))
     return float(pld.get_epsilon_for_delta(delta))
-
-
-#: Memoised compositions of history prefixes, ``(entries, interval) -> PLD``, most recently used last.
-_FOLDS: OrderedDict[tuple[tuple, float], privacy_loss_distribution.PrivacyLossDistribution] = OrderedDict()
-_FOLDS_KEPT = 128
-
-
-def _pld_fold(
-    entries: tuple[tuple[float, float, int], ...], interval: float
-) -> privacy_loss_distribution.PrivacyLossDistribution:
-    """The PLD of ``entries`` composed in their order, as ``PLDAccountant`` composes a ComposedDpEvent of one
-    SelfComposedDpEvent per entry (identity, then each entry's :func:`_phase_pld`): the accountant's own value,
-    to the last bit. Starts from the longest prefix already composed and memoises every prefix it adds."""
-    start = len(entries)
-    while start and (entries[:start], interval) not in _FOLDS:
-        start -= 1
-    pld = (
-        _FOLDS[(entries[:start], interval)]
-        if start
-        else privacy_loss_distribution.identity(value_discretization_interval=interval)
-    )
-    if start:
-        _FOLDS.move_to_end((entries[:start], interval))
-    for end in range(start + 1, len(entries) + 1):
-        pld = pld.compose(_phase_pld(*entries[end - 1], interval))
-        _FOLDS[(entries[:end], interval)] = pld
-        if len(_FOLDS) > _FOLDS_KEPT:
-            _FOLDS.popitem(last=False)
-    return pld
 
 
 @functools.lru_cache(maxsize=64)
@@ -348,9 +290,8 @@ def _rdp_epsilon(phases: list[tuple[float, float, int]], delta: float) -> float:
 def forget_memoised() -> None:
     """Drop every memoised composition, calibration, privacy loss distribution and RDP value, as a new process
     starts (a benchmark measuring a first run calls it; a long-lived process may, to bound memory)."""
-    for memo in (_compose_phases, _compose_entries, _calibrate, _gaussian_pld, _phase_pld, _rdp_at):
+    for memo in (_compose_phases, _calibrate, _gaussian_pld, _phase_pld, _rdp_at):
         memo.cache_clear()
-    _FOLDS.clear()
 
 
 def compose_epsilon(history: Sequence[Step], delta: float, accountant: Accountant) -> float:
@@ -556,10 +497,9 @@ def _solve(
 
 
 def _guess(
-    entries: tuple[tuple[float, float, int], ...],
+    phases: tuple[tuple[float, float, int], ...],
     sample_rate: float,
     planned_steps: int,
-    repeats: int,
     target_epsilon: float,
     room: float,
     delta: float,
@@ -576,10 +516,10 @@ def _guess(
     """
     if accountant == "prv":
         try:
-            return _calibrate(entries, sample_rate, planned_steps, repeats, target_epsilon, delta, "pld", lo), -1.5
+            return _calibrate(phases, sample_rate, planned_steps, target_epsilon, delta, "pld", lo), -1.5
         except BudgetExhausted:
             pass
-    rdp_epsilon = _rdp_solver([], sample_rate, planned_steps * repeats, delta, exact=False)
+    rdp_epsilon = _rdp_solver([], sample_rate, planned_steps, delta, exact=False)
     if rdp_epsilon(SIGMA_CEILING) > room:
         return SIGMA_CEILING / 2, -1.5
     rdp_lo = lo if rdp_epsilon(lo) > room else SIGMA_FLOOR / 2
@@ -587,10 +527,9 @@ def _guess(
 
 
 def _coarse_pld_guess(
-    entries: tuple[tuple[float, float, int], ...],
+    phases: tuple[tuple[float, float, int], ...],
     sample_rate: float,
     planned_steps: int,
-    repeats: int,
     room: float,
     delta: float,
     lo: float,
@@ -606,16 +545,12 @@ def _coarse_pld_guess(
     not. Only where the search starts depends on it: every sigma a calibration returns was
     evaluated at :data:`PLD_INTERVAL`.
     """
-
-    def coarse_epsilon(history: tuple[tuple[float, float, int], ...]) -> float:
-        return float(_pld_fold(history, PLD_SEARCH_INTERVAL).get_epsilon_for_delta(delta)) if history else 0.0
-
-    spent = coarse_epsilon(entries)
+    spent = _pld_epsilon(list(phases), delta, PLD_SEARCH_INTERVAL) if phases else 0.0
+    prior = [Step(sigma, q, n) for sigma, q, n in phases]
 
     def excess(sigma: float) -> float:
-        planned = [Step(sigma, sample_rate, planned_steps)] * repeats
-        history = history_entries([*(Step(s, q, n) for s, q, n in entries), *planned])
-        return max(coarse_epsilon(history) - spent, 0.0)
+        merged = sorted(_merged([*prior, Step(sigma, sample_rate, planned_steps)]))
+        return max(_pld_epsilon(merged, delta, PLD_SEARCH_INTERVAL) - spent, 0.0)
 
     crossing, slope = _crossing(excess, room, lo, guess, slope)
     # A little above the estimate, so the first fine evaluation fits and the second, just below, closes.
@@ -669,17 +604,15 @@ def calibrate_noise(
     delta: float,
     accountant: Accountant,
     min_noise: float = 0.0,
-    repeats: int = 1,
 ) -> float:
     """Smallest noise multiplier that keeps ``prior`` plus the planned phase within target.
 
-    The planned phase is ``repeats`` ledger entries of ``planned_steps`` steps each (a run's
-    rounds: one entry per round), composed as the ledger will compose them. Returns sigma >=
-    ``min_noise`` with ``compose_epsilon(prior + [Step(sigma, sample_rate, planned_steps)] *
-    repeats) <= target_epsilon``; the epsilon is computed at the returned value itself. Sigma
-    lies on a grid of ``SIGMA_DECIMALS`` decimals (candidates are rounded up) and the search
-    stops when it is within a relative ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit,
-    so it is at most about 0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
+    Returns sigma >= ``min_noise`` with ``compose_epsilon(prior + [Step(sigma,
+    sample_rate, planned_steps)]) <= target_epsilon``; the epsilon is computed at the
+    returned value itself. Sigma lies on a grid of ``SIGMA_DECIMALS`` decimals
+    (candidates are rounded up) and the search stops when it is within a relative
+    ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit, so it is at most about
+    0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
     RDP calibration at integer orders; PLD then searches on a coarse grid
     (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL`. Typical
     cost: a few RDP, two to eight coarse PLD and two or three PLD (three to five PRV)
@@ -695,36 +628,27 @@ def calibrate_noise(
         raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon!r}")
     if isinstance(planned_steps, bool) or not isinstance(planned_steps, int) or planned_steps < 1:
         raise ValueError(f"planned_steps must be a positive integer, got {planned_steps!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if not (math.isfinite(min_noise) and 0 <= min_noise <= SIGMA_CEILING):
         raise ValueError(f"min_noise must be in [0, {SIGMA_CEILING}], got {min_noise!r}")
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    prior_phases = merged_phases(prior)
     return _calibrate(
-        history_entries(prior),
-        float(sample_rate),
-        planned_steps,
-        repeats,
-        float(target_epsilon),
-        delta,
-        accountant,
-        float(min_noise),
+        prior_phases, float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
     )
 
 
 @functools.lru_cache(maxsize=256)
 def _calibrate(
-    entries: tuple[tuple[float, float, int], ...],
+    phases: tuple[tuple[float, float, int], ...],
     sample_rate: float,
     planned_steps: int,
-    repeats: int,
     target_epsilon: float,
     delta: float,
     accountant: Accountant,
     min_noise: float,
 ) -> float:
-    prior = [Step(sigma, q, n) for sigma, q, n in entries]
+    prior = [Step(sigma, q, n) for sigma, q, n in phases]
     spent = compose_epsilon(prior, delta, accountant)
     if spent >= target_epsilon:
         raise BudgetExhausted(
@@ -734,7 +658,7 @@ def _calibrate(
     exhausted = BudgetExhausted(
         f"privacy budget exhausted: epsilon already spent is {spent:.4f} "
         f"({accountant}, delta={delta:g}) of a cap of {target_epsilon:.4f}; even noise "
-        f"multiplier {SIGMA_CEILING:g} for {repeats} x {planned_steps} steps at sample rate "
+        f"multiplier {SIGMA_CEILING:g} for {planned_steps} steps at sample rate "
         f"{sample_rate:g} would exceed it"
     )
     computed: dict[float, float] = {}
@@ -742,7 +666,7 @@ def _calibrate(
     def numeric_epsilon(sigma: float) -> float:
         """PLD or PRV epsilon of prior + the planned phase at ``sigma`` (inf where PRV cannot evaluate it)."""
         if sigma not in computed:
-            history = [*prior, *[Step(sigma, sample_rate, planned_steps)] * repeats]
+            history = [*prior, Step(sigma, sample_rate, planned_steps)]
             try:
                 computed[sigma] = _compose(history, delta, accountant, PRV_CALIBRATION_GRID_POINTS)
             except AccountingError:
@@ -752,13 +676,13 @@ def _calibrate(
     lo = max(min_noise, SIGMA_FLOOR)
     start = min(max(1.0, lo * 1.5), SIGMA_CEILING / 2)
     if accountant == "rdp":
-        rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps * repeats, delta, exact=True)
+        rdp_epsilon = _rdp_solver(prior, sample_rate, planned_steps, delta, exact=True)
         if rdp_epsilon(lo) <= target_epsilon:
             return float(lo)
         if rdp_epsilon(SIGMA_CEILING) > target_epsilon:
             raise exhausted
         sigma, _ = _solve(rdp_epsilon, target_epsilon, lo, SIGMA_CEILING, start, -1.5)
-        verified = compose_epsilon([*prior, Step(sigma, sample_rate, planned_steps * repeats)], delta, "rdp")
+        verified = compose_epsilon([*prior, Step(sigma, sample_rate, planned_steps)], delta, "rdp")
     else:
         # The search runs on the planned phase's share of the composed epsilon (its excess over the
         # prior's), which behaves like a power of sigma whatever the prior spent; the predicate is
@@ -771,25 +695,20 @@ def _calibrate(
                 return max(epsilon - spent, math.nextafter(room, math.inf))
             return min(max(epsilon - spent, 0.0), room)
 
-        guess, slope = _guess(
-            entries, sample_rate, planned_steps, repeats, target_epsilon, room, delta, accountant, lo, start
-        )
+        guess, slope = _guess(phases, sample_rate, planned_steps, target_epsilon, room, delta, accountant, lo, start)
         # The floor is only tried numerically when the guess says it is plausible; skipping it can
         # only end the search a grid step above the floor, never below a fitting sigma.
         if guess <= 2 * lo and excess(lo) <= room:
             return float(lo)
         if accountant == "pld":
-            guess, slope = _coarse_pld_guess(
-                entries, sample_rate, planned_steps, repeats, room, delta, lo, guess, slope
-            )
+            guess, slope = _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
         sigma, _ = _solve(excess, room, lo, SIGMA_CEILING, guess, slope)
         verified = numeric_epsilon(sigma)
     if verified > target_epsilon:
         raise exhausted
     log.debug(
-        "calibrated sigma=%.6g for %d x %d steps at q=%g to epsilon<=%g (%s, prior spend %.4f)",
+        "calibrated sigma=%.6g for %d steps at q=%g to epsilon<=%g (%s, prior spend %.4f)",
         sigma,
-        repeats,
         planned_steps,
         sample_rate,
         target_epsilon,

@@ -1,7 +1,7 @@
 """Calibrated noise multipliers kept in the site's state, so a later run or process need not search again.
 
 A calibration (:func:`~common.privacy.accounting.calibrate_noise`) is a pure function of its
-inputs: the prior entries, the planned phase's sample rate, steps and entries, the target epsilon, delta,
+inputs: the prior phases, the planned phase's sample rate and steps, the target epsilon, delta,
 the accountant and the policy's noise floor, and of the code that searched (the accountants'
 libraries and the search's grid and tolerance). :class:`CalibrationStore` keeps one small JSON
 file per distinct input under the site's state directory, named by the SHA-256 of the canonical
@@ -61,12 +61,11 @@ def search_code() -> str:
 
 @dataclass(frozen=True)
 class CalibrationKey:
-    """Everything one calibrated noise multiplier depends on; ``prior`` as its entries in canonical order."""
+    """Everything one calibrated noise multiplier depends on; ``prior`` as merged, sorted phases."""
 
     prior: tuple[tuple[float, float, int], ...]
     sample_rate: float
     planned_steps: int
-    repeats: int
     target_epsilon: float
     delta: float
     accountant: str
@@ -83,13 +82,11 @@ class CalibrationKey:
         delta: float,
         accountant: Accountant,
         min_noise: float,
-        repeats: int = 1,
     ) -> CalibrationKey:
         return cls(
-            prior=accounting.history_entries(prior),
+            prior=accounting.merged_phases(prior),
             sample_rate=float(sample_rate),
             planned_steps=int(planned_steps),
-            repeats=int(repeats),
             target_epsilon=float(target_epsilon),
             delta=float(delta),
             accountant=str(accountant),
@@ -156,15 +153,12 @@ class CalibrationStore:
         delta: float,
         accountant: Accountant,
         min_noise: float = 0.0,
-        repeats: int = 1,
     ) -> float:
         """What :func:`~common.privacy.accounting.calibrate_noise` answers: stored and re-certified, or calibrated.
 
         Raises :class:`~common.privacy.accounting.BudgetExhausted` as ``calibrate_noise`` does.
         """
-        key = CalibrationKey.of(
-            prior, sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise, repeats=repeats
-        )
+        key = CalibrationKey.of(prior, sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise)
         sigma = self.stored(key)
         if sigma is not None:
             if self._certified(key, sigma):
@@ -178,7 +172,7 @@ class CalibrationStore:
                 key.min_noise,
             )
         sigma = accounting.calibrate_noise(
-            prior, sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise=min_noise, repeats=repeats
+            prior, sample_rate, planned_steps, target_epsilon, delta, accountant, min_noise=min_noise
         )
         self._save(key, sigma)
         return sigma
@@ -188,8 +182,7 @@ class CalibrationStore:
         """One accountant evaluation: does ``sigma`` keep the prior plus the planned phase within the target?"""
         if not (max(key.min_noise, accounting.SIGMA_FLOOR) <= sigma <= accounting.SIGMA_CEILING):
             return False
-        planned = [Step(sigma, key.sample_rate, key.planned_steps)] * key.repeats
-        history = [*(Step(s, q, n) for s, q, n in key.prior), *planned]
+        history = [*(Step(s, q, n) for s, q, n in key.prior), Step(sigma, key.sample_rate, key.planned_steps)]
         try:
             return accounting.compose_epsilon(history, key.delta, key.accountant) <= key.target_epsilon
         except accounting.AccountingError:
