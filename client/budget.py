@@ -15,7 +15,9 @@ the training rounds, the DP releases it may make (evaluations, training losses;
 last round (its ``fraction``). Each phase's noise multiplier is calibrated so that the phases
 up to it compose to at most their cumulative share of both the run's limit and what is
 left of the dataset's cap, so the whole plan fits both. The plan is stored, so a
-restarted site reuses it instead of recalibrating.
+restarted site reuses it instead of recalibrating; each calibrated noise multiplier is
+stored too (``common.privacy.calibrations``), so a later run with the same inputs, in any
+process, re-certifies it with one accountant evaluation instead of searching.
 
 Every spend is admitted under the ledger lock only if the entry kind still has a planned
 slot in this run, this run's own composed epsilon stays within its limit (the smallest of
@@ -46,10 +48,10 @@ from common.privacy.accounting import (
     AccountingError,
     BudgetExhausted,
     Step,
-    calibrate_noise,
     compose_epsilon,
     reference_epsilon,
 )
+from common.privacy.calibrations import CALIBRATIONS_DIR, CalibrationStore
 from common.privacy.ledger import (
     EVALUATE,
     LOSS,
@@ -217,6 +219,7 @@ class BudgetGuard:
         self.dataset_ids = (dataset_id, *(a for a in aliases if a != dataset_id))
         self.ledger = Ledger(self.state_dir, signer=identity)
         self.ledger.initialise()
+        self.calibrations = CalibrationStore(self.state_dir / CALIBRATIONS_DIR)
 
     def history(self) -> list[Step]:
         """The dataset's whole DP history (verified ledger, signed head)."""
@@ -364,12 +367,17 @@ class BudgetGuard:
                     min_noise=settings.min_noise_multiplier,
                 )
                 share = min(cumulative, 1.0)
-                sigma = calibrate_noise(prior=planned, target_epsilon=share * settings.run_target_epsilon, **common)
+                sigma = self.calibrations.noise_multiplier(
+                    prior=planned, target_epsilon=share * settings.run_target_epsilon, **common
+                )
                 cap_target = prior_epsilon + share * (settings.cap_epsilon - prior_epsilon)
                 whole = [*prior, *planned, Step(sigma, phase.sample_rate, phase.steps)]
                 if not self._fits(whole, settings, cap_target):
                     # Only a dataset with earlier runs can need more noise for the cap than for the run's limit.
-                    sigma = max(sigma, calibrate_noise(prior=[*prior, *planned], target_epsilon=cap_target, **common))
+                    cap_sigma = self.calibrations.noise_multiplier(
+                        prior=[*prior, *planned], target_epsilon=cap_target, **common
+                    )
+                    sigma = max(sigma, cap_sigma)
                 sigmas.append(sigma)
                 planned.append(Step(sigma, phase.sample_rate, phase.steps))
         except BudgetExhausted as exc:

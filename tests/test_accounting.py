@@ -230,3 +230,39 @@ def test_rdp_from_the_orders_that_can_hold_the_minimum_is_rdpaccountants():
         accountant = RDPAccountant()
         accountant.history = copy.deepcopy(sorted(_merged(history)))
         assert compose_epsilon(history, delta, "rdp") == accountant.get_epsilon(delta), history
+
+
+@pytest.mark.parametrize(
+    ("prior", "sample_rate", "steps", "target", "most"),
+    [
+        ([], 0.25, 24, 2.7, 2),  # the quick start's rounds: 3 rounds of 8 steps at q = 0.25
+        ([Step(2.19, 0.25, 24)], 1.0, 1, 3.0, 3),  # its evaluation release, into what the rounds left
+        ([], 0.05, 200, 3.0, 3),
+    ],
+)
+def test_pld_calibration_searches_coarse_and_brackets_fine(monkeypatch, prior, sample_rate, steps, target, most):
+    # The search runs on a coarse PLD grid; at PLD_INTERVAL it only brackets the answer, in a few
+    # evaluations, and the sigma it returns is still tight there: it fits, and one within the
+    # tolerance below it does not.
+    from common.privacy import accounting
+    from common.privacy.accounting import PLD_INTERVAL, SIGMA_REL_TOL, forget_memoised
+
+    forget_memoised()
+    fine: set[tuple] = set()
+    original = accounting._pld_epsilon
+
+    def counting(phases, delta, interval):
+        if interval == PLD_INTERVAL:
+            fine.add(tuple(phases))
+        return original(phases, delta, interval)
+
+    monkeypatch.setattr(accounting, "_pld_epsilon", counting)
+    sigma = calibrate_noise(prior, sample_rate, steps, target, DELTA, "pld", min_noise=0.5)
+    monkeypatch.undo()
+    forget_memoised()
+    candidates = {p for p in fine if any(s == sigma for s, *_ in p)}
+    assert candidates, "the returned sigma was evaluated on the fine grid"
+    assert len(fine - {tuple(sorted((s.noise_multiplier, s.sample_rate, s.steps) for s in prior))}) <= most
+    assert compose_epsilon([*prior, Step(sigma, sample_rate, steps)], DELTA, "pld") <= target
+    below = round(sigma * (1 - SIGMA_REL_TOL) - 1e-4, 4)
+    assert compose_epsilon([*prior, Step(below, sample_rate, steps)], DELTA, "pld") > target

@@ -57,14 +57,15 @@ def _site_folder(folder: Path, name: str) -> Path:
 
 @pytest.fixture
 def make_site(tmp_path: Path):
-    """``tmp_path/<name>``: a site folder whose ledger the real budget guard wrote for 1 or 3 rounds (RDP: fast)."""
+    """``tmp_path/<name>``: a site folder whose ledger the real budget guard wrote for 1 or 3 rounds (RDP: fast);
+    ``spend``: how many of the planned rounds it trained (all by default)."""
 
-    def make(name: str = "hospital-a", rounds: int = 3) -> Path:
+    def make(name: str = "hospital-a", rounds: int = 3, spend: int | None = None) -> Path:
         state = _site_folder(tmp_path / name, name)
         guard = BudgetGuard(state, _policy(), DATASET, SITES[name])
         request = PrivacyRequest(target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=rounds)
         plan = guard.plan_run(RUN_ID, request, sample_rate=Q, steps_per_round=STEPS)
-        for server_round in range(1, rounds + 1):
+        for server_round in range(1, (rounds if spend is None else spend) + 1):
             with guard.spend(plan, TRAIN, server_round) as record:
                 record(STEPS, "f" * 64)
         return state
@@ -303,7 +304,7 @@ def test_unknown_path_is_an_input_error(tmp_path: Path) -> None:
 
 def test_report_files_carry_the_per_site_numbers(tmp_path: Path, make_site) -> None:
     make_site("hospital-a", rounds=3)
-    make_site("hospital-b", rounds=1)
+    make_site("hospital-b", rounds=3, spend=1)  # a run calibrated to the same target, stopped after its first round
     report = run_audit([tmp_path / "hospital-a", tmp_path / "hospital-b" / "state"])
     assert report.passed, failures(report)
     spent = {b.site: f"{b.spent_claimed:.3f}" for b in report.budgets}

@@ -59,6 +59,12 @@ DEFAULT_ACCOUNTANT: Accountant = "pld"
 #: dp-accounting's discretisation of the privacy loss for ``pld``: with the pessimistic rounding
 #: the epsilon is an upper bound, within 1e-3 of the finest grid's for our histories.
 PLD_INTERVAL = 1e-3
+#: The coarser grid a PLD calibration searches on before it brackets its answer at ``PLD_INTERVAL``.
+PLD_SEARCH_INTERVAL = 1e-2
+#: The coarse search stops when its next secant step on log(sigma) is below this (there the
+#: secant's landing is far more accurate than the step), after at most this many evaluations.
+PLD_SEARCH_STEP = 0.01
+PLD_SEARCH_EVALUATIONS = 8
 #: The reference column of the ledger shows each history under another, cheap accountant.
 REFERENCE: dict[str, Accountant] = {"pld": "rdp", "prv": "rdp", "rdp": "pld"}
 
@@ -137,6 +143,11 @@ def _merged(history: Sequence[Step]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in totals.items()]
 
 
+def merged_phases(history: Sequence[Step]) -> tuple[tuple[float, float, int], ...]:
+    """The history as composition sees it: equal (sigma, q) phases merged, sorted; what memos and stores key on."""
+    return tuple(sorted(_merged(history)))
+
+
 def _prv_grid_points(phases: list[tuple[float, float, int]], delta: float) -> float:
     """Size of the grid Opacus's PRVAccountant would discretise this history on."""
     delta_error = delta / 1000
@@ -152,7 +163,7 @@ def _compose(history: Sequence[Step], delta: float, accountant: Accountant, max_
     _check_accountant(accountant)
     # Only PRV has a grid limit: other accountants share one memo entry per history.
     limit = max_grid_points if accountant == "prv" else math.inf
-    return _compose_phases(tuple(sorted(_merged(history))), delta, accountant, limit)
+    return _compose_phases(merged_phases(history), delta, accountant, limit)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -407,13 +418,16 @@ def _solve(
     hi: float,
     guess: float,
     slope: float,
+    rel_tol: float = SIGMA_REL_TOL,
 ) -> tuple[float, float]:
-    """Smallest fitting sigma in (lo, hi] on the SIGMA_DECIMALS grid, to SIGMA_REL_TOL.
+    """Smallest fitting sigma in (lo, hi] on the SIGMA_DECIMALS grid, to ``rel_tol``.
 
     Requires ``epsilon_of(hi) <= target < epsilon_of(lo)``. Works on
     f(x) = log(epsilon(e^x) / target), smooth, decreasing and nearly linear in x:
     Newton steps from ``guess`` with the assumed ``slope``, each aimed slightly past
-    the predicted root, until the root is bracketed; then Illinois regula falsi, with a
+    the predicted root (or, when the root is predicted within tolerance of the sigma just
+    evaluated, at the far edge of the tolerance, so one more evaluation can close the
+    bracket), until the root is bracketed; then Illinois regula falsi, with a
     probe just inside the bracket once the predicted root is within tolerance of one
     end, and bisection while an end is infinite. Every evaluated sigma is on the grid,
     so the returned end is a value whose epsilon was computed. Returns it and the
@@ -443,7 +457,7 @@ def _solve(
             last_side = "lo"
 
     def closed() -> bool:
-        return hi - lo <= max(SIGMA_REL_TOL * hi, 1.5 * grid)
+        return hi - lo <= max(rel_tol * hi, 1.5 * grid)
 
     def inside(sigma: float) -> float:
         sigma = _grid_up(sigma)
@@ -458,17 +472,24 @@ def _solve(
         if not math.isfinite(f_now) or (math.isfinite(f_lo) and math.isfinite(f_hi)):
             break
         root = sigma * math.exp(-f_now / measured)
-        sigma = _grid_up(root * (1 - SIGMA_REL_TOL if last_side == "hi" else 1 + SIGMA_REL_TOL))
+        # A root predicted from close by is trusted more: the step past it shrinks to a quarter.
+        past = rel_tol / 4 if abs(f_now) <= 10 * rel_tol else rel_tol
+        if last_side == "hi":
+            edge = hi * (1 - 0.9 * rel_tol)
+            sigma = _grid_up(edge if root >= hi * (1 - rel_tol) else root * (1 - past))
+        else:
+            edge = lo * (1 + 0.9 * rel_tol)
+            sigma = _grid_up(edge if root <= lo * (1 + rel_tol) else root * (1 + past))
     while not closed():
         if not (math.isfinite(f_lo) and math.isfinite(f_hi)) or f_lo == f_hi:
             evaluate(inside(math.sqrt(lo * hi)))
             continue
         a, b = math.log(lo), math.log(hi)
         root = math.exp(b - f_hi * (b - a) / (f_hi - f_lo))
-        if hi - root <= SIGMA_REL_TOL * hi:
-            candidate = hi * (1 - 0.9 * SIGMA_REL_TOL)
-        elif root - lo <= SIGMA_REL_TOL * hi:
-            candidate = lo * (1 + 0.9 * SIGMA_REL_TOL)
+        if hi - root <= rel_tol * hi:
+            candidate = hi * (1 - 0.9 * rel_tol)
+        elif root - lo <= rel_tol * hi:
+            candidate = lo * (1 + 0.9 * rel_tol)
         else:
             candidate = root
         evaluate(inside(candidate))
@@ -490,7 +511,8 @@ def _guess(
 
     PRV starts from the PLD calibration (both are tight, PRV pads its bound by its error); PLD from
     RDP at integer orders (looser, so its sigma is larger): for the planned phase alone against
-    the room the prior leaves, which over-estimates the noise the composition needs.
+    the room the prior leaves, which over-estimates the noise the composition needs. Unless the
+    floor fits, PLD then refines it on a coarse grid (:func:`_coarse_pld_guess`).
     """
     if accountant == "prv":
         try:
@@ -502,6 +524,76 @@ def _guess(
         return SIGMA_CEILING / 2, -1.5
     rdp_lo = lo if rdp_epsilon(lo) > room else SIGMA_FLOOR / 2
     return _solve(rdp_epsilon, room, rdp_lo, SIGMA_CEILING, start, -1.5)
+
+
+def _coarse_pld_guess(
+    phases: tuple[tuple[float, float, int], ...],
+    sample_rate: float,
+    planned_steps: int,
+    room: float,
+    delta: float,
+    lo: float,
+    guess: float,
+    slope: float,
+) -> tuple[float, float]:
+    """Where the planned phase's share of the composed epsilon on the :data:`PLD_SEARCH_INTERVAL` grid fills
+    ``room`` (what the prior leaves of the target at :data:`PLD_INTERVAL`), and the local slope.
+
+    The share (composed epsilon less the prior's, both on the coarse grid) costs a fraction of a
+    fine evaluation and lands within a few hundredths of a percent of the fine one; the fine search
+    that follows then typically needs two evaluations: one that fits and one just below that does
+    not. Only where the search starts depends on it: every sigma a calibration returns was
+    evaluated at :data:`PLD_INTERVAL`.
+    """
+    spent = _pld_epsilon(list(phases), delta, PLD_SEARCH_INTERVAL) if phases else 0.0
+    prior = [Step(sigma, q, n) for sigma, q, n in phases]
+
+    def excess(sigma: float) -> float:
+        merged = sorted(_merged([*prior, Step(sigma, sample_rate, planned_steps)]))
+        return max(_pld_epsilon(merged, delta, PLD_SEARCH_INTERVAL) - spent, 0.0)
+
+    crossing, slope = _crossing(excess, room, lo, guess, slope)
+    # A little above the estimate, so the first fine evaluation fits and the second, just below, closes.
+    return crossing * (1 + SIGMA_REL_TOL / 4), slope
+
+
+def _crossing(
+    epsilon_of: Callable[[float], float], target: float, lo: float, guess: float, slope: float
+) -> tuple[float, float]:
+    """Where ``epsilon_of`` crosses ``target``, estimated by secant steps on log(sigma), and the last slope.
+
+    Works on f(x) = log(epsilon(e^x) / target), smooth and nearly linear in x. From ``guess``
+    (Newton with ``slope``), then secants through the last two evaluations, clamped to
+    [``lo``, :data:`SIGMA_CEILING`] and halved back toward the last evaluation where f is not
+    finite. Stops when the next step is below :data:`PLD_SEARCH_STEP` and returns where that step
+    lands, rounded up to the grid, without evaluating it: only an estimate, for a search that
+    certifies its answer itself. At most :data:`PLD_SEARCH_EVALUATIONS` evaluations.
+    """
+    lo_x, hi_x = math.log(lo), math.log(SIGMA_CEILING)
+    x = math.log(min(max(guess, lo), SIGMA_CEILING))
+    f = _log_ratio(epsilon_of(math.exp(x)), target)
+    if not math.isfinite(f):
+        return math.exp(x), slope
+    for _ in range(PLD_SEARCH_EVALUATIONS - 1):
+        step = -f / slope
+        landing = min(max(x + step, lo_x), hi_x)
+        if abs(landing - x) <= PLD_SEARCH_STEP:
+            return min(_grid_up(math.exp(landing)), SIGMA_CEILING), slope
+        f_new = _log_ratio(epsilon_of(math.exp(landing)), target)
+        while not math.isfinite(f_new) and abs(landing - x) > PLD_SEARCH_STEP:
+            landing = (landing + x) / 2
+            f_new = _log_ratio(epsilon_of(math.exp(landing)), target)
+        if not math.isfinite(f_new) or f_new == f:
+            break
+        slope = (f_new - f) / (landing - x)
+        if slope >= 0:  # not the decreasing curve this assumes: let the caller search from here
+            return math.exp(landing), -1.5
+        x, f = landing, f_new
+    return min(_grid_up(math.exp(x)), SIGMA_CEILING), slope
+
+
+def _log_ratio(value: float, target: float) -> float:
+    return math.log(value / target) if value > 0 else -math.inf
 
 
 def calibrate_noise(
@@ -521,8 +613,10 @@ def calibrate_noise(
     (candidates are rounded up) and the search stops when it is within a relative
     ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit, so it is at most about
     0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
-    RDP calibration at integer orders. Typical cost: a few RDP and three to five PLD (or
-    PRV) evaluations. Results are memoised: sites that share (prior, q, steps, target)
+    RDP calibration at integer orders; PLD then searches on a coarse grid
+    (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL`. Typical
+    cost: a few RDP, two to eight coarse PLD and two or three PLD (three to five PRV)
+    evaluations. Results are memoised: sites that share (prior, q, steps, target)
     calibrate once per process.
 
     Raises :class:`BudgetExhausted` if the prior history alone already reaches the
@@ -538,9 +632,9 @@ def calibrate_noise(
         raise ValueError(f"min_noise must be in [0, {SIGMA_CEILING}], got {min_noise!r}")
     if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    phases = tuple(sorted(_merged(prior)))
+    prior_phases = merged_phases(prior)
     return _calibrate(
-        phases, float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
+        prior_phases, float(sample_rate), planned_steps, float(target_epsilon), delta, accountant, float(min_noise)
     )
 
 
@@ -606,6 +700,8 @@ def _calibrate(
         # only end the search a grid step above the floor, never below a fitting sigma.
         if guess <= 2 * lo and excess(lo) <= room:
             return float(lo)
+        if accountant == "pld":
+            guess, slope = _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
         sigma, _ = _solve(excess, room, lo, SIGMA_CEILING, guess, slope)
         verified = numeric_epsilon(sigma)
     if verified > target_epsilon:

@@ -60,6 +60,7 @@ from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
 from common.model.transfer import TransferPolicy
 from common.privacy.accounting import DEFAULT_ACCOUNTANT, PLD_INTERVAL, forget_memoised
+from common.privacy.calibrations import CalibrationStore
 from common.privacy.ledger import TRAIN, Ledger
 from common.protocol import SiteReply
 from common.run_record import RunRecord
@@ -94,7 +95,7 @@ CATEGORIES: dict[str, tuple[tuple[Any, str], ...]] = {
     "training": ((client.private_round, "dp_train"), (client.private_round, "fine_tune")),
     "evaluation": ((client.private_round, "evaluation_histogram"), (client.private_round, "noisy_counts")),
     "DP accounting": (
-        (client.budget, "calibrate_noise"),
+        (CalibrationStore, "noise_multiplier"),
         (client.budget, "compose_epsilon"),
         (client.budget, "reference_epsilon"),
     ),
@@ -367,7 +368,8 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         markdown_table(["part", "seconds", "share", "calls"], breakdown_rows),
         "",
         "data: `load_local_data` + `frozen_features` + the keyed dataset id; training: `dp_train` (or `fine_tune`); "
-        "evaluation: the sites' evaluation histograms and their Gaussian noise; DP accounting: `calibrate_noise`, "
+        "evaluation: the sites' evaluation histograms and their Gaussian noise; DP accounting: the calibrations "
+        "(`CalibrationStore.noise_multiplier`: stored and re-certified, or calibrated and stored), "
         "`compose_epsilon`, `reference_epsilon` (the ledger records the epsilon under the other accountant too); "
         "crypto: "
         "seal, open, sign and verify of instructions, replies and privacy reports; codec and egress rule: `SiteReply` "
