@@ -1,4 +1,5 @@
-"""The ``linear`` grad-sample mode against Opacus: the same clipped per-record gradient sum on random inputs."""
+"""Our clipping against Opacus's: the ``linear`` grad-sample mode and the flat clipping of Opacus's modes give the
+same clipped per-record gradient sums on random inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from client.dp_training import _LinearStep
+from client.dp_training import _LinearStep, _SourcedDPOptimizer
 from common.model.training import TrainConfig, example_loss_gradients, example_losses, use_one_torch_thread
+from common.model.transfer import TransferPolicy
+from common.model.zoo import build_model
 from common.privacy.noise import SeededRandom
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -109,3 +112,44 @@ def test_the_loss_gradients_are_autograd_s(config_name: str) -> None:
     labels = torch.arange(30) % 3
     (expected,) = torch.autograd.grad(example_losses(logits, labels, config).sum(), logits)
     torch.testing.assert_close(example_loss_gradients(logits.detach(), labels, config), expected)
+
+
+def _summed_by(clip_and_accumulate, part: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
+    module = GradSampleModule(copy.deepcopy(part), loss_reduction="sum")
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = _SourcedDPOptimizer(
+        torch.optim.SGD(params, lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=max(len(y), 1),
+        loss_reduction="sum",
+        source=SeededRandom(0),
+    )
+    if len(y):
+        example_losses(module(x), y, TrainConfig()).sum().backward()
+    else:
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape))
+    clip_and_accumulate(optimizer)
+    sums = [p.summed_grad.clone() for p in params]
+    module.cleanup()
+    return sums
+
+
+@pytest.mark.parametrize("records", [16, 1, 0])
+def test_the_flat_clipping_is_opacus_s(records: int) -> None:
+    """Opacus's modes clip through ``_SourcedDPOptimizer.clip_and_accumulate``: the same sums as Opacus's own."""
+    use_one_torch_thread()
+    model = build_model("cnn", (1, 16, 16), 2)
+    transfer = TransferPolicy.parse("last:1")
+    transfer.apply(model)
+    frozen, trainable = transfer.split(model)
+    with torch.no_grad():
+        x = frozen.eval()(torch.randn(records, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 3)
+    y = torch.arange(records) % 2
+    for clip in (0.05, 1e3):
+        ours = _summed_by(_SourcedDPOptimizer.clip_and_accumulate, trainable, x, y, clip)
+        opacus = _summed_by(DPOptimizer.clip_and_accumulate, trainable, x, y, clip)
+        assert len(ours) == len(opacus) == 6
+        for mine, theirs in zip(ours, opacus):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
