@@ -389,7 +389,7 @@ def dp_train(
     updates, total = 0, 0.0
     for _ in range(steps):
         batch = poisson_sample(source, len(labels), sample_rate)
-        private.optimizer.zero_grad()
+        private.optimizer.zero_grad(set_to_none=True)
         if len(batch) == 0:
             private.nothing_sampled()
         else:
