@@ -96,9 +96,10 @@ class UnsupportedGradSampleMode(ValueError):
 
 def _split_last_linear(trainable: nn.Module) -> tuple[nn.Module | None, nn.Linear] | None:
     """``(prefix, layer)`` when every trainable parameter of ``trainable`` is in its last layer, an ``nn.Linear``
-    (the prefix, None if there is none, then trains nothing); None otherwise."""
+    (the prefix, None if there is none, then trains nothing and holds no buffers, such as a BatchNorm's running
+    statistics, that a forward pass could change); None otherwise."""
     layers = list(trainable) if isinstance(trainable, nn.Sequential) else [trainable]
-    if not layers or type(layers[-1]) is not nn.Linear:
+    if not layers or type(layers[-1]) is not nn.Linear or any(True for m in layers[:-1] for _ in m.buffers()):
         return None
     layer = layers[-1]
     trained = [p for p in layer.parameters() if p.requires_grad]

@@ -97,6 +97,9 @@ def test_the_linear_mode_applies_to_a_last_linear_layer_only() -> None:
     assert supported_modes(two_layers) == OPACUS_MODES
     two_layers[0].requires_grad_(False)  # a frozen prefix: only the last layer trains
     assert supported_modes(two_layers) == GRAD_SAMPLE_MODES
+    with_statistics = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 2))
+    with_statistics[0].requires_grad_(False)
+    assert supported_modes(with_statistics) == OPACUS_MODES  # its running statistics would move
     unflattened = nn.Sequential(nn.Linear(6, 2))
     assert supported_modes(unflattened, torch.randn(4, 3, 6)) == OPACUS_MODES  # 3-D inputs: no factorisation
     with pytest.raises(UnsupportedGradSampleMode):
