@@ -155,16 +155,20 @@ class _SourcedNoise:
         self.noise_draws = 0
 
     def add_noise(self) -> None:
-        sums = [p.summed_grad for p in self.params]
-        sizes = [s.numel() for s in sums]
-        noise = self.source.normal((sum(sizes),), self.noise_multiplier * self.max_grad_norm, sums[0].dtype)
-        for p, summed, part in zip(self.params, sums, torch.split(noise, sizes)):
-            p.grad = (summed + part.view_as(summed).to(summed.dtype)).view_as(p)
+        params = self.params
+        sums = [p.summed_grad for p in params]
+        dtype = sums[0].dtype
+        noise = self.source.normal((sum(p.numel() for p in params),), self.noise_multiplier * self.max_grad_norm, dtype)
+        start = 0
+        for p, summed in zip(params, sums):
+            part = noise[start : start + p.numel()].view_as(p)
+            p.grad = summed.view_as(p) + (part if summed.dtype == dtype else part.to(summed.dtype))
+            start += p.numel()
         self.noise_draws += 1
 
     def scale_grad(self) -> None:
         for p in self.params:
-            p.grad /= self.expected_batch_size
+            p.grad.div_(self.expected_batch_size)
 
 
 class _SourcedDPOptimizer(_SourcedNoise, DPOptimizer):
@@ -289,8 +293,8 @@ class _LinearStep:
     Record i's loss depends on the layer's weights only through its logits ``z_i = W x_i + b``, so its
     gradient is ``g_i x_i^T`` for ``W`` and ``g_i`` for ``b``, with ``g_i`` the gradient of its loss with
     respect to ``z_i`` (:func:`~common.model.training.example_loss_gradients`, in closed form).
-    The norm of the joint gradient is ``||g_i|| * sqrt(||x_i||^2 + 1)`` (without the ``||x_i||^2`` or the
-    ``1`` for a frozen weight or bias), the clipping factor is Opacus's, and the clipped sum is
+    The norm of the joint gradient is ``||g_i|| * hypot(||x_i||, 1)`` (``||g_i|| * ||x_i||`` for a frozen
+    bias, ``||g_i||`` for a frozen weight), the clipping factor is Opacus's, and the clipped sum is
     ``(c * g)^T x`` and ``sum_i c_i g_i``. Opacus's ghost-clipping optimizer, which receives a clipped sum
     in ``p.grad``, then noises, scales and steps as in the other modes (:class:`_ClippedSumOptimizer`).
     """
@@ -318,6 +322,7 @@ class _LinearStep:
         self.bias_trains = self.layer.bias is not None and self.layer.bias.requires_grad
         self.max_grad_norm = max_grad_norm
         self.config = config
+        self._one = torch.ones(())
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
             self.optimizer = _ClippedSumOptimizer(
@@ -337,10 +342,11 @@ class _LinearStep:
             raise UnsupportedGradSampleMode(f"the linear grad-sample mode needs 2-D inputs, not {tuple(x.shape)}")
         logits = nn.functional.linear(x, self.layer.weight.detach(), _detached(self.layer.bias))
         g = example_loss_gradients(logits, labels, self.config)
-        squared = g.square().sum(1)
+        norms = torch.linalg.vector_norm(g, dim=1)
         if self.weight_trains:
-            squared = squared * (x.square().sum(1) + 1.0 if self.bias_trains else x.square().sum(1))
-        factors = (self.max_grad_norm / (squared.sqrt_() + _NORM_EPSILON)).clamp_(max=1.0)
+            inputs = torch.linalg.vector_norm(x, dim=1)
+            norms.mul_(inputs.hypot_(self._one) if self.bias_trains else inputs)
+        factors = (self.max_grad_norm / (norms + _NORM_EPSILON)).clamp_(max=1.0)
         clipped = g.mul_(factors.unsqueeze(1))
         if self.weight_trains:
             self.layer.weight.grad = clipped.T @ x

@@ -91,9 +91,7 @@ def example_loss_gradients(logits: torch.Tensor, labels: torch.Tensor, config: T
     """
     if config.class_weights == "logit-adjust":
         logits = logits + torch.log(torch.tensor(config.class_prior, dtype=logits.dtype))
-    gradients = torch.softmax(logits, dim=1)
-    rows = torch.arange(len(labels))
-    gradients[rows, labels] -= 1.0
+    gradients = torch.softmax(logits, dim=1).sub_(nn.functional.one_hot(labels, logits.shape[1]))
     if config.class_weights == "balanced":
         weights = 1.0 / (len(config.class_prior) * torch.tensor(config.class_prior, dtype=logits.dtype))
         gradients.mul_(weights[labels].unsqueeze(1))
