@@ -128,11 +128,11 @@ def supported_modes(trainable: nn.Module, features: torch.Tensor | None = None) 
 def grad_sample_mode(trainable: nn.Module, features: torch.Tensor | None = None) -> GradSampleMode:
     """The grad-sample mode for ``trainable`` (fed ``features``, if given), as ``fedtransfer bench dp`` measured it.
 
-    ``linear`` wherever it applies (:func:`supported_modes`): 2.5-4x faster than any of Opacus's modes
-    on a head. Otherwise expanded weights, the fastest of Opacus's modes on every model of the zoo and
-    transfer policy measured (backward hooks next, within a few tens of percent; ``torch.func`` and
-    ghost clipping slower at these sizes); hooks wherever a trainable layer is one expanded weights
-    cannot handle.
+    ``linear`` wherever it applies (:func:`supported_modes`): a round on wdbc's head took 0.6x the time
+    of the fastest of Opacus's modes, and on heart-disease's logistic regression 0.65x. Otherwise
+    expanded weights, the fastest of Opacus's modes on every model of the zoo and transfer policy
+    measured (backward hooks next, within a few tens of percent; ``torch.func`` and ghost clipping
+    slower at these sizes); hooks wherever a trainable layer is one expanded weights cannot handle.
     """
     if "linear" in supported_modes(trainable, features):
         return "linear"
