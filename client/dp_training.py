@@ -209,6 +209,13 @@ class _ClippedSumOptimizer(_SourcedGhostOptimizer):
         for p in self.params:
             p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Opacus's ``zero_grad(set_to_none=True)`` without torch's optimizer machinery, whatever ``set_to_none`` says:
+        the linear mode assigns every gradient anew, so zeroed and unset gradients are the same to it."""
+        for p in self.params:
+            p.summed_grad = None
+            p.grad = None
+
 
 class _ExampleLoss(nn.Module):
     """:func:`example_losses` as a loss module whose ``reduction`` Opacus may set (ghost clipping asks "none")."""
