@@ -142,9 +142,11 @@ def grad_sample_mode(trainable: nn.Module, features: torch.Tensor | None = None)
 
 class _SourcedNoise:
     """Noise from a :class:`RandomSource`, one draw covering every parameter per step; the noised sum is
-    divided by the expected batch size. Mixed into Opacus's optimizers (``params``, ``summed_grad``)."""
+    divided by the expected batch size. Mixed into Opacus's optimizers (``params``, ``summed_grad``,
+    ``_is_last_step_skipped``)."""
 
     params: list[nn.Parameter]
+    _is_last_step_skipped: bool
     noise_multiplier: float
     max_grad_norm: float
     expected_batch_size: float
@@ -153,6 +155,15 @@ class _SourcedNoise:
         super().__init__(*args, **kwargs)
         self.source = source
         self.noise_draws = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Opacus's ``zero_grad(set_to_none=True)`` without torch's optimizer machinery, whatever ``set_to_none`` says:
+        every mode assigns the gradients anew or accumulates into unset ones, so zeroed and unset are the same."""
+        for p in self.params:
+            p.grad_sample = None
+            if not self._is_last_step_skipped:
+                p.summed_grad = None
+            p.grad = None
 
     def add_noise(self) -> None:
         params = self.params
@@ -208,13 +219,6 @@ class _ClippedSumOptimizer(_SourcedGhostOptimizer):
     def accumulate(self) -> None:
         for p in self.params:
             p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Opacus's ``zero_grad(set_to_none=True)`` without torch's optimizer machinery, whatever ``set_to_none`` says:
-        the linear mode assigns every gradient anew, so zeroed and unset gradients are the same to it."""
-        for p in self.params:
-            p.summed_grad = None
-            p.grad = None
 
 
 class _ExampleLoss(nn.Module):
