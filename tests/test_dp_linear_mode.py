@@ -16,13 +16,14 @@ from common.model.training import TrainConfig, example_loss_gradients, example_l
 from common.model.transfer import TransferPolicy
 from common.model.zoo import build_model
 from common.privacy.noise import SeededRandom
+from common.settings import CLASS_WEIGHTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
+#: Every loss shaping ``example_losses`` knows: a new one fails here until ``example_loss_gradients`` follows it.
 CONFIGS = {
-    "plain": TrainConfig(),
-    "balanced": TrainConfig(class_weights="balanced", class_prior=(0.2, 0.3, 0.5)),
-    "logit-adjust": TrainConfig(class_weights="logit-adjust", class_prior=(0.2, 0.3, 0.5)),
+    weights: TrainConfig(class_weights=weights, class_prior=(0.2, 0.3, 0.5) if weights != "none" else ())
+    for weights in CLASS_WEIGHTS
 }
 
 
