@@ -113,6 +113,7 @@ def test_the_mode_follows_the_trainable_layers() -> None:
     assert grad_sample_mode(trainable) == "ew"
     assert grad_sample_mode(_bias_only_head()[0]) == "linear"
     assert grad_sample_mode(_mlp_head()[0]) == "linear"
+    assert _train(*_mlp_head(), mode=None).grad_sample_mode == "linear"  # what the site's privacy report names
     unusual = nn.Sequential(nn.Linear(6, 4), nn.PReLU(), nn.Linear(4, 2))  # PReLU: no expanded weights
     assert grad_sample_mode(unusual) == "hooks"
     unusual[1].weight.requires_grad_(False)
