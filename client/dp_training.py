@@ -10,15 +10,21 @@ noise alone): exactly what the accountant counts. Sampling and noise come from a
 Opacus offers several ways to get the clipped per-record gradients (its *grad-sample modes*):
 backward hooks (``hooks``), PyTorch's expanded weights (``ew``), ``torch.func`` (``functorch``)
 and ghost clipping (``ghost``: per-record gradient norms without materialising the per-record
-gradients, then a second backward pass of the clipped loss). One more mode is ours, for a trainable
-part whose every trainable parameter is in its last layer, a linear one, fed 2-D inputs (the ``head``
-policy): ``linear``. There record i's gradient is the outer product of ``g_i``, the gradient of its
-loss with respect to its logits, and its input ``x_i`` (plus ``g_i`` for the bias), so its norm is
-``||g_i|| * sqrt(||x_i||^2 + 1)`` and the clipped sum is one matrix product, without Opacus's
-per-record gradient tensors; Opacus's optimizer still noises, scales and steps, and
-``tests/test_dp_linear_mode.py`` checks the clipped sum against Opacus's per-sample gradients. They
-all compute the same clipped sum; :func:`grad_sample_mode` picks, per trainable part, the one
-``fedtransfer bench dp`` measured fastest, and the site reports it.
+gradients, then a second backward pass of the clipped loss). Two more modes are ours:
+
+- ``direct`` calls Opacus's own per-layer grad samplers (what its hooks mode calls) on the layer
+  inputs kept by forward hooks and the output gradients of one ``torch.autograd.grad`` call: no
+  backward hooks, and no plain gradient computed beside the per-record ones;
+- ``linear``, for a trainable part whose every trainable parameter is in its last layer, a linear
+  one, fed 2-D inputs (the ``head`` policy): record i's gradient is the outer product of ``g_i``, the
+  gradient of its loss with respect to its logits, and its input ``x_i`` (plus ``g_i`` for the bias),
+  so its norm is ``||g_i|| * hypot(||x_i||, 1)`` and the clipped sum is one matrix product, without
+  per-record gradient tensors.
+
+In both, Opacus's optimizer still noises, scales and steps (and clips, in ``direct``);
+``tests/test_dp_direct_mode.py`` and ``tests/test_dp_linear_mode.py`` check them against Opacus's
+per-sample gradients. Every mode computes the same clipped sum; :func:`grad_sample_mode` picks, per
+trainable part, the one ``fedtransfer bench dp`` measured fastest, and the site reports it.
 
 The sample rate is set from public values (the batch size and the site's declared size),
 never from the exact number of records.
@@ -39,15 +45,16 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from common.model.batchnorm import check_per_sample_layers
+from common.model.batchnorm import FixedBatchNorm2d, check_per_sample_layers
 from common.model.training import TrainConfig, example_loss_gradients, example_losses, make_optimizer
 from common.privacy.noise import RandomSource, poisson_sample
 
-GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "linear"]
+GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "direct", "linear"]
 #: Opacus's own grad-sample modes: every trainable part Opacus supports can use each of them.
 OPACUS_MODES: tuple[GradSampleMode, ...] = ("hooks", "ew", "functorch", "ghost")
-#: Every mode, ``linear`` (ours, factorised clipping of a last linear layer) included.
-GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = (*OPACUS_MODES, "linear")
+#: Every mode, ours included: ``direct`` (Opacus's grad samplers without backward hooks) and ``linear``
+#: (factorised clipping of a last linear layer).
+GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = (*OPACUS_MODES, "direct", "linear")
 #: Opacus's guard against dividing by a zero gradient norm (``DPOptimizer.clip_and_accumulate``).
 _NORM_EPSILON = 1e-6
 #: Layers PyTorch's expanded weights compute per-record gradients for (``torch.nn.utils._expanded_weights``).
@@ -63,6 +70,9 @@ _EXPANDED_WEIGHT_LAYERS = (
     nn.InstanceNorm2d,
     nn.InstanceNorm3d,
 )
+
+#: Layers the ``direct`` mode computes per-record gradients for, each with the grad sampler Opacus's hooks mode calls.
+_DIRECT_LAYERS = (*_EXPANDED_WEIGHT_LAYERS, FixedBatchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -113,16 +123,27 @@ def _linear_inputs(prefix: nn.Module | None, features: torch.Tensor) -> torch.Te
         return prefix(features) if prefix is not None else features
 
 
-def supported_modes(trainable: nn.Module, features: torch.Tensor | None = None) -> tuple[GradSampleMode, ...]:
-    """The grad-sample modes that can train ``trainable``: Opacus's, and ``linear`` where it applies.
+def _direct_layers(trainable: nn.Module) -> list[nn.Module] | None:
+    """The layers holding ``trainable``'s trainable parameters, in order, if the ``direct`` mode handles every one."""
+    layers = [m for m in trainable.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    samplers = GradSampleModule.GRAD_SAMPLERS
+    if not layers or any(type(m) not in _DIRECT_LAYERS or type(m) not in samplers for m in layers):
+        return None
+    return layers
 
-    ``linear`` needs every trainable parameter in a last ``nn.Linear`` whose inputs are 2-D (one
-    vector per record); with ``features`` given, the check runs the prefix on the first record.
+
+def supported_modes(trainable: nn.Module, features: torch.Tensor | None = None) -> tuple[GradSampleMode, ...]:
+    """The grad-sample modes that can train ``trainable``: Opacus's, and ours where they apply.
+
+    ``direct`` needs every trainable layer to be one of :data:`_DIRECT_LAYERS`; ``linear`` needs every
+    trainable parameter in a last ``nn.Linear`` whose inputs are 2-D (one vector per record); with
+    ``features`` given, that check runs the prefix on the first record.
     """
+    modes = OPACUS_MODES + (("direct",) if _direct_layers(trainable) is not None else ())
     split = _split_last_linear(trainable)
     if split is None or (features is not None and _linear_inputs(split[0], features[:1]).dim() != 2):
-        return OPACUS_MODES
-    return GRAD_SAMPLE_MODES
+        return modes
+    return (*modes, "linear")
 
 
 def grad_sample_mode(trainable: nn.Module, features: torch.Tensor | None = None) -> GradSampleMode:
@@ -130,12 +151,18 @@ def grad_sample_mode(trainable: nn.Module, features: torch.Tensor | None = None)
 
     ``linear`` wherever it applies (:func:`supported_modes`): a round on wdbc's head took 0.6x the time
     of the fastest of Opacus's modes, and on heart-disease's logistic regression 0.65x. Otherwise
-    expanded weights, the fastest of Opacus's modes on every model of the zoo and transfer policy
-    measured (backward hooks next, within a few tens of percent; ``torch.func`` and ghost clipping
-    slower at these sizes); hooks wherever a trainable layer is one expanded weights cannot handle.
+    ``direct`` wherever it applies: 0.7x expanded weights' time on the imaging CNN's ``last:1`` and on
+    wdbc's whole MLP, 0.85x backward hooks' on ResNet-18's ``last:1`` (whose fixed BatchNorm layers
+    expanded weights cannot handle). Otherwise expanded weights, the fastest of Opacus's modes on every
+    model of the zoo and transfer policy measured (backward hooks next, within a few tens of percent;
+    ``torch.func`` and ghost clipping slower at these sizes); hooks wherever a trainable layer is one
+    expanded weights cannot handle.
     """
-    if "linear" in supported_modes(trainable, features):
+    modes = supported_modes(trainable, features)
+    if "linear" in modes:
         return "linear"
+    if "direct" in modes:
+        return "direct"
     training = [m for m in trainable.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     return "ew" if all(type(m) in _EXPANDED_WEIGHT_LAYERS for m in training) else "hooks"
 
@@ -298,6 +325,85 @@ class _PrivateStep:
         self.module.cleanup()
 
 
+class _DirectStep:
+    """The ``direct`` mode: Opacus's grad samplers, the functions its ``hooks`` mode calls, without its hooks.
+
+    Forward hooks keep each trainable layer's input and output; one ``torch.autograd.grad`` call gives the
+    gradient of the summed loss with respect to every such output (what Opacus's backward hooks receive),
+    and the layer's grad sampler turns its input and that gradient into per-record gradients in
+    ``p.grad_sample``. Unlike the hooks mode, the backward pass computes no gradient of the parameters
+    themselves and calls no Python hook on the way. Opacus's optimizer then clips, noises, scales and
+    steps as in the other modes; ``tests/test_dp_direct_mode.py`` compares the per-record gradients with
+    Opacus's.
+    """
+
+    mode: GradSampleMode = "direct"
+
+    def __init__(
+        self,
+        trainable: nn.Module,
+        config: TrainConfig,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        source: RandomSource,
+    ) -> None:
+        layers = _direct_layers(trainable)
+        if layers is None:
+            names = ", ".join(t.__name__ for t in _DIRECT_LAYERS)
+            raise UnsupportedGradSampleMode(f"the direct mode needs every trainable layer to be one of {names}")
+        self.layers = layers
+        self.module = trainable
+        self.params = [p for p in trainable.parameters() if p.requires_grad]
+        self.loss_fn = _ExampleLoss(config)
+        self._seen: dict[nn.Module, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._handles = [layer.register_forward_hook(self._keep) for layer in layers]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            self.optimizer = _SourcedDPOptimizer(
+                make_optimizer(self.params, config),
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=max(expected_batch_size, 1e-9),
+                loss_reduction="sum",
+                source=source,
+            )
+        trainable.train()
+
+    def _keep(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        if layer in self._seen or not isinstance(output, torch.Tensor):
+            raise UnsupportedGradSampleMode(
+                f"the direct mode needs every trainable layer called once per batch, returning one tensor "
+                f"({type(layer).__name__} is not)"
+            )
+        self._seen[layer] = (inputs, output)
+
+    def backward(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """The per-record gradients of one non-empty batch, in ``p.grad_sample``; its summed loss."""
+        self._seen.clear()
+        loss = self.loss_fn(self.module(features), labels)
+        outputs = [self._seen[layer][1] for layer in self.layers]
+        backprops = torch.autograd.grad(loss, outputs, allow_unused=True)
+        for layer, output, backprop in zip(self.layers, outputs, backprops):
+            inputs = [t.detach() for t in self._seen[layer][0]]
+            grad_output = torch.zeros_like(output) if backprop is None else backprop  # an output the loss ignores
+            for param, sample in GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, inputs, grad_output).items():
+                if param.requires_grad:
+                    param.grad_sample = sample
+        self._seen.clear()
+        return float(loss.detach())
+
+    def nothing_sampled(self) -> None:
+        """An empty batch: a zero clipped sum, to which the step adds noise all the same."""
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+
+    def close(self) -> None:
+        """Take the forward hooks off the trainable part."""
+        for handle in self._handles:
+            handle.remove()
+
+
 class _LinearStep:
     """The ``linear`` mode: a last linear layer's clipped per-record gradient sum, factorised.
 
@@ -398,26 +504,30 @@ def dp_train(
     """
     mode = mode or grad_sample_mode(trainable, features)
     check_per_sample_layers(trainable)  # Opacus's own check, except for the constants of fixed BatchNorm layers
-    private = (
-        _LinearStep(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
-        if mode == "linear"
-        else _PrivateStep(trainable, config, mode, noise_multiplier, max_grad_norm, expected_batch_size, source)
-    )
+    private: _PrivateStep | _DirectStep | _LinearStep
+    if mode == "linear":
+        private = _LinearStep(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
+    elif mode == "direct":
+        private = _DirectStep(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
+    else:
+        private = _PrivateStep(trainable, config, mode, noise_multiplier, max_grad_norm, expected_batch_size, source)
     anchor = {n: p.detach().clone() for n, p in trainable.named_parameters()} if config.proximal_mu > 0 else {}
     updates, total = 0, 0.0
-    for _ in range(steps):
-        batch = poisson_sample(source, len(labels), sample_rate)
-        private.optimizer.zero_grad(set_to_none=True)
-        if len(batch) == 0:
-            private.nothing_sampled()
-        else:
-            total += private.backward(features[batch], labels[batch]) / len(batch)
-            updates += 1
-        if private.optimizer.pre_step():  # DPOptimizer.step without torch's optimizer-step profiling wrapper
-            private.optimizer.original_optimizer.step()
-        if config.proximal_mu > 0:
-            _proximal_pull(trainable, anchor, config.lr * config.proximal_mu)
-    private.close()
+    try:
+        for _ in range(steps):
+            batch = poisson_sample(source, len(labels), sample_rate)
+            private.optimizer.zero_grad(set_to_none=True)
+            if len(batch) == 0:
+                private.nothing_sampled()
+            else:
+                total += private.backward(features[batch], labels[batch]) / len(batch)
+                updates += 1
+            if private.optimizer.pre_step():  # DPOptimizer.step without torch's optimizer-step profiling wrapper
+                private.optimizer.original_optimizer.step()
+            if config.proximal_mu > 0:
+                _proximal_pull(trainable, anchor, config.lr * config.proximal_mu)
+    finally:
+        private.close()  # hooks off the trainable part, even when a step failed
     draws = private.optimizer.noise_draws
     if draws != steps:
         raise RuntimeError(f"DP-SGD added noise in {draws} of {steps} steps; refusing the round")
