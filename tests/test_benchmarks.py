@@ -102,14 +102,18 @@ def test_dp_figures(results: tuple[Path, dict[str, dict[str, Any]]]) -> None:
         ("synthetic-imaging", "last:1"),
     }
     for case in dp["cases"]:
-        modes = {f"dp_cached:{mode}" for mode in dp["modes"]}
+        assert set(case["modes"]) <= set(dp["modes"])
+        modes = {f"dp_cached:{mode}" for mode in case["modes"]}
         assert (
             set(case["seconds"]) == {"plain_uncached", "plain_cached", "dp_uncached", "dp_cached", "dp_setup"} | modes
         )
         assert (
-            case["mode"] in dp["modes"] and case["seconds"]["dp_cached"] == case["seconds"][f"dp_cached:{case['mode']}"]
+            case["mode"] in case["modes"]
+            and case["seconds"]["dp_cached"] == case["seconds"][f"dp_cached:{case['mode']}"]
         )
-        assert case["fastest_mode"] in dp["modes"] and set(case["mode_over_plain"]) == set(dp["modes"])
+        assert case["fastest_mode"] in case["modes"] and set(case["mode_over_plain"]) == set(case["modes"])
+        if case["transfer_policy"] == "head" or case["transfer_policy"].startswith("last:"):
+            assert ("linear" in case["modes"]) == (case["transfer_policy"] == "head")
         _positive(case["seconds"], tuple(case["seconds"]))
         _positive(
             case,

@@ -1,4 +1,5 @@
-"""Opacus's grad-sample modes in ``dp_train``: the same clipped, noised steps whichever computes them."""
+"""The grad-sample modes in ``dp_train`` (Opacus's and ``linear``): the same clipped, noised steps whichever
+computes them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from client.dp_training import GRAD_SAMPLE_MODES, dp_train, grad_sample_mode
+from client.dp_training import (
+    GRAD_SAMPLE_MODES,
+    OPACUS_MODES,
+    UnsupportedGradSampleMode,
+    dp_train,
+    grad_sample_mode,
+    supported_modes,
+)
 from common.model.training import TrainConfig, use_one_torch_thread
 from common.model.transfer import TransferPolicy
 from common.model.zoo import build_model
@@ -60,7 +68,7 @@ def test_every_mode_takes_the_same_steps(name: str) -> None:
     use_one_torch_thread()
     base, features = PARTS[name]()
     trained = {}
-    for mode in GRAD_SAMPLE_MODES:
+    for mode in supported_modes(base, features):
         part = copy.deepcopy(base)
         stats = _train(part, features, mode)
         assert stats.grad_sample_mode == mode and stats.steps == 12
@@ -81,13 +89,36 @@ def test_empty_batches_are_noised_in_every_mode(mode: str) -> None:
     assert all(not torch.equal(before[k], v) for k, v in part.state_dict().items())
 
 
+def test_the_linear_mode_applies_to_a_last_linear_layer_only() -> None:
+    assert "linear" not in supported_modes(_cnn_last_block()[0])
+    assert "linear" in supported_modes(_bias_only_head()[0])
+    assert "linear" in supported_modes(_mlp_head()[0])
+    two_layers = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert "linear" not in supported_modes(two_layers)
+    two_layers[0].requires_grad_(False)  # a frozen prefix: only the last layer trains
+    assert "linear" in supported_modes(two_layers)
+    with_statistics = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 2))
+    with_statistics[0].requires_grad_(False)
+    assert "linear" not in supported_modes(with_statistics)  # its running statistics would move
+    unflattened = nn.Sequential(nn.Linear(6, 2))
+    assert "linear" not in supported_modes(unflattened, torch.randn(4, 3, 6))  # 3-D inputs: no factorisation
+    with pytest.raises(UnsupportedGradSampleMode):
+        _train(_cnn_last_block()[0], _cnn_last_block()[1], "linear")
+    with pytest.raises(UnsupportedGradSampleMode):
+        _train(unflattened, torch.randn(48, 3, 6), "linear")
+
+
 def test_the_mode_follows_the_trainable_layers() -> None:
     trainable, _ = _cnn_last_block()
-    assert grad_sample_mode(trainable) == "ew"
-    assert grad_sample_mode(_bias_only_head()[0]) == "ew"
-    unusual = nn.Sequential(nn.Linear(6, 4), nn.PReLU(), nn.Linear(4, 2))  # PReLU: no expanded weights
+    assert supported_modes(trainable) == (*OPACUS_MODES, "direct")
+    assert grad_sample_mode(trainable) == "direct"
+    assert grad_sample_mode(_bias_only_head()[0]) == "linear"
+    assert grad_sample_mode(_mlp_head()[0]) == "linear"
+    assert _train(*_mlp_head(), mode=None).grad_sample_mode == "linear"  # what the site's privacy report names
+    unusual = nn.Sequential(nn.Linear(6, 4), nn.PReLU(), nn.Linear(4, 2))  # PReLU: no expanded weights, no direct
+    assert supported_modes(unusual) == OPACUS_MODES
     assert grad_sample_mode(unusual) == "hooks"
     unusual[1].weight.requires_grad_(False)
-    assert grad_sample_mode(unusual) == "ew"
+    assert grad_sample_mode(unusual) == "direct"
     stats = _train(unusual, torch.randn(48, 6), mode=None)
-    assert stats.grad_sample_mode == "ew"
+    assert stats.grad_sample_mode == "direct"

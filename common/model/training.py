@@ -82,6 +82,22 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor, config: TrainConf
     return losses
 
 
+def example_loss_gradients(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The gradient of each example's :func:`example_losses` with respect to its own logits, row by row.
+
+    Cross-entropy's is ``softmax(z) - onehot(y)``: of the logits plus log prior for ``logit-adjust``,
+    times the example's class weight for ``balanced``. The same as autograd through
+    :func:`example_losses` (``tests/test_dp_linear_mode.py``), without the autograd engine's overhead.
+    """
+    if config.class_weights == "logit-adjust":
+        logits = logits + torch.log(torch.tensor(config.class_prior, dtype=logits.dtype))
+    gradients = torch.softmax(logits, dim=1).sub_(nn.functional.one_hot(labels, logits.shape[1]))
+    if config.class_weights == "balanced":
+        weights = 1.0 / (len(config.class_prior) * torch.tensor(config.class_prior, dtype=logits.dtype))
+        gradients.mul_(weights[labels].unsqueeze(1))
+    return gradients
+
+
 def label_prior(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
     """Class shares of ``labels`` with add-one smoothing (for public labels only: a source's, never a site's)."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes] + 1.0

@@ -92,8 +92,9 @@ REPORT_FIELDS: dict[str, str] = {
     "run-target-epsilon": "the most this run may spend (request, policy per-run limit and cap, the smallest)",
     "overridden": "request fields the site's policy overrode",
     "noise": "csprng, or seeded (reproducible: NOT private)",
-    "grad-sample-mode": "how Opacus computed the per-record gradients (hooks, ew, functorch or ghost; chosen from "
-    "the model and transfer policy)",
+    "grad-sample-mode": "how the clipped per-record gradients were computed (Opacus's hooks, ew, functorch or ghost; "
+    "direct: Opacus's grad samplers without backward hooks; linear: the factorised clipping of a last linear layer; "
+    "chosen from the model and transfer policy)",
     "declared-size": "the site's declared size",
     "spends": "every ledger entry this reply caused: kind, index, hash, noise multiplier, sample rate, steps, "
     "clipping norm or sensitivity (all planned from public values)",

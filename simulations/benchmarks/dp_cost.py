@@ -10,9 +10,11 @@ model:
   trainable part;
 - ``dp_uncached``: ``dp_train`` (Opacus DP-SGD, the mode ``grad_sample_mode`` picks) on the
   whole model, fed raw inputs;
-- ``dp_cached:MODE`` for each of Opacus's grad-sample modes (``hooks``, ``ew``, ``functorch``,
-  ``ghost``): ``compute_features`` once, ``dp_train`` on the trainable part in that mode;
-  ``dp_cached`` is the one ``grad_sample_mode`` picks, as the site runs it.
+- ``dp_cached:MODE`` for each grad-sample mode that can train the part (Opacus's ``hooks``, ``ew``,
+  ``functorch``, ``ghost``; ours: ``direct`` where every trainable layer has an Opacus grad sampler,
+  ``linear`` where only a last linear layer trains):
+  ``compute_features`` once, ``dp_train`` on the trainable part in that mode; ``dp_cached`` is the
+  one ``grad_sample_mode`` picks, as the site runs it.
 
 The cached variants include the one feature pass in their time (a site caches features
 across rounds, so this is the worst round). ``dp_setup`` is ``dp_train`` for zero steps: the
@@ -36,7 +38,14 @@ from typing import Any
 
 import torch
 
-from client.dp_training import GRAD_SAMPLE_MODES, GradSampleMode, dp_train, grad_sample_mode, sample_rate_and_steps
+from client.dp_training import (
+    GRAD_SAMPLE_MODES,
+    GradSampleMode,
+    dp_train,
+    grad_sample_mode,
+    sample_rate_and_steps,
+    supported_modes,
+)
 from common.data.scenarios import load_scenario
 from common.model.training import TrainConfig, as_tensors, compute_features, train_plain, use_one_torch_thread
 from common.model.transfer import TransferPolicy
@@ -88,6 +97,7 @@ class DpCase:
     train_examples: int
     steps_per_round: int
     seconds: dict[str, float]
+    modes: list[str]
     mode: str
     fastest_mode: str
     mode_over_plain: dict[str, float]
@@ -104,6 +114,14 @@ class DpCase:
 def target_for(transfer: TransferPolicy) -> float | None:
     """The DP / non-DP target of a transfer policy (``head`` or ``last:k``), None if it has none."""
     return TARGET_DP_OVER_PLAIN.get(str(transfer).split(":")[0])
+
+
+def _modes(base: FedModel, transfer: TransferPolicy, x: torch.Tensor) -> tuple[GradSampleMode, ...]:
+    """The grad-sample modes that can train the trainable part of ``base`` under ``transfer``."""
+    probe = copy.deepcopy(base)
+    transfer.apply(probe)
+    frozen, trainable = transfer.split(probe)
+    return supported_modes(trainable, compute_features(frozen, x[:1]))
 
 
 def _variants(
@@ -165,7 +183,7 @@ def _variants(
         "plain_cached": plain_cached,
         "dp_uncached": dp_uncached,
         "dp_setup": dp_setup,
-        **{f"dp_cached:{mode}": dp_cached(mode) for mode in GRAD_SAMPLE_MODES},
+        **{f"dp_cached:{mode}": dp_cached(mode) for mode in _modes(base, transfer, x)},
     }
 
 
@@ -184,8 +202,9 @@ def measure_case(
     measured = interleaved(_variants(base, transfer, x, y, config), repetitions, warmup)
     probe = copy.deepcopy(base)
     transfer.apply(probe)
-    mode = grad_sample_mode(transfer.split(probe)[1])
-    modes = {m: measured[f"dp_cached:{m}"] for m in GRAD_SAMPLE_MODES}
+    frozen, trainable = transfer.split(probe)
+    mode = grad_sample_mode(trainable, compute_features(frozen, x[:1]))
+    modes = {m: measured[f"dp_cached:{m}"] for m in _modes(base, transfer, x)}
     seconds = (
         {v: measured[v] for v in VARIANTS if v in measured}
         | {"dp_cached": modes[mode]}
@@ -204,6 +223,7 @@ def measure_case(
         train_examples=len(y),
         steps_per_round=steps,
         seconds=seconds,
+        modes=list(modes),
         mode=mode,
         fastest_mode=min(modes, key=modes.__getitem__),
         mode_over_plain={m: t / seconds["plain_cached"] for m, t in modes.items()},
@@ -266,13 +286,19 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> 
         [
             c.scenario,
             c.transfer_policy,
-            *(f"{c.seconds[f'dp_cached:{m}'] * 1000:.1f} ({c.mode_over_plain[m]:.2f}x)" for m in GRAD_SAMPLE_MODES),
+            *(
+                f"{c.seconds[f'dp_cached:{m}'] * 1000:.1f} ({c.mode_over_plain[m]:.2f}x)" if m in c.modes else "-"
+                for m in GRAD_SAMPLE_MODES
+            ),
             c.fastest_mode,
             c.mode,
         ]
         for c in cases
     ]
-    lines.append("\nOpacus's grad-sample modes side by side (cached DP round, ms, and its ratio to `plain_cached`):\n")
+    lines.append(
+        "\nGrad-sample modes side by side (cached DP round, ms, and its ratio to `plain_cached`; `direct` where every "
+        "trainable layer has an Opacus grad sampler, `linear` where a last linear layer alone trains):\n"
+    )
     lines.append(
         markdown_table(
             ["scenario", "transfer policy", *(f"{m} ms" for m in GRAD_SAMPLE_MODES), "fastest", "picked"], mode_rows
