@@ -29,6 +29,9 @@ PHASES = {"train": "training", "evaluate": "evaluating"}
 class InterruptibleGrid(Grid):
     """Delegates to ``grid``; each call raises ``RunInterrupted`` once ``stop`` is set."""
 
+    #: Seconds between two pulls of the replies.
+    pull_interval = PULL_INTERVAL
+
     def __init__(self, grid: Grid, stop: StopRequest) -> None:
         self.grid = grid
         self.stop = stop
@@ -91,7 +94,7 @@ class InterruptibleGrid(Grid):
                 continue
             if expired or not pending:
                 return replies
-            self.stop.wait(PULL_INTERVAL)
+            self.stop.wait(self.pull_interval)
             received = list(self.pull_messages(pending))
             replies += received
             pending -= {m.metadata.reply_to_message_id for m in received}

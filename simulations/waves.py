@@ -6,7 +6,7 @@ membership) until the node's reply is pulled. With all of a round's instructions
 once, one sweep costs nodes x instructions checks, so a round grows with the square of the
 number of sites. :class:`WaveGrid` therefore keeps at most a window of instructions
 awaiting a reply, sized so that a sweep stays within about :data:`CHECKS_PER_SWEEP` checks
-(all at once up to 256 sites), never below :data:`MIN_WAVE` so the engine's workers stay
+(all at once up to 128 sites), never below :data:`MIN_WAVE` so the engine's workers stay
 busy; each reply pulled lets the next instruction go, so no wave waits for its slowest
 site. :func:`make_server_app` builds the coordinator's ServerApp that sends them so.
 """
@@ -23,16 +23,22 @@ from server.interruptible_grid import InterruptibleGrid
 
 #: Message checks one polling sweep of the engine may cost (nodes x instructions stored).
 CHECKS_PER_SWEEP = 16_384
-#: Fewest instructions in flight at once.
-MIN_WAVE = 16
+#: Fewest instructions in flight at once: enough to keep the engine's workers fed between two sweeps.
+MIN_WAVE = 32
+#: Seconds between two pulls of the replies: the engine's in-memory state answers a pull at once, and
+#: each reply pulled sooner frees its place in the window sooner.
+PULL_SECONDS = 0.02
 
 
 class WaveGrid(InterruptibleGrid):
     """An :class:`InterruptibleGrid` with at most a window of instructions awaiting a reply at once.
 
     The window holds ``wave`` messages if given, else :data:`CHECKS_PER_SWEEP` / nodes (at
-    least :data:`MIN_WAVE`). Without ``stop`` it is never interrupted.
+    least :data:`MIN_WAVE`), and replies are pulled every :data:`PULL_SECONDS`. Without ``stop`` it is
+    never interrupted.
     """
+
+    pull_interval = PULL_SECONDS
 
     def __init__(self, grid: Grid, wave: int | None = None, stop: StopRequest | None = None) -> None:
         if wave is not None and wave < 1:
