@@ -303,9 +303,10 @@ def run_federation(grid: Grid, settings: RunSettings, flower_run_id: int, stop: 
     ``settings.out`` continues from its last completed round, with that run's id, settings, keys and
     round numbers, so the sites keep their run plan and nothing they recorded is rolled back. Once
     ``stop`` is requested the run stops waiting for the sites, abandons the round in progress and
-    ends "interrupted".
+    ends "interrupted". A ``grid`` that already is an :class:`InterruptibleGrid` (watching ``stop``)
+    is used as it is, so its own way of sending, such as a window of instructions in flight, stays.
     """
-    if stop is not None:
+    if stop is not None and not isinstance(grid, InterruptibleGrid):
         grid = InterruptibleGrid(grid, stop)
     start = start_run(settings)
     settings, out, card = start.settings, start.out, start.card
