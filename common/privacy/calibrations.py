@@ -14,19 +14,17 @@ target, and sigma at or above the floor). A value that fails (an edited file) is
 replaced by a fresh calibration. The certifying evaluation is the composition of the run's
 whole planned phase, which the run's last admission computes anyway, so within one process it
 is paid once. The files are a cache: an unreadable one counts as absent, and they are replaced
-atomically but not fsynced (losing one costs a calibration, never privacy).
+atomically with `write_atomic`, as every other file a site keeps (losing one would cost a calibration,
+never privacy).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -34,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.io import canonical_json, parse_json
+from common.io import canonical_json, parse_json, write_atomic
 from common.privacy import accounting
 from common.privacy.accounting import Accountant, Step
 
@@ -132,15 +130,7 @@ class CalibrationStore:
         path = self._path(key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(json.dumps(record, indent=2).encode("utf-8"))
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
         except OSError as exc:
             log.warning("%s: could not store the calibration (%s); the next run will calibrate again", path, exc)
 
