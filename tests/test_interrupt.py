@@ -217,8 +217,14 @@ def test_a_signal_during_a_round_stops_simulate_cleanly_and_the_printed_command_
     assert resumed.returncode == 0, resumed.stderr
     record = RunRecord.load(out / RUN_RECORD_FILE)
     begun = [r.server_round for r in record.abandoned_rounds]
-    assert record.status == "completed" and begun == [completed + 1]
-    assert [r.server_round for r in record.rounds] == [0, *range(1, completed + 1), *range(completed + 2, 4)]
+    assert record.status == "completed"
+    # The signal lands inside round completed + 1 (begun, then abandoned: its number is not reused) or, when it
+    # comes just between two rounds, before that round began (nothing abandoned); either way nothing is lost.
+    if begun:
+        assert begun == [completed + 1]
+        assert [r.server_round for r in record.rounds] == [0, *range(1, completed + 1), *range(completed + 2, 4)]
+    else:
+        assert [r.server_round for r in record.rounds] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
