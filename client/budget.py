@@ -204,6 +204,23 @@ class _Phase:
     share: float
 
 
+#: The entry kinds whose planned count the site's policy may lower below the run's request: the
+#: field ``EffectiveSettings.overridden`` names then, and the policy keys that lower it.
+_LOWERED_BY = {
+    TRAIN: ("planned_rounds", "max_rounds_per_run"),
+    EVALUATE: ("evaluations", "evaluation, max_evaluations_per_run"),
+    LOSS: ("release_loss", "allow_loss_release"),
+}
+
+
+def _lowered_by_policy(plan: RunPlan, kind: str) -> str:
+    """Why a run has fewer ``kind`` slots than it asked for, if the site's policy lowered them when it was planned."""
+    if kind not in _LOWERED_BY or _LOWERED_BY[kind][0] not in plan.settings.overridden:
+        return ""
+    keys = _LOWERED_BY[kind][1]
+    return f" (the site's policy, {keys}, allowed fewer than the run asked for when it was planned)"
+
+
 class BudgetGuard:
     """Enforces the site's caps for one dataset (``dataset_id``, keyed; ``aliases``: the ids its older
     ledger entries were recorded under, which count all the same)."""
@@ -440,7 +457,7 @@ class BudgetGuard:
                 f"run {plan.run_id} already used its {plan.slots(kind)} planned {kind} slot(s) on this dataset"
                 if plan.slots(kind)
                 else f"run {plan.run_id} planned no {kind} on this dataset"
-            )
+            ) + _lowered_by_policy(plan, kind)
         if reason:
             return Admission(False, reason, spent, math.nan, cap)
         projected = compose_epsilon([*history, step], delta, accountant)

@@ -174,3 +174,35 @@ def test_releases_are_planned_within_the_run_and_admitted_only_as_planned(tmp_pa
     assert not guard.admit(plan, 3, EVALUATE).admitted
     history = [e.to_step() for e in Ledger(tmp_path).entries()]
     assert compose_epsilon(history, 1e-5, "rdp") <= 2.0  # rounds and releases together within the run's target
+
+
+def test_a_refused_evaluation_says_the_sites_policy_planned_fewer_than_the_run_asked(tmp_path):
+    """federated-evaluation "every" asks for one DP evaluation per round; a policy that keeps the default
+    max_evaluations_per_run of 1 plans one slot, and the refusals that follow name the policy as the reason."""
+    request = PrivacyRequest(target_epsilon=2.0, delta=1e-5, max_grad_norm=1.0, planned_rounds=3, evaluations=3)
+    lowered = SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", evaluation="dp")  # allows 1 per run
+    guard = guard_at(tmp_path / "lowered", lowered)
+    plan = guard.plan_run("run-1", request, Q, STEPS)
+    assert plan.slots(EVALUATE) == 1 and "evaluations" in plan.settings.overridden
+    run_rounds(guard, plan, [1])
+    with guard.spend(plan, EVALUATE, 1) as record:
+        record(1, "e" * 64)
+    refused = guard.admit(plan, 2, EVALUATE)
+    assert not refused.admitted
+    assert "already used its 1 planned evaluate slot(s)" in refused.reason
+    assert "max_evaluations_per_run" in refused.reason and "fewer than the run asked for" in refused.reason
+    with pytest.raises(BudgetExhausted, match="max_evaluations_per_run"):
+        with guard.spend(plan, EVALUATE, 2):
+            pytest.fail("must not release an evaluation the plan has no slot for")
+
+    allowed = SitePolicy(max_epsilon=10.0, delta=1e-5, accountant="rdp", evaluation="dp", max_evaluations_per_run=3)
+    guard = guard_at(tmp_path / "allowed", allowed)
+    plan = guard.plan_run("run-1", request, Q, STEPS)
+    assert plan.slots(EVALUATE) == 3 and "evaluations" not in plan.settings.overridden
+    run_rounds(guard, plan, [1, 2, 3])
+    for server_round in (1, 2, 3):
+        with guard.spend(plan, EVALUATE, server_round) as record:
+            record(1, "e" * 64)
+    refused = guard.admit(plan, 4, EVALUATE)
+    assert not refused.admitted and "already used its 3 planned evaluate slot(s)" in refused.reason
+    assert "policy" not in refused.reason  # the run planned what it asked for: nothing to blame on the policy
