@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ from flwr.simulation import run_simulation
 
 from client.app import make_client_app
 from common.data.scenarios import load_scenario
+from common.data.site_config import SiteConfig
 from common.data.site_data import write_site_data
 from common.model.pretraining import pretrain_source
+from common.privacy.policy import load_policy, write_policy
 from common.settings import RunSettings
 from simulations.benchmarks.harness import line_plot, round_clock
 from simulations.benchmarks.report import (
@@ -45,7 +47,7 @@ from simulations.benchmarks.report import (
     this_machine,
     write_result,
 )
-from simulations.sites import prepare_sites
+from simulations.sites import prepare_sites, site_configs
 from simulations.waves import make_server_app
 
 logger = logging.getLogger(__name__)
@@ -106,6 +108,22 @@ def write_study(scenario_name: str, sites: int, directory: Path, seed: int) -> P
         encoding="utf-8",
     )
     return study
+
+
+def prepare_scale_sites(settings: RunSettings) -> RunSettings:
+    """The simulated sites of ``settings`` (``prepare_sites``), each allowing one DP evaluation per round.
+
+    The simulated policy keeps the default ``max_evaluations_per_run`` of 1; with ``federated-evaluation
+    = "every"`` its sites would plan one evaluation and decline the later rounds' (by design), and the
+    rounds would not do the same work.
+    """
+    settings = prepare_sites(settings)
+    for path in site_configs(Path(settings.sim_root), settings.expected_sites):
+        policy_path = SiteConfig.load(path).policy_path
+        policy = load_policy(policy_path)
+        if policy.max_evaluations_per_run < settings.rounds:
+            write_policy(replace(policy, max_evaluations_per_run=settings.rounds), policy_path)
+    return settings
 
 
 def _descendants(root: int) -> list[int]:
@@ -189,10 +207,10 @@ def _run_child(
     return report | {"process_seconds": time.perf_counter() - start, "peak_rss_mb": peak[0]}
 
 
-def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
-    """In the child: one Flower simulation of the study; returns round times and the driver's peak RSS."""
+def scale_settings(spec: dict[str, Any]) -> RunSettings:
+    """The run settings of one simulation of the study (before its sites are prepared)."""
     work = Path(spec["work"])
-    settings = RunSettings(
+    return RunSettings(
         scenario=spec["study"],
         checkpoint=spec["checkpoint"],
         rounds=spec["rounds"],
@@ -206,7 +224,11 @@ def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
         min_sites=spec["sites"],
         expected_sites=spec["sites"],
     )
-    settings = prepare_sites(settings)
+
+
+def simulate_once(spec: dict[str, Any]) -> dict[str, Any]:
+    """In the child: one Flower simulation of the study; returns round times and the driver's peak RSS."""
+    settings = prepare_scale_sites(scale_settings(spec))
     with round_clock() as clock:
         run_simulation(
             server_app=make_server_app(settings),
