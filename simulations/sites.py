@@ -18,6 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.data.scenario import Scenario
 from common.data.scenarios import load_scenario
 from common.data.site_config import SIMULATED_SITES_FILE, SITE_CONFIG_FILE, SiteConfig, simulated_site_dir, site_dir
@@ -57,13 +59,31 @@ def declared_size(records: int) -> int:
     return max(10, int(round(records, -1)))
 
 
+#: A simulated site declares its class mix in steps of this share.
+CLASS_SHARE_STEP = 0.05
+
+
+def declared_class_prior(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """The class mix a simulated site declares publicly: its training shares rounded to the nearest 5%.
+
+    Each share is kept between 5% and 95% (a declaration of 0 or 1 would be refused by the policy), then
+    the shares are scaled to sum to 1. It is a public statement the site makes, like its declared size.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    shares = counts / max(1, counts.sum())
+    rounded = np.clip(np.round(shares / CLASS_SHARE_STEP) * CLASS_SHARE_STEP, CLASS_SHARE_STEP, 1 - CLASS_SHARE_STEP)
+    return tuple(round(float(v), 4) for v in rounded / rounded.sum())
+
+
 def simulated_policy(site: SiteData, scenario: Scenario, allow_non_private: bool) -> SitePolicy:
     """The privacy policy a simulated site starts with: a cumulative cap of 10 at delta 1e-5, its declared
-    size, DP federated evaluation, and reproducible noise allowed only on built-in generated or bundled data."""
+    size and class mix, DP federated evaluation, and reproducible noise allowed only on built-in generated or
+    bundled data."""
     return SitePolicy(
         max_epsilon=10.0,
         delta=1e-5,
         declared_size=declared_size(len(site.train)),
+        declared_class_prior=declared_class_prior(site.train.y, len(scenario.class_names)),
         evaluation="dp",
         allow_non_private=allow_non_private,
         allow_reproducible_noise=scenario.public_data,

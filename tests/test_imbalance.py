@@ -16,6 +16,7 @@ from common.model.pretrain_settings import PretrainConfig, PretrainError
 from common.model.training import TrainConfig, example_losses, label_prior, train_plain
 from common.privacy.policy import PolicyError, SitePolicy, load_policy, write_policy
 from common.protocol import RoundInstruction
+from simulations.sites import declared_class_prior
 
 PRIOR = (0.9, 0.1)
 
@@ -116,6 +117,18 @@ def test_declared_class_prior_is_validated_and_round_trips(tmp_path: Path) -> No
     for bad in ((1.0,), (0.5, 0.6), (0.0, 1.0), ("a", "b")):
         with pytest.raises(PolicyError, match="declared_class_prior"):
             SitePolicy(max_epsilon=5, delta=1e-5, declared_class_prior=bad)
+
+
+def test_a_simulated_site_declares_its_class_mix_rounded_to_5_percent_and_never_0_or_1(tmp_path: Path) -> None:
+    assert declared_class_prior(np.array([0] * 86 + [1] * 14), 2) == (0.85, 0.15)
+    assert declared_class_prior(np.array([1] * 40), 2) == pytest.approx((0.05, 0.95))
+    three = declared_class_prior(np.array([0, 1, 2, 2, 2, 2, 2, 2, 2, 2]), 3)
+    assert three == pytest.approx((0.1, 0.1, 0.8)) and math.isclose(sum(three), 1.0)
+    policy = SitePolicy(
+        max_epsilon=5, delta=1e-5, declared_size=40, declared_class_prior=declared_class_prior(np.array([1] * 40), 2)
+    )
+    write_policy(policy, tmp_path / "policy.toml")
+    assert load_policy(tmp_path / "policy.toml").declared_class_prior == pytest.approx((0.05, 0.95))
 
 
 def test_bootstrap_intervals_hold_the_point_estimate_and_shrink_with_more_rows() -> None:

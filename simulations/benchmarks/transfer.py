@@ -85,6 +85,7 @@ CANDIDATES = (
     Recipe("batch 64", {"batch_size": 64}),
     Recipe("private personalisation", PERSONALISE),
     Recipe("balanced + private personalisation", {"class_weights": "balanced", **PERSONALISE}),
+    Recipe("logit-adjusted + private personalisation", {"class_weights": "logit-adjust", **PERSONALISE}),
 )
 
 
