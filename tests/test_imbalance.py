@@ -40,8 +40,10 @@ def test_balanced_weights_make_each_class_weigh_the_same() -> None:
     plain = example_losses(logits, labels, TrainConfig())
     weighted = example_losses(logits, labels, TrainConfig(class_weights="balanced", class_prior=PRIOR))
     assert torch.allclose(plain, torch.full((10,), math.log(2)))
-    # 9 majority rows at 1/(2*0.9) and one minority row at 1/(2*0.1): equal total weight per class
+    # 9 majority rows at 0.1/0.9 and one minority row at 0.1/0.1: equal total weight per class
     assert weighted[:9].sum() == pytest.approx(weighted[9].item())
+    # no row weighs more than plain cross-entropy, so DP-SGD's clipping cannot cut a rare class's weight back
+    assert weighted[9].item() == pytest.approx(plain[9].item()) and bool((weighted <= plain + 1e-7).all())
 
 
 def test_logit_adjustment_shifts_the_decision_towards_the_minority() -> None:

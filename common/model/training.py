@@ -63,12 +63,22 @@ class TrainConfig:
             raise ValueError(f"class_weights {self.class_weights!r} needs a prior of positive shares summing to 1")
 
 
+def balanced_weights(prior: tuple[float, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each class's ``balanced`` weight: the smallest prior over the class's prior (the rarest class weighs 1)."""
+    shares = torch.tensor(prior, dtype=dtype)
+    return shares.min() / shares
+
+
 def example_losses(logits: torch.Tensor, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """Each example's training loss (cross-entropy), shaped for imbalanced classes by ``config``.
 
-    ``balanced``: each example's loss times 1 / (K * prior of its class), so every class weighs
-    the same in expectation. ``logit-adjust``: cross-entropy of the logits plus log prior
-    (Menon et al., 2021), which trains for balanced error; predictions use the plain logits.
+    ``balanced``: each example's loss times (smallest prior) / (prior of its class), so every class
+    weighs the same in expectation and the largest weight is 1: no record's gradient is made longer
+    than plain cross-entropy's, so DP-SGD's clipping cannot cut a rare class's weight back (with
+    weights above 1 it did: a class declared at 5% had weight 10, clipped to about 1). Without DP
+    this is the class-balanced loss at a smaller step (a mean weight below 1). ``logit-adjust``:
+    cross-entropy of the logits plus log prior (Menon et al., 2021), which trains for balanced
+    error; predictions use the plain logits.
     Both are per-example, so DP-SGD clips and noises them like plain cross-entropy; the prior
     must be public (never counted from a site's records).
     """
@@ -77,7 +87,7 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor, config: TrainConf
         return nn.functional.cross_entropy(logits + offsets, labels, reduction="none")
     losses = nn.functional.cross_entropy(logits, labels, reduction="none")
     if config.class_weights == "balanced":
-        weights = 1.0 / (len(config.class_prior) * torch.tensor(config.class_prior, dtype=logits.dtype))
+        weights = balanced_weights(config.class_prior, logits.dtype)
         losses = losses * weights[labels]
     return losses
 
@@ -93,7 +103,7 @@ def example_loss_gradients(logits: torch.Tensor, labels: torch.Tensor, config: T
         logits = logits + torch.log(torch.tensor(config.class_prior, dtype=logits.dtype))
     gradients = torch.softmax(logits, dim=1).sub_(nn.functional.one_hot(labels, logits.shape[1]))
     if config.class_weights == "balanced":
-        weights = 1.0 / (len(config.class_prior) * torch.tensor(config.class_prior, dtype=logits.dtype))
+        weights = balanced_weights(config.class_prior, logits.dtype)
         gradients.mul_(weights[labels].unsqueeze(1))
     return gradients
 
