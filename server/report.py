@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from common.model.metrics import METRIC_NAMES  # noqa: E402
 from common.run_record import RunRecord  # noqa: E402
@@ -123,16 +124,35 @@ def privacy_lines(record: RunRecord) -> list[str]:
     return lines
 
 
+#: With more sites than this, the plot shows their mean and 10th/90th percentiles instead of a line per site.
+MAX_LABELLED_SITES = 12
+
+
 def plot_metrics(
     record: RunRecord, path: Path, metrics: tuple[str, ...] = ("roc-auc", "balanced-accuracy", "f1")
 ) -> Path:
+    """Each site's metrics by round (their mean and spread beyond :data:`MAX_LABELLED_SITES` sites), beside the
+    source model's central evaluation; written as a PNG to ``path``."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    sites = record.site_ids()
+    labelled = len(sites) <= MAX_LABELLED_SITES
     for ax, metric in zip(axes, metrics):
-        for site in record.site_ids():
+        by_round: dict[int, list[float]] = {}
+        for site in sites:
             points = [(r.server_round, _site_metrics(record, r.server_round, site).get(metric)) for r in record.rounds]
             points = [(x, y) for x, y in points if isinstance(y, float) and not math.isnan(y)]
-            if points:
+            for x, y in points:
+                by_round.setdefault(x, []).append(y)
+            if points and labelled:
                 ax.plot(*zip(*points), marker="o", label=site)
+        if by_round and not labelled:
+            rounds = sorted(by_round)
+            for q, label in ((0.1, "10th and 90th percentiles"), (0.9, None)):
+                quantiles = [float(np.quantile(by_round[x], q)) for x in rounds]
+                ax.plot(rounds, quantiles, linestyle=":", color="grey", label=label)
+            ax.plot(
+                rounds, [float(np.mean(by_round[x])) for x in rounds], marker="o", label=f"mean of {len(sites)} sites"
+            )
         central = [(r.server_round, r.central[metric]) for r in record.rounds if metric in r.central]
         if central:
             ax.plot(*zip(*central), marker="s", linestyle="--", color="black", label="source (central)")
