@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,12 +50,13 @@ from common.model.batchnorm import FixedBatchNorm2d, check_per_sample_layers
 from common.model.training import TrainConfig, example_loss_gradients, example_losses, make_optimizer
 from common.privacy.noise import RandomSource, poisson_sample
 
-GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "direct", "linear"]
+GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "direct", "ghost-direct", "linear"]
 #: Opacus's own grad-sample modes: every trainable part Opacus supports can use each of them.
 OPACUS_MODES: tuple[GradSampleMode, ...] = ("hooks", "ew", "functorch", "ghost")
-#: Every mode, ours included: ``direct`` (Opacus's grad samplers without backward hooks) and ``linear``
-#: (factorised clipping of a last linear layer).
-GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = (*OPACUS_MODES, "direct", "linear")
+#: Every mode, ours included: ``direct`` (Opacus's grad samplers without backward hooks), ``ghost-direct``
+#: (per-record norms without per-record gradients, for the same layers) and ``linear`` (factorised clipping of a
+#: last linear layer).
+GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = (*OPACUS_MODES, "direct", "ghost-direct", "linear")
 #: Opacus's guard against dividing by a zero gradient norm (``DPOptimizer.clip_and_accumulate``).
 _NORM_EPSILON = 1e-6
 #: Layers PyTorch's expanded weights compute per-record gradients for (``torch.nn.utils._expanded_weights``).
@@ -135,11 +137,11 @@ def _direct_layers(trainable: nn.Module) -> list[nn.Module] | None:
 def supported_modes(trainable: nn.Module, features: torch.Tensor | None = None) -> tuple[GradSampleMode, ...]:
     """The grad-sample modes that can train ``trainable``: Opacus's, and ours where they apply.
 
-    ``direct`` needs every trainable layer to be one of :data:`_DIRECT_LAYERS`; ``linear`` needs every
-    trainable parameter in a last ``nn.Linear`` whose inputs are 2-D (one vector per record); with
+    ``direct`` and ``ghost-direct`` need every trainable layer to be one of :data:`_DIRECT_LAYERS`; ``linear``
+    needs every trainable parameter in a last ``nn.Linear`` whose inputs are 2-D (one vector per record); with
     ``features`` given, that check runs the prefix on the first record.
     """
-    modes = OPACUS_MODES + (("direct",) if _direct_layers(trainable) is not None else ())
+    modes = OPACUS_MODES + (("direct", "ghost-direct") if _direct_layers(trainable) is not None else ())
     split = _split_last_linear(trainable)
     if split is None or (features is not None and _linear_inputs(split[0], features[:1]).dim() != 2):
         return modes
@@ -338,6 +340,8 @@ class _DirectStep:
     """
 
     mode: GradSampleMode = "direct"
+    #: The optimizer the per-record gradients (or, in ``ghost-direct``, their clipped sum) go to.
+    optimizer_class: type[_SourcedNoise] = _SourcedDPOptimizer
 
     def __init__(
         self,
@@ -351,7 +355,7 @@ class _DirectStep:
         layers = _direct_layers(trainable)
         if layers is None:
             names = ", ".join(t.__name__ for t in _DIRECT_LAYERS)
-            raise UnsupportedGradSampleMode(f"the direct mode needs every trainable layer to be one of {names}")
+            raise UnsupportedGradSampleMode(f"the {self.mode} mode needs every trainable layer to be one of {names}")
         self.layers = layers
         self.module = trainable
         self.params = [p for p in trainable.parameters() if p.requires_grad]
@@ -360,7 +364,7 @@ class _DirectStep:
         self._handles = [layer.register_forward_hook(self._keep) for layer in layers]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-            self.optimizer = _SourcedDPOptimizer(
+            self.optimizer = self.optimizer_class(
                 make_optimizer(self.params, config),
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm,
@@ -373,7 +377,7 @@ class _DirectStep:
     def _keep(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
         if layer in self._seen or not isinstance(output, torch.Tensor):
             raise UnsupportedGradSampleMode(
-                f"the direct mode needs every trainable layer called once per batch, returning one tensor "
+                f"the {self.mode} mode needs every trainable layer called once per batch, returning one tensor "
                 f"({type(layer).__name__} is not)"
             )
         self._seen[layer] = (inputs, output)
@@ -402,6 +406,151 @@ class _DirectStep:
         """Take the forward hooks off the trainable part."""
         for handle in self._handles:
             handle.remove()
+
+
+class _GhostDirectStep(_DirectStep):
+    """The ``ghost-direct`` mode: each record's gradient norm without its gradient, then the clipped sum.
+
+    As in ``direct``, forward hooks keep each trainable layer's input and one ``torch.autograd.grad`` call
+    gives the gradient ``b`` of the summed loss with respect to each such layer's output (record i's rows of
+    ``b`` are the gradient of its own loss: a layer the mode trains is a per-record function). Record i's
+    squared gradient norm is then summed over the layers (:func:`_layer_clipping`): for a linear layer or a
+    convolution, whose input unfolds to ``A_i`` (positions x inputs) and whose output gradient is ``B_i``
+    (positions x outputs), the weight's gradient is ``A_i^T B_i``, whose squared norm is
+    ``||A_i||^2 ||B_i||^2`` at one position and otherwise ``sum((A_i A_i^T) * (B_i B_i^T))`` (ghost clipping's
+    identity, Li et al. 2022) or the materialised ``A_i^T B_i``, whichever costs fewer operations; the bias's
+    is ``||sum_t B_i||^2``. Other layers (fixed BatchNorm, GroupNorm, LayerNorm, ...: few weights) get their
+    per-record gradients from Opacus's grad sampler. Opacus's flat clipping factor ``c_i`` over all of the
+    record's trainable parameters follows, and the clipped sum is the gradient of ``sum_i c_i loss_i``: with
+    respect to a layer's output that is ``c_i b_i``, so each weight's part is the ordinary weight gradient
+    (``(c B)^T A`` summed over records and positions) of the kept input and the rescaled output gradient --
+    the parameter half of a second backward pass, without running the input half again. It goes to ``p.grad``,
+    and Opacus's ghost-clipping optimizer noises, scales and steps as in the ``linear`` mode
+    (:class:`_ClippedSumOptimizer`); ``tests/test_dp_ghost_direct_mode.py`` compares norms and sums with
+    Opacus's per-sample gradients.
+    """
+
+    mode: GradSampleMode = "ghost-direct"
+    optimizer_class: type[_SourcedNoise] = _ClippedSumOptimizer
+
+    def __init__(
+        self,
+        trainable: nn.Module,
+        config: TrainConfig,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        source: RandomSource,
+    ) -> None:
+        super().__init__(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
+        self.max_grad_norm = max_grad_norm
+
+    def squared_norms(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, list[_ClippedSum], torch.Tensor]:
+        """Each record's squared gradient norm (all trainable parameters), each layer's clipped sum, the loss."""
+        self._seen.clear()
+        loss = self.loss_fn(self.module(features), labels)
+        outputs = [self._seen[layer][1] for layer in self.layers]
+        backprops = torch.autograd.grad(loss, outputs, allow_unused=True)
+        squared = torch.zeros(len(labels), dtype=loss.dtype)
+        sums = []
+        for layer, output, backprop in zip(self.layers, outputs, backprops):
+            inputs = [t.detach() for t in self._seen[layer][0]]
+            grad_output = torch.zeros_like(output) if backprop is None else backprop  # an output the loss ignores
+            norms, clipped_sum = _layer_clipping(layer, inputs, grad_output)
+            squared += norms
+            sums.append(clipped_sum)
+        self._seen.clear()
+        return squared, sums, loss.detach()
+
+    def backward(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """The clipped per-record gradient sum of one non-empty batch, in ``p.grad``; its summed loss."""
+        squared, sums, loss = self.squared_norms(features, labels)
+        factors = (self.max_grad_norm / (squared.sqrt_() + _NORM_EPSILON)).clamp_(max=1.0)  # Opacus's formula
+        for clipped_sum in sums:
+            for param, grad in clipped_sum(factors).items():
+                param.grad = grad
+        return float(loss)
+
+    def nothing_sampled(self) -> None:
+        """An empty batch: a zero clipped sum, to which the step adds noise all the same."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+
+
+#: A layer's clipped gradient sum, given every record's clipping factor: {parameter: its part of the sum}.
+_ClippedSum = Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+
+
+def _layer_clipping(
+    layer: nn.Module, inputs: list[torch.Tensor], grad_output: torch.Tensor
+) -> tuple[torch.Tensor, _ClippedSum]:
+    """A trainable layer's part of each record's squared gradient norm, and how to take its clipped sum."""
+    unfolded = _unfolded(layer, inputs, grad_output)
+    if unfolded is None:  # Opacus's per-record gradients: layers with few weights
+        samples = {
+            p: s
+            for p, s in GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, inputs, grad_output).items()
+            if p.requires_grad
+        }
+        squared = sum(s.reshape(len(s), -1).square().sum(1) for s in samples.values())
+        return squared, lambda factors: {p: torch.tensordot(factors.to(s.dtype), s, dims=1) for p, s in samples.items()}
+    a, b = unfolded  # (records, positions, inputs) and (records, positions, outputs)
+    weight, bias = layer.weight, layer.bias
+    squared = torch.zeros(len(b), dtype=b.dtype)
+    if weight.requires_grad:
+        squared += _product_norms(a, b)
+    if bias is not None and bias.requires_grad:
+        squared += b.sum(1).square().sum(1)
+
+    def clipped_sum(factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        scaled = (b * factors.to(b.dtype).view(-1, 1, 1)).flatten(0, 1)
+        grads = {}
+        if weight.requires_grad:
+            grads[weight] = (scaled.T @ a.flatten(0, 1)).view_as(weight)
+        if bias is not None and bias.requires_grad:
+            grads[bias] = scaled.sum(0)
+        return grads
+
+    return squared, clipped_sum
+
+
+def _unfolded(
+    layer: nn.Module, inputs: list[torch.Tensor], grad_output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A linear layer's or a plain convolution's input and output gradient as (records, positions, features)
+    matrices, whose per-record product ``A_i^T B_i`` is the weight's gradient; None for other layers."""
+    records = len(grad_output)
+    if type(layer) is nn.Linear:
+        x = inputs[0]
+        return x.reshape(records, -1, x.shape[-1]), grad_output.reshape(records, -1, grad_output.shape[-1])
+    if (
+        type(layer) is nn.Conv2d
+        and layer.groups == 1
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    ):
+        a = nn.functional.unfold(
+            inputs[0], layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )
+        return a.transpose(1, 2), grad_output.reshape(records, grad_output.shape[1], -1).transpose(1, 2)
+    return None
+
+
+def _product_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||A_i^T B_i||_F^2`` for every record i of ``a`` (records x T x d) and ``b`` (records x T x p).
+
+    At one position it is ``||a_i||^2 ||b_i||^2``; otherwise the ghost-norm identity
+    ``sum((A_i A_i^T) * (B_i B_i^T))`` (about T^2 (d + p) multiplications per record) or the product itself
+    (T d p), whichever is fewer.
+    """
+    positions, d, p = a.shape[1], a.shape[2], b.shape[2]
+    if positions == 1:
+        return a.square().sum((1, 2)) * b.square().sum((1, 2))
+    if positions * (d + p) <= d * p:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(a.transpose(1, 2), b).square().sum((1, 2))
 
 
 class _LinearStep:
@@ -509,6 +658,8 @@ def dp_train(
         private = _LinearStep(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
     elif mode == "direct":
         private = _DirectStep(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
+    elif mode == "ghost-direct":
+        private = _GhostDirectStep(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
     else:
         private = _PrivateStep(trainable, config, mode, noise_multiplier, max_grad_norm, expected_batch_size, source)
     anchor = {n: p.detach().clone() for n, p in trainable.named_parameters()} if config.proximal_mu > 0 else {}

@@ -1,4 +1,4 @@
-"""The grad-sample modes in ``dp_train`` (Opacus's and ``linear``): the same clipped, noised steps whichever
+"""The grad-sample modes in ``dp_train`` (Opacus's and ours): the same clipped, noised steps whichever
 computes them."""
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_the_linear_mode_applies_to_a_last_linear_layer_only() -> None:
 
 def test_the_mode_follows_the_trainable_layers() -> None:
     trainable, _ = _cnn_last_block()
-    assert supported_modes(trainable) == (*OPACUS_MODES, "direct")
+    assert supported_modes(trainable) == (*OPACUS_MODES, "direct", "ghost-direct")
     assert grad_sample_mode(trainable) == "direct"
     assert grad_sample_mode(_bias_only_head()[0]) == "linear"
     assert grad_sample_mode(_mlp_head()[0]) == "linear"
