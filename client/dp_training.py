@@ -487,8 +487,8 @@ def _layer_clipping(
     layer: nn.Module, inputs: list[torch.Tensor], grad_output: torch.Tensor
 ) -> tuple[torch.Tensor, _ClippedSum]:
     """A trainable layer's part of each record's squared gradient norm, and how to take its clipped sum."""
-    unfolded = _unfolded(layer, inputs, grad_output)
-    if unfolded is None:  # Opacus's per-record gradients: layers with few weights
+    factored = _factored(layer, inputs[0], grad_output) if type(layer) in (nn.Linear, nn.Conv2d) else None
+    if factored is None:  # Opacus's per-record gradients: layers with few weights
         samples = {
             p: s
             for p, s in GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, inputs, grad_output).items()
@@ -496,61 +496,100 @@ def _layer_clipping(
         }
         squared = sum(s.reshape(len(s), -1).square().sum(1) for s in samples.values())
         return squared, lambda factors: {p: torch.tensordot(factors.to(s.dtype), s, dims=1) for p, s in samples.items()}
-    a, b = unfolded  # (records, positions, inputs) and (records, positions, outputs)
+    a, b, weight_sum = factored
     weight, bias = layer.weight, layer.bias
     squared = torch.zeros(len(b), dtype=b.dtype)
+    samples = None  # the weight's per-record gradients, where computing them is the cheaper way to their norms
     if weight.requires_grad:
-        squared += _product_norms(a, b)
+        norms, samples = _product_norms(a, b)
+        squared += norms
     if bias is not None and bias.requires_grad:
-        squared += b.sum(1).square().sum(1)
+        squared += b.sum(2).square().sum(1)
 
     def clipped_sum(factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        scaled = (b * factors.to(b.dtype).view(-1, 1, 1)).flatten(0, 1)
+        scaled = grad_output * factors.to(grad_output.dtype).view(-1, *([1] * (grad_output.dim() - 1)))
         grads = {}
         if weight.requires_grad:
-            grads[weight] = (scaled.T @ a.flatten(0, 1)).view_as(weight)
+            grads[weight] = (
+                weight_sum(scaled) if samples is None else torch.tensordot(factors, samples, dims=1).view_as(weight)
+            )
         if bias is not None and bias.requires_grad:
-            grads[bias] = scaled.sum(0)
+            channels_last = type(layer) is nn.Linear  # a linear layer's features are its last dimension
+            grads[bias] = scaled.reshape(-1, len(bias)).sum(0) if channels_last else scaled.sum((0, 2, 3))
         return grads
 
     return squared, clipped_sum
 
 
-def _unfolded(
-    layer: nn.Module, inputs: list[torch.Tensor], grad_output: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A linear layer's or a plain convolution's input and output gradient as (records, positions, features)
-    matrices, whose per-record product ``A_i^T B_i`` is the weight's gradient; None for other layers."""
+def _factored(
+    layer: nn.Module, x: torch.Tensor, grad_output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """A linear layer's or a plain convolution's input and output gradient as (records, features, positions)
+    tensors ``A``, ``B``, whose per-record product ``A_i B_i^T`` is the weight's gradient, and the weight's
+    summed gradient given a (rescaled) output gradient; None for a layer this does not cover."""
     records = len(grad_output)
     if type(layer) is nn.Linear:
-        x = inputs[0]
-        return x.reshape(records, -1, x.shape[-1]), grad_output.reshape(records, -1, grad_output.shape[-1])
-    if (
-        type(layer) is nn.Conv2d
-        and layer.groups == 1
-        and layer.padding_mode == "zeros"
-        and not isinstance(layer.padding, str)
-    ):
-        a = nn.functional.unfold(
-            inputs[0], layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        if x.dim() == 2:
+            a, b = x.unsqueeze(2), grad_output.unsqueeze(2)
+        else:
+            a = x.reshape(records, -1, x.shape[-1]).transpose(1, 2)
+            b = grad_output.reshape(records, -1, grad_output.shape[-1]).transpose(1, 2)
+        return a, b, lambda scaled: scaled.reshape(-1, scaled.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return None
+
+    def weight_sum(scaled: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_weight(
+            x, layer.weight.shape, scaled, layer.stride, layer.padding, layer.dilation, layer.groups
         )
-        return a.transpose(1, 2), grad_output.reshape(records, grad_output.shape[1], -1).transpose(1, 2)
-    return None
+
+    b = grad_output.reshape(records, grad_output.shape[1], -1)
+    return _patches(x, layer.kernel_size, layer.padding, layer.stride, layer.dilation), b, weight_sum
 
 
-def _product_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``||A_i^T B_i||_F^2`` for every record i of ``a`` (records x T x d) and ``b`` (records x T x p).
+def _patches(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    padding: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """The convolution's input patches, (records, channels x kernel rows x kernel columns, output positions):
+    what ``nn.functional.unfold`` returns, taken as a strided view of the padded input and copied once."""
+    padded = nn.functional.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    records, channels, height, width = padded.shape
+    rows = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    columns = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    s_records, s_channels, s_height, s_width = padded.stride()
+    view = padded.as_strided(
+        (records, channels, kernel[0], kernel[1], rows, columns),
+        (
+            s_records,
+            s_channels,
+            s_height * dilation[0],
+            s_width * dilation[1],
+            s_height * stride[0],
+            s_width * stride[1],
+        ),
+    )
+    return view.reshape(records, channels * kernel[0] * kernel[1], rows * columns)
 
-    At one position it is ``||a_i||^2 ||b_i||^2``; otherwise the ghost-norm identity
-    ``sum((A_i A_i^T) * (B_i B_i^T))`` (about T^2 (d + p) multiplications per record) or the product itself
-    (T d p), whichever is fewer.
+
+def _product_norms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``||B_i A_i^T||_F^2`` for every record i of ``a`` (records x d x T) and ``b`` (records x p x T), and the
+    products themselves (records x p x d) if they were computed, None otherwise.
+
+    At one position (T = 1) it is ``||a_i||^2 ||b_i||^2``; otherwise the ghost-norm identity
+    ``sum((A_i^T A_i) * (B_i^T B_i))`` (about T^2 (d + p) multiplications per record) or the product itself
+    (T d p, and then reused for the clipped sum), whichever is fewer.
     """
-    positions, d, p = a.shape[1], a.shape[2], b.shape[2]
+    d, p, positions = a.shape[1], b.shape[1], a.shape[2]
     if positions == 1:
-        return a.square().sum((1, 2)) * b.square().sum((1, 2))
+        return a.square().sum((1, 2)) * b.square().sum((1, 2)), None
     if positions * (d + p) <= d * p:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(a.transpose(1, 2), b).square().sum((1, 2))
+        return (torch.bmm(a.transpose(1, 2), a) * torch.bmm(b.transpose(1, 2), b)).sum((1, 2)), None
+    products = torch.bmm(b, a.transpose(1, 2))
+    return products.square().sum((1, 2)), products
 
 
 class _LinearStep:

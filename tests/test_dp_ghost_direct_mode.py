@@ -185,10 +185,14 @@ def test_a_wrong_clipping_would_be_caught() -> None:
 )
 def test_the_product_norms_are_the_products(positions: int, inputs: int, outputs: int) -> None:
     generator = torch.Generator().manual_seed(positions)
-    a = torch.randn(6, positions, inputs, generator=generator, dtype=torch.float64)
-    b = torch.randn(6, positions, outputs, generator=generator, dtype=torch.float64)
-    expected = torch.stack([(a[i].T @ b[i]).square().sum() for i in range(len(a))])
-    torch.testing.assert_close(_product_norms(a, b), expected)
+    a = torch.randn(6, inputs, positions, generator=generator, dtype=torch.float64)
+    b = torch.randn(6, outputs, positions, generator=generator, dtype=torch.float64)
+    products = torch.stack([b[i] @ a[i].T for i in range(len(a))])
+    norms, materialised = _product_norms(a, b)
+    torch.testing.assert_close(norms, products.square().sum((1, 2)))
+    if materialised is not None:
+        torch.testing.assert_close(materialised, products)
+    assert (materialised is None) == (positions * (inputs + outputs) <= inputs * outputs)
 
 
 def test_an_empty_batch_steps_with_noise_only() -> None:
