@@ -15,6 +15,7 @@ from client.dp_training import (
     _GhostDirectStep,
     _product_norms,
     dp_train,
+    grad_sample_mode,
     supported_modes,
 )
 from common.model.batchnorm import FixedBatchNorm2d
@@ -235,3 +236,25 @@ def test_the_mode_applies_where_direct_does() -> None:
         assert "ghost-direct" in modes and "direct" in modes
     unusual = nn.Sequential(nn.Linear(6, 4), nn.PReLU(), nn.Linear(4, 2))
     assert "ghost-direct" not in supported_modes(unusual)
+
+
+def test_the_site_picks_it_where_it_applies_and_linear_does_not() -> None:
+    for name in PARTS:
+        part, x = PARTS[name]()
+        assert grad_sample_mode(part, x) == "ghost-direct", name
+    head = nn.Sequential(nn.Linear(6, 2))
+    assert grad_sample_mode(head, torch.randn(4, 6)) == "linear"
+    block, x = _fixed_batchnorm_block()
+    stats = dp_train(
+        block,
+        x,
+        torch.arange(len(x)) % 2,
+        TrainConfig(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        sample_rate=0.5,
+        steps=2,
+        expected_batch_size=0.5 * len(x),
+        source=SeededRandom(0),
+    )
+    assert stats.grad_sample_mode == "ghost-direct"  # what the site's privacy report names
