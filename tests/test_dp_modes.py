@@ -1,4 +1,4 @@
-"""The grad-sample modes in ``dp_train`` (Opacus's and ``linear``): the same clipped, noised steps whichever
+"""The grad-sample modes in ``dp_train`` (Opacus's and ours): the same clipped, noised steps whichever
 computes them."""
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def test_the_linear_mode_applies_to_a_last_linear_layer_only() -> None:
 
 def test_the_mode_follows_the_trainable_layers() -> None:
     trainable, _ = _cnn_last_block()
-    assert supported_modes(trainable) == (*OPACUS_MODES, "direct")
-    assert grad_sample_mode(trainable) == "direct"
+    assert supported_modes(trainable) == (*OPACUS_MODES, "direct", "ghost-direct")
+    assert grad_sample_mode(trainable) == "ghost-direct"
     assert grad_sample_mode(_bias_only_head()[0]) == "linear"
     assert grad_sample_mode(_mlp_head()[0]) == "linear"
     assert _train(*_mlp_head(), mode=None).grad_sample_mode == "linear"  # what the site's privacy report names
@@ -119,6 +119,6 @@ def test_the_mode_follows_the_trainable_layers() -> None:
     assert supported_modes(unusual) == OPACUS_MODES
     assert grad_sample_mode(unusual) == "hooks"
     unusual[1].weight.requires_grad_(False)
-    assert grad_sample_mode(unusual) == "direct"
+    assert grad_sample_mode(unusual) == "ghost-direct"
     stats = _train(unusual, torch.randn(48, 6), mode=None)
-    assert stats.grad_sample_mode == "direct"
+    assert stats.grad_sample_mode == "ghost-direct"

@@ -63,7 +63,7 @@ def test_site_policy_overrides_a_weaker_request(two_runs) -> None:
     report = first.round(1).sites["site-2"].train.report
     assert set(report["overridden"]) >= {"target_epsilon", "max_grad_norm"}
     assert report["spends"][0]["clip"] == 1.0 and report["cap-epsilon"] == 1.0
-    assert report["grad-sample-mode"] == "direct"  # last:1 of an MLP trains two linear layers: not the linear mode
+    assert report["grad-sample-mode"] == "ghost-direct"  # last:1 of an MLP trains two linear layers: not linear
     entries = _ledger(root, 2).entries()
     assert [e.server_round for e in entries] == [1, 2]
     assert all(e.max_grad_norm == 1.0 and e.epsilon <= 1.0 for e in entries)

@@ -11,8 +11,8 @@ model:
 - ``dp_uncached``: ``dp_train`` (Opacus DP-SGD, the mode ``grad_sample_mode`` picks) on the
   whole model, fed raw inputs;
 - ``dp_cached:MODE`` for each grad-sample mode that can train the part (Opacus's ``hooks``, ``ew``,
-  ``functorch``, ``ghost``; ours: ``direct`` where every trainable layer has an Opacus grad sampler,
-  ``linear`` where only a last linear layer trains):
+  ``functorch``, ``ghost``; ours: ``direct`` and ``ghost-direct`` where every trainable layer has an
+  Opacus grad sampler, ``linear`` where only a last linear layer trains):
   ``compute_features`` once, ``dp_train`` on the trainable part in that mode; ``dp_cached`` is the
   one ``grad_sample_mode`` picks, as the site runs it.
 
@@ -296,8 +296,9 @@ def _markdown(machine: Machine, result: dict[str, Any], cases: list[DpCase]) -> 
         for c in cases
     ]
     lines.append(
-        "\nGrad-sample modes side by side (cached DP round, ms, and its ratio to `plain_cached`; `direct` where every "
-        "trainable layer has an Opacus grad sampler, `linear` where a last linear layer alone trains):\n"
+        "\nGrad-sample modes side by side (cached DP round, ms, and its ratio to `plain_cached`; `direct` and "
+        "`ghost-direct` where every trainable layer has an Opacus grad sampler, `linear` where a last linear layer "
+        "alone trains):\n"
     )
     lines.append(
         markdown_table(
