@@ -337,7 +337,8 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     ]
     lines = [
         machine_text,
-        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model mlp, transfer policy {result['transfer-policy']}), "
+        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model {result['model']}, transfer policy "
+        f"{result['transfer-policy']}), "
         f"{cfg['rounds']} rounds "
         "of "
         f"{cfg['local_epochs']} local epoch(s), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g}, DP-SGD clipping "
@@ -459,6 +460,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "machine": machine_record(machine),
         "command": bench_command(NAME, quick, seed),
         "scenario": SCENARIO,
+        "model": card.arch,
         "transfer-policy": card.default_transfer_policy,
         "config": asdict(cfg),
         "repetitions": repetitions,
