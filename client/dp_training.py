@@ -370,6 +370,7 @@ class _DirectStep:
             raise UnsupportedGradSampleMode(f"the {self.mode} mode needs every trainable layer to be one of {names}")
         self.layers = layers
         self.module = trainable
+        self.max_grad_norm = max_grad_norm
         self.params = [p for p in trainable.parameters() if p.requires_grad]
         self.loss_fn = _ExampleLoss(config)
         self._seen: dict[nn.Module, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
@@ -444,18 +445,6 @@ class _GhostDirectStep(_DirectStep):
 
     mode: GradSampleMode = "ghost-direct"
     optimizer_class: type[_SourcedNoise] = _ClippedSumOptimizer
-
-    def __init__(
-        self,
-        trainable: nn.Module,
-        config: TrainConfig,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: float,
-        source: RandomSource,
-    ) -> None:
-        super().__init__(trainable, config, noise_multiplier, max_grad_norm, expected_batch_size, source)
-        self.max_grad_norm = max_grad_norm
 
     def squared_norms(
         self, features: torch.Tensor, labels: torch.Tensor
