@@ -12,33 +12,12 @@ from torch import nn
 from client.dp_training import UnsupportedGradSampleMode, _DirectStep, _SourcedDPOptimizer, dp_train
 from common.model.batchnorm import FixedBatchNorm2d
 from common.model.training import TrainConfig, example_losses, use_one_torch_thread
-from common.model.transfer import TransferPolicy
-from common.model.zoo import build_model
 from common.privacy.noise import SeededRandom
+from tests.dp_parts import cnn_last_block, frozen_middle, mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 CONFIG = TrainConfig(class_weights="balanced", class_prior=(0.4, 0.6))
-
-
-def _cnn_last_block() -> tuple[nn.Module, torch.Tensor]:
-    model = build_model("cnn", (1, 16, 16), 2)
-    transfer = TransferPolicy.parse("last:1")
-    transfer.apply(model)
-    frozen, trainable = transfer.split(model)
-    with torch.no_grad():
-        return trainable, frozen.eval()(torch.randn(24, 1, 16, 16) * 2)
-
-
-def _mlp() -> tuple[nn.Module, torch.Tensor]:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(24, 6)
-
-
-def _frozen_middle() -> tuple[nn.Module, torch.Tensor]:
-    part = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    part[2].requires_grad_(False)
-    part[4].bias.requires_grad_(False)
-    return part, torch.randn(24, 6)
 
 
 def _fixed_batchnorm() -> tuple[nn.Module, torch.Tensor]:
@@ -49,9 +28,9 @@ def _fixed_batchnorm() -> tuple[nn.Module, torch.Tensor]:
 
 
 PARTS = {
-    "cnn last:1": _cnn_last_block,
-    "mlp": _mlp,
-    "frozen middle": _frozen_middle,
+    "cnn last:1": cnn_last_block,
+    "mlp": mlp,
+    "frozen middle": frozen_middle,
     "fixed batchnorm": _fixed_batchnorm,
 }
 
@@ -117,7 +96,7 @@ def test_a_layer_called_twice_is_refused() -> None:
 
 
 def test_a_failed_round_leaves_no_hooks() -> None:
-    part, x = _mlp()
+    part, x = mlp()
     with pytest.raises(IndexError):
         dp_train(
             part,
@@ -143,7 +122,7 @@ def test_an_unsupported_layer_is_refused() -> None:
 
 
 def test_the_optimizer_is_opacus_s() -> None:
-    part, _ = _mlp()
+    part, _ = mlp()
     step = _DirectStep(part, TrainConfig(), 1.0, 1.0, 8, SeededRandom(0))
     assert isinstance(step.optimizer, _SourcedDPOptimizer)
     step.close()

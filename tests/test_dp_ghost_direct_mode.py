@@ -20,10 +20,9 @@ from client.dp_training import (
 )
 from common.model.batchnorm import FixedBatchNorm2d
 from common.model.training import TrainConfig, example_losses, use_one_torch_thread
-from common.model.transfer import TransferPolicy
-from common.model.zoo import build_model
 from common.privacy.noise import SeededRandom
 from common.settings import CLASS_WEIGHTS
+from tests.dp_parts import cnn_last_block, frozen_middle, mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -32,16 +31,6 @@ CONFIGS = {
     weights: TrainConfig(class_weights=weights, class_prior=(0.4, 0.6) if weights != "none" else ())
     for weights in CLASS_WEIGHTS
 }
-
-
-def _cnn_last_block() -> tuple[nn.Module, torch.Tensor]:
-    """The zoo CNN's last block (Conv2d at 8x8 positions, GroupNorm) and head: the conv's norm is materialised."""
-    model = build_model("cnn", (1, 16, 16), 2)
-    transfer = TransferPolicy.parse("last:1")
-    transfer.apply(model)
-    frozen, trainable = transfer.split(model)
-    with torch.no_grad():
-        return trainable, frozen.eval()(torch.randn(24, 1, 16, 16) * 2)
 
 
 def _fixed_batchnorm_block() -> tuple[nn.Module, torch.Tensor]:
@@ -69,27 +58,16 @@ def _fixed_batchnorm_block() -> tuple[nn.Module, torch.Tensor]:
     return part, torch.randn(24, 3, 5, 5)
 
 
-def _mlp() -> tuple[nn.Module, torch.Tensor]:
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), torch.randn(24, 6)
-
-
-def _frozen_middle() -> tuple[nn.Module, torch.Tensor]:
-    part = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    part[2].requires_grad_(False)
-    part[4].bias.requires_grad_(False)
-    return part, torch.randn(24, 6)
-
-
 def _sequence() -> tuple[nn.Module, torch.Tensor]:
     """A linear layer applied at 5 positions of each record (3-D inputs), then flattened into the head."""
     return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Flatten(), nn.Linear(30, 2)), torch.randn(24, 5, 4)
 
 
 PARTS = {
-    "cnn last:1": _cnn_last_block,
+    "cnn last:1": cnn_last_block,
     "fixed batchnorm block": _fixed_batchnorm_block,
-    "mlp": _mlp,
-    "frozen middle": _frozen_middle,
+    "mlp": mlp,
+    "frozen middle": frozen_middle,
     "sequence": _sequence,
 }
 

@@ -18,19 +18,8 @@ from client.dp_training import (
     supported_modes,
 )
 from common.model.training import TrainConfig, use_one_torch_thread
-from common.model.transfer import TransferPolicy
-from common.model.zoo import build_model
 from common.privacy.noise import SeededRandom
-
-
-def _cnn_last_block() -> tuple[nn.Module, torch.Tensor]:
-    model = build_model("cnn", (1, 16, 16), 2)
-    transfer = TransferPolicy.parse("last:1")
-    transfer.apply(model)
-    frozen, trainable = transfer.split(model)
-    with torch.no_grad():
-        features = frozen.eval()(torch.randn(48, 1, 16, 16, generator=torch.Generator().manual_seed(3)))
-    return trainable, features
+from tests.dp_parts import cnn_last_block
 
 
 def _bias_only_head() -> tuple[nn.Module, torch.Tensor]:
@@ -41,6 +30,10 @@ def _bias_only_head() -> tuple[nn.Module, torch.Tensor]:
 
 def _mlp_head() -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(nn.Linear(6, 2)), torch.randn(48, 6, generator=torch.Generator().manual_seed(5))
+
+
+def _cnn_last_block() -> tuple[nn.Module, torch.Tensor]:
+    return cnn_last_block(48, 1.0, torch.Generator().manual_seed(3))
 
 
 PARTS = {"cnn last:1": _cnn_last_block, "bias-only head": _bias_only_head, "linear head": _mlp_head}
