@@ -21,7 +21,6 @@ import math
 import os
 from typing import Literal, Protocol
 
-import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -30,6 +29,7 @@ NoiseKind = Literal["csprng", "seeded"]
 NOISE_KINDS: tuple[NoiseKind, ...] = ("csprng", "seeded")
 
 _MANTISSA = 2.0**-53
+_TOP_53 = (1 << 53) - 1
 
 
 class RandomSource(Protocol):
@@ -58,37 +58,33 @@ class SecureRandom:
         self._stream = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
 
     def uniform(self, n: int) -> torch.Tensor:
-        return torch.from_numpy(self._uniform(n))
-
-    def _uniform(self, n: int) -> np.ndarray:
+        """The top 53 bits of each next 64-bit word of the stream, scaled onto the float64 grid of [0, 1)."""
         if n <= 0:
-            return np.zeros(0, dtype=np.float64)
-        words = np.frombuffer(self._stream.update(bytes(8 * n)), dtype="<u8")
-        return (words >> np.uint64(11)) * _MANTISSA  # the top 53 bits: uniform on the float64 grid of [0, 1)
+            return torch.zeros(0, dtype=torch.float64)
+        # Two spare words: the stream asks for room for a block less one byte past the input's length.
+        words = torch.empty(n + 2, dtype=torch.int64)
+        self._stream.update_into(bytes(8 * n), memoryview(words.numpy()).cast("B"))
+        top = words[:n].bitwise_right_shift_(11).bitwise_and_(_TOP_53).to(torch.float64)
+        return top.mul_(_MANTISSA)
 
     def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Each value is half the sum of four independent standard normals: the cosine and sine parts of two
         Box-Muller pairs, value i taking pairs i and n + i of 2n pairs drawn from 4n uniforms (the radii's
-        uniforms first, then the angles'). Computed in place in the uniforms' buffer (no temporaries of 4n
-        values), summed in the order cos(i), cos(n + i), sin(i), sin(n + i)."""
+        uniforms first, then the angles'). Computed in place in the uniforms' buffer with torch's vectorised
+        kernels (no temporaries of 4n values), summed in the order cos(i), cos(n + i), sin(i), sin(n + i)."""
         n = math.prod(shape)
         pairs = 2 * n
-        u = self._uniform(2 * pairs)
+        u = self.uniform(2 * pairs)
         radius, angle = u[:pairs], u[pairs:]
-        np.negative(radius, out=radius)
-        np.log1p(radius, out=radius)  # 1 - u lies in (0, 1]: the log is finite
-        np.multiply(radius, -2.0, out=radius)
-        np.sqrt(radius, out=radius)
-        np.multiply(angle, 2.0 * math.pi, out=angle)
-        cosine = np.cos(angle)
-        sine = np.sin(angle, out=angle)
-        cosine *= radius
-        sine *= radius
+        radius.neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u lies in (0, 1]: the log is finite
+        angle.mul_(2.0 * math.pi)
+        cosine = torch.cos(angle).mul_(radius)
+        sine = angle.sin_().mul_(radius)
         total = cosine[:n] + cosine[n:]
         total += sine[:n]
         total += sine[n:]
         total *= std / 2.0
-        return torch.from_numpy(total).reshape(shape).to(dtype)
+        return total.reshape(shape).to(dtype)
 
 
 class SeededRandom:
