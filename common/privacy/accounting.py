@@ -50,6 +50,7 @@ from opacus.accountants.analysis.prv import (
 from scipy import special
 
 from common.errors import PrivacyError
+from common.privacy import pld
 
 log = logging.getLogger(__name__)
 
@@ -205,35 +206,45 @@ def _compose_phases(
     return epsilon
 
 
-def _pld_epsilon(phases: list[tuple[float, float, int]], delta: float, interval: float) -> float:
+def _pld_epsilon(phases: list[tuple[float, float, int]], delta: float, interval: float, library: bool = False) -> float:
     """dp-accounting's PLD epsilon of merged phases, pessimistic (an upper bound).
 
-    The same calls, in the same order, as ``PLDAccountant`` makes for the ComposedDpEvent of
-    the phases (identity, then each Poisson-subsampled Gaussian self-composed ``n`` times), so
-    the value is the accountant's to the last bit; the phase PLDs are memoised, so a round that
-    adds steps to a known (sigma, q) pays for one self-composition, not a new distribution.
+    The same steps, in the same order, as ``PLDAccountant`` takes for the ComposedDpEvent of
+    the phases (identity, then each Poisson-subsampled Gaussian self-composed ``n`` times), the
+    distributions built and self-composed by :mod:`common.privacy.pld` (dp-accounting's code with
+    its per-point loops vectorised; ``tests/test_pld.py`` checks every probability against the
+    library's own), or with ``library`` by dp-accounting's own functions (for the audit). The
+    phase PLDs are memoised, so a round that adds steps to a known (sigma, q) pays for one
+    self-composition, not a new distribution.
     """
-    pld = privacy_loss_distribution.identity(value_discretization_interval=interval)
+    composed = privacy_loss_distribution.identity(value_discretization_interval=interval)
     for sigma, q, n in phases:
-        pld = pld.compose(_phase_pld(sigma, q, n, interval))
-    return float(pld.get_epsilon_for_delta(delta))
+        composed = composed.compose(_phase_pld(sigma, q, n, interval, library))
+    return float(composed.get_epsilon_for_delta(delta))
 
 
 @functools.lru_cache(maxsize=64)
-def _gaussian_pld(sigma: float, q: float, interval: float) -> privacy_loss_distribution.PrivacyLossDistribution:
+def _gaussian_pld(
+    sigma: float, q: float, interval: float, library: bool
+) -> privacy_loss_distribution.PrivacyLossDistribution:
     """One Poisson-subsampled Gaussian step (add-or-remove neighbours, pessimistic), as PLDAccountant builds it."""
-    return privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=sigma,
-        value_discretization_interval=interval,
-        sampling_prob=q,
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-    )
+    if library:
+        return privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=sigma,
+            value_discretization_interval=interval,
+            sampling_prob=q,
+            neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        )
+    return pld.subsampled_gaussian(sigma, q, interval)
 
 
 @functools.lru_cache(maxsize=128)
-def _phase_pld(sigma: float, q: float, n: int, interval: float) -> privacy_loss_distribution.PrivacyLossDistribution:
+def _phase_pld(
+    sigma: float, q: float, n: int, interval: float, library: bool
+) -> privacy_loss_distribution.PrivacyLossDistribution:
     """``n`` steps of :func:`_gaussian_pld` (PLD objects are immutable: compose returns a new one)."""
-    return _gaussian_pld(sigma, q, interval).self_compose(n)
+    one = _gaussian_pld(sigma, q, interval, library)
+    return one.self_compose(n) if library else pld.self_compose(one, n)
 
 
 @functools.lru_cache(maxsize=16384)
@@ -332,7 +343,7 @@ def independent_epsilon(history: Sequence[Step], delta: float, method: Independe
             warnings.simplefilter("ignore")
             return float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR)) - PRV_EPS_ERROR  # its bound, unpadded
     if method == "pld":
-        return _pld_epsilon(phases, delta, 1e-4)
+        return _pld_epsilon(phases, delta, 1e-4, library=True)
     if method != "rdp":
         raise ValueError(f"method must be 'pld', 'rdp' or 'prv', got {method!r}")
     event = dp_accounting.ComposedDpEvent(

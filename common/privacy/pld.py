@@ -1,0 +1,176 @@
+"""dp-accounting's privacy loss distribution of DP-SGD's step, with its two scalar loops vectorised.
+
+A site's accounting is dominated by two loops in dp-accounting 0.6 that call Python functions once
+per grid point: building the pessimistic connect-the-dots PLD of a Poisson-subsampled Gaussian
+(one inverse privacy loss per discretisation point, about 3,500 to 9,000 of them) and
+self-composing a PLD (one ``logsumexp`` over the distribution per Chernoff order, 40 orders, to
+bound the tails it may truncate). Everything else is dp-accounting's own code:
+
+- :func:`subsampled_gaussian` builds the distribution through dp-accounting's
+  ``_create_pld_pmf_from_monotone_privacy_loss`` from its ``GaussianPrivacyLoss``, whose
+  ``get_delta_for_epsilon`` is replaced by the same formula on whole arrays;
+- :func:`self_compose` is ``DensePLDPmf.self_compose`` with the 40 ``logsumexp`` computed at once
+  over a matrix, with scipy's arithmetic.
+
+The results equal dp-accounting's own to rounding (the last bit of a logarithm may differ between a
+scalar and a vectorised call); ``tests/test_pld.py`` compares every probability and the composed
+epsilons with ``from_gaussian_mechanism`` and ``PrivacyLossDistribution.self_compose``, and the
+audit recomputes every ledger with dp-accounting itself. dp-accounting is pinned in
+``pyproject.toml`` because this module reads private functions and attributes of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from dp_accounting.pld import pld_pmf, privacy_loss_distribution
+from dp_accounting.pld.privacy_loss_mechanism import AdjacencyType, GaussianPrivacyLoss
+from scipy import fft
+
+PrivacyLossDistribution = privacy_loss_distribution.PrivacyLossDistribution
+
+#: dp-accounting's defaults for ``from_gaussian_mechanism`` and ``self_compose``.
+LOG_MASS_TRUNCATION_BOUND = -50.0
+TAIL_MASS_TRUNCATION = 1e-15
+
+
+class _ArrayGaussianPrivacyLoss(GaussianPrivacyLoss):
+    """``GaussianPrivacyLoss`` whose hockey-stick divergence inverts the privacy loss on whole arrays."""
+
+    def get_delta_for_epsilon(self, epsilon: float | Sequence[float]) -> float | np.ndarray:
+        scalar = isinstance(epsilon, (int, float))
+        epsilons = np.atleast_1d(np.asarray(epsilon, dtype=float))
+        deltas = np.zeros_like(epsilons)
+        q = self.sampling_prob
+        if q == 1.0:
+            inside = np.full(epsilons.shape, True)
+        elif self.adjacency_type == AdjacencyType.ADD:
+            inside = epsilons < -math.log1p(-q)  # the divergence is 0 beyond
+        elif self.adjacency_type == AdjacencyType.REMOVE:
+            inside = epsilons > math.log1p(-q)
+            deltas[~inside] = -np.expm1(epsilons[~inside])
+        else:
+            raise ValueError(f"{self.adjacency_type} adjacency is not supported here")
+        chosen = epsilons[inside]
+        cutoffs = self._inverse_privacy_losses(chosen)
+        deltas[inside] = self.mu_upper_cdf(cutoffs) - np.exp(chosen + self.mu_lower_log_cdf(cutoffs))
+        deltas = np.clip(deltas, 0, 1)
+        return float(deltas[0]) if scalar else deltas
+
+    def _inverse_privacy_losses(self, losses: np.ndarray) -> np.ndarray:
+        """``inverse_privacy_loss`` of each value, the subsampled cases as dp-accounting computes them:
+        REMOVE: the unsubsampled inverse at log(exp(loss) / q + 1 - 1 / q); ADD: sensitivity plus it at
+        -log(exp(-loss) / q + 1 - 1 / q); at the loss where that argument is 0 (to ``math.isclose``), the
+        inverse at -infinity (REMOVE) or +infinity (ADD)."""
+        q = self.sampling_prob
+        sensitivity = self.sensitivity
+        variance = self._standard_deviation**2
+        add = self.adjacency_type == AdjacencyType.ADD
+        if q == 1.0:
+            unsubsampled = losses
+        else:
+            edge = -math.log(1 - q) if add else math.log(1 - q)
+            at_edge = np.abs(losses - edge) <= 1e-9 * np.maximum(np.abs(losses), abs(edge))
+            exponent = -losses if add else losses
+            with np.errstate(divide="ignore", invalid="ignore"):
+                shifted = exponent + np.log(1 / q)
+                unsubsampled = np.where(
+                    exponent == 0, np.log(1 / q + (1 - 1 / q)), shifted + np.log1p(-np.exp(np.log(1 / q - 1) - shifted))
+                )
+            if add:
+                unsubsampled = -unsubsampled
+            unsubsampled = np.where(at_edge, math.inf if add else -math.inf, unsubsampled)
+        removed = -0.5 * sensitivity - unsubsampled * variance / sensitivity
+        return sensitivity + removed if add else removed
+
+
+def subsampled_gaussian(sigma: float, q: float, interval: float) -> PrivacyLossDistribution:
+    """``from_gaussian_mechanism(sigma, sampling_prob=q, value_discretization_interval=interval)`` with its
+    other arguments at their defaults (sensitivity 1, pessimistic, connect-the-dots, add-or-remove)."""
+
+    def pmf(adjacency: AdjacencyType) -> pld_pmf.PLDPmf:
+        loss = _ArrayGaussianPrivacyLoss(
+            sigma,
+            sensitivity=1,
+            pessimistic_estimate=True,
+            log_mass_truncation_bound=LOG_MASS_TRUNCATION_BOUND,
+            sampling_prob=q,
+            adjacency_type=adjacency,
+        )
+        return privacy_loss_distribution._create_pld_pmf_from_monotone_privacy_loss(
+            loss, pessimistic_estimate=True, value_discretization_interval=interval, use_connect_dots=True
+        )
+
+    remove = pmf(AdjacencyType.REMOVE)
+    if q == 1.0:
+        return PrivacyLossDistribution(remove)
+    return PrivacyLossDistribution(remove, pmf(AdjacencyType.ADD))
+
+
+def self_compose(pld: PrivacyLossDistribution, n: int) -> PrivacyLossDistribution:
+    """``pld.self_compose(n)`` (tail mass truncation 1e-15)."""
+    remove = _self_compose_pmf(pld._pmf_remove, n)
+    if pld._symmetric:
+        return PrivacyLossDistribution(remove)
+    return PrivacyLossDistribution(remove, _self_compose_pmf(pld._pmf_add, n))
+
+
+def _self_compose_pmf(pmf: pld_pmf.PLDPmf, n: int) -> pld_pmf.PLDPmf:
+    """``DensePLDPmf.self_compose``: an FFT power of the probabilities, truncated where a Chernoff bound
+    at 40 orders says at most 1e-15 of the mass lies beyond (that mass is counted as infinite loss)."""
+    if n <= 0:
+        raise ValueError(f"n should be >= 1, n={n}")
+    if isinstance(pmf, pld_pmf.SparsePLDPmf):
+        # As SparsePLDPmf.self_compose: pairwise products while the result may stay small, else dense.
+        if n == 1 or pmf.size**n <= pld_pmf._MAX_PMF_SPARSE_SIZE:
+            return pmf.self_compose(n, TAIL_MASS_TRUNCATION)
+        pmf = pmf.to_dense_pmf()
+    probs = pmf._probs
+    lower, upper = _self_convolve_bounds(probs, n)
+    length = upper - lower + 1
+    size = fft.next_fast_len(max(length, len(probs)))
+    power = np.real(fft.ifft(fft.fft(probs, size) ** n))
+    composed = np.roll(power, -lower)[:length]
+    infinity = TAIL_MASS_TRUNCATION - math.expm1(n * math.log1p(-pmf._infinity_mass))
+    return pld_pmf.DensePLDPmf(
+        pmf._discretization, pmf._lower_loss * n + lower, np.array(composed), infinity, pmf._pessimistic_estimate
+    )
+
+
+def _self_convolve_bounds(probs: np.ndarray, n: int) -> tuple[int, int]:
+    """dp-accounting's ``compute_self_convolve_bounds`` at its default orders: the indices outside which the
+    n-fold convolution holds at most 1e-15 of the mass, by the Chernoff bound at each order."""
+    size = len(probs)
+    orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / size
+    lower, upper = 0, (size - 1) * n
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        bounds = (n * _log_mgfs(probs, orders) + math.log(2 / TAIL_MASS_TRUNCATION)) / orders
+    for order, bound in zip(orders, bounds, strict=True):
+        if not math.isfinite(bound):
+            continue
+        if order > 0:
+            upper = min(upper, math.ceil(bound))
+        else:
+            lower = max(lower, math.floor(bound))
+    return lower, upper
+
+
+def _log_mgfs(probs: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """log(sum_i probs[i] exp(order i)) for each order, with the arithmetic of scipy 1.17's ``logsumexp(order i,
+    b=probs)`` (the largest term taken out, the others summed relative to it, then ``log1p``), without its
+    per-call overhead. Each row's largest term is at the last index with mass for a positive order, the first
+    for a negative one."""
+    held = np.flatnonzero(probs > 0)
+    if len(held) == 0:
+        return np.full(len(orders), -math.inf)
+    exponents = np.where(probs > 0, orders[:, None] * np.arange(len(probs))[None, :], -math.inf)
+    top = np.where(orders > 0, held[-1], held[0])
+    rows = np.arange(len(orders))
+    largest = exponents[rows, top][:, None]
+    exponents[rows, top] = -math.inf
+    ratio = np.sum(probs * np.exp(exponents - largest), axis=1, keepdims=True)
+    mass = probs[top][:, None]
+    ratio = np.where(ratio == 0, ratio, ratio / mass)
+    return (np.log1p(ratio) + np.log(mass) + largest)[:, 0]
