@@ -3,7 +3,9 @@
 Both federations run the same scenario sites (the same data files), the same model and
 starting weights, the same rounds, local epochs, batch size, learning rate, clipping norm and
 noise multiplier, over the same in-process transport (``DirectGrid``), one after the other
-in one process.
+in one process: wdbc, whose four sites share a sample rate (and so one memoised calibration in
+this process), then in the full variant heart-disease, whose three sites differ in size and
+each calibrate their own noise, as deployed sites do.
 
 - **ours**: ``run_federation`` (ServerApp logic, strategy wrapper, envelopes) and
   ``client.app.app`` (secure channel, budget guard, cached frozen features, DP-SGD on the
@@ -30,7 +32,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ from client.session import SiteSession
 from common.data.scenarios import load_scenario
 from common.data.site_config import simulated_site_dir
 from common.data.site_data import SiteData, load_site_data
+from common.errors import DataError
 from common.model.checkpoint import ModelCard, load_checkpoint
 from common.model.pretraining import pretrain_source
 from common.model.training import as_tensors, predict_proba, use_one_torch_thread
@@ -87,6 +90,9 @@ logger = logging.getLogger(__name__)
 
 NAME = "speed"
 SCENARIO = "wdbc"
+#: Measured after SCENARIO in the full variant: sites of different sizes, so no two share a calibration (when
+#: its data files are present).
+UNEVEN_SCENARIO = "heart-disease"
 DELTA = 1e-5
 
 #: What each category times: (module or class, attribute) wrapped for the run.
@@ -327,6 +333,19 @@ def _targets() -> tuple[list[tuple[Any, str, str]], list[str]]:
 
 
 def _markdown(result: dict[str, Any], machine_text: str) -> str:
+    lines = [machine_text, *_scenario_lines(result)]
+    if result["not_instrumented"]:
+        lines += ["", f"Functions not found in this checkout (not timed): {', '.join(result['not_instrumented'])}."]
+    for other in result["other_scenarios"]:
+        lines += ["", f"### Sites of different sizes: `{other['scenario']}`", "", *_scenario_lines(other)]
+    if result["skipped_scenarios"]:
+        lines += ["", f"Not measured: {'; '.join(result['skipped_scenarios'])}."]
+    lines += ["", "![per-round wall time](speed-rounds.png)"]
+    return "\n".join(lines)
+
+
+def _scenario_lines(result: dict[str, Any]) -> list[str]:
+    """The settings, per-round table, ratios and breakdown of one scenario's measurement."""
     cfg = result["config"]
     ours, peer = result["ours"]["round_seconds"], result["peer"]["round_seconds"]
     round_rows = [[r + 1, f"{ours[r]:.3f}", f"{peer[r]:.3f}", f"{ours[r] / peer[r]:.2f}x"] for r in range(len(ours))]
@@ -335,9 +354,8 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         [category, f"{seconds:.3f}", f"{100 * seconds / total:.1f}%", result["breakdown"]["calls"].get(category, 0)]
         for category, seconds in result["breakdown"]["seconds"].items()
     ]
-    lines = [
-        machine_text,
-        f"Scenario `{SCENARIO}` ({cfg['sites']} sites, model {result['model']}, transfer policy "
+    return [
+        f"Scenario `{result['scenario']}` ({cfg['sites']} sites, model {result['model']}, transfer policy "
         f"{result['transfer-policy']}), "
         f"{cfg['rounds']} rounds "
         "of "
@@ -379,10 +397,6 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
         f"round checkpoints and the run record; {OTHER}: message building, Flower records and strategy, glue (not "
         "instrumented).",
     ]
-    if result["not_instrumented"]:
-        lines += ["", f"Functions not found in this checkout (not timed): {', '.join(result['not_instrumented'])}."]
-    lines += ["", "![per-round wall time](speed-rounds.png)"]
-    return "\n".join(lines)
 
 
 def _our_run(
@@ -395,7 +409,7 @@ def _our_run(
         sim_root, scenario, allow_non_private=False, accountant=cfg.accountant, max_grad_norm=cfg.max_grad_norm
     )
     settings = RunSettings(
-        scenario=SCENARIO,
+        scenario=scenario.name,
         checkpoint=str(checkpoint),
         rounds=cfg.rounds,
         local_epochs=cfg.local_epochs,
@@ -420,16 +434,9 @@ def _our_run(
     return clock.round_seconds(), stopwatch, noise, sim_root
 
 
-def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run ours, then the peer, on the same sites, ``REPETITIONS`` times; write ``speed.json``, ``speed.md`` and
-    ``speed-rounds.png``."""
-    use_one_torch_thread()
-    machine = this_machine()
-    out_dir = Path(out_dir)
-    cfg = QUICK if quick else FULL
-    repetitions = 1 if quick else REPETITIONS
-    scenario = load_scenario(SCENARIO, seed=seed)
-    targets, missing = _targets()
+def _measure(name: str, cfg: SpeedConfig, repetitions: int, seed: int, targets: list) -> dict[str, Any]:
+    """Ours, then the peer, on the same sites of scenario ``name``, ``repetitions`` times: medians and breakdown."""
+    scenario = load_scenario(name, seed=seed)
     ours_runs: list[list[float]] = []
     peer_runs: list[list[float]] = []
     breakdowns: list[dict[str, float]] = []
@@ -447,19 +454,14 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             parts[OTHER] = max(0.0, sum(ours) - sum(parts.values()))
             breakdowns.append(parts)
             calls = dict(stopwatch.calls)
-            logger.info("speed repetition %d: ours %.2f s, peer %.2f s", rep + 1, sum(ours), sum(peer))
+            logger.info("speed %s repetition %d: ours %.2f s, peer %.2f s", name, rep + 1, sum(ours), sum(peer))
     ours = [statistics.median(r[i] for r in ours_runs) for i in range(cfg.rounds)]
     peer = [statistics.median(r[i] for r in peer_runs) for i in range(cfg.rounds)]
     totals = [sum(r) for r in ours_runs]
     peer_totals = [sum(r) for r in peer_runs]
     breakdown = {category: statistics.median(b[category] for b in breakdowns) for category in breakdowns[0]}
-    result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
-        "scenario": SCENARIO,
+    return {
+        "scenario": name,
         "model": card.arch,
         "transfer-policy": card.default_transfer_policy,
         "config": asdict(cfg),
@@ -474,14 +476,49 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         "ratio_total": statistics.median(totals) / statistics.median(peer_totals),
         "ratio_total_runs": [a / b for a, b in zip(totals, peer_totals)],
         "breakdown": {"seconds": breakdown, "calls": calls},
+    }
+
+
+def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run ours, then the peer, on the same sites, ``REPETITIONS`` times, on SCENARIO and (full variant, its data
+    present) UNEVEN_SCENARIO; write ``speed.json``, ``speed.md`` and ``speed-rounds.png``."""
+    use_one_torch_thread()
+    machine = this_machine()
+    out_dir = Path(out_dir)
+    cfg = QUICK if quick else FULL
+    repetitions = 1 if quick else REPETITIONS
+    targets, missing = _targets()
+    primary = _measure(SCENARIO, cfg, repetitions, seed, targets)
+    others: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    if not quick:
+        try:
+            sites = len(load_scenario(UNEVEN_SCENARIO, seed=seed).sites)
+        except DataError as exc:
+            skipped.append(f"`{UNEVEN_SCENARIO}` ({exc})")
+        else:
+            others.append(_measure(UNEVEN_SCENARIO, replace(cfg, sites=sites), repetitions, seed, targets))
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "quick": quick,
+        "seed": seed,
+        "machine": machine_record(machine),
+        "command": bench_command(NAME, quick, seed),
+        **primary,
+        "other_scenarios": others,
+        "skipped_scenarios": skipped,
         "not_instrumented": missing,
     }
+    parts = (primary, *others)
     bar_plot(
         out_dir / "speed-rounds.png",
-        [f"round {r + 1}" for r in range(len(ours))],
-        {"ours": ours, "minimal Flower + Opacus peer": peer},
+        [f"{part['scenario']} round {r + 1}" for part in parts for r in range(part["config"]["rounds"])],
+        {
+            "ours": [t for part in parts for t in part["ours"]["round_seconds"]],
+            "minimal Flower + Opacus peer": [t for part in parts for t in part["peer"]["round_seconds"]],
+        },
         "wall seconds",
-        f"Per-round wall time, {SCENARIO}, {cfg.sites} sites",
+        "Per-round wall time: " + ", ".join(f"{part['scenario']} ({part['config']['sites']} sites)" for part in parts),
     )
     result["plots"] = ["speed-rounds.png"]
     text = header("Speed against a minimal Flower + Opacus peer", machine, result["command"], quick)
