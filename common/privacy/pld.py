@@ -1,22 +1,23 @@
-"""dp-accounting's privacy loss distribution of DP-SGD's step, with its two scalar loops vectorised.
+"""dp-accounting's privacy loss distribution of DP-SGD's step, with its per-point Python loops vectorised.
 
-A site's accounting is dominated by two loops in dp-accounting 0.6 that call Python functions once
-per grid point: building the pessimistic connect-the-dots PLD of a Poisson-subsampled Gaussian
-(one inverse privacy loss per discretisation point, about 3,500 to 9,000 of them) and
-self-composing a PLD (one ``logsumexp`` over the distribution per Chernoff order, 40 orders, to
-bound the tails it may truncate). Everything else is dp-accounting's own code:
+A site's accounting is dominated by loops in dp-accounting 0.6 that run Python code once per grid
+point: building the pessimistic connect-the-dots PLD of a Poisson-subsampled Gaussian (one inverse
+privacy loss per discretisation point, about 3,500 to 9,000 of them, then a dictionary of every
+point) and self-composing a PLD (one ``logsumexp`` over the distribution per Chernoff order, 40
+orders, to bound the tails it may truncate). This module does the same arithmetic on whole arrays
+and leaves the rest to the library:
 
-- :func:`subsampled_gaussian` builds the distribution through dp-accounting's
-  ``_create_pld_pmf_from_monotone_privacy_loss`` from its ``GaussianPrivacyLoss``, whose
-  ``get_delta_for_epsilon`` is replaced by the same formula on whole arrays;
+- :func:`subsampled_gaussian` takes the library's ``GaussianPrivacyLoss`` with its
+  ``get_delta_for_epsilon`` computed on arrays, and the connect-the-dots probabilities
+  (Doroshenko et al. 2022, Algorithm 1) as ``create_pmf_pessimistic_connect_dots_fixed_gap``
+  computes them, built dense directly where the library would go through a dictionary;
 - :func:`self_compose` is ``DensePLDPmf.self_compose`` with the 40 ``logsumexp`` computed at once
   over a matrix, with scipy's arithmetic.
 
-The results equal dp-accounting's own to rounding (the last bit of a logarithm may differ between a
-scalar and a vectorised call); ``tests/test_pld.py`` compares every probability and the composed
-epsilons with ``from_gaussian_mechanism`` and ``PrivacyLossDistribution.self_compose``, and the
-audit recomputes every ledger with dp-accounting itself. dp-accounting is pinned in
-``pyproject.toml`` because this module reads private functions and attributes of it.
+``tests/test_pld.py`` checks that every probability, truncation bound, infinite mass and composed
+epsilon equals the library's own (``from_gaussian_mechanism``, ``PrivacyLossDistribution.self_compose``)
+bit for bit, and the audit recomputes every ledger with dp-accounting itself. dp-accounting is pinned
+in ``pyproject.toml`` because this module reads private constants and attributes of it.
 """
 
 from __future__ import annotations
@@ -99,14 +100,37 @@ def subsampled_gaussian(sigma: float, q: float, interval: float) -> PrivacyLossD
             sampling_prob=q,
             adjacency_type=adjacency,
         )
-        return privacy_loss_distribution._create_pld_pmf_from_monotone_privacy_loss(
-            loss, pessimistic_estimate=True, value_discretization_interval=interval, use_connect_dots=True
-        )
+        bounds = loss.connect_dots_bounds()
+        upper = math.ceil(bounds.epsilon_upper / interval)
+        lower = math.floor(bounds.epsilon_lower / interval)
+        deltas = loss.get_delta_for_epsilon(np.arange(lower, upper + 1) * interval)
+        return _connect_the_dots(interval, lower, upper, deltas)
 
     remove = pmf(AdjacencyType.REMOVE)
     if q == 1.0:
         return PrivacyLossDistribution(remove)
     return PrivacyLossDistribution(remove, pmf(AdjacencyType.ADD))
+
+
+def _connect_the_dots(interval: float, lower: int, upper: int, deltas: np.ndarray) -> pld_pmf.PLDPmf:
+    """The pessimistic connect-the-dots PMF on the losses lower..upper (times ``interval``) from each loss's
+    hockey-stick divergence (Doroshenko et al. 2022, Algorithm 1), as ``create_pmf_pessimistic_connect_dots_fixed_gap``
+    computes it; a distribution too large to be sparse is built dense directly instead of through a dictionary
+    of every point. Smaller ones, and any input the library would refuse, go to the library's function."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    dense = upper - lower + 1 > pld_pmf._MAX_PMF_SPARSE_SIZE and deltas.size == upper - lower + 1
+    if not dense or np.any(deltas < 0) or np.any(deltas > 1) or np.any(np.diff(deltas) > pld_pmf._DELTA_DIFF_TOLERANCE):
+        return pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(interval, lower, upper, deltas)
+    deltas = np.minimum.accumulate(deltas)
+    steps = np.diff(deltas)
+    probs = np.zeros_like(deltas)
+    # First loss: what the divergence leaves below it; middle ones: the change of slope between neighbours;
+    # the last: its share of the final drop; the divergence at the last loss is the infinite loss's mass.
+    probs[0] = 1 - deltas[0] + steps[0] / math.expm1(interval)
+    probs[1:-1] = (steps[1:] - steps[:-1] * math.exp(interval)) / math.expm1(interval)
+    probs[-1] = steps[-1] / math.expm1(-interval)
+    probs = np.maximum(0.0, probs)
+    return pld_pmf.DensePLDPmf(interval, lower, probs, deltas[-1], True)
 
 
 def self_compose(pld: PrivacyLossDistribution, n: int) -> PrivacyLossDistribution:
@@ -162,15 +186,20 @@ def _log_mgfs(probs: np.ndarray, orders: np.ndarray) -> np.ndarray:
     b=probs)`` (the largest term taken out, the others summed relative to it, then ``log1p``), without its
     per-call overhead. Each row's largest term is at the last index with mass for a positive order, the first
     for a negative one."""
-    held = np.flatnonzero(probs > 0)
+    held = np.flatnonzero(probs != 0)
     if len(held) == 0:
         return np.full(len(orders), -math.inf)
-    exponents = np.where(probs > 0, orders[:, None] * np.arange(len(probs))[None, :], -math.inf)
+    # One buffer, computed in place: fresh arrays of this size cost more in page faults than in arithmetic.
+    terms = np.multiply(orders[:, None], np.arange(len(probs))[None, :])
+    terms[:, probs == 0] = -math.inf
     top = np.where(orders > 0, held[-1], held[0])
     rows = np.arange(len(orders))
-    largest = exponents[rows, top][:, None]
-    exponents[rows, top] = -math.inf
-    ratio = np.sum(probs * np.exp(exponents - largest), axis=1, keepdims=True)
+    largest = terms[rows, top][:, None]
+    terms[rows, top] = -math.inf
+    np.subtract(terms, largest, out=terms)
+    np.exp(terms, out=terms)
+    np.multiply(probs, terms, out=terms)
+    ratio = np.sum(terms, axis=1, keepdims=True)
     mass = probs[top][:, None]
     ratio = np.where(ratio == 0, ratio, ratio / mass)
     return (np.log1p(ratio) + np.log(mass) + largest)[:, 0]
