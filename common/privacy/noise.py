@@ -30,6 +30,9 @@ NOISE_KINDS: tuple[NoiseKind, ...] = ("csprng", "seeded")
 
 _MANTISSA = 2.0**-53
 _TOP_53 = (1 << 53) - 1
+_ZEROS = bytes(1 << 20)
+#: How many Gaussian values :meth:`SecureRandom.normal` computes at a time.
+NOISE_CHUNK = 1 << 16
 
 
 class RandomSource(Protocol):
@@ -59,32 +62,48 @@ class SecureRandom:
 
     def uniform(self, n: int) -> torch.Tensor:
         """The top 53 bits of each next 64-bit word of the stream, scaled onto the float64 grid of [0, 1)."""
-        if n <= 0:
-            return torch.zeros(0, dtype=torch.float64)
-        # Two spare words: the stream asks for room for a block less one byte past the input's length.
-        words = torch.empty(n + 2, dtype=torch.int64)
-        self._stream.update_into(bytes(8 * n), memoryview(words.numpy()).cast("B"))
-        top = words[:n].bitwise_right_shift_(11).bitwise_and_(_TOP_53).to(torch.float64)
-        return top.mul_(_MANTISSA)
+        return _to_unit(self._words(n))
+
+    def _words(self, n: int) -> torch.Tensor:
+        """The next ``n`` 64-bit words of the stream, written straight into a tensor, 1 MiB at a time."""
+        # Two spare words: the stream asks for room for a block less one byte past each input's length.
+        words = torch.empty(max(n, 0) + 2, dtype=torch.int64)
+        out = memoryview(words.numpy()).cast("B")
+        for start in range(0, 8 * max(n, 0), len(_ZEROS)):
+            size = min(len(_ZEROS), 8 * n - start)
+            self._stream.update_into(_ZEROS[:size], out[start : start + size + 15])
+        return words[: max(n, 0)]
 
     def normal(self, shape: tuple[int, ...], std: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Each value is half the sum of four independent standard normals: the cosine and sine parts of two
         Box-Muller pairs, value i taking pairs i and n + i of 2n pairs drawn from 4n uniforms (the radii's
-        uniforms first, then the angles'). Computed in place in the uniforms' buffer with torch's vectorised
-        kernels (no temporaries of 4n values), summed in the order cos(i), cos(n + i), sin(i), sin(n + i)."""
+        uniforms first, then the angles'), summed in the order cos(i), cos(n + i), sin(i), sin(n + i).
+        Computed with torch's vectorised kernels, :data:`NOISE_CHUNK` values at a time, so the
+        intermediate values stay small (no temporaries of 4n values)."""
         n = math.prod(shape)
-        pairs = 2 * n
-        u = self.uniform(2 * pairs)
-        radius, angle = u[:pairs], u[pairs:]
-        radius.neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u lies in (0, 1]: the log is finite
-        angle.mul_(2.0 * math.pi)
-        cosine = torch.cos(angle).mul_(radius)
-        sine = angle.sin_().mul_(radius)
-        total = cosine[:n] + cosine[n:]
-        total += sine[:n]
-        total += sine[n:]
+        words = self._words(4 * n)
+        total = torch.empty(n, dtype=torch.float64)
+        for start in range(0, n, NOISE_CHUNK):
+            stop = min(n, start + NOISE_CHUNK)
+            radius_i, radius_n, angle_i, angle_n = (
+                _to_unit(words[offset + start : offset + stop]) for offset in (0, n, 2 * n, 3 * n)
+            )
+            for radius in (radius_i, radius_n):
+                radius.neg_().log1p_().mul_(-2.0).sqrt_()  # 1 - u lies in (0, 1]: the log is finite
+            for angle in (angle_i, angle_n):
+                angle.mul_(2.0 * math.pi)
+            part = total[start:stop]
+            torch.mul(torch.cos(angle_i), radius_i, out=part)
+            part += torch.cos(angle_n).mul_(radius_n)
+            part += angle_i.sin_().mul_(radius_i)
+            part += angle_n.sin_().mul_(radius_n)
         total *= std / 2.0
         return total.reshape(shape).to(dtype)
+
+
+def _to_unit(words: torch.Tensor) -> torch.Tensor:
+    """64-bit words to floats uniform on the float64 grid of [0, 1): their top 53 bits times 2^-53."""
+    return words.bitwise_right_shift(11).bitwise_and_(_TOP_53).to(torch.float64).mul_(_MANTISSA)
 
 
 class SeededRandom:
