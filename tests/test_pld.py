@@ -82,3 +82,35 @@ def test_sparse_distributions_compose_through_the_library() -> None:
     sparse = pld.subsampled_gaussian(40.0, 0.001, PLD_INTERVAL)
     assert isinstance(sparse._pmf_remove, pld_pmf.SparsePLDPmf)
     assert np.isfinite(pld.self_compose(sparse, 50).get_epsilon_for_delta(1e-5))
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ((2.19, 0.25, 24), (3.2, 1.0, 1)),
+        ((0.9, 0.06, 300), (1.1, 0.06, 8)),
+        ((40.0, 0.001, 1), (12.0, 0.9, 1)),  # sparse with sparse
+        ((40.0, 0.001, 1), (0.5, 0.25, 8)),  # sparse with dense
+    ],
+)
+def test_composition_is_dp_accountings_bit_for_bit(first: tuple, second: tuple) -> None:
+    def phase(sigma: float, q: float, n: int, ours: bool) -> privacy_loss_distribution.PrivacyLossDistribution:
+        if ours:
+            return pld.self_compose(pld.subsampled_gaussian(sigma, q, PLD_INTERVAL), n)
+        return _library(sigma, q, PLD_INTERVAL).self_compose(n)
+
+    identity = privacy_loss_distribution.identity(value_discretization_interval=PLD_INTERVAL)
+    ours = pld.compose(pld.compose(identity, phase(*first, True)), phase(*second, True))
+    theirs = identity.compose(phase(*first, False)).compose(phase(*second, False))
+    assert _same(ours, theirs)
+    assert ours.get_epsilon_for_delta(1e-5) == theirs.get_epsilon_for_delta(1e-5)
+
+
+def test_the_truncated_tails_are_the_longest_prefix_and_suffix_within_half_the_bound() -> None:
+    probs = np.array([1e-16, 2e-16, 3e-16, 0.5, 0.5 - 1e-15, 4e-16, 1e-16])
+    offset, kept, right = pld._truncate_tails(probs.copy())
+    # Half the bound is 5e-16: the prefix 1e-16 + 2e-16 fits, adding 3e-16 would not; the suffix 1e-16 + 4e-16 fits.
+    assert offset == 2 and len(kept) == 3 and right == np.sum(probs[5:])
+    assert kept[0] == 3e-16 + np.sum(probs[:2])
+    library = pld_pmf._truncate_tails(probs.copy(), 1e-15, True)
+    assert (offset, kept.tolist(), right) == (library[0], library[1].tolist(), library[2])

@@ -211,15 +211,16 @@ def _pld_epsilon(phases: list[tuple[float, float, int]], delta: float, interval:
 
     The same steps, in the same order, as ``PLDAccountant`` takes for the ComposedDpEvent of
     the phases (identity, then each Poisson-subsampled Gaussian self-composed ``n`` times), the
-    distributions built and self-composed by :mod:`common.privacy.pld` (dp-accounting's code with
-    its per-point loops vectorised; ``tests/test_pld.py`` checks every probability against the
+    distributions built, self-composed and composed by :mod:`common.privacy.pld` (dp-accounting's
+    arithmetic with its per-point loops vectorised; ``tests/test_pld.py`` checks every probability against the
     library's own), or with ``library`` by dp-accounting's own functions (for the audit). The
     phase PLDs are memoised, so a round that adds steps to a known (sigma, q) pays for one
     self-composition, not a new distribution.
     """
     composed = privacy_loss_distribution.identity(value_discretization_interval=interval)
     for sigma, q, n in phases:
-        composed = composed.compose(_phase_pld(sigma, q, n, interval, library))
+        phase = _phase_pld(sigma, q, n, interval, library)
+        composed = composed.compose(phase) if library else pld.compose(composed, phase)
     return float(composed.get_epsilon_for_delta(delta))
 
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from dp_accounting.pld import pld_pmf, privacy_loss_distribution
 from dp_accounting.pld.privacy_loss_mechanism import AdjacencyType, GaussianPrivacyLoss
-from scipy import fft
+from scipy import fft, signal
 
 PrivacyLossDistribution = privacy_loss_distribution.PrivacyLossDistribution
 
@@ -139,6 +139,58 @@ def self_compose(pld: PrivacyLossDistribution, n: int) -> PrivacyLossDistributio
     if pld._symmetric:
         return PrivacyLossDistribution(remove)
     return PrivacyLossDistribution(remove, _self_compose_pmf(pld._pmf_add, n))
+
+
+def compose(first: PrivacyLossDistribution, second: PrivacyLossDistribution) -> PrivacyLossDistribution:
+    """``first.compose(second)`` (tail mass truncation 1e-15)."""
+    remove = _compose_pmfs(first._pmf_remove, second._pmf_remove)
+    if first._symmetric and second._symmetric:
+        return PrivacyLossDistribution(remove)
+    return PrivacyLossDistribution(remove, _compose_pmfs(first._pmf_add, second._pmf_add))
+
+
+def _compose_pmfs(first: pld_pmf.PLDPmf, second: pld_pmf.PLDPmf) -> pld_pmf.PLDPmf:
+    """``compose_pmfs``: two small sparse PMFs through the library; otherwise ``DensePLDPmf.compose``, the
+    FFT convolution of the probabilities, with its tails truncated on arrays."""
+    if (
+        isinstance(first, pld_pmf.SparsePLDPmf)
+        and isinstance(second, pld_pmf.SparsePLDPmf)
+        and first.size * second.size <= pld_pmf._MAX_PMF_SPARSE_SIZE
+    ):
+        return pld_pmf.compose_pmfs(first, second, TAIL_MASS_TRUNCATION)
+    first, second = first.to_dense_pmf(), second.to_dense_pmf()
+    first.validate_composable(second)
+    probs = signal.fftconvolve(first._probs, second._probs)
+    infinity = first._infinity_mass + second._infinity_mass - first._infinity_mass * second._infinity_mass
+    offset, probs, right = _truncate_tails(probs)
+    return pld_pmf.DensePLDPmf(
+        first._discretization,
+        first._lower_loss + second._lower_loss + offset,
+        probs,
+        infinity + right,
+        first._pessimistic_estimate,
+    )
+
+
+def _truncate_tails(probs: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """The library's pessimistic ``_truncate_tails``: drop the longest prefix and suffix each holding at most
+    half of 1e-15 (sums accumulated in the same order), move the prefix's mass onto the first point kept and
+    return the suffix's as mass at infinite loss."""
+    half = TAIL_MASS_TRUNCATION / 2
+    left = _prefix_at_most(probs, half)
+    right = len(probs) - _prefix_at_most(probs[::-1], half)
+    right = max(right, left + 1)
+    left_mass = np.sum(probs[:left])
+    right_mass = np.sum(probs[right:])
+    kept = probs[left:right]
+    kept[0] += left_mass
+    return left, kept, right_mass
+
+
+def _prefix_at_most(values: np.ndarray, threshold: float) -> int:
+    """Length of the longest prefix whose running sum (added left to right) stays at or below ``threshold``."""
+    over = np.flatnonzero(np.cumsum(values) > threshold)
+    return int(over[0]) if len(over) else len(values)
 
 
 def _self_compose_pmf(pmf: pld_pmf.PLDPmf, n: int) -> pld_pmf.PLDPmf:
