@@ -233,28 +233,28 @@ def test_rdp_from_the_orders_that_can_hold_the_minimum_is_rdpaccountants():
 
 
 @pytest.mark.parametrize(
-    ("prior", "sample_rate", "steps", "target", "most"),
+    ("prior", "sample_rate", "steps", "target"),
     [
-        ([], 0.25, 24, 2.7, 2),  # the quick start's rounds: 3 rounds of 8 steps at q = 0.25
-        ([Step(2.19, 0.25, 24)], 1.0, 1, 3.0, 3),  # its evaluation release, into what the rounds left
-        ([], 0.05, 200, 3.0, 3),
+        ([], 0.25, 24, 2.7),  # the quick start's rounds: 3 rounds of 8 steps at q = 0.25
+        ([Step(2.19, 0.25, 24)], 1.0, 1, 3.0),  # its evaluation release, into what the rounds left
+        ([], 0.05, 200, 3.0),
+        ([], 0.0625, 66, 2.7),  # a heart-disease site's rounds
     ],
 )
-def test_pld_calibration_searches_coarse_and_brackets_fine(monkeypatch, prior, sample_rate, steps, target, most):
-    # The search runs on a coarse PLD grid; at PLD_INTERVAL it only brackets the answer, in a few
-    # evaluations, and the sigma it returns is still tight there: it fits, and one within the
-    # tolerance below it does not.
+def test_pld_calibration_searches_coarse_and_certifies_once(monkeypatch, prior, sample_rate, steps, target):
+    # The search runs on a coarse PLD grid; one evaluation at PLD_INTERVAL certifies its estimate:
+    # it fits and spends at least 1 - ROOM_REL_TOL of what the prior leaves.
     from common.privacy import accounting
-    from common.privacy.accounting import PLD_INTERVAL, SIGMA_REL_TOL, forget_memoised
+    from common.privacy.accounting import PLD_INTERVAL, ROOM_REL_TOL, forget_memoised
 
     forget_memoised()
     fine: set[tuple] = set()
     original = accounting._pld_epsilon
 
-    def counting(phases, delta, interval):
+    def counting(phases, delta, interval, library=False):
         if interval == PLD_INTERVAL:
             fine.add(tuple(phases))
-        return original(phases, delta, interval)
+        return original(phases, delta, interval, library)
 
     monkeypatch.setattr(accounting, "_pld_epsilon", counting)
     sigma = calibrate_noise(prior, sample_rate, steps, target, DELTA, "pld", min_noise=0.5)
@@ -262,7 +262,25 @@ def test_pld_calibration_searches_coarse_and_brackets_fine(monkeypatch, prior, s
     forget_memoised()
     candidates = {p for p in fine if any(s == sigma for s, *_ in p)}
     assert candidates, "the returned sigma was evaluated on the fine grid"
-    assert len(fine - {tuple(sorted((s.noise_multiplier, s.sample_rate, s.steps) for s in prior))}) <= most
-    assert compose_epsilon([*prior, Step(sigma, sample_rate, steps)], DELTA, "pld") <= target
+    assert len(fine - {tuple(sorted((s.noise_multiplier, s.sample_rate, s.steps) for s in prior))}) == 1
+    spent = compose_epsilon(prior, DELTA, "pld")
+    epsilon = compose_epsilon([*prior, Step(sigma, sample_rate, steps)], DELTA, "pld")
+    assert spent + (1 - ROOM_REL_TOL) * (target - spent) <= epsilon <= target
+
+
+def test_a_coarse_estimate_that_leaves_room_unspent_is_bracketed_at_the_fine_grid(monkeypatch):
+    # An estimate 1% too noisy fits but spends too little of the target: the fine search brackets the
+    # answer as before, to within SIGMA_REL_TOL of a sigma that does not fit.
+    from common.privacy import accounting
+    from common.privacy.accounting import SIGMA_REL_TOL, forget_memoised
+
+    forget_memoised()
+    exact = calibrate_noise([], 0.25, 24, 2.7, DELTA, "pld")
+    forget_memoised()
+    monkeypatch.setattr(accounting, "_coarse_pld_guess", lambda *args: (exact * 1.01, -1.5))
+    sigma = calibrate_noise([], 0.25, 24, 2.7, DELTA, "pld")
+    monkeypatch.undo()
+    forget_memoised()
+    assert sigma < exact * 1.01 and compose_epsilon([Step(sigma, 0.25, 24)], DELTA, "pld") <= 2.7
     below = round(sigma * (1 - SIGMA_REL_TOL) - 1e-4, 4)
-    assert compose_epsilon([*prior, Step(below, sample_rate, steps)], DELTA, "pld") > target
+    assert compose_epsilon([Step(below, 0.25, 24)], DELTA, "pld") > 2.7

@@ -87,6 +87,9 @@ SIGMA_CEILING = 1000.0
 #: the returned sigma is hi rounded up to SIGMA_DECIMALS decimals, and is always
 #: one at which the composed epsilon was computed and found within the target.
 SIGMA_REL_TOL = 0.002
+#: How much of what the prior leaves of the target a PLD calibration certified in one evaluation may leave
+#: unspent: what SIGMA_REL_TOL allows at the slope of 2 typical of log epsilon against log sigma.
+ROOM_REL_TOL = 0.004
 SIGMA_DECIMALS = 4
 
 
@@ -622,14 +625,16 @@ def calibrate_noise(
     Returns sigma >= ``min_noise`` with ``compose_epsilon(prior + [Step(sigma,
     sample_rate, planned_steps)]) <= target_epsilon``; the epsilon is computed at the
     returned value itself. Sigma lies on a grid of ``SIGMA_DECIMALS`` decimals
-    (candidates are rounded up) and the search stops when it is within a relative
-    ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit, so it is at most about
-    0.2 % above the smallest fitting value. For PLD and PRV the search starts from a cheap
+    (candidates are rounded up) and is close to the smallest fitting value in one of two
+    ways, each shown at the accountant's own grid: the search stopped within a relative
+    ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit; or (PLD) the coarse search's
+    estimate fits and spends at least ``1 - ROOM_REL_TOL`` (99.6 %) of what the prior
+    leaves of the target, which one evaluation shows. For PLD and PRV the search starts from a cheap
     RDP calibration at integer orders; PLD then searches on a coarse grid
-    (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL`. Typical
-    cost: a few RDP, two to eight coarse PLD and two or three PLD (three to five PRV)
-    evaluations. Results are memoised: sites that share (prior, q, steps, target)
-    calibrate once per process.
+    (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL` only if
+    that certification fails. Typical cost: a few RDP, two to eight coarse PLD and one
+    PLD (three to five PRV) evaluations. Results are memoised: sites that share (prior, q,
+    steps, target) calibrate once per process.
 
     Raises :class:`BudgetExhausted` if the prior history alone already reaches the
     target, or if even sigma = ``SIGMA_CEILING`` does not fit.
@@ -712,9 +717,15 @@ def _calibrate(
         # only end the search a grid step above the floor, never below a fitting sigma.
         if guess <= 2 * lo and excess(lo) <= room:
             return float(lo)
+        certified = None
         if accountant == "pld":
             guess, slope = _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
-        sigma, _ = _solve(excess, room, lo, SIGMA_CEILING, guess, slope)
+            # One fine evaluation certifies the coarse estimate when it fits and leaves at most
+            # ROOM_REL_TOL of the room unspent; otherwise the fine search brackets the answer.
+            candidate = _grid_up(guess)
+            if lo < candidate <= SIGMA_CEILING and room * (1 - ROOM_REL_TOL) <= excess(candidate) <= room:
+                certified = candidate
+        sigma = certified if certified is not None else _solve(excess, room, lo, SIGMA_CEILING, guess, slope)[0]
         verified = numeric_epsilon(sigma)
     if verified > target_epsilon:
         raise exhausted
