@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with everything fedtransfer needs (idempotent: re-runs only when pyproject.toml changed).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$(readlink -f "$0")")"  # the checkout itself, even through a symlink
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
