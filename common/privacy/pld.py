@@ -119,7 +119,8 @@ def _connect_the_dots(interval: float, lower: int, upper: int, deltas: np.ndarra
     of every point. Smaller ones, and any input the library would refuse, go to the library's function."""
     deltas = np.asarray(deltas, dtype=np.float64)
     dense = upper - lower + 1 > pld_pmf._MAX_PMF_SPARSE_SIZE and deltas.size == upper - lower + 1
-    if not dense or np.any(deltas < 0) or np.any(deltas > 1) or np.any(np.diff(deltas) > pld_pmf._DELTA_DIFF_TOLERANCE):
+    valid = np.all((deltas >= 0) & (deltas <= 1)) and not np.any(np.diff(deltas) > pld_pmf._DELTA_DIFF_TOLERANCE)
+    if not (dense and valid):
         return pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(interval, lower, upper, deltas)
     deltas = np.minimum.accumulate(deltas)
     steps = np.diff(deltas)
