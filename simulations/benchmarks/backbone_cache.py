@@ -38,11 +38,10 @@ from common.model.transfer import TransferPolicy
 from common.model.zoo import FedModel, build_model
 from common.privacy.noise import SeededRandom
 from simulations.benchmarks.report import (
-    bench_command,
     header,
     interleaved,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     timed,
     write_result,
@@ -181,11 +180,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             rows.append(_measure(base.eval(), x, y, REPETITIONS[quick], Path(work)))
             logger.info("backbone-cache: %dx%d done", resize or 28, resize or 28)
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
+        **result_head(NAME, quick, seed, machine),
         "site": site.name,
         "batch": BATCH,
         "rounds": ROUNDS,

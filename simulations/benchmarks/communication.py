@@ -30,8 +30,8 @@ from simulations.benchmarks.report import (
     Machine,
     bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -92,10 +92,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             logger.warning("comm benchmark: skipping %s: %s", name, reason)
             skipped.append({"scenario": name, "reason": reason})
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
+        **result_head(NAME, quick, seed, machine),
         "traffic": [asdict(t) for t in traffic],
         "skipped": skipped,
     }

@@ -75,8 +75,8 @@ from simulations.benchmarks.report import (
     Machine,
     bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     timed,
     write_result,
@@ -476,10 +476,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     share = measure_round_share(rounds=0 if quick else 7, seed=seed, accountant="rdp" if quick else "prv")
     traffic = _traffic(seed)
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
+        **result_head(NAME, quick, seed, machine),
         "throughput": [asdict(t) for t in throughputs],
         "round_share": asdict(share),
         "traffic": [asdict(t) for t in traffic],

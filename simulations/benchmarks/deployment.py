@@ -40,10 +40,9 @@ from common.deploy.provision import Endpoint, ProvisionRequest, provision
 from common.errors import DeploymentError
 from common.run_record import RUN_RECORD_FILE
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -301,11 +300,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedtransfer-deployment-") as work:
         measured = _deploy_and_run(harness, Path(work), sites, rounds, seed)
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
+        **result_head(NAME, quick, seed, machine),
         "sites": sites,
         "rounds": rounds,
         **measured,

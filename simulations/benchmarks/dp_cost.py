@@ -58,8 +58,8 @@ from simulations.benchmarks.report import (
     bench_command,
     header,
     interleaved,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     timed,
     write_result,
@@ -370,10 +370,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         if not _skip_reason(name)
     ]
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
+        **result_head(NAME, quick, seed, machine),
         "repetitions": repetitions,
         "warmup": warmup,
         "config": {**asdict(config), "noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": settings.max_grad_norm},

@@ -40,8 +40,8 @@ from simulations.benchmarks.report import (
     Machine,
     bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -229,10 +229,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             for failing, min_sites in CASES
         ]
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
+        **result_head(NAME, quick, seed, machine),
         "scenario": SCENARIO,
         "rounds": rounds,
         "dp": not quick,

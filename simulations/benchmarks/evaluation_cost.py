@@ -64,10 +64,9 @@ from server.federation import ROUND_CHECKPOINT_DIR
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import bar_plot, fmt, mean_sd, prewrite_policies, run_inprocess
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -630,12 +629,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
             cells += scenario_cells
     ratios = _ratios(cells)
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
+        **result_head(NAME, quick, seed, machine),
         "seeds": seeds,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
         "scenarios": [name for name in scenarios if name in test_rows],
         "skipped": skipped,
         "epsilons": list(epsilons),

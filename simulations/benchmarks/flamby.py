@@ -35,10 +35,9 @@ from common.settings import RunSettings
 from simulations.benchmarks.communication import heart_data_dir
 from simulations.benchmarks.harness import bar_plot, final_model_scores, fmt, mean_sd, run_inprocess, site_scores
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -485,12 +484,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     federated = [m for m in methods if m.setting is not None]
     best = max(federated, key=lambda m: m.per_client_mean)
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
+        **result_head(NAME, quick, seed, machine),
         "seeds": seeds,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
         "scenario": SCENARIO,
         "centres": [site.name for site in scenario.sites],
         "train_sizes": {site.name: len(site.train) for site in scenario.sites},

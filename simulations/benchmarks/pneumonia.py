@@ -45,10 +45,9 @@ from common.settings import RunSettings
 from simulations.baselines import PrivateBaseline, compute_baselines
 from simulations.benchmarks.harness import fmt, ledger_epsilons, mean_sd, prewrite_policies, run_inprocess
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -232,12 +231,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         )
     cells.sort(key=lambda c: (ORDER.index(c.method), c.epsilon or 0.0))
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
+        **result_head(NAME, quick, seed, machine),
         "seeds": seeds,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
         "targets": [site.name for site in scenario.sites],
         "epsilons": list(epsilons),
         "delta": DELTA,

@@ -124,3 +124,14 @@ def header(title: str, machine: Machine, command: str, quick: bool) -> str:
 
 def machine_record(machine: Machine) -> dict[str, Any]:
     return asdict(machine)
+
+
+def result_head(name: str, quick: bool, seed: int, machine: Machine) -> dict[str, Any]:
+    """The keys every benchmark's JSON opens with: which benchmark, its variant and seed, the machine, the command."""
+    return {
+        "benchmark": name,
+        "quick": quick,
+        "seed": seed,
+        "machine": machine_record(machine),
+        "command": bench_command(name, quick, seed),
+    }

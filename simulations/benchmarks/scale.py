@@ -40,10 +40,9 @@ from common.privacy.policy import load_policy, write_policy
 from common.settings import RunSettings
 from simulations.benchmarks.harness import line_plot, round_clock
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -376,11 +375,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
                     report["peak_rss_mb"],
                 )
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
+        **result_head(NAME, quick, seed, machine),
         "rounds": rounds,
         "local_epochs": LOCAL_EPOCHS,
         "dp": True,

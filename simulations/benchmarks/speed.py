@@ -77,10 +77,9 @@ from simulations.benchmarks.harness import (
     run_inprocess,
 )
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -499,11 +498,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         else:
             others.append(_measure(UNEVEN_SCENARIO, replace(cfg, sites=sites), repetitions, seed, targets))
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
+        **result_head(NAME, quick, seed, machine),
         **primary,
         "other_scenarios": others,
         "skipped_scenarios": skipped,

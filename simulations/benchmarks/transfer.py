@@ -49,7 +49,13 @@ from common.model.zoo import FedModel
 from common.settings import RunSettings
 from simulations.baselines import MethodScores, PrivateBaseline, compute_baselines
 from simulations.benchmarks.harness import fmt, mean_sd, prewrite_policies, run_inprocess
-from simulations.benchmarks.report import bench_command, header, machine_record, markdown_table, this_machine
+from simulations.benchmarks.report import (
+    bench_command,
+    header,
+    markdown_table,
+    result_head,
+    this_machine,
+)
 from simulations.benchmarks.report import write_result as write_outputs
 from simulations.comparison import federated_scores
 
@@ -403,10 +409,7 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     epsilons: tuple[float | None, ...] = (GOAL_EPSILON,) if quick else (*EPSILONS, None)
     names = SCENARIOS[:1] if quick else SCENARIOS
     result: dict[str, Any] = {
-        "benchmark": "transfer",
-        "quick": quick,
-        "seed": seed,
-        "machine": machine_record(machine),
+        **result_head("transfer", quick, seed, machine),
         "candidates": [{"recipe": r.name, "changes": r.changes} for r in CANDIDATES],
         "scenarios": {},
     }

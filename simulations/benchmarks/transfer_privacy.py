@@ -84,10 +84,9 @@ from simulations.benchmarks.harness import (
     site_scores,
 )
 from simulations.benchmarks.report import (
-    bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -532,12 +531,8 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     transfer, local = by_key[("federated transfer", GOAL_EPSILON)].mean, by_key[("local-only", None)].mean
     personalised = by_key[(PRIVATE_PERSONALISED, GOAL_EPSILON)].mean
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
+        **result_head(NAME, quick, seed, machine),
         "seeds": seeds,
-        "machine": machine_record(machine),
-        "command": bench_command(NAME, quick, seed),
         "scenario": SCENARIO,
         "targets": [site.name for site in scenario.sites],
         "delta": DELTA,

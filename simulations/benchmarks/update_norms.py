@@ -28,8 +28,8 @@ from simulations.benchmarks.harness import run_inprocess
 from simulations.benchmarks.report import (
     bench_command,
     header,
-    machine_record,
     markdown_table,
+    result_head,
     this_machine,
     write_result,
 )
@@ -120,12 +120,9 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
         if any(r["transfer_policy"] == policy for r in rows)
     }
     result: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": quick,
-        "seed": seed,
+        **result_head(NAME, quick, seed, machine),
         "seeds": len(seeds),
         "rounds": rounds,
-        "machine": machine_record(machine),
         "scenarios": scenarios,
         "rows": rows,
         "largest_per_policy": per_policy,
