@@ -51,6 +51,7 @@ from scipy import special
 
 from common.errors import PrivacyError
 from common.privacy import pld
+from common.privacy.rdp import subsampled_gaussian_rdp
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _pld_epsilon(phases: list[tuple[float, float, int]], delta: float, interval:
     for sigma, q, n in phases:
         phase = _phase_pld(sigma, q, n, interval, library)
         composed = composed.compose(phase) if library else pld.compose(composed, phase)
-    return float(composed.get_epsilon_for_delta(delta))
+    return float(composed.get_epsilon_for_delta(delta) if library else pld.epsilon_for_delta(composed, delta))
 
 
 @functools.lru_cache(maxsize=64)
@@ -253,59 +254,61 @@ def _phase_pld(
 
 @functools.lru_cache(maxsize=16384)
 def _rdp_at(q: float, sigma: float, order: float) -> float:
-    """Opacus's RDP of one subsampled Gaussian step at one order (memoised)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=float(order)))
+    """Opacus's RDP of one subsampled Gaussian step at one order (memoised), computed by :mod:`common.privacy.rdp`."""
+    return subsampled_gaussian_rdp(q, sigma, float(order))
 
 
 _DEFAULT_ORDERS = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
-_WHOLE_ORDERS = tuple(a for a in _DEFAULT_ORDERS if a.is_integer())
+#: Where the RDP epsilon is computed first: spread over the default orders, so that most others are bounded out.
+_FIRST_ORDERS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 63.0)
+#: An order is left out only if its bound exceeds the best epsilon by this relative margin (rounding, never more).
+_RDP_BOUND_MARGIN = 1e-9
 
 
 def _rdp_epsilon(phases: list[tuple[float, float, int]], delta: float) -> float:
     """Opacus's RDPAccountant epsilon of merged phases, computed where it can be the minimum.
 
     RDPAccountant sums each phase's RDP (``compute_rdp``: one step's value times the steps) at
-    its default orders and converts the sum at every order, keeping the smallest epsilon. The
-    integer orders are cheap; a fractional order a is only computed when a lower bound of its
-    epsilon, from the RDP at the integer order below it (RDP never decreases with the order; 0
-    below order 2), does not already exceed the best epsilon found. Orders left out cannot hold
-    the minimum, so the value is RDPAccountant's own, from the same per-order values.
+    its default orders and converts the sum at every order, keeping the smallest epsilon. Here
+    the sums are computed first at a few spread orders (:data:`_FIRST_ORDERS`), then, from the
+    lowest order up, only at orders whose epsilon could still be the smallest: RDP never decreases
+    with the order (and is at least 0), so the sum at the nearest computed order below bounds an
+    order's epsilon from below, and an order whose bound exceeds the best epsilon so far (by more
+    than rounding) is left out. Orders left out cannot hold the minimum, so the value is
+    RDPAccountant's own, from the same per-order values.
     """
 
     def rdp(order: float) -> float:
         return sum(_rdp_at(q, sigma, order) * n for sigma, q, n in phases)
 
-    def epsilons(orders: list[float]) -> np.ndarray:
-        values = np.array([rdp(a) for a in orders])
-        alphas = np.array(orders)
-        with np.errstate(all="ignore"):
-            return values - (np.log(delta) + np.log(alphas)) / (alphas - 1) + np.log((alphas - 1) / alphas)
+    def conversion(order: float) -> float:
+        return -(math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order)
 
-    whole = {a: rdp(a) for a in _WHOLE_ORDERS}
-    with np.errstate(all="ignore"):
-        finite = epsilons(list(_WHOLE_ORDERS))
-    best = float(np.nanmin(finite)) if not np.isnan(finite).all() else math.inf
-    chosen = []
+    sums = {order: rdp(order) for order in _FIRST_ORDERS}
+    firsts = [value + conversion(order) for order, value in sums.items() if not math.isnan(value)]
+    best = min(firsts, default=math.inf)
+    below = 0.0
     for order in _DEFAULT_ORDERS:
-        if order in whole:
-            chosen.append(order)
+        if order in sums:
+            below = sums[order]
             continue
-        below = whole.get(math.floor(order), 0.0)
-        bound = below - (math.log(delta) + math.log(order)) / (order - 1) + math.log((order - 1) / order)
-        if not bound > best:
-            chosen.append(order)
+        if below + conversion(order) > best + _RDP_BOUND_MARGIN * max(1.0, abs(best)):
+            continue
+        below = sums[order] = rdp(order)
+        epsilon = below + conversion(order)
+        if epsilon < best:
+            best = epsilon
+    chosen = sorted(sums)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        eps, _ = rdp_analysis.get_privacy_spent(orders=chosen, rdp=[rdp(a) for a in chosen], delta=delta)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=chosen, rdp=[sums[a] for a in chosen], delta=delta)
     return float(eps)
 
 
 def forget_memoised() -> None:
     """Drop every memoised composition, calibration, privacy loss distribution and RDP value, as a new process
     starts (a benchmark measuring a first run calls it; a long-lived process may, to bound memory)."""
-    for memo in (_compose_phases, _calibrate, _gaussian_pld, _phase_pld, _rdp_at):
+    for memo in (_compose_phases, _calibrate, _gaussian_pld, _phase_pld, _rdp_at, _binomial_terms):
         memo.cache_clear()
 
 
@@ -378,18 +381,27 @@ def _integer_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarra
     alphas = np.asarray(orders, dtype=float)
     if q >= 1.0:
         return alphas / (2 * sigma**2)
+    binomial, growth = _binomial_terms(q, tuple(orders))
+    terms = binomial + growth / (2 * sigma**2)
+    largest = np.max(terms, axis=1, keepdims=True)
+    return (np.log(np.sum(np.exp(terms - largest), axis=1)) + largest[:, 0]) / (alphas - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _binomial_terms(q: float, orders: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`_integer_rdp` sums, less its sigma: log(C(a, k) (1 - q)^(a - k) q^k) for each order a (a
+    row) and k (a column; -inf where k > a), and k^2 - k."""
+    alphas = np.asarray(orders, dtype=float)
     k = np.arange(int(alphas.max()) + 1, dtype=float)
     a = alphas[:, None]
-    terms = (
+    binomial = (
         special.gammaln(a + 1)
         - special.gammaln(k + 1)
         - special.gammaln(np.maximum(a - k, 0) + 1)
         + np.maximum(a - k, 0) * math.log1p(-q)
         + k * math.log(q)
-        + (k * k - k) / (2 * sigma**2)
     )
-    terms = np.where(k <= a, terms, -np.inf)
-    return special.logsumexp(terms, axis=1) / (alphas - 1)
+    return np.where(k <= a, binomial, -np.inf), k * k - k
 
 
 def _rdp_solver(

@@ -5,7 +5,9 @@ starting weights, the same rounds, local epochs, batch size, learning rate, clip
 noise multiplier, over the same in-process transport (``DirectGrid``), one after the other
 in one process: wdbc, whose four sites share a sample rate (and so one memoised calibration in
 this process), then in the full variant heart-disease, whose three sites differ in size and
-each calibrate their own noise, as deployed sites do.
+each calibrate their own noise, as deployed sites do, and pneumonia, whose sites compute a
+pretrained ResNet-18's frozen features of their chest X-rays (once; the peer runs the backbone
+at every step) and train its head (each scenario when its data files are present).
 
 - **ours**: ``run_federation`` (ServerApp logic, strategy wrapper, envelopes) and
   ``client.app.app`` (secure channel, budget guard, cached frozen features, DP-SGD on the
@@ -89,9 +91,13 @@ logger = logging.getLogger(__name__)
 
 NAME = "speed"
 SCENARIO = "wdbc"
-#: Measured after SCENARIO in the full variant: sites of different sizes, so no two share a calibration (when
-#: its data files are present).
-UNEVEN_SCENARIO = "heart-disease"
+#: Measured after SCENARIO in the full variant, when their data files are present, with the heading of each.
+OTHER_SCENARIOS = (
+    # Sites of different sizes, so no two share a calibration.
+    ("heart-disease", "Sites of different sizes"),
+    # A local round that computes something: a ResNet-18's frozen features (once, then cached), its head trained.
+    ("pneumonia", "A pretrained backbone"),
+)
 DELTA = 1e-5
 
 #: What each category times: (module or class, attribute) wrapped for the run.
@@ -335,8 +341,14 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     lines = [machine_text, *_scenario_lines(result)]
     if result["not_instrumented"]:
         lines += ["", f"Functions not found in this checkout (not timed): {', '.join(result['not_instrumented'])}."]
+    titles = dict(OTHER_SCENARIOS)
     for other in result["other_scenarios"]:
-        lines += ["", f"### Sites of different sizes: `{other['scenario']}`", "", *_scenario_lines(other)]
+        lines += [
+            "",
+            f"### {titles.get(other['scenario'], 'Scenario')}: `{other['scenario']}`",
+            "",
+            *_scenario_lines(other),
+        ]
     if result["skipped_scenarios"]:
         lines += ["", f"Not measured: {'; '.join(result['skipped_scenarios'])}."]
     lines += ["", "![per-round wall time](speed-rounds.png)"]
@@ -480,7 +492,7 @@ def _measure(name: str, cfg: SpeedConfig, repetitions: int, seed: int, targets: 
 
 def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run ours, then the peer, on the same sites, ``REPETITIONS`` times, on SCENARIO and (full variant, its data
-    present) UNEVEN_SCENARIO; write ``speed.json``, ``speed.md`` and ``speed-rounds.png``."""
+    present) OTHER_SCENARIOS; write ``speed.json``, ``speed.md`` and ``speed-rounds.png``."""
     use_one_torch_thread()
     machine = this_machine()
     out_dir = Path(out_dir)
@@ -490,13 +502,13 @@ def run(out_dir: Path, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     primary = _measure(SCENARIO, cfg, repetitions, seed, targets)
     others: list[dict[str, Any]] = []
     skipped: list[str] = []
-    if not quick:
+    for name, _ in () if quick else OTHER_SCENARIOS:
         try:
-            sites = len(load_scenario(UNEVEN_SCENARIO, seed=seed).sites)
+            sites = len(load_scenario(name, seed=seed).sites)
         except DataError as exc:
-            skipped.append(f"`{UNEVEN_SCENARIO}` ({exc})")
+            skipped.append(f"`{name}` ({exc})")
         else:
-            others.append(_measure(UNEVEN_SCENARIO, replace(cfg, sites=sites), repetitions, seed, targets))
+            others.append(_measure(name, replace(cfg, sites=sites), repetitions, seed, targets))
     result: dict[str, Any] = {
         **result_head(NAME, quick, seed, machine),
         **primary,
