@@ -133,8 +133,12 @@ def test_calibrate_noise_prior_spend_reduces_room():
     assert compose_epsilon([*prior, Step(with_prior, q, steps)], DELTA, "rdp") <= 4.0
 
 
-def test_calibrate_noise_respects_min_noise():
-    assert calibrate_noise([], 0.01, 10, 8.0, DELTA, "rdp", min_noise=2.0) == 2.0
+@pytest.mark.parametrize("accountant", ["rdp", "pld", "prv"])
+def test_calibrate_noise_respects_min_noise(accountant):
+    # A floor that fits is the answer; one that does not is never returned.
+    assert calibrate_noise([], 0.01, 10, 8.0, DELTA, accountant, min_noise=2.0) == 2.0
+    sigma = calibrate_noise([], 0.25, 24, 2.7, DELTA, accountant, min_noise=0.5)
+    assert sigma > 0.5 and compose_epsilon([Step(sigma, 0.25, 24)], DELTA, accountant) <= 2.7
 
 
 def test_calibrate_noise_exhausted():
@@ -268,15 +272,44 @@ def test_pld_calibration_searches_coarse_and_certifies_once(monkeypatch, prior, 
     assert spent + (1 - ROOM_REL_TOL) * (target - spent) <= epsilon <= target
 
 
+def test_a_coarse_estimate_that_leaves_room_unspent_is_certified_one_newton_step_on(monkeypatch):
+    # An estimate 1% too noisy fits but spends too little of the target: one Newton step from it, with
+    # the coarse search's slope, lands on a sigma that spends at least 1 - ROOM_REL_TOL of it.
+    from common.privacy import accounting
+    from common.privacy.accounting import PLD_INTERVAL, ROOM_REL_TOL, forget_memoised
+
+    forget_memoised()
+    exact = calibrate_noise([], 0.25, 24, 2.7, DELTA, "pld")
+    forget_memoised()
+    fine: list[float] = []
+    original = accounting._pld_epsilon
+
+    def counting(phases, delta, interval, library=False):
+        if interval == PLD_INTERVAL:
+            fine.append(phases[0][0])
+        return original(phases, delta, interval, library)
+
+    coarse = accounting._coarse_pld_guess
+    monkeypatch.setattr(accounting, "_pld_epsilon", counting)
+    monkeypatch.setattr(accounting, "_coarse_pld_guess", lambda *args: (exact * 1.01, coarse(*args)[1]))
+    sigma = calibrate_noise([], 0.25, 24, 2.7, DELTA, "pld")
+    monkeypatch.undo()
+    forget_memoised()
+    assert len(fine) == 2 and fine[0] >= exact * 1.01
+    assert sigma == fine[1] < exact * 1.01
+    assert (1 - ROOM_REL_TOL) * 2.7 <= compose_epsilon([Step(sigma, 0.25, 24)], DELTA, "pld") <= 2.7
+
+
 def test_a_coarse_estimate_that_leaves_room_unspent_is_bracketed_at_the_fine_grid(monkeypatch):
-    # An estimate 1% too noisy fits but spends too little of the target: the fine search brackets the
-    # answer as before, to within SIGMA_REL_TOL of a sigma that does not fit.
+    # Where neither the estimate nor one Newton step spends enough of the target (here: no Newton step),
+    # the fine search brackets the answer as before, to within SIGMA_REL_TOL of a sigma that does not fit.
     from common.privacy import accounting
     from common.privacy.accounting import SIGMA_REL_TOL, forget_memoised
 
     forget_memoised()
     exact = calibrate_noise([], 0.25, 24, 2.7, DELTA, "pld")
     forget_memoised()
+    monkeypatch.setattr(accounting, "CERTIFY_EVALUATIONS", 1)
     monkeypatch.setattr(accounting, "_coarse_pld_guess", lambda *args: (exact * 1.01, -1.5))
     sigma = calibrate_noise([], 0.25, 24, 2.7, DELTA, "pld")
     monkeypatch.undo()

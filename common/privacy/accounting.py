@@ -88,9 +88,11 @@ SIGMA_CEILING = 1000.0
 #: the returned sigma is hi rounded up to SIGMA_DECIMALS decimals, and is always
 #: one at which the composed epsilon was computed and found within the target.
 SIGMA_REL_TOL = 0.002
-#: How much of what the prior leaves of the target a PLD calibration certified in one evaluation may leave
+#: How much of what the prior leaves of the target a PLD calibration certified without a bracket may leave
 #: unspent: what SIGMA_REL_TOL allows at the slope of 2 typical of log epsilon against log sigma.
 ROOM_REL_TOL = 0.004
+#: Fine evaluations that may certify so: the coarse estimate, then one Newton step from it.
+CERTIFY_EVALUATIONS = 2
 SIGMA_DECIMALS = 4
 
 
@@ -619,6 +621,23 @@ def _crossing(
     return min(_grid_up(math.exp(x)), SIGMA_CEILING), slope
 
 
+def _certify(excess: Callable[[float], float], room: float, lo: float, guess: float, slope: float) -> float | None:
+    """A sigma that fits and spends at least ``1 - ROOM_REL_TOL`` of ``room``, shown at the fine grid: the coarse
+    estimate ``guess``, or else one Newton step from it (with the coarse search's ``slope`` of log epsilon in
+    log sigma) aimed at ``1 - ROOM_REL_TOL / 2`` of the room; None if neither is."""
+    candidate = _grid_up(guess)
+    for _ in range(CERTIFY_EVALUATIONS):
+        if not lo < candidate <= SIGMA_CEILING:
+            return None
+        spent = excess(candidate)
+        if room * (1 - ROOM_REL_TOL) <= spent <= room:
+            return candidate
+        if not (0 < spent < math.inf and slope < 0):
+            return None
+        candidate = _grid_up(candidate * math.exp(math.log(room * (1 - ROOM_REL_TOL / 2) / spent) / slope))
+    return None
+
+
 def _log_ratio(value: float, target: float) -> float:
     return math.log(value / target) if value > 0 else -math.inf
 
@@ -640,12 +659,13 @@ def calibrate_noise(
     (candidates are rounded up) and is close to the smallest fitting value in one of two
     ways, each shown at the accountant's own grid: the search stopped within a relative
     ``SIGMA_REL_TOL`` (0.2 %) of a sigma known not to fit; or (PLD) the coarse search's
-    estimate fits and spends at least ``1 - ROOM_REL_TOL`` (99.6 %) of what the prior
-    leaves of the target, which one evaluation shows. For PLD and PRV the search starts from a cheap
-    RDP calibration at integer orders; PLD then searches on a coarse grid
-    (:data:`PLD_SEARCH_INTERVAL`) and brackets the answer at :data:`PLD_INTERVAL` only if
-    that certification fails. Typical cost: a few RDP, two to eight coarse PLD and one
-    PLD (three to five PRV) evaluations. Results are memoised: sites that share (prior, q,
+    estimate, or one Newton step from it, fits and spends at least ``1 - ROOM_REL_TOL`` (99.6 %)
+    of what the prior leaves of the target, which its evaluation shows. For PLD and PRV the search
+    starts from a cheap RDP calibration at integer orders; PLD then searches on a coarse grid
+    (:data:`PLD_SEARCH_INTERVAL`), tries the floor ``min_noise`` at :data:`PLD_INTERVAL` only
+    where that search puts the answer within ``SIGMA_REL_TOL`` of it, and brackets the answer at
+    :data:`PLD_INTERVAL` only if the certification fails. Typical cost: a few RDP, two to eight
+    coarse PLD and one or two PLD (three to five PRV) evaluations. Results are memoised: sites that share (prior, q,
     steps, target) calibrate once per process.
 
     Raises :class:`BudgetExhausted` if the prior history alone already reaches the
@@ -725,18 +745,18 @@ def _calibrate(
             return min(max(epsilon - spent, 0.0), room)
 
         guess, slope = _guess(phases, sample_rate, planned_steps, target_epsilon, room, delta, accountant, lo, start)
-        # The floor is only tried numerically when the guess says it is plausible; skipping it can
-        # only end the search a grid step above the floor, never below a fitting sigma.
-        if guess <= 2 * lo and excess(lo) <= room:
-            return float(lo)
-        certified = None
+        plausible_floor = 2 * lo
         if accountant == "pld":
             guess, slope = _coarse_pld_guess(phases, sample_rate, planned_steps, room, delta, lo, guess, slope)
-            # One fine evaluation certifies the coarse estimate when it fits and leaves at most
-            # ROOM_REL_TOL of the room unspent; otherwise the fine search brackets the answer.
-            candidate = _grid_up(guess)
-            if lo < candidate <= SIGMA_CEILING and room * (1 - ROOM_REL_TOL) <= excess(candidate) <= room:
-                certified = candidate
+            plausible_floor = lo * (1 + SIGMA_REL_TOL)
+        # The floor is only tried numerically when the guess (for PLD, the coarse search's estimate) says
+        # it is plausible; skipping it can only end the search a little above the floor, never below a
+        # fitting sigma.
+        if guess <= plausible_floor and excess(lo) <= room:
+            return float(lo)
+        # PLD: one or two fine evaluations certify a sigma that fits and leaves at most ROOM_REL_TOL of
+        # the room unspent; otherwise the fine search brackets the answer.
+        certified = _certify(excess, room, lo, guess, slope) if accountant == "pld" else None
         sigma = certified if certified is not None else _solve(excess, room, lo, SIGMA_CEILING, guess, slope)[0]
         verified = numeric_epsilon(sigma)
     if verified > target_epsilon:
