@@ -47,7 +47,7 @@ from opacus.accountants.analysis.prv import (
     PoissonSubsampledGaussianPRV,
     compute_safe_domain_size,
 )
-from scipy import special
+from scipy import optimize, special
 
 from common.errors import PrivacyError
 from common.privacy import pld
@@ -93,6 +93,8 @@ SIGMA_REL_TOL = 0.002
 ROOM_REL_TOL = 0.004
 #: Fine evaluations that may certify so: the coarse estimate, then one Newton step from it.
 CERTIFY_EVALUATIONS = 2
+#: Above this target a search after a prior starts from RDP, not from Gaussian DP (exp(epsilon) stays finite).
+GAUSSIAN_GUESS_MAX_EPSILON = 50.0
 SIGMA_DECIMALS = 4
 
 
@@ -538,21 +540,54 @@ def _guess(
 ) -> tuple[float, float]:
     """Where a PLD or PRV calibration starts: a sigma at or a little above the answer, and the local slope.
 
-    PRV starts from the PLD calibration (both are tight, PRV pads its bound by its error); PLD from
-    RDP at integer orders (looser, so its sigma is larger): for the planned phase alone against
-    the room the prior leaves, which over-estimates the noise the composition needs. Unless the
-    floor fits, PLD then refines it on a coarse grid (:func:`_coarse_pld_guess`).
+    PRV starts from the PLD calibration (both are tight, PRV pads its bound by its error); PLD after a
+    prior from :func:`_gaussian_dp_guess`; PLD without one from RDP at integer orders (looser, so its
+    sigma is larger). PLD then refines it on a coarse grid (:func:`_coarse_pld_guess`).
     """
     if accountant == "prv":
         try:
             return _calibrate(phases, sample_rate, planned_steps, target_epsilon, delta, "pld", lo), -1.5
         except BudgetExhausted:
             pass
+    if phases:
+        gaussian = _gaussian_dp_guess(target_epsilon - room, target_epsilon, delta, sample_rate, planned_steps)
+        if gaussian is not None:
+            return min(max(gaussian, lo), SIGMA_CEILING), -2.0
     rdp_epsilon = _rdp_solver([], sample_rate, planned_steps, delta, exact=False)
     if rdp_epsilon(SIGMA_CEILING) > room:
         return SIGMA_CEILING / 2, -1.5
     rdp_lo = lo if rdp_epsilon(lo) > room else SIGMA_FLOOR / 2
     return _solve(rdp_epsilon, room, rdp_lo, SIGMA_CEILING, start, -1.5)
+
+
+def _gaussian_dp_guess(spent: float, target: float, delta: float, sample_rate: float, steps: int) -> float | None:
+    """The planned phase's sigma were every mechanism Gaussian DP (Dong, Roth and Su 2019), or None.
+
+    The prior's mu and the target's from their epsilons at ``delta``; the phase gets
+    sqrt(mu_target^2 - mu_prior^2), the mu of the two composed; its sigma is sqrt(steps) / mu at
+    sample rate 1, otherwise from the central limit approximation of Poisson-subsampled DP-SGD,
+    mu = q sqrt(steps (exp(1 / sigma^2) - 1)). Within a few percent for a release after a run's
+    rounds (a single Gaussian step composed with many), where RDP for the release alone is off
+    several-fold; only where a search starts.
+    """
+    if not 0 < spent < target <= GAUSSIAN_GUESS_MAX_EPSILON:
+        return None
+    try:
+        mu = math.sqrt(_gaussian_mu(target, delta) ** 2 - _gaussian_mu(spent, delta) ** 2)
+    except ValueError:
+        return None
+    if sample_rate >= 1:
+        return math.sqrt(steps) / mu
+    return 1 / math.sqrt(math.log1p((mu / sample_rate) ** 2 / steps))
+
+
+def _gaussian_mu(epsilon: float, delta: float) -> float:
+    """The mu of the Gaussian mechanism that is exactly (epsilon, delta)-DP."""
+
+    def excess(mu: float) -> float:
+        return float(special.ndtr(-epsilon / mu + mu / 2) - math.exp(epsilon) * special.ndtr(-epsilon / mu - mu / 2))
+
+    return optimize.brentq(lambda mu: excess(mu) - delta, 1e-6, 100.0, xtol=1e-10)
 
 
 def _coarse_pld_guess(
