@@ -101,6 +101,19 @@ def test_an_unreadable_or_foreign_file_counts_as_absent(tmp_path, searches, cont
     assert len(searches) == 2
 
 
+def test_the_store_is_a_cache_written_without_fsync(tmp_path, searches, monkeypatch):
+    # A file a crash loses or truncates is absent or unreadable (above): the next run calibrates again.
+    import common.io
+
+    synced: list[int] = []
+    monkeypatch.setattr(common.io.os, "fsync", lambda fd: synced.append(fd))
+    store = CalibrationStore(tmp_path)
+    sigma = store.noise_multiplier(**ARGS)
+    assert synced == [] and json.loads(_stored_file(tmp_path).read_text())["noise_multiplier"] == sigma
+    common.io.write_atomic(tmp_path / "durable.json", b"{}")
+    assert len(synced) == 2  # everything else: the file, then its folder
+
+
 def test_an_exhausted_budget_is_not_stored(tmp_path):
     prior = [Step(0.8, 0.1, 500)]
     spent = compose_epsilon(prior, DELTA, "rdp")

@@ -130,7 +130,8 @@ class CalibrationStore:
         path = self._path(key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_atomic(path, json.dumps(record, indent=2).encode("utf-8"))
+            # A cache: a file lost or torn in a crash is unreadable or absent, and the next run calibrates again.
+            write_atomic(path, json.dumps(record, indent=2).encode("utf-8"), durable=False)
         except OSError as exc:
             log.warning("%s: could not store the calibration (%s); the next run will calibrate again", path, exc)
 
