@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # only the error torch.load(weights_only=True) raises
 from typing import Any
 
 import torch
@@ -108,7 +108,7 @@ def read_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        except (UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
             first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().split(". ")[0] or type(err).__name__
             raise WeightsRefused(
                 f"{path} was refused by torch.load(weights_only=True) and was not unpickled ({first[:120]}); "
