@@ -345,7 +345,7 @@ def _markdown(result: dict[str, Any], machine_text: str) -> str:
     for other in result["other_scenarios"]:
         lines += [
             "",
-            f"### {titles.get(other['scenario'], 'Scenario')}: `{other['scenario']}`",
+            f"### {titles[other['scenario']]}: `{other['scenario']}`",
             "",
             *_scenario_lines(other),
         ]
